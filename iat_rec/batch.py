@@ -1,0 +1,110 @@
+"""Batches: rows of the instance log as KeyedJaggedTensors and dense tensors.
+
+A batch is a TorchRec ``Pipelineable`` so the train pipelines can copy it to the device on
+a side stream. Padding rows (id -1) keep every rank's batch the same shape; they carry
+weight 0, no sparse ids, and zero dense features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+from iat_rec.instance_log import InstanceLog
+
+
+def _map_fields(obj, fn):
+    return dataclasses.replace(
+        obj,
+        **{
+            f.name: fn(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if isinstance(getattr(obj, f.name), (torch.Tensor, KeyedJaggedTensor))
+        },
+    )
+
+
+class PipelineableMixin(Pipelineable):
+    """``to`` / ``record_stream`` / ``pin_memory`` over every tensor and KJT field."""
+
+    def to(self, device: torch.device, non_blocking: bool = False):
+        return _map_fields(self, lambda t: t.to(device=device, non_blocking=non_blocking))
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, (torch.Tensor, KeyedJaggedTensor)):
+                v.record_stream(stream)
+
+    def pin_memory(self):
+        return _map_fields(self, lambda t: t.pin_memory())
+
+
+@dataclasses.dataclass
+class Batch(PipelineableMixin):
+    """N instances (for user-order windows N = windows x W, window-major)."""
+
+    dense: torch.Tensor  # float32 [N, D]
+    sparse: KeyedJaggedTensor  # one key per sparse feature, N rows each
+    labels: torch.Tensor  # float32 [N, K]
+    weights: torch.Tensor  # float32 [N]; 0 on padding rows
+    ids: torch.Tensor  # int64 [N]; instance id, -1 on padding rows
+    users: torch.Tensor  # int64 [N]; user index, -1 on padding rows
+
+
+def gather_jagged(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CSR gather: (lengths [n], values) of ``rows``; rows < 0 are empty."""
+    valid = rows >= 0
+    safe = np.where(valid, rows, 0)
+    starts = offsets[safe]
+    lengths = np.where(valid, offsets[safe + 1] - starts, 0)
+    total = int(lengths.sum())
+    if total == 0:
+        return lengths, np.zeros(0, dtype=np.int64)
+    out_off = np.cumsum(lengths) - lengths
+    idx = np.repeat(starts - out_off, lengths) + np.arange(total)
+    return lengths, np.asarray(values[idx], dtype=np.int64)
+
+
+def sparse_kjt(log: InstanceLog, rows: np.ndarray, names: list[str] | None = None) -> KeyedJaggedTensor:
+    """KJT (key-major) of the given features for ``rows``; rows < 0 get no ids."""
+    names = names if names is not None else log.schema.sparse_names
+    valid = rows >= 0
+    safe = np.where(valid, rows, 0)
+    lengths, values = [], []
+    for name in names:
+        col = log.sparse[name]
+        if isinstance(col, tuple):
+            ln, vals = gather_jagged(col[0], col[1], rows)
+        else:
+            ln, vals = valid.astype(np.int64), np.asarray(col[safe[valid]], dtype=np.int64)
+        lengths.append(ln)
+        values.append(vals)
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=list(names),
+        values=torch.from_numpy(np.concatenate(values)),
+        lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)),
+    )
+
+
+def make_batch(log: InstanceLog, rows: np.ndarray) -> Batch:
+    """The batch of instance rows ``rows`` (int64, -1 = padding)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    valid = rows >= 0
+    safe = np.where(valid, rows, 0)
+    mask = valid.astype(np.float32)
+    dense = np.asarray(log.dense[safe], dtype=np.float32) * mask[:, None]
+    labels = np.asarray(log.labels[safe], dtype=np.float32) * mask[:, None]
+    users = np.where(valid, np.asarray(log.user[safe]), -1)
+    return Batch(
+        dense=torch.from_numpy(dense),
+        sparse=sparse_kjt(log, rows),
+        labels=torch.from_numpy(labels),
+        weights=torch.from_numpy(mask),
+        ids=torch.from_numpy(rows),
+        users=torch.from_numpy(users.astype(np.int64)),
+    )

@@ -1,0 +1,64 @@
+"""The ``iat-rec`` command line: one subcommand per stage, each a module's ``cli(argv)``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from iat_rec.errors import IatError
+
+# command words -> (module, one-line help); each module exposes cli(argv) -> int
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("data", "ingest"): ("iat_rec.ingest_cli", "ingest a CSV/Parquet file into an instance log"),
+    ("data", "synth"): ("iat_rec.synth", "generate a synthetic instance log"),
+    ("data", "movielens"): ("iat_rec.movielens", "build the MovieLens-1M instance log"),
+    ("data", "stats"): ("iat_rec.stats", "summarise an instance log"),
+    ("compress",): ("pipelines.compress", "stage 1: train the instance compressor"),
+    ("export",): ("pipelines.export", "write every instance's token into the token table"),
+    ("tokens", "show"): ("iat_rec.token_table", "print rows of a token table"),
+    ("rank",): ("pipelines.rank", "stage 2: train the downstream ranker"),
+    ("evaluate",): ("pipelines.evaluate", "evaluate a stage-2 run on the test split"),
+    ("experiment",): ("pipelines.experiment", "compare history variants over seeds, write a report"),
+    ("plan",): ("iat_rec.plan_cli", "print TorchRec's sharding plan for a topology"),
+    ("bench",): ("benchmarks.run", "run a benchmark"),
+    ("demo",): ("pipelines.demo", "the whole pipeline on default synthetic data"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: iat-rec COMMAND [ARGS...]", "", "commands:"]
+    for words, (_, text) in COMMANDS.items():
+        lines.append(f"  {' '.join(words):<16} {text}")
+    lines.append("\n'iat-rec COMMAND --help' for a command's options.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for words, (module, _) in COMMANDS.items():
+        if tuple(argv[: len(words)]) == words:
+            try:
+                mod = importlib.import_module(module)
+            except ModuleNotFoundError as e:
+                if e.name and module.startswith(e.name):
+                    print(f"iat-rec: '{' '.join(words)}' is not available in this version", file=sys.stderr)
+                    return 2
+                raise
+            try:
+                return int(mod.cli(argv[len(words) :]) or 0)
+            except IatError as e:
+                print(f"iat-rec: error: {e}", file=sys.stderr)
+                return 2
+            except KeyboardInterrupt:
+                print("iat-rec: interrupted", file=sys.stderr)
+                return 130
+    if argv and argv[0] not in ("-h", "--help"):
+        print(f"iat-rec: unknown command {' '.join(argv[:2])!r}\n", file=sys.stderr)
+        print(_usage(), file=sys.stderr)
+        return 2
+    print(_usage())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+"""``iat-rec data ingest``: CSV/Parquet + schema -> instance log."""
+
+from __future__ import annotations
+
+import argparse
+
+from iat_rec.ingest import ingest
+from iat_rec.schema import load_schema
+
+
+def cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="iat-rec data ingest", description=__doc__)
+    p.add_argument("--input", required=True, help="a .csv or .parquet file")
+    p.add_argument("--schema", required=True, help="schema YAML (see iat_rec/schema.py)")
+    p.add_argument("--out", required=True, help="instance log directory to write")
+    args = p.parse_args(argv)
+    log = ingest(args.input, load_schema(args.schema), args.out)
+    print(f"wrote {log.path}: {log.rows} instances, {log.users} users, fingerprint {log.fingerprint}")
+    return 0

@@ -1,0 +1,234 @@
+"""The instance log: every logged instance as memory-mappable columns, sorted by (user, time).
+
+Layout of a log directory::
+
+    manifest.json          format, version, rows, users, fingerprint, schema, dense stats
+    ts.npy                 int64 [N]       timestamp (seconds)
+    user.npy               int64 [N]       user index (rank of the user key in sorted order)
+    user_offsets.npy       int64 [U + 1]   rows of user u are [user_offsets[u], user_offsets[u+1])
+    user_keys.npy          str   [U]       the raw user key of each user index
+    labels.npy             float32 [N, K]  one column per task, values in {0, 1}
+    label_time.npy         int64 [N, K]    when each label became known (>= ts)
+    dense.npy              float32 [N, D]  normalised dense features
+    sparse.<name>.npy      int64 [N]       single-valued feature ids in [0, num_embeddings)
+    sparse.<name>.values.npy / .offsets.npy   multi-valued: CSR values and [N + 1] offsets
+
+The instance id of a row is its row number. Because rows are sorted by (user, timestamp)
+with a stable tie order, a user's history is a contiguous block of rows (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from iat_rec.atomic import atomic_dir, write_json
+from iat_rec.errors import IatError
+from iat_rec.schema import Schema
+
+FORMAT = "iat-instance-log"
+VERSION = 1
+
+
+@dataclasses.dataclass
+class Columns:
+    """Encoded columns of a log in any row order, as handed to :func:`write_instance_log`."""
+
+    user: np.ndarray  # int64 [N], index into user_keys
+    user_keys: np.ndarray  # str [U]
+    ts: np.ndarray  # int64 [N]
+    labels: np.ndarray  # float32 [N, K]
+    label_time: np.ndarray  # int64 [N, K]
+    dense: np.ndarray  # float32 [N, D], raw (normalised by the writer)
+    sparse: dict[str, np.ndarray]  # single-valued: int64 [N]
+    multi: dict[str, tuple[np.ndarray, np.ndarray]]  # multi-valued: (values int64, lengths int64 [N])
+
+    @property
+    def rows(self) -> int:
+        return int(self.ts.shape[0])
+
+
+def _normalise_dense(dense: np.ndarray, schema: Schema) -> tuple[np.ndarray, list[dict]]:
+    out = np.empty(dense.shape, dtype=np.float32)
+    stats = []
+    for j, f in enumerate(schema.dense):
+        x = dense[:, j].astype(np.float64)
+        if f.norm == "log":
+            x = np.sign(x) * np.log1p(np.abs(x))
+        st = {"name": f.name, "norm": f.norm}
+        if f.norm in ("standard", "log"):
+            mean, std = float(x.mean()), float(x.std()) or 1.0
+            x = (x - mean) / std
+            st.update(mean=mean, std=std)
+        elif f.norm == "minmax":
+            lo, hi = float(x.min()), float(x.max())
+            x = (x - lo) / ((hi - lo) or 1.0)
+            st.update(min=lo, max=hi)
+        out[:, j] = x
+        stats.append(st)
+    return out, stats
+
+
+def write_instance_log(out: str | Path, schema: Schema, cols: Columns, source: str) -> "InstanceLog":
+    """Sorts by (user, ts) with a stable tie order and writes the log atomically."""
+    n = cols.rows
+    if n == 0:
+        raise IatError(f"{source}: no rows")
+    perm = np.lexsort((cols.ts, cols.user))  # stable: ties keep input order
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        user = cols.user[perm]
+        np.save(tmp / "ts.npy", cols.ts[perm])
+        np.save(tmp / "user.npy", user)
+        n_users = len(cols.user_keys)
+        offsets = np.searchsorted(user, np.arange(n_users + 1)).astype(np.int64)
+        np.save(tmp / "user_offsets.npy", offsets)
+        np.save(tmp / "user_keys.npy", np.asarray(cols.user_keys).astype(str))
+        np.save(tmp / "labels.npy", cols.labels[perm].astype(np.float32))
+        np.save(tmp / "label_time.npy", cols.label_time[perm].astype(np.int64))
+        dense, dense_stats = _normalise_dense(cols.dense[perm], schema)
+        np.save(tmp / "dense.npy", dense)
+        for f in schema.sparse:
+            if f.multi:
+                values, lengths = cols.multi[f.name]
+                src_off = np.zeros(n + 1, dtype=np.int64)
+                np.cumsum(lengths, out=src_off[1:])
+                new_len = lengths[perm]
+                new_off = np.zeros(n + 1, dtype=np.int64)
+                np.cumsum(new_len, out=new_off[1:])
+                gather = np.repeat(src_off[:-1][perm] - new_off[:-1], new_len) + np.arange(new_off[-1])
+                vals = values[gather]
+                np.save(tmp / f"sparse.{f.name}.values.npy", vals.astype(np.int64))
+                np.save(tmp / f"sparse.{f.name}.offsets.npy", new_off)
+            else:
+                vals = cols.sparse[f.name][perm]
+                np.save(tmp / f"sparse.{f.name}.npy", vals.astype(np.int64))
+            if vals.size and (vals.min() < 0 or vals.max() >= f.num_embeddings):
+                raise AssertionError(f"feature {f.name}: ids outside [0, {f.num_embeddings})")
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "rows": n,
+            "users": n_users,
+            "source": source,
+            "schema": schema.to_dict(),
+            "dense_stats": dense_stats,
+            "time_range": [int(cols.ts.min()), int(cols.ts.max())],
+        }
+        manifest["fingerprint"] = _fingerprint(tmp, manifest)
+        write_json(tmp / "manifest.json", manifest)
+    return InstanceLog(out)
+
+
+def _fingerprint(path: Path, manifest: dict) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps({k: manifest[k] for k in ("rows", "users", "schema")}, sort_keys=True).encode())
+    for f in sorted(path.glob("*.npy")):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+class InstanceLog:
+    """Read-only, memory-mapped view of an instance log directory."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        mf = self.path / "manifest.json"
+        if not mf.is_file():
+            raise IatError(f"{self.path}: not an instance log (no manifest.json)")
+        try:
+            self.manifest = json.loads(mf.read_text())
+        except json.JSONDecodeError as e:
+            raise IatError(f"{mf}: corrupt manifest: {e}") from None
+        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
+            raise IatError(
+                f"{self.path}: format {self.manifest.get('format')} v{self.manifest.get('version')}, "
+                f"expected {FORMAT} v{VERSION}"
+            )
+        self.schema = Schema.from_dict(self.manifest["schema"], source=str(mf))
+        self.rows: int = self.manifest["rows"]
+        self.users: int = self.manifest["users"]
+        self.fingerprint: str = self.manifest["fingerprint"]
+
+    def _load(self, name: str) -> np.ndarray:
+        f = self.path / name
+        try:
+            arr = np.load(f, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise IatError(f"{f}: missing or corrupt column: {e}") from None
+        return arr
+
+    @cached_property
+    def ts(self) -> np.ndarray:
+        return self._load("ts.npy")
+
+    @cached_property
+    def user(self) -> np.ndarray:
+        return self._load("user.npy")
+
+    @cached_property
+    def user_offsets(self) -> np.ndarray:
+        return self._load("user_offsets.npy")
+
+    @cached_property
+    def user_keys(self) -> np.ndarray:
+        return np.load(self.path / "user_keys.npy", allow_pickle=False)
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        return self._load("labels.npy")
+
+    @cached_property
+    def label_time(self) -> np.ndarray:
+        return self._load("label_time.npy")
+
+    @cached_property
+    def dense(self) -> np.ndarray:
+        return self._load("dense.npy")
+
+    @cached_property
+    def sparse(self) -> dict[str, np.ndarray | tuple[np.ndarray, np.ndarray]]:
+        """name -> ids [N] (single-valued) or (values, offsets [N + 1]) (multi-valued)."""
+        out: dict = {}
+        for f in self.schema.sparse:
+            if f.multi:
+                out[f.name] = (
+                    self._load(f"sparse.{f.name}.values.npy"),
+                    self._load(f"sparse.{f.name}.offsets.npy"),
+                )
+            else:
+                out[f.name] = self._load(f"sparse.{f.name}.npy")
+        return out
+
+    def verify(self) -> None:
+        """Recomputes the content fingerprint; raises if the files changed since writing."""
+        got = _fingerprint(self.path, self.manifest)
+        if got != self.fingerprint:
+            raise IatError(f"{self.path}: content fingerprint {got} != manifest {self.fingerprint}")
+
+
+def time_split(log: InstanceLog, quantiles: tuple[float, float] = (0.8, 0.9)) -> dict[str, np.ndarray]:
+    """Global time split: rows whose timestamp falls below/between/above two time quantiles.
+
+    Returns row ids per split ("train", "valid", "test"), each in (user, time) order. Rows of
+    one timestamp never straddle two splits.
+    """
+    q1, q2 = quantiles
+    if not 0.0 < q1 < q2 < 1.0:
+        raise IatError(f"split quantiles must satisfy 0 < q1 < q2 < 1, got {quantiles}")
+    ts = np.asarray(log.ts)
+    t1, t2 = np.quantile(ts, [q1, q2], method="lower")
+    # a boundary at the largest timestamp would leave the later split empty
+    return {
+        "train": np.flatnonzero(ts <= t1),
+        "valid": np.flatnonzero((ts > t1) & (ts <= t2)),
+        "test": np.flatnonzero(ts > t2),
+    }
