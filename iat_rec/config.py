@@ -1,0 +1,133 @@
+"""Run configuration: one dataclass per program, from YAML (safe_load) and command-line flags.
+
+Unknown keys are an error, never silently ignored. Every field is also a flag
+(``batch_size`` -> ``--batch-size``); flags override the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from iat_rec.errors import IatError
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    emb_dim: int = 16  # every feature table's embedding dim
+    num_tokens: int = 8  # feature-group tokens fed to the interaction block
+    token_dim: int = 64  # width of each feature-group token
+    interaction: str = "rankmixer"  # rankmixer | dcnv2
+    interaction_layers: int = 2
+    hidden: int = 256  # the base ranker's wide hidden vector h
+    iat_dim: int = 64  # the instance token (bottleneck) width
+    bottleneck_act: str = "tanh"  # bounded: the token survives fp16 storage
+    decompress: tuple[int, ...] = (256, 128)
+    sit_layers: int = 2
+    sit_heads: int = 4
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    data: str = ""  # instance log directory
+    out: str = ""  # run directory
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    batch_size: int = 256  # per rank: instances (temporal) or windows (user order)
+    steps: int = 0  # 0: run --epochs
+    epochs: float = 1.0
+    dense_lr: float = 1e-3
+    sparse_lr: float = 0.05
+    sparse_optimizer: str = "rowwise_adagrad"  # rowwise_adagrad | adagrad | sgd | adam
+    eval_every: int = 0  # steps; 0: at the end only
+    eval_batches: int = 0  # 0: the whole split
+    ckpt_every: int = 0  # steps; 0: at the end only
+    keep_checkpoints: int = 2
+    seed: int = 0
+    split: tuple[float, float] = (0.8, 0.9)  # time quantiles: train | valid | test
+    num_workers: int = 0
+    hbm_gb: float = 0.0  # 0: the device's real memory
+    constraints: str = ""  # JSON file of per-table planner constraints
+    resume: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class CompressConfig(TrainConfig):
+    scheme: str = "temporal"  # temporal | user
+    window: int = 64  # user order: instances per window
+    stream: bool = False  # user order: prefix windows with earlier tokens from --tokens
+    tokens: str = ""  # token table for --stream
+    prefix: int = 64  # --stream: earlier tokens per window
+
+
+def _field_type(cls, name: str):
+    return typing.get_type_hints(cls)[name]
+
+
+def from_dict(cls, d: dict[str, Any], where: str = "config"):
+    """Builds dataclass ``cls`` from a mapping; unknown keys raise IatError."""
+    if not isinstance(d, dict):
+        raise IatError(f"{where}: expected a mapping")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise IatError(f"{where}: unknown keys {unknown} (known: {sorted(names)})")
+    kwargs = {}
+    for key, value in d.items():
+        typ = _field_type(cls, key)
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = from_dict(typ, value, f"{where}.{key}")
+        elif isinstance(value, list):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def add_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
+    """One flag per field (nested dataclasses flattened: ``model.emb_dim`` -> ``--emb-dim``)."""
+    for f in dataclasses.fields(cls):
+        typ = _field_type(cls, f.name)
+        if dataclasses.is_dataclass(typ):
+            add_flags(parser, typ, prefix=f"{f.name}.")
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        dest = prefix + f.name
+        if typ is bool:
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None)
+        elif typing.get_origin(typ) is tuple:
+            inner = typing.get_args(typ)[0]
+            parser.add_argument(flag, dest=dest, type=inner, nargs="+", default=None)
+        else:
+            parser.add_argument(flag, dest=dest, type=typ, default=None)
+
+
+def resolve(cls, args: argparse.Namespace, config_file: str | None):
+    """The config: defaults, then the YAML file, then the flags that were given."""
+    d: dict[str, Any] = {}
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise IatError(f"config file not found: {path}")
+        d = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(d, dict):
+            raise IatError(f"{path}: expected a mapping")
+    cfg = from_dict(cls, d, where=str(config_file or "config"))
+    for dest, value in vars(args).items():
+        if value is None or dest == "config":
+            continue
+        target, _, name = dest.rpartition(".")
+        obj = getattr(cfg, target) if target else cfg
+        if hasattr(obj, name):
+            setattr(obj, name, tuple(value) if isinstance(value, list) else value)
+    return cfg

@@ -1,0 +1,147 @@
+"""Stage 1: train the instance compressor (temporal-order or user-order scheme).
+
+    iat-rec compress --data LOG --scheme {temporal,user} --out RUN [--nproc N] [--steps N | --epochs E]
+
+``--nproc`` > 1 starts that many local ranks through torchrun; under a launcher (torchrun,
+torchx) the program runs as one rank of the launched job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from iat_rec.atomic import write_json
+from iat_rec.config import CompressConfig, add_flags, resolve, to_dict
+from iat_rec.distenv import DistEnv, init_distributed, launch, launched
+from iat_rec.errors import IatError
+from iat_rec.instance_log import InstanceLog, time_split
+from iat_rec.loaders import BatchDataset, time_order, user_windows
+from iat_rec.planning import feature_table_configs
+from modules.compressor import Compressor
+from pipelines.trainer import Trainer, make_optimizer, shard
+
+RUN_FORMAT = "iat-rec-run"
+
+
+def build_compressor(log: InstanceLog, cfg: CompressConfig, sparse_device: torch.device | None = None) -> Compressor:
+    return Compressor(
+        feature_table_configs(log.schema, cfg.model.emb_dim),
+        dense_in=len(log.schema.dense),
+        num_tasks=len(log.schema.labels),
+        cfg=cfg.model,
+        window=cfg.window if cfg.scheme == "user" else None,
+        stream=cfg.stream,
+        sparse_device=sparse_device,
+    )
+
+
+def make_dataset(log: InstanceLog, rows: np.ndarray, cfg: CompressConfig, env: DistEnv, train: bool) -> BatchDataset:
+    """Temporal: instances in global time order. User: windows of one user's instances."""
+    if cfg.scheme == "temporal":
+        units, window = time_order(log, rows), None
+    else:
+        units, window = user_windows(log, rows, cfg.window), cfg.window
+    return BatchDataset(
+        log, units, cfg.batch_size, env.rank, env.world_size, window=window,
+        shuffle=train and cfg.scheme == "user", seed=cfg.seed,
+    )  # fmt: skip
+
+
+def check_config(cfg: CompressConfig) -> None:
+    if not cfg.data or not cfg.out:
+        raise IatError("--data and --out are required")
+    if cfg.scheme not in ("temporal", "user"):
+        raise IatError(f"--scheme must be 'temporal' or 'user', not '{cfg.scheme}'")
+    if cfg.stream and cfg.scheme != "user":
+        raise IatError("--stream needs --scheme user")
+    if cfg.stream:
+        raise IatError("--stream needs a token table (iat-rec export) and is not available in this version")
+    InstanceLog(cfg.data)  # fails early, with a clear message, on a missing or foreign directory
+
+
+def train(cfg: CompressConfig) -> dict:
+    env = init_distributed(cfg.device)
+    torch.manual_seed(cfg.seed)
+    log = InstanceLog(cfg.data)
+    splits = time_split(log, cfg.split)
+    train_ds = make_dataset(log, splits["train"], cfg, env, train=True)
+    valid_ds = make_dataset(log, splits["valid"], cfg, env, train=False)
+    out = Path(cfg.out)
+    model = build_compressor(log, cfg)
+    dmp, _ = shard(model, env, cfg, plan_out=out / "plan.json")
+    per_batch = cfg.batch_size * (cfg.window if cfg.scheme == "user" else 1)
+    trainer = Trainer(
+        env, cfg, dmp, make_optimizer(dmp, cfg.dense_lr), train_ds, valid_ds, log.schema.task_names, per_batch
+    )
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(
+            out / "run.json",
+            {
+                "format": RUN_FORMAT,
+                "stage": "compress",
+                "config": to_dict(cfg),
+                "data": str(Path(cfg.data).resolve()),
+                "log_fingerprint": log.fingerprint,
+                "world_size": env.world_size,
+                "backend": env.backend,
+            },
+        )
+    result = trainer.fit()
+    if env.is_main:
+        write_json(out / "result.json", result)
+        print(f"stage 1 done: {out} ({result['steps']} steps)", flush=True)
+    return result
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="iat-rec compress", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML with any of the options below (flags override it)")
+    p.add_argument("--nproc", type=int, default=None, help="local ranks to launch (default: GPUs, else 2)")
+    add_flags(p, CompressConfig)
+    return p
+
+
+def cli(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    cfg = resolve(CompressConfig, args, args.config)
+    check_config(cfg)
+    nproc = args.nproc or (torch.cuda.device_count() or 2)
+    if not launched() and nproc > 1:
+        rest = _drop_flag(argv, "--nproc")
+        code = launch("pipelines.compress", rest, nproc)
+        if code != 0:
+            raise IatError(f"compress failed (exit code {code}); the rank's error is printed above")
+        return 0
+    train(cfg)
+    return 0
+
+
+def _drop_flag(argv: list[str], flag: str) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
+
+
+def main() -> None:
+    """Entry point of one launched rank (``python -m pipelines.compress``)."""
+    try:
+        sys.exit(cli(sys.argv[1:]))
+    except IatError as e:
+        print(f"iat-rec: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

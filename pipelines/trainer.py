@@ -1,0 +1,225 @@
+"""The training loop every stage shares: TorchRec sharding, train pipeline, eval, checkpoints.
+
+SPMD: every rank runs the same program. Sparse tables are planned by TorchRec's planner on
+a topology built from the launcher's environment, sharded by DistributedModelParallel, and
+their optimizer is fused into the backward pass. The loop runs TrainPipelineSparseDist
+(device copy and input all-to-all overlapped with forward/backward), evaluates with the
+pipeline detached, logs to TensorBoard and saves DCP checkpoints that resume exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from tqdm import tqdm
+
+from iat_rec import checkpoint as ckpt
+from iat_rec.atomic import write_json
+from iat_rec.config import TrainConfig, to_dict
+from iat_rec.distenv import DistEnv
+from iat_rec.errors import IatError
+from iat_rec.loaders import BatchDataset, EpochLoader
+from iat_rec.metrics import EvalMetrics
+from iat_rec.planning import build_topology, make_plan, parse_constraints, save_plan
+
+def _sparse_optimizer(name: str, lr: float) -> tuple[type, dict[str, Any]]:
+    import torchrec.optim as trec_optim
+
+    table = {
+        "rowwise_adagrad": (trec_optim.RowWiseAdagrad, {"lr": lr}),
+        "adagrad": (torch.optim.Adagrad, {"lr": lr}),
+        "sgd": (torch.optim.SGD, {"lr": lr}),
+        "adam": (torch.optim.Adam, {"lr": lr}),
+    }
+    if name not in table:
+        raise IatError(f"sparse optimizer '{name}' not in {sorted(table)}")
+    return table[name]
+
+
+def embedding_params(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of every embedding collection in ``model`` (they get the fused optimizer)."""
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+    return [p for m in model.modules() if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)) for p in m.parameters()]
+
+
+def shard(
+    model: nn.Module,
+    env: DistEnv,
+    cfg: TrainConfig,
+    plan_out: Path | None,
+    plan=None,
+    trainable: Iterable[nn.Parameter] | None = None,
+) -> tuple[DistributedModelParallel, Any]:
+    """Fuses the sparse optimizer, plans (or reuses ``plan``), shards; returns (dmp, plan)."""
+    cls, kw = _sparse_optimizer(cfg.sparse_optimizer, cfg.sparse_lr)
+    params = list(trainable) if trainable is not None else embedding_params(model)
+    if params:
+        apply_optimizer_in_backward(cls, params, kw)
+    if plan is None:
+        topology = build_topology(
+            env.world_size, env.local_world_size, env.device.type, hbm_gb=cfg.hbm_gb or None
+        )
+        constraints = None
+        if cfg.constraints:
+            path = Path(cfg.constraints)
+            if not path.is_file():
+                raise IatError(f"constraints file not found: {path}")
+            constraints = parse_constraints(json.loads(path.read_text()))
+        plan = make_plan(model, topology, cfg.batch_size, constraints, pg=dist.group.WORLD)
+    if env.is_main:
+        print(f"sharding plan:\n{plan}", flush=True)
+        if plan_out is not None:
+            save_plan(plan, plan_out)
+    dmp = DistributedModelParallel(module=model, device=env.device, plan=plan)
+    return dmp, plan
+
+
+def make_optimizer(model: DistributedModelParallel, lr: float) -> CombinedOptimizer:
+    dense = KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(model.named_parameters())),
+        lambda params: torch.optim.Adam(params, lr=lr),
+    )
+    return CombinedOptimizer([model.fused_optimizer, dense])
+
+
+@dataclasses.dataclass
+class Trainer:
+    env: DistEnv
+    cfg: TrainConfig
+    model: DistributedModelParallel
+    optimizer: CombinedOptimizer
+    train: BatchDataset
+    valid: BatchDataset | None
+    tasks: list[str]
+    samples_per_batch: int  # instances per rank per step (for samples/s)
+    on_eval: Callable[[int, dict], None] | None = None
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    def total_steps(self) -> int:
+        if self.cfg.steps > 0:
+            return self.cfg.steps
+        return max(1, math.ceil(self.cfg.epochs * len(self.train)))
+
+    def _app_state(self, step: int) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict(), "step": step}
+
+    def _restore(self, loader: EpochLoader) -> int:
+        path = ckpt.latest(self.out)
+        if path is None:
+            return 0
+        self.optimizer.init_state()  # materialise lazy optimizer state so DCP can load into it
+        state = self._app_state(0)
+        rank_state = ckpt.load(path, state)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optim"])
+        loader.load_state_dict(rank_state["loader"])
+        ckpt.set_rng_state(rank_state["rng"])
+        step = int(rank_state["step"])
+        if self.env.is_main:
+            print(f"resumed from {path} at step {step}", flush=True)
+        return step
+
+    def _save(self, step: int, loader: EpochLoader, consumed: int) -> None:
+        rank_state = {"step": step, "loader": loader.state_at(consumed), "rng": ckpt.rng_state()}
+        path = ckpt.save(self.out, step, self._app_state(step), rank_state, keep=self.cfg.keep_checkpoints)
+        if self.env.is_main:
+            print(f"checkpoint {path}", flush=True)
+
+    def evaluate(self, dataset: BatchDataset, max_batches: int = 0) -> dict[str, dict[str, float]]:
+        n = len(dataset) if max_batches <= 0 else min(max_batches, len(dataset))
+        metrics = EvalMetrics(
+            self.tasks, self.env.world_size, self.env.rank, self.samples_per_batch, n * self.samples_per_batch * self.env.world_size
+        )
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            for i in range(n):
+                _, (_, logits, labels, weights, users) = self.model(dataset[i].to(self.env.device))
+                metrics.update(logits, labels, weights, users)
+        self.model.train(was_training)
+        return metrics.compute()
+
+    def fit(self) -> dict[str, Any]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        loader = EpochLoader(self.train, num_workers=self.cfg.num_workers, pin_memory=self.env.device.type == "cuda")
+        start = self._restore(loader) if self.cfg.resume else 0
+        steps = self.total_steps()
+        pipeline = TrainPipelineSparseDist(self.model, self.optimizer, self.env.device, execute_all_batches=False)
+        writer = _writer(self.out / "tb") if self.env.is_main else None
+        log_file = open(self.out / "train_log.jsonl", "a") if self.env.is_main else None
+        bar = tqdm(total=steps, initial=start, disable=not (self.env.is_main and self.cfg.progress), desc="train", unit="step")
+        history: list[dict] = []
+        it = iter(loader)
+        self.model.train()
+        t_last, step = time.perf_counter(), start
+        saved_at = -1
+        for step in range(start + 1, steps + 1):
+            loss = pipeline.progress(it)[0]
+            loss_value = float(loss)
+            if not math.isfinite(loss_value):
+                raise IatError(f"loss is {loss_value} at step {step}: lower --dense-lr/--sparse-lr")
+            now = time.perf_counter()
+            sps = self.samples_per_batch * self.env.world_size / max(now - t_last, 1e-9)
+            t_last = now
+            if self.env.is_main:
+                log_file.write(json.dumps({"step": step, "loss": loss_value}) + "\n")
+                writer.add_scalar("train/loss", loss_value, step)
+                writer.add_scalar("train/samples_per_s", sps, step)
+                writer.add_scalar("train/dense_lr", self.cfg.dense_lr, step)
+                bar.set_postfix(loss=f"{loss_value:.4f}", sps=f"{sps:,.0f}")
+                bar.update(1)
+            if self.valid is not None and self.cfg.eval_every and step % self.cfg.eval_every == 0 and step < steps:
+                pipeline.detach()
+                history.append(self._log_eval(step, self.evaluate(self.valid, self.cfg.eval_batches), writer))
+            if self.cfg.ckpt_every and step % self.cfg.ckpt_every == 0:
+                self._save(step, loader, consumed=step - start)
+                saved_at = step
+        bar.close()
+        pipeline.detach()
+        result: dict[str, Any] = {"steps": step}
+        if self.valid is not None:
+            history.append(self._log_eval(step, self.evaluate(self.valid, self.cfg.eval_batches), writer))
+            result["valid"] = history[-1]["metrics"]
+        if saved_at != step and step > start:
+            self._save(step, loader, consumed=step - start)
+        if self.env.is_main:
+            log_file.close()
+            writer.close()
+            write_json(self.out / "eval_history.json", history)
+            write_json(self.out / "config.json", to_dict(self.cfg))
+        return result
+
+    def _log_eval(self, step: int, metrics: dict, writer) -> dict:
+        if self.env.is_main:
+            for task, vals in metrics.items():
+                for k, v in vals.items():
+                    if k != "n":
+                        writer.add_scalar(f"valid/{task}/{k}", v, step)
+            summary = ", ".join(f"{t}: auc {m['auc']:.4f} gauc {m['gauc']:.4f} logloss {m['logloss']:.4f}" for t, m in metrics.items())
+            tqdm.write(f"step {step} valid {summary}")
+        if self.on_eval:
+            self.on_eval(step, metrics)
+        return {"step": step, "metrics": metrics}
+
+
+def _writer(path: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(path))
