@@ -17,7 +17,7 @@ STACK := torchx==0.7.0 torchdata==0.11.0 tensorboard pyarrow pyyaml matplotlib p
 .PHONY: install demo test clean
 install: $(STAMP)
 
-$(STAMP): Makefile setup.py
+$(STAMP): Makefile setup.py $(wildcard */__init__.py)
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(PIN_TORCH) $(PIN_FBGEMM)

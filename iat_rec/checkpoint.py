@@ -78,10 +78,7 @@ def load(path: str | Path, app_state: dict[str, Any]) -> dict[str, Any]:
             f"which rows each rank reads. Resume with --nproc {meta['world_size']}, or start a new run "
             f"from it with a warm start"
         )
-    try:
-        dcp.load(app_state, checkpoint_id=str(path))
-    except Exception as e:  # DCP wraps read errors of any kind in CheckpointException
-        raise IatError(f"{path}: corrupt or truncated checkpoint: {type(e).__name__}: {str(e)[:300]}") from None
+    _dcp_load(app_state, path)
     rank_file = path / f"rank{dist.get_rank()}.json"
     try:
         return json.loads(rank_file.read_text())
@@ -95,3 +92,24 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def load_weights(path: str | Path, model: torch.nn.Module) -> None:
+    """Loads only the model weights (any world size: DCP reshards), e.g. for export/warm start.
+
+    DCP loads in place, but a state dict may hold copies (data-parallel tables, for one), so
+    the loaded dict is handed back through ``load_state_dict``.
+    """
+    path = Path(path)
+    if not (path / ".metadata").is_file():
+        raise IatError(f"{path}: not a complete checkpoint (missing .metadata)")
+    state = {"model": model.state_dict()}
+    _dcp_load(state, path)
+    model.load_state_dict(state["model"])
+
+
+def _dcp_load(state: dict[str, Any], path: Path) -> None:
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as e:  # DCP wraps read errors of any kind in CheckpointException
+        raise IatError(f"{path}: corrupt or truncated checkpoint: {type(e).__name__}: {str(e)[:300]}") from None

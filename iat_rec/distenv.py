@@ -10,8 +10,8 @@ import dataclasses
 import datetime
 import os
 import socket
-import subprocess
 import sys
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -62,16 +62,62 @@ def init_distributed(device: str = "auto") -> DistEnv:
     return DistEnv(rank, world, local_rank, local_world, dev, backend)
 
 
+def drop_flag(argv: list[str], flag: str) -> list[str]:
+    """argv without ``flag VALUE`` / ``flag=VALUE``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
+
+
+def run_ranks(module: str, argv: list[str], nproc: int | None, body: Callable[[], object]) -> int:
+    """Runs ``body`` here when launched (or alone); otherwise launches ``nproc`` local ranks
+    of ``python -m module`` (default: one per GPU, else 2 gloo ranks)."""
+    nproc = nproc or (torch.cuda.device_count() or 2)
+    if launched() or nproc == 1:
+        body()
+        return 0
+    code = launch(module, drop_flag(argv, "--nproc"), nproc)
+    if code != 0:
+        raise IatError(f"{module} failed on a rank (exit code {code}); its error is printed above")
+    return 0
+
+
+def rank_main(cli: Callable[[list[str]], int]) -> None:
+    """``python -m`` entry point of a launched rank: one error line, exit code 2, on IatError."""
+    try:
+        sys.exit(cli(sys.argv[1:]))
+    except IatError as e:
+        print(f"iat-rec: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def launched() -> bool:
     """True inside a rank started by a launcher (torchrun, torchx)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def launch(module: str, argv: list[str], nproc: int) -> int:
-    """Runs ``python -m module argv`` on ``nproc`` local ranks through torchrun."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        "-m", module, *argv,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return subprocess.call(cmd, env=env)
+    """Runs ``python -m module argv`` on ``nproc`` local ranks (torchrun's elastic agent).
+
+    The agent is called as a library, not through the torchrun command line, whose parser
+    would take program flags such as ``--run`` for abbreviations of its own.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"iat-{os.getpid()}",
+        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
+    )  # fmt: skip
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", module, *argv)
+    except ChildFailedError as e:
+        return next(iter(e.failures.values())).exitcode or 1
+    return 0

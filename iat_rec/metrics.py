@@ -55,6 +55,7 @@ class EvalMetrics:
             tasks=infos,
             compute_mode=RecComputeMode.UNFUSED_TASKS_COMPUTATION,
             window_size=max(max_samples, 1),
+            compute_on_all_ranks=True,  # every rank returns the same figures
         )
         self.tasks = tasks
         self.auc, self.ne = AUCMetric(**kw), NEMetric(include_logloss=True, **kw)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from iat_rec.batch import Batch
 from iat_rec.config import ModelConfig
@@ -51,7 +52,8 @@ class BaseRanker(nn.Module):
         )
 
     def feature_tokens(self, batch: Batch) -> torch.Tensor:
-        pooled = self.sparse(batch.sparse).values()
+        # a sharded EBC may return its features in plan order: regroup into schema order
+        pooled = KeyedTensor.regroup([self.sparse(batch.sparse)], [self.feature_names])[0]
         return self.tokenizer(pooled, batch.dense)
 
 

@@ -9,15 +9,15 @@ torchx) the program runs as one rank of the launched job.
 from __future__ import annotations
 
 import argparse
-import sys
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from iat_rec.atomic import write_json
-from iat_rec.config import CompressConfig, add_flags, resolve, to_dict
-from iat_rec.distenv import DistEnv, init_distributed, launch, launched
+from iat_rec.config import CompressConfig, add_flags, from_dict, resolve, to_dict
+from iat_rec.distenv import DistEnv, init_distributed, rank_main, run_ranks
 from iat_rec.errors import IatError
 from iat_rec.instance_log import InstanceLog, time_split
 from iat_rec.loaders import BatchDataset, time_order, user_windows
@@ -111,37 +111,23 @@ def cli(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     cfg = resolve(CompressConfig, args, args.config)
     check_config(cfg)
-    nproc = args.nproc or (torch.cuda.device_count() or 2)
-    if not launched() and nproc > 1:
-        rest = _drop_flag(argv, "--nproc")
-        code = launch("pipelines.compress", rest, nproc)
-        if code != 0:
-            raise IatError(f"compress failed (exit code {code}); the rank's error is printed above")
-        return 0
-    train(cfg)
-    return 0
+    return run_ranks("pipelines.compress", argv, args.nproc, lambda: train(cfg))
 
 
-def _drop_flag(argv: list[str], flag: str) -> list[str]:
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == flag:
-            skip = True
-        elif not a.startswith(flag + "="):
-            out.append(a)
-    return out
-
-
-def main() -> None:
-    """Entry point of one launched rank (``python -m pipelines.compress``)."""
-    try:
-        sys.exit(cli(sys.argv[1:]))
-    except IatError as e:
-        print(f"iat-rec: error: {e}", file=sys.stderr)
-        sys.exit(2)
+def load_stage1(run: str | Path) -> tuple[CompressConfig, dict, InstanceLog]:
+    """A stage-1 run's config, run info and instance log; refuses a log changed since training."""
+    path = Path(run) / "run.json"
+    if not path.is_file():
+        raise IatError(f"{run}: not a stage-1 run (no run.json)")
+    info = json.loads(path.read_text())
+    if info.get("format") != RUN_FORMAT or info.get("stage") != "compress":
+        raise IatError(f"{path}: not a stage-1 (compress) run")
+    cfg = from_dict(CompressConfig, info["config"], where=str(path))
+    log = InstanceLog(cfg.data)
+    if log.fingerprint != info["log_fingerprint"]:
+        raise IatError(f"{cfg.data} changed since {run} was trained (fingerprint {log.fingerprint} != {info['log_fingerprint']})")
+    return cfg, info, log
 
 
 if __name__ == "__main__":
-    main()
+    rank_main(cli)

@@ -1,0 +1,157 @@
+"""The token table: row i = the instance token of instance i, a sharded TorchRec table.
+
+A token-table directory::
+
+    manifest.json   format, version, dim, dtype, rows, scheme, source-run and log fingerprints
+    table/          torch.distributed.checkpoint of the EmbeddingCollection's state dict
+                    (key ``embeddings.iat_tokens.weight``), loadable on any number of ranks
+    ts.npy user_offsets.npy user_keys.npy labels.npy label_time.npy
+                    the source log's history index and per-instance side info, so stage 2
+                    can fetch histories for requests of another log (cross-domain)
+
+    iat-rec tokens show TOKENS --rows 0:5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingCollection
+
+from iat_rec.atomic import write_json
+from iat_rec.errors import IatError
+from iat_rec.history import HistoryIndex
+from iat_rec.planning import TOKEN_TABLE, token_table_config
+
+FORMAT = "iat-token-table"
+VERSION = 1
+WEIGHT_KEY = f"embeddings.{TOKEN_TABLE}.weight"
+SIDE_ARRAYS = ("ts", "user_offsets", "user_keys", "labels", "label_time")
+
+
+def token_collection(rows: int, dim: int, dtype: str, device: torch.device | str = "meta") -> EmbeddingCollection:
+    return EmbeddingCollection(tables=[token_table_config(rows, dim, dtype)], device=torch.device(device))
+
+
+class TokenTable:
+    """A token-table directory: its manifest, history index and side info (read-only)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        mf = self.path / "manifest.json"
+        if not mf.is_file():
+            raise IatError(f"{self.path}: not a token table (no manifest.json)")
+        try:
+            self.manifest = json.loads(mf.read_text())
+        except json.JSONDecodeError as e:
+            raise IatError(f"{mf}: corrupt manifest: {e}") from None
+        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
+            raise IatError(f"{self.path}: format {self.manifest.get('format')} v{self.manifest.get('version')}, expected {FORMAT} v{VERSION}")
+        if not (self.path / "table" / ".metadata").is_file():
+            raise IatError(f"{self.path}/table: missing or incomplete checkpoint (.metadata absent)")
+        self.rows: int = int(self.manifest["rows"])
+        self.dim: int = int(self.manifest["dim"])
+        self.dtype: str = self.manifest["dtype"]
+
+    def side(self, name: str) -> np.ndarray:
+        f = self.path / f"{name}.npy"
+        try:
+            return np.load(f, mmap_mode=None if name == "user_keys" else "r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise IatError(f"{f}: missing or corrupt side info: {e}") from None
+
+    @cached_property
+    def history(self) -> HistoryIndex:
+        return HistoryIndex(self.side("ts"), self.side("user_offsets"), self.side("user_keys"))
+
+    def check_log(self, log) -> None:
+        """Refuses a table made from another instance log (its rows would be other instances)."""
+        if self.manifest["log_fingerprint"] != log.fingerprint:
+            raise IatError(
+                f"token table {self.path} was exported from instance log {self.manifest['log_fingerprint']} "
+                f"({self.manifest.get('log_path')}), not from {log.path} ({log.fingerprint}): export it again "
+                f"from a run on this log"
+            )
+
+    def check_dim(self, dim: int) -> None:
+        if dim != self.dim:
+            raise IatError(f"token table {self.path} has dim {self.dim}, the model expects {dim}")
+
+    def load_into(self, collection: nn.Module) -> None:
+        """Loads the table into an EmbeddingCollection (sharded or not): DCP reshards as needed."""
+        state = collection.state_dict()
+        if WEIGHT_KEY not in state:
+            raise IatError(f"the module has no {WEIGHT_KEY} to load the token table into")
+        try:
+            dcp.load({WEIGHT_KEY: state[WEIGHT_KEY]}, checkpoint_id=str(self.path / "table"), no_dist=not dist.is_initialized())
+        except Exception as e:  # DCP wraps every read error in CheckpointException
+            raise IatError(f"{self.path}/table: corrupt or truncated token table: {type(e).__name__}: {str(e)[:300]}") from None
+
+    def read_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) in one process (loads the whole table: for inspection and tests)."""
+        ec = token_collection(self.rows, self.dim, self.dtype, device="cpu")
+        self.load_into(ec)
+        return ec.state_dict()[WEIGHT_KEY][start:stop].clone()
+
+
+def save_table(
+    out: str | Path, collection: nn.Module, manifest: dict, side: dict[str, np.ndarray]
+) -> Path:
+    """Collective: writes the (sharded) table with DCP, rank 0 the rest; renamed at the end."""
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.tmp"
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    state = {WEIGHT_KEY: collection.state_dict()[WEIGHT_KEY]}
+    dcp.save(state, checkpoint_id=str(tmp / "table"), no_dist=not dist.is_initialized())
+    if rank == 0:
+        for name in SIDE_ARRAYS:
+            np.save(tmp / f"{name}.npy", np.asarray(side[name]))
+        write_json(tmp / "manifest.json", {"format": FORMAT, "version": VERSION, **manifest})
+    _barrier()
+    if rank == 0:
+        old = out.parent / f".{out.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return out
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="iat-rec tokens show", description="print a token table's manifest and rows")
+    p.add_argument("tokens", help="token table directory")
+    p.add_argument("--rows", default="0:5", help="row range START:STOP (default 0:5)")
+    args = p.parse_args(argv)
+    table = TokenTable(args.tokens)
+    try:
+        start, stop = (int(x) for x in args.rows.split(":"))
+    except ValueError:
+        raise IatError(f"--rows must be START:STOP, got {args.rows!r}") from None
+    if not 0 <= start < stop <= table.rows:
+        raise IatError(f"--rows {start}:{stop} outside the table's {table.rows} rows")
+    print(json.dumps(table.manifest, indent=2, sort_keys=True))
+    rows = table.read_rows(start, stop).float()
+    torch.set_printoptions(precision=4, linewidth=120, sci_mode=False)
+    for i, r in zip(range(start, stop), rows):
+        print(f"row {i}: {r.tolist()[:8]}{' ...' if table.dim > 8 else ''}  |norm| {r.norm():.4f}")
+    return 0
