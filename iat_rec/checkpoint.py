@@ -94,18 +94,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
-def load_weights(path: str | Path, model: torch.nn.Module) -> None:
-    """Loads only the model weights (any world size: DCP reshards), e.g. for export/warm start.
+def load_weights(path: str | Path | None, model: torch.nn.Module, prefix: str = "") -> None:
+    """Loads model weights whose names start with ``prefix`` (any world size: DCP reshards),
+    for export and warm starts.
 
     DCP loads in place, but a state dict may hold copies (data-parallel tables, for one), so
-    the loaded dict is handed back through ``load_state_dict``.
+    the loaded entries are handed back through ``load_state_dict``.
     """
-    path = Path(path)
-    if not (path / ".metadata").is_file():
+    if path is None or not (Path(path) / ".metadata").is_file():
         raise IatError(f"{path}: not a complete checkpoint (missing .metadata)")
-    state = {"model": model.state_dict()}
-    _dcp_load(state, path)
-    model.load_state_dict(state["model"])
+    full = model.state_dict()
+    state = {"model": {k: v for k, v in full.items() if k.startswith(prefix)}}
+    if not state["model"]:
+        raise IatError(f"the model has no weights named {prefix}* to load from {path}")
+    _dcp_load(state, Path(path))
+    # a full dict: TorchRec's sharded modules refuse a partial load_state_dict
+    model.load_state_dict({**full, **state["model"]})
 
 
 def _dcp_load(state: dict[str, Any], path: Path) -> None:

@@ -143,18 +143,7 @@ class Trainer:
             print(f"checkpoint {path}", flush=True)
 
     def evaluate(self, dataset: BatchDataset, max_batches: int = 0) -> dict[str, dict[str, float]]:
-        n = len(dataset) if max_batches <= 0 else min(max_batches, len(dataset))
-        metrics = EvalMetrics(
-            self.tasks, self.env.world_size, self.env.rank, self.samples_per_batch, n * self.samples_per_batch * self.env.world_size
-        )
-        was_training = self.model.training
-        self.model.eval()
-        with torch.no_grad():
-            for i in range(n):
-                _, (_, logits, labels, weights, users) = self.model(dataset[i].to(self.env.device))
-                metrics.update(logits, labels, weights, users)
-        self.model.train(was_training)
-        return metrics.compute()
+        return evaluate(self.model, dataset, self.env, self.tasks, self.samples_per_batch, max_batches)
 
     def fit(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -170,8 +159,12 @@ class Trainer:
         self.model.train()
         t_last, step = time.perf_counter(), start
         saved_at = -1
+        pipelined: list[str] = []
         for step in range(start + 1, steps + 1):
             loss = pipeline.progress(it)[0]
+            if not pipelined:
+                # a sharded module whose input the model changes first is silently not pipelined
+                pipelined = sorted(type(m).__name__ for m in pipeline._pipelined_modules)
             loss_value = float(loss)
             if not math.isfinite(loss_value):
                 raise IatError(f"loss is {loss_value} at step {step}: lower --dense-lr/--sparse-lr")
@@ -193,7 +186,7 @@ class Trainer:
                 saved_at = step
         bar.close()
         pipeline.detach()
-        result: dict[str, Any] = {"steps": step}
+        result: dict[str, Any] = {"steps": step, "pipelined_modules": pipelined}
         if self.valid is not None:
             history.append(self._log_eval(step, self.evaluate(self.valid, self.cfg.eval_batches), writer))
             result["valid"] = history[-1]["metrics"]
@@ -217,6 +210,22 @@ class Trainer:
         if self.on_eval:
             self.on_eval(step, metrics)
         return {"step": step, "metrics": metrics}
+
+
+def evaluate(
+    model: nn.Module, dataset: BatchDataset, env: DistEnv, tasks: list[str], samples_per_batch: int, max_batches: int = 0
+) -> dict[str, dict[str, float]]:
+    """Metrics of ``model`` over ``dataset`` (collective; every rank gets the same figures)."""
+    n = len(dataset) if max_batches <= 0 else min(max_batches, len(dataset))
+    metrics = EvalMetrics(tasks, env.world_size, env.rank, samples_per_batch, n * samples_per_batch * env.world_size)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(n):
+            _, (_, logits, labels, weights, users) = model(dataset[i].to(env.device))
+            metrics.update(logits, labels, weights, users)
+    model.train(was_training)
+    return metrics.compute()
 
 
 def _writer(path: Path):

@@ -1,0 +1,190 @@
+"""Stage 2: train the downstream ranker over fetched instance tokens (or the baselines).
+
+    iat-rec rank --data LOG --tokens TOKENS --history {none,handcrafted,iat,both} \\
+                 --reader {transformer,din,longer} --out RUN [--stage1 RUN1 [--warm-start]]
+
+With ``--stage1`` the feature tables keep the stage-1 run's sharding plan (same world size)
+and ``--warm-start`` loads their weights from its checkpoint; the token table and the
+hand-crafted sequence tables are planned and added to that plan. At the end the test split
+is evaluated into ``RUN/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.types import ShardingPlan
+from torchrec.modules.embedding_configs import EmbeddingConfig
+
+from iat_rec import checkpoint as ckpt
+from iat_rec.atomic import write_json
+from iat_rec.config import TrainConfig, add_flags, from_dict, resolve, to_dict
+from iat_rec.distenv import DistEnv, init_distributed, rank_main, run_ranks
+from iat_rec.errors import IatError
+from iat_rec.instance_log import InstanceLog, time_split
+from iat_rec.loaders import BatchDataset, time_order
+from iat_rec.planning import build_topology, feature_table_configs, load_plan, make_plan, token_table_config
+from iat_rec.rank_data import HistorySource, RankBatchMaker, seq_key
+from iat_rec.token_table import TokenTable
+from modules.ranker import HISTORY_MODES, READERS, Ranker, RankerConfig
+from pipelines.compress import RUN_FORMAT, load_stage1
+from pipelines.export import token_constraints
+from pipelines.trainer import Trainer, embedding_params, evaluate, make_optimizer, shard
+
+
+@dataclasses.dataclass
+class RankConfig(TrainConfig):
+    ranker: RankerConfig = dataclasses.field(default_factory=RankerConfig)
+    tokens: str = ""  # token table (history iat/both)
+    stage1: str = ""  # stage-1 run: its feature-table plan (and weights with --warm-start)
+    warm_start: bool = False
+    seq_dim: int = 16  # embedding dim of the hand-crafted sequence tables
+
+
+def check_config(cfg: RankConfig) -> None:
+    if not cfg.data or not cfg.out:
+        raise IatError("--data and --out are required")
+    r = cfg.ranker
+    if r.history not in HISTORY_MODES:
+        raise IatError(f"--history must be one of {list(HISTORY_MODES)}, not '{r.history}'")
+    if r.reader not in READERS:
+        raise IatError(f"--reader must be one of {list(READERS)}, not '{r.reader}'")
+    if r.history in ("iat", "both") and not cfg.tokens:
+        raise IatError(f"--history {r.history} needs --tokens (a token table from iat-rec export)")
+    if cfg.warm_start and not cfg.stage1:
+        raise IatError("--warm-start needs --stage1 RUN")
+    InstanceLog(cfg.data)
+    if cfg.tokens:
+        TokenTable(cfg.tokens)
+
+
+@dataclasses.dataclass
+class Built:
+    env: DistEnv
+    log: InstanceLog
+    model: nn.Module  # DistributedModelParallel
+    maker: RankBatchMaker
+    splits: dict
+
+
+def build(cfg: RankConfig, env: DistEnv, plan_out: Path | None) -> Built:
+    """The sharded ranker with its token table loaded, and the batch maker."""
+    log = InstanceLog(cfg.data)
+    r = cfg.ranker
+    stage1_plan = None
+    if cfg.stage1:
+        s1cfg, s1info, s1log = load_stage1(cfg.stage1)
+        if s1log.schema.sparse != log.schema.sparse:
+            raise IatError(f"{cfg.data} has other sparse features than the stage-1 log {s1log.path}: the stage-1 plan does not apply")
+        cfg.model.emb_dim = s1cfg.model.emb_dim  # the shared tables keep their stage-1 shape
+        if s1info["world_size"] == env.world_size:
+            stage1_plan = load_plan(Path(cfg.stage1) / "plan.json")
+        elif env.is_main:
+            print(f"stage-1 ran on {s1info['world_size']} ranks, this job on {env.world_size}: re-planning the feature tables", flush=True)
+    table = token_cfg = None
+    if r.history in ("iat", "both"):
+        table = TokenTable(cfg.tokens)
+        token_cfg = token_table_config(table.rows, table.dim, table.dtype)
+    same_log = table is None or table.manifest["log_fingerprint"] == log.fingerprint
+    seq_features = list(log.schema.sequence) if r.history in ("handcrafted", "both") else []
+    if seq_features and not same_log:
+        source_log = InstanceLog(table.manifest["log_path"])
+        table.check_log(source_log)
+    else:
+        source_log = log
+    source = HistorySource.from_tokens(table, source_log, seq_features) if table else HistorySource.from_log(log, seq_features)
+    seq_tables = [
+        EmbeddingConfig(name=f"s_{f}", feature_names=[seq_key(f)], num_embeddings=source_log.schema.feature(f).num_embeddings, embedding_dim=cfg.seq_dim)
+        for f in seq_features
+    ]
+    model = Ranker(feature_table_configs(log.schema, cfg.model.emb_dim), len(log.schema.dense), len(log.schema.labels), cfg.model, r, token_cfg, seq_tables)
+    plan = _plan(model, env, cfg, stage1_plan)
+    trainable = [p for name, m in model.named_children() if name != "tokens" for p in embedding_params(m)]
+    dmp, _ = shard(model, env, cfg, plan_out=plan_out, plan=plan, trainable=trainable)
+    if table is not None:
+        table.load_into(dmp.module.tokens)
+    if cfg.warm_start:
+        ckpt.load_weights(ckpt.latest(cfg.stage1), dmp, prefix="base.sparse.")
+    return Built(env, log, dmp, RankBatchMaker(source, r.max_len, same_log), time_split(log, cfg.split))
+
+
+def _plan(model: Ranker, env: DistEnv, cfg: RankConfig, stage1_plan: ShardingPlan | None) -> ShardingPlan:
+    """Stage-1 plan for the shared feature tables, plus a fresh plan for the new tables."""
+    topology = build_topology(env.world_size, env.local_world_size, env.device.type, hbm_gb=cfg.hbm_gb or None)
+    constraints = token_constraints(env.device.type) if hasattr(model, "tokens") else None
+    if stage1_plan is None:
+        return make_plan(model, topology, cfg.batch_size, constraints, pg=dist.group.WORLD)
+    holder = nn.Module()
+    for name in ("tokens", "seq"):
+        if hasattr(model, name):
+            holder.add_module(name, getattr(model, name))
+    new = make_plan(holder, topology, cfg.batch_size, constraints, pg=dist.group.WORLD) if len(holder._modules) else ShardingPlan({})
+    return ShardingPlan({**stage1_plan.plan, **new.plan})
+
+
+def dataset(built: Built, cfg: RankConfig, split: str) -> BatchDataset:
+    rows = time_order(built.log, built.splits[split])
+    return BatchDataset(built.log, rows, cfg.batch_size, built.env.rank, built.env.world_size, make=built.maker)
+
+
+def test_metrics(built: Built, cfg: RankConfig) -> dict:
+    """Evaluates the test split; the first task's figures are also at the top level."""
+    per_task = evaluate(built.model, dataset(built, cfg, "test"), built.env, built.log.schema.task_names, cfg.batch_size)
+    first = per_task[built.log.schema.task_names[0]]
+    return {**{k: first[k] for k in ("auc", "gauc", "logloss", "ne", "n")}, "task": built.log.schema.task_names[0], "tasks": per_task}
+
+
+def train(cfg: RankConfig) -> dict:
+    env = init_distributed(cfg.device)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    built = build(cfg, env, plan_out=out / "plan.json")
+    trainer = Trainer(
+        env, cfg, built.model, make_optimizer(built.model, cfg.dense_lr), dataset(built, cfg, "train"),
+        dataset(built, cfg, "valid"), built.log.schema.task_names, cfg.batch_size,
+    )  # fmt: skip
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "run.json", {"format": RUN_FORMAT, "stage": "rank", "config": to_dict(cfg), "world_size": env.world_size, "log_fingerprint": built.log.fingerprint})
+    result = trainer.fit()
+    metrics = test_metrics(built, cfg)
+    if env.is_main:
+        write_json(out / "metrics.json", metrics)
+        write_json(out / "result.json", {**result, "test": metrics})
+        print(f"stage 2 done: {out}: test auc {metrics['auc']:.4f} gauc {metrics['gauc']:.4f} logloss {metrics['logloss']:.4f}", flush=True)
+    return metrics
+
+
+def load_rank_config(run: str | Path) -> RankConfig:
+    path = Path(run) / "run.json"
+    if not path.is_file():
+        raise IatError(f"{run}: not a run (no run.json)")
+    info = json.loads(path.read_text())
+    if info.get("format") != RUN_FORMAT or info.get("stage") != "rank":
+        raise IatError(f"{path}: not a stage-2 (rank) run")
+    return from_dict(RankConfig, info["config"], where=str(path))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="iat-rec rank", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML with any of the options below (flags override it)")
+    p.add_argument("--nproc", type=int, default=None, help="local ranks to launch (default: GPUs, else 2)")
+    add_flags(p, RankConfig)
+    return p
+
+
+def cli(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    cfg = resolve(RankConfig, args, args.config)
+    check_config(cfg)
+    return run_ranks("pipelines.rank", argv, args.nproc, lambda: train(cfg))
+
+
+if __name__ == "__main__":
+    rank_main(cli)
