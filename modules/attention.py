@@ -1,0 +1,93 @@
+"""Shared attention pieces: multi-head attention on SDPA, a pre-LN transformer block and
+position helpers. Masks are boolean, True = attend, broadcastable to [B, heads, Lq, Lk]."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modules.mlp import MLP
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention through `F.scaled_dot_product_attention`, so CUDA picks the
+    flash / memory-efficient kernels. Queries come from `x`; keys and values from `kv`
+    (default `x`), which makes the same module serve self- and cross-attention."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.dropout = dropout
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(
+        self, x: torch.Tensor, kv: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        kv = x if kv is None else kv
+        b, lq, d = x.shape
+        lk = kv.shape[1]
+        h = self.heads
+        q = self.q(x).view(b, lq, h, d // h).transpose(1, 2)
+        k, v = self.kv(kv).view(b, lk, 2, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out(o.transpose(1, 2).reshape(b, lq, d))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN transformer block: x + Attn(LN(x), LN(kv)), then x + FFN(LN(x)).
+    Pre-LN keeps deep stacks stable without warm-up tricks; callers add a final LayerNorm."""
+
+    def __init__(self, dim: int, heads: int, ffn_mult: int = 4, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = MultiHeadAttention(dim, heads, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = MLP(dim, [ffn_mult * dim], dim, act="gelu", dropout=dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, kv: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.drop(self.attn(h, h if kv is None else self.norm1(kv), mask))
+        return x + self.drop(self.ffn(self.norm2(x)))
+
+
+def block_flops(lq: int, lk: int, dim: int, ffn_mult: int) -> float:
+    """Multiply-adds of one TransformerBlock for one example: Lq query rows over Lk key rows
+    (self-attention: lq == lk). Matmuls only; norms, softmax and activations are not counted."""
+    proj = 2 * lq * dim * dim + 2 * lk * dim * dim  # q and out on queries; k and v on keys
+    return float(proj + 2 * lq * lk * dim + 2 * lq * dim * ffn_mult * dim)
+
+
+def forward_positions(valid: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Index of each valid position among the valid ones, from the start ([B, L] long).
+    Counting valid entries only makes positions independent of where padding sits."""
+    return (valid.long().cumsum(-1) - 1).clamp(0, max_len - 1)
+
+
+def recency_positions(valid: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Number of valid positions after each one (0 = most recent valid), clamped.
+    Readers index by recency: the newest events matter most whatever the history length."""
+    v = valid.long()
+    return (v.sum(-1, keepdim=True) - v.cumsum(-1)).clamp(0, max_len - 1)
+
+
+def sinusoidal(pos: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embeddings (Vaswani et al. 2017) of integer positions: [..] -> [.., dim]."""
+    half = dim // 2
+    freq = torch.exp(
+        torch.arange(half, device=pos.device, dtype=torch.float32) * (-math.log(10000.0) / max(half, 1))
+    )
+    ang = pos.float()[..., None] * freq
+    emb = torch.cat([ang.sin(), ang.cos()], -1)
+    return F.pad(emb, (0, dim - 2 * half))
