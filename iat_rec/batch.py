@@ -59,9 +59,11 @@ class Batch(PipelineableMixin):
 def gather_jagged(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """CSR gather: (lengths [n], values) of ``rows``; rows < 0 are empty."""
     valid = rows >= 0
-    safe = np.where(valid, rows, 0)
-    starts = offsets[safe]
-    lengths = np.where(valid, offsets[safe + 1] - starts, 0)
+    picked = rows[valid]  # padding rows read no offsets: the CSR may even have no rows
+    starts = np.zeros(len(rows), dtype=np.int64)
+    lengths = np.zeros(len(rows), dtype=np.int64)
+    starts[valid] = offsets[picked]
+    lengths[valid] = offsets[picked + 1] - starts[valid]
     total = int(lengths.sum())
     if total == 0:
         return lengths, np.zeros(0, dtype=np.int64)
@@ -93,7 +95,7 @@ def sparse_kjt(log: InstanceLog, rows: np.ndarray, names: list[str] | None = Non
 
 def make_batch(log: InstanceLog, rows: np.ndarray) -> Batch:
     """The batch of instance rows ``rows`` (int64, -1 = padding)."""
-    rows = np.asarray(rows, dtype=np.int64)
+    rows = np.array(rows, dtype=np.int64).reshape(-1)  # a copy: the batch must not alias the caller's array
     valid = rows >= 0
     safe = np.where(valid, rows, 0)
     mask = valid.astype(np.float32)

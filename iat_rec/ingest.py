@@ -22,7 +22,8 @@ from iat_rec.errors import IatError
 from iat_rec.instance_log import Columns, InstanceLog, write_instance_log
 from iat_rec.schema import Schema, SparseFeature
 
-CHUNK_ROWS = 1 << 20
+CHUNK_ROWS = 1 << 20  # Parquet rows per chunk
+CSV_BLOCK_BYTES = 64 << 20  # CSV bytes per chunk
 
 
 def stable_hash(values: list[str], size: int) -> np.ndarray:
@@ -43,7 +44,10 @@ class _Chunk:
 
     def fail(self, column: str, index: int, what: str) -> IatError:
         row = self.first_row + index + 1  # 1-based data row
-        where = f"row {row}" + (f" (line {row + 1})" if self.is_csv else "")
+        where = f"row {row}"
+        if self.is_csv:
+            line = _csv_line_of_row(self.path, row)
+            where += f" (line {line})" if line else ""
         value = self.table.column(column)[index].as_py()
         return IatError(f"{self.path}: column '{column}', {where}: {what} (value {value!r})")
 
@@ -53,15 +57,22 @@ class _Chunk:
             raise self.fail(column, _first(arr.is_null()), "missing value")
         return arr.cast(pa.string()) if not pa.types.is_string(arr.type) else arr.fill_null("")
 
+    def _missing(self, column: str, arr: pa.Array, what: str = "missing value") -> None:
+        if arr.null_count:
+            raise self.fail(column, _first(arr.is_null()), what)
+
     def numbers(self, column: str) -> np.ndarray:
         arr = self.table.column(column).combine_chunks()
-        if arr.null_count:
-            raise self.fail(column, _first(arr.is_null()), "missing value")
+        self._missing(column, arr)
+        if pa.types.is_boolean(arr.type):
+            arr = arr.cast(pa.int8())
         if not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)):
-            try:
-                arr = pc.cast(pc.utf8_trim_whitespace(arr.cast(pa.string())), pa.float64())
-            except pa.ArrowInvalid:
-                raise self.fail(column, self._first_unparsable(column), "not a number") from None
+            text = pc.utf8_trim_whitespace(arr.cast(pa.string()))
+            bad = _first_failing_cast(text, pa.float64())
+            if bad is not None:
+                empty = text[bad].as_py() == ""
+                raise self.fail(column, bad, "missing value" if empty else "not a number")
+            arr = pc.cast(text, pa.float64())
         x = arr.to_numpy(zero_copy_only=False).astype(np.float64)
         bad = ~np.isfinite(x)
         if bad.any():
@@ -69,28 +80,97 @@ class _Chunk:
         return x
 
     def times(self, column: str) -> np.ndarray:
-        """Seconds since the epoch, from numbers or ISO-8601 text."""
-        arr = self.table.column(column).combine_chunks()
-        if pa.types.is_timestamp(arr.type):
-            if arr.null_count:
-                raise self.fail(column, _first(arr.is_null()), "missing timestamp")
-            return arr.cast(pa.timestamp("s")).cast(pa.int64()).to_numpy()
-        try:
-            return np.floor(self.numbers(column)).astype(np.int64)
-        except IatError as first_error:
-            try:
-                ts = pc.cast(arr.cast(pa.string()), pa.timestamp("s"))
-            except pa.ArrowInvalid:
-                raise first_error from None
-            return ts.cast(pa.int64()).to_numpy()
+        """Whole seconds since the epoch (floored), from numbers or ISO-8601 text.
 
-    def _first_unparsable(self, column: str) -> int:
-        for i, v in enumerate(self.table.column(column).to_pylist()):
-            try:
-                float(v)
-            except (TypeError, ValueError):
-                return i
-        return 0
+        ISO-8601 text may carry fractional seconds and a zone offset ("Z", "+02:00"); text
+        without an offset is read as UTC.
+        """
+        arr = self.table.column(column).combine_chunks()
+        self._missing(column, arr, "missing timestamp")
+        if pa.types.is_timestamp(arr.type):
+            per_s = {"s": 1, "ms": 1000, "us": 10**6, "ns": 10**9}[arr.type.unit]
+            return np.floor_divide(arr.cast(pa.int64()).to_numpy(zero_copy_only=False), per_s)
+        if pa.types.is_integer(arr.type):
+            return arr.cast(pa.int64()).to_numpy(zero_copy_only=False)
+        if not pa.types.is_floating(arr.type):
+            text = pc.utf8_trim_whitespace(arr.cast(pa.string()))
+            if _first_failing_cast(text, pa.float64()) == 0:  # not numeric text: ISO-8601 times
+                return self._iso_times(column, text)
+        x = self.numbers(column)
+        bad = np.abs(x) >= _MAX_SECONDS
+        if bad.any():
+            raise self.fail(column, int(np.argmax(bad)), "timestamp out of range")
+        return np.floor(x).astype(np.int64)
+
+    def _iso_times(self, column: str, text: pa.Array) -> np.ndarray:
+        zoned = pc.match_substring_regex(text, r"(Z|z|[+-]\d\d:?\d\d)$").to_numpy(zero_copy_only=False)
+        out = np.empty(len(text), dtype=np.int64)
+        bad_rows = []
+        for mask, typ in ((~zoned, pa.timestamp("us")), (zoned, pa.timestamp("us", tz="UTC"))):
+            idx = np.flatnonzero(mask)
+            if not len(idx):
+                continue
+            part = text.take(pa.array(idx))
+            bad = _first_failing_cast(part, typ)
+            if bad is not None:
+                bad_rows.append(int(idx[bad]))
+                continue
+            us = pc.cast(part, typ).cast(pa.int64()).to_numpy(zero_copy_only=False)
+            out[idx] = np.floor_divide(us, 10**6)
+        if bad_rows:
+            raise self.fail(column, min(bad_rows), "not a number or an ISO-8601 time")
+        return out
+
+
+# seconds beyond this are not a time (and would overflow int64 microseconds)
+_MAX_SECONDS = float(2**53)
+
+
+def _first_failing_cast(arr: pa.Array, typ: pa.DataType) -> int | None:
+    """Index of the first element that does not cast to ``typ`` (None if all do)."""
+    try:
+        pc.cast(arr, typ)
+        return None
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    lo, hi = 0, len(arr)  # the prefix [0, lo) casts, [0, hi) does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        try:
+            pc.cast(arr.slice(0, mid), typ)
+            lo = mid
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            hi = mid
+    return hi - 1
+
+
+def _csv_records(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(first line, fields) of each non-empty record after the header, as pyarrow reads them."""
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
+        reader = csv.reader(fh)
+        next(reader, None)
+        line = reader.line_num
+        for rec in reader:
+            start, line = line + 1, reader.line_num
+            if rec:  # pyarrow skips empty lines
+                yield start, rec
+
+
+def _csv_line_of_row(path: Path, row: int) -> int | None:
+    """The file line where 1-based data row ``row`` starts (error path only: reads the file)."""
+    for i, (line, _) in enumerate(_csv_records(path), 1):
+        if i == row:
+            return line
+    return None
+
+
+def _csv_parse_error(path: Path, header: list[str], err: Exception) -> IatError:
+    for i, (line, rec) in enumerate(_csv_records(path), 1):
+        if len(rec) != len(header):
+            return IatError(
+                f"{path}: row {i} (line {line}): malformed CSV line, expected {len(header)} fields, got {len(rec)}"
+            )
+    return IatError(f"{path}: malformed CSV: {' '.join(str(err).split())}")
 
 
 def _first(mask: pa.Array) -> int:
@@ -151,20 +231,20 @@ def _read_chunks(path: Path, columns: list[str]) -> Iterator[_Chunk]:
     elif suffix == ".csv":
         import pyarrow.csv as pacsv
 
-        with open(path, newline="") as fh:
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
             header = next(csv.reader(fh), [])
         _check_columns(path, header, columns)
         opts = pacsv.ConvertOptions(
             include_columns=columns, column_types={c: pa.string() for c in columns}, strings_can_be_null=False
         )
         try:
-            reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=64 << 20), convert_options=opts)
+            reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES), convert_options=opts)
             row = 0
             for batch in reader:
                 yield _Chunk(pa.Table.from_batches([batch]), row, path, is_csv=True)
                 row += batch.num_rows
         except pa.ArrowInvalid as e:
-            raise IatError(f"{path}: malformed CSV: {e}") from None
+            raise _csv_parse_error(path, header, e) from None
     else:
         raise IatError(f"{path}: unsupported input type '{suffix}' (expected .csv or .parquet)")
 

@@ -143,7 +143,10 @@ class Schema:
 
         def items(key: str, typ, allowed: set[str]) -> tuple:
             out = []
-            for i, item in enumerate(d.get(key) or []):
+            raw = d.get(key) or []
+            if not isinstance(raw, list):
+                raise IatError(f"{source}: {key}: expected a list, got {type(raw).__name__}")
+            for i, item in enumerate(raw):
                 where = f"{source}: {key}[{i}]"
                 if not isinstance(item, dict):
                     raise IatError(f"{where}: expected a mapping")
@@ -153,19 +156,39 @@ class Schema:
                         item = {**item, "name": item["column"]}
                     else:
                         raise IatError(f"{where}: needs 'column'")
-                if "vocab" in item and item["vocab"] is not None:
-                    item = {**item, "vocab": tuple(str(v) for v in item["vocab"])}
+                item = dict(item)
+                for k in ("name", "column", "available_at", "norm"):
+                    if item.get(k) is not None:
+                        item[k] = _name(item[k], f"{where}.{k}")
+                if item.get("hash") is not None and (isinstance(item["hash"], bool) or not isinstance(item["hash"], int)):
+                    raise IatError(f"{where}.hash: expected an integer, got {item['hash']!r}")
+                if item.get("vocab") is not None:
+                    if not isinstance(item["vocab"], list) or any(isinstance(v, (list, dict)) for v in item["vocab"]):
+                        raise IatError(f"{where}.vocab: expected a list of values")
+                    item["vocab"] = tuple(str(v) for v in item["vocab"])
+                if item.get("separator") is not None and (not isinstance(item["separator"], str) or not item["separator"]):
+                    raise IatError(f"{where}.separator: expected a non-empty string, got {item['separator']!r}")
                 out.append(typ(**item))
             return tuple(out)
 
+        sequence = d.get("sequence") or []
+        if not isinstance(sequence, list):
+            raise IatError(f"{source}: sequence: expected a list, got {type(sequence).__name__}")
         return cls(
-            user=str(d["user"]),
-            timestamp=str(d["timestamp"]),
+            user=_name(d["user"], f"{source}: user"),
+            timestamp=_name(d["timestamp"], f"{source}: timestamp"),
             labels=items("labels", Label, {"name", "column", "available_at"}),
             sparse=items("sparse", SparseFeature, {"name", "column", "vocab", "hash", "separator"}),
             dense=items("dense", DenseFeature, {"name", "column", "norm"}),
-            sequence=tuple(d.get("sequence") or ()),
+            sequence=tuple(_name(x, f"{source}: sequence") for x in sequence),
         )
+
+
+def _name(v: Any, where: str) -> str:
+    """A column/feature name: YAML may read ``2020`` as an int; anything else is an error."""
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        raise IatError(f"{where}: expected a name, got {v!r}")
+    return str(v)
 
 
 def _check_keys(d: dict, allowed: set[str], where: str) -> None:
@@ -181,5 +204,5 @@ def load_schema(path: str | Path) -> Schema:
     try:
         d = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise IatError(f"{path}: not valid YAML: {e}") from None
+        raise IatError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     return Schema.from_dict(d, source=str(path))
