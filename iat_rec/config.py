@@ -112,17 +112,25 @@ def add_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
             parser.add_argument(flag, dest=dest, type=typ, default=None)
 
 
+def load_yaml(path: str | None) -> dict[str, Any]:
+    """A config file's mapping ({} without a file)."""
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise IatError(f"config file not found: {p}")
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise IatError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(d, dict):
+        raise IatError(f"{p}: expected a mapping")
+    return d
+
+
 def resolve(cls, args: argparse.Namespace, config_file: str | None):
     """The config: defaults, then the YAML file, then the flags that were given."""
-    d: dict[str, Any] = {}
-    if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise IatError(f"config file not found: {path}")
-        d = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(d, dict):
-            raise IatError(f"{path}: expected a mapping")
-    cfg = from_dict(cls, d, where=str(config_file or "config"))
+    cfg = from_dict(cls, load_yaml(config_file), where=str(config_file or "config"))
     for dest, value in vars(args).items():
         if value is None or dest == "config":
             continue

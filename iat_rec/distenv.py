@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import logging
 import os
 import socket
 import sys
+import warnings
 from typing import Callable
 
 import torch
@@ -39,8 +41,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# third-party messages that say nothing to a user of this program
+_NOISE = (
+    r"is_fx_tracing will return true",
+    r"Using a non-tuple sequence for multidimensional indexing",
+    r"torch\.set_vital",
+    r"The given NumPy array is not writable",
+)
+
+
+def quiet_third_party() -> None:
+    for pattern in _NOISE:
+        warnings.filterwarnings("ignore", message=f".*{pattern}")
+    # "Sharding Type is data_parallel, caching params will be ignored", once per table
+    logging.getLogger("torchrec.distributed.utils").setLevel(logging.ERROR)
+
+
 def init_distributed(device: str = "auto") -> DistEnv:
     """Joins (or, run alone, creates) the default process group: NCCL on GPUs, gloo on CPU."""
+    quiet_third_party()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():

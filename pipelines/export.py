@@ -21,7 +21,6 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner.types import ParameterConstraints
-from tqdm import tqdm
 
 from iat_rec import checkpoint as ckpt
 from iat_rec.batch import make_batch
@@ -30,7 +29,7 @@ from iat_rec.errors import IatError
 from iat_rec.planning import TOKEN_TABLE, build_topology, load_plan, make_plan
 from iat_rec.token_table import WEIGHT_KEY, save_table, token_collection
 from pipelines.compress import build_compressor, load_stage1
-from pipelines.trainer import shard
+from pipelines.trainer import progress_bar, shard
 
 
 def token_constraints(device_type: str) -> dict[str, ParameterConstraints]:
@@ -79,7 +78,7 @@ def export(run: str, out: str, dtype: str = "fp32", batch_size: int = 4096, devi
     batches = [(r0 + i, min(batch_size, n - i), i, cols) for r0, n, cols in blocks for i in range(0, n, batch_size)]
     steps = torch.tensor([len(batches)], device=env.device)
     dist.all_reduce(steps, op=dist.ReduceOp.MAX)  # the compressor's sharded EBC is collective
-    bar = tqdm(total=int(steps), disable=not (env.is_main and progress), desc="export", unit="batch")
+    bar = progress_bar(int(steps), 0, "export", "batch", env.is_main and progress)
     with torch.no_grad():
         for k in range(int(steps)):
             first, n, at, cols = batches[k] if k < len(batches) else (0, 0, 0, [])

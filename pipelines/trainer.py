@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -80,10 +81,9 @@ def shard(
                 raise IatError(f"constraints file not found: {path}")
             constraints = parse_constraints(json.loads(path.read_text()))
         plan = make_plan(model, topology, cfg.batch_size, constraints, pg=dist.group.WORLD)
-    if env.is_main:
-        print(f"sharding plan:\n{plan}", flush=True)
-        if plan_out is not None:
-            save_plan(plan, plan_out)
+    if env.is_main and plan_out is not None:
+        save_plan(plan, plan_out)
+        print(f"sharding plan ({len(plan.plan)} modules) saved to {plan_out}", flush=True)
     dmp = DistributedModelParallel(module=model, device=env.device, plan=plan)
     return dmp, plan
 
@@ -153,7 +153,7 @@ class Trainer:
         pipeline = TrainPipelineSparseDist(self.model, self.optimizer, self.env.device, execute_all_batches=False)
         writer = _writer(self.out / "tb") if self.env.is_main else None
         log_file = open(self.out / "train_log.jsonl", "a") if self.env.is_main else None
-        bar = tqdm(total=steps, initial=start, disable=not (self.env.is_main and self.cfg.progress), desc="train", unit="step")
+        bar = progress_bar(steps, start, "train", "step", self.env.is_main and self.cfg.progress)
         history: list[dict] = []
         it = iter(loader)
         self.model.train()
@@ -226,6 +226,11 @@ def evaluate(
             metrics.update(logits, labels, weights, users)
     model.train(was_training)
     return metrics.compute()
+
+
+def progress_bar(total: int, initial: int, desc: str, unit: str, enabled: bool) -> tqdm:
+    """A rank-0 progress bar; redrawn every 10 s when the output is a log file, not a terminal."""
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, mininterval=0.1 if sys.stderr.isatty() else 10.0)
 
 
 def _writer(path: Path):

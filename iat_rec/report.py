@@ -1,0 +1,111 @@
+"""The comparison report: a Markdown table of mean ± std per variant, PNG plots, stage times."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from iat_rec.atomic import atomic_dir
+
+METRICS = ("auc", "gauc", "logloss")
+
+
+def summarise(results: list[dict]) -> list[dict]:
+    """Per variant (in first-seen order): mean and std over seeds of each test metric."""
+    by: dict[str, list[dict]] = defaultdict(list)
+    for r in results:
+        by[f"{r['variant']} ({r['reader']})" if r["variant"] != "none" else "none"].append(r["metrics"])
+    rows = []
+    for name, ms in by.items():
+        row = {"variant": name, "seeds": len(ms)}
+        for m in METRICS:
+            xs = np.array([x[m] for x in ms], dtype=float)
+            row[m] = {"mean": float(xs.mean()), "std": float(xs.std(ddof=1)) if len(xs) > 1 else 0.0}
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| variant | seeds | AUC | GAUC | LogLoss |", "|---|---|---|---|---|"]
+    for r in rows:
+        cells = [f"{r[m]['mean']:.4f} ± {r[m]['std']:.4f}" for m in METRICS]
+        lines.append(f"| {r['variant']} | {r['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _valid_curves(results: list[dict], task: str) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    curves: dict[str, list] = defaultdict(list)
+    for r in results:
+        hist_file = Path(r["run"]) / "eval_history.json"
+        if not hist_file.is_file():
+            continue
+        hist = json.loads(hist_file.read_text())
+        steps = np.array([h["step"] for h in hist])
+        auc = np.array([h["metrics"][task]["auc"] for h in hist])
+        curves[r["variant"]].append((steps, auc))
+    return curves
+
+
+def plot(rows: list[dict], results: list[dict], task: str, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.6))
+    names = [r["variant"] for r in rows]
+    for ax, m in zip(axes, METRICS):
+        means = [r[m]["mean"] for r in rows]
+        stds = [r[m]["std"] for r in rows]
+        ax.bar(range(len(rows)), means, yerr=stds, capsize=3, color=plt.cm.tab10(np.arange(len(rows))))
+        lo, hi = min(means) - 2 * max(stds + [1e-3]), max(means) + 2 * max(stds + [1e-3])
+        ax.set_ylim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
+        ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"test {m.upper() if m != 'logloss' else 'LogLoss'} ({task})", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "metrics_per_variant.png", dpi=110)
+    plt.close(fig)
+    files.append("metrics_per_variant.png")
+
+    curves = _valid_curves(results, task)
+    if any(len(s) > 1 for runs in curves.values() for s, _ in runs):
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for name, runs in curves.items():
+            n = min(len(s) for s, _ in runs)
+            steps = runs[0][0][:n]
+            aucs = np.stack([a[:n] for _, a in runs])
+            ax.plot(steps, aucs.mean(0), marker="o", ms=3, label=name)
+            if len(runs) > 1:
+                ax.fill_between(steps, aucs.min(0), aucs.max(0), alpha=0.15)
+        ax.set_xlabel("stage-2 step")
+        ax.set_ylabel(f"validation AUC ({task})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "valid_auc_over_steps.png", dpi=110)
+        plt.close(fig)
+        files.append("valid_auc_over_steps.png")
+    return files
+
+
+def write_report(out: str | Path, title: str, results: list[dict], seconds: dict[str, float], command: str, notes: str = "") -> Path:
+    """Writes report.md, results.json and plots into ``out`` (atomically); returns report.md."""
+    out = Path(out)
+    task = results[0]["metrics"]["task"]
+    rows = summarise(results)
+    with atomic_dir(out) as tmp:
+        files = plot(rows, results, task, tmp)
+        (tmp / "results.json").write_text(json.dumps({"title": title, "command": command, "task": task, "summary": rows, "runs": results, "seconds": seconds}, indent=2))
+        md = [f"# {title}", "", f"Command: `{command}`", "", f"Test metrics of task `{task}` (mean ± std over seeds):", "", markdown_table(rows), ""]
+        if notes:
+            md += [notes, ""]
+        md += ["## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
+        md += [f"| {k} | {v:.1f} |" for k, v in seconds.items()]
+        md += [""] + [f"![{f}]({f})" for f in files] + [""]
+        (tmp / "report.md").write_text("\n".join(md))
+    return out / "report.md"

@@ -1,0 +1,124 @@
+"""All stages in order, inside one launched job: compress -> export -> rank.
+
+    iat-rec pipeline --data LOG --work DIR [--scheme user] [--history iat] [--reader transformer]
+
+Each rank runs the stages one after another in the same process group, so a torchx or
+torchrun job pays the launch once. Stage options beyond the flags below come from
+``--compress-config`` / ``--rank-config`` YAML files (any option of ``iat-rec compress`` /
+``iat-rec rank``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+from iat_rec.config import CompressConfig, from_dict, load_yaml
+from iat_rec.distenv import init_distributed, rank_main, run_ranks
+from iat_rec.errors import IatError
+from pipelines import compress, rank
+from pipelines.export import export
+from pipelines.rank import RankConfig
+
+
+@dataclasses.dataclass
+class Variant:
+    """One stage-2 run: a history mode and, for iat/both, the stage-1 scheme of its tokens."""
+
+    history: str
+    scheme: str | None = None
+    reader: str = "transformer"
+
+    @property
+    def name(self) -> str:
+        return f"{self.history}-{self.scheme}" if self.scheme else self.history
+
+
+def stage1_config(base: dict, data: str, out: Path, scheme: str, seed: int, device: str) -> CompressConfig:
+    """``batch_size`` counts instances for both schemes here, so that temporal and user-order
+    runs of one config see the same instances per step (user order: batch_size / window windows)."""
+    cfg = from_dict(CompressConfig, {**base, "data": data, "out": str(out), "scheme": scheme, "seed": seed, "device": device})
+    if scheme == "user":
+        cfg.batch_size = max(1, cfg.batch_size // cfg.window)
+    compress.check_config(cfg)
+    return cfg
+
+
+def stage2_config(base: dict, data: str, out: Path, v: Variant, seed: int, device: str, tokens: Path | None, stage1: Path | None) -> RankConfig:
+    ranker = {**base.get("ranker", {}), "history": v.history, "reader": v.reader}
+    d = {**base, "data": data, "out": str(out), "seed": seed, "device": device, "ranker": ranker}
+    if tokens is not None:
+        d.update(tokens=str(tokens), stage1=str(stage1), warm_start=True)
+    cfg = from_dict(RankConfig, d)
+    rank.check_config(cfg)
+    return cfg
+
+
+class Stages:
+    """Runs stages under ``work``, reusing a stage-1 run and token table per (scheme, seed)."""
+
+    def __init__(self, data: str, work: Path, c1: dict, c2: dict, dtype: str, device: str):
+        self.data, self.work, self.c1, self.c2, self.dtype, self.device = data, work, c1, c2, dtype, device
+        self.seconds: dict[str, float] = {}
+        self._tokens: dict[tuple[str, int], tuple[Path, Path]] = {}
+
+    def _timed(self, key: str, fn):
+        start = time.perf_counter()
+        out = fn()
+        self.seconds[key] = time.perf_counter() - start
+        return out
+
+    def tokens(self, scheme: str, seed: int) -> tuple[Path, Path]:
+        """(stage-1 run, token table) for a scheme and seed, trained and exported once."""
+        key = (scheme, seed)
+        if key not in self._tokens:
+            run1 = self.work / f"stage1-{scheme}-s{seed}"
+            table = self.work / f"tokens-{scheme}-s{seed}"
+            cfg = stage1_config(self.c1, self.data, run1, scheme, seed, self.device)
+            self._timed(f"compress-{scheme}-s{seed}", lambda: compress.train(cfg))
+            self._timed(f"export-{scheme}-s{seed}", lambda: export(str(run1), str(table), self.dtype, device=self.device))
+            self._tokens[key] = (run1, table)
+        return self._tokens[key]
+
+    def rank(self, v: Variant, seed: int) -> dict:
+        run1, table = self.tokens(v.scheme, seed) if v.scheme else (None, None)
+        out = self.work / f"rank-{v.name}-{v.reader}-s{seed}"
+        cfg = stage2_config(self.c2, self.data, out, v, seed, self.device, table, run1)
+        metrics = self._timed(f"rank-{v.name}-{v.reader}-s{seed}", lambda: rank.train(cfg))
+        return {"variant": v.name, "reader": v.reader, "seed": seed, "run": str(out), "metrics": metrics}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="iat-rec pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="instance log")
+    p.add_argument("--work", required=True, help="directory for every stage's output")
+    p.add_argument("--scheme", default="user", choices=["temporal", "user"])
+    p.add_argument("--history", default="iat", choices=["iat", "both"])
+    p.add_argument("--reader", default="transformer", choices=["transformer", "din", "longer"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+    p.add_argument("--compress-config", help="YAML of iat-rec compress options")
+    p.add_argument("--rank-config", help="YAML of iat-rec rank options")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--nproc", type=int, default=None, help="local ranks to launch (default: GPUs, else 2)")
+    return p
+
+
+def cli(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    c1, c2 = load_yaml(args.compress_config), load_yaml(args.rank_config)
+
+    def body() -> None:
+        init_distributed(args.device)
+        stages = Stages(args.data, Path(args.work), c1, c2, args.dtype, args.device)
+        stages.rank(Variant(args.history, args.scheme, args.reader), args.seed)
+
+    if not Path(args.data).exists():
+        raise IatError(f"--data {args.data} does not exist")
+    return run_ranks("pipelines.pipeline", argv, args.nproc, body)
+
+
+if __name__ == "__main__":
+    rank_main(cli)
