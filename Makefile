@@ -12,7 +12,7 @@ PIN_FBGEMM := $(if $(HAS_GPU),fbgemm-gpu==1.8.0,fbgemm-gpu-cpu==1.8.0)
 PIN_TORCHREC := torchrec==1.8.0
 # torchrec's own dependencies, minus fbgemm-gpu (see setup.py)
 TORCHREC_DEPS := torchmetrics==1.0.3 tensordict pyre-extensions iopath tqdm
-STACK := torchx==0.7.0 torchdata==0.11.0 tensorboard pyarrow pyyaml matplotlib pytest hypothesis
+STACK := torchx==0.7.0 torchdata==0.11.0 tensorboard pyarrow pyyaml matplotlib pytest hypothesis kubernetes
 
 .PHONY: install demo test clean
 install: $(STAMP)

@@ -18,6 +18,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("tokens", "show"): ("iat_rec.token_table", "print rows of a token table"),
     ("rank",): ("pipelines.rank", "stage 2: train the downstream ranker"),
     ("evaluate",): ("pipelines.evaluate", "evaluate a stage-2 run on the test split"),
+    ("pipeline",): ("pipelines.pipeline", "all stages in order, in one job"),
     ("experiment",): ("pipelines.experiment", "compare history variants over seeds, write a report"),
     ("plan",): ("iat_rec.plan_cli", "print TorchRec's sharding plan for a topology"),
     ("bench",): ("benchmarks.run", "run a benchmark"),

@@ -64,20 +64,22 @@ def init_distributed(device: str = "auto") -> DistEnv:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise IatError("--device cuda, but torch sees no CUDA device")
-    if "RANK" not in os.environ:  # a single process started by hand
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    alone = not launched()  # a single process started by hand: no launcher environment
+    rank, world = (0, 1) if alone else (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+    local_rank = 0 if alone else int(os.environ.get("LOCAL_RANK", 0))
+    local_world = 1 if alone else int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if device == "cuda":
         torch.cuda.set_device(local_rank)
         dev, backend = torch.device("cuda", local_rank), "nccl"
     else:
         dev, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        # alone: a private TCP rendezvous, leaving os.environ untouched so that child
+        # processes (launched ranks, tools) never mistake themselves for rank 0 of this group
+        init = f"tcp://127.0.0.1:{_free_port()}" if alone else "env://"
+        dist.init_process_group(
+            backend=backend, init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30)
+        )
     return DistEnv(rank, world, local_rank, local_world, dev, backend)
 
 
@@ -99,7 +101,11 @@ def run_ranks(module: str, argv: list[str], nproc: int | None, body: Callable[[]
     of ``python -m module`` (default: one per GPU, else 2 gloo ranks)."""
     nproc = nproc or (torch.cuda.device_count() or 2)
     if launched() or nproc == 1:
-        body()
+        try:
+            body()
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
         return 0
     code = launch(module, drop_flag(argv, "--nproc"), nproc)
     if code != 0:

@@ -1,6 +1,6 @@
 """Export: run the trained compressor over every instance and write the sharded token table.
 
-    iat-rec export --run RUN --out TOKENS [--dtype fp32|fp16] [--nproc N]
+    iat-rec export --stage1 RUN --out TOKENS [--dtype fp32|fp16] [--nproc N]
 
 The compressor is sharded with the plan of its stage-1 run (re-planned when the world size
 differs) and loaded from the run's latest checkpoint. The token table is planned by
@@ -110,7 +110,8 @@ def export(run: str, out: str, dtype: str = "fp32", batch_size: int = 4096, devi
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="iat-rec export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="stage-1 run directory")
+    # --stage1 first: torchrun's parser (torchx jobs) refuses --run as an abbreviation of its --run-path
+    p.add_argument("--stage1", "--run", dest="run", required=True, help="stage-1 run directory")
     p.add_argument("--out", required=True, help="token table directory to write")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     p.add_argument("--batch-size", type=int, default=4096)

@@ -176,7 +176,7 @@ class Trainer:
                 writer.add_scalar("train/loss", loss_value, step)
                 writer.add_scalar("train/samples_per_s", sps, step)
                 writer.add_scalar("train/dense_lr", self.cfg.dense_lr, step)
-                bar.set_postfix(loss=f"{loss_value:.4f}", sps=f"{sps:,.0f}")
+                bar.set_postfix(loss=f"{loss_value:.4f}", sps=f"{sps:,.0f}", refresh=False)
                 bar.update(1)
             if self.valid is not None and self.cfg.eval_every and step % self.cfg.eval_every == 0 and step < steps:
                 pipeline.detach()

@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny synthetic log, and a 2-rank stage-1 run with its token table.
+
+Multi-process fixtures launch 2 gloo ranks through the real command line (the elastic
+agent), exactly as a user would, and are built once per test session.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from iat_rec.cli import main
+from iat_rec.synth import generate
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+TINY = dict(users=60, mean_instances=40, seed=0)
+STAGE1 = ["--scheme", "user", "--window", "8", "--batch-size", "8", "--steps", "12", "--eval-batches", "2", "--no-progress",
+          "--emb-dim", "8", "--hidden", "64", "--decompress", "64", "--iat-dim", "16"]  # fmt: skip
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: real multi-process launches")
+
+
+def run_cli(*argv: str) -> None:
+    code = main(list(argv))
+    assert code == 0, f"iat-rec {' '.join(argv)} exited {code}"
+
+
+@pytest.fixture(scope="session")
+def tiny_log(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "log"
+    generate(path, **TINY)
+    return path
+
+
+@pytest.fixture(scope="session")
+def stage1_run(tiny_log, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("stage1") / "run"
+    run_cli("compress", "--data", str(tiny_log), "--out", str(run), "--nproc", "2", *STAGE1)
+    return run
+
+
+@pytest.fixture(scope="session")
+def tokens(stage1_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tokens") / "tokens"
+    run_cli("export", "--stage1", str(stage1_run), "--out", str(out), "--nproc", "2", "--batch-size", "512", "--no-progress")
+    return out

@@ -1,0 +1,73 @@
+"""The leakage-free timestamp fetch: property tests over random logs and requests."""
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from iat_rec.history import LABEL_UNKNOWN, HistoryIndex, expand_ranges, side_info
+
+
+def random_log(rng, users, max_rows):
+    counts = rng.integers(0, max_rows, size=users)
+    user = np.repeat(np.arange(users), counts)
+    ts = rng.integers(0, 50, size=len(user))  # few distinct times: many ties
+    order = np.lexsort((ts, user))
+    user, ts = user[order], ts[order]
+    offsets = np.searchsorted(user, np.arange(users + 1))
+    keys = np.array([f"u{i:04d}" for i in range(users)])
+    labels = rng.integers(0, 2, size=(len(user), 2)).astype(np.float32)
+    label_time = ts[:, None] + rng.integers(0, 20, size=(len(user), 2))
+    return user, ts, offsets, keys, labels, label_time
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), users=st.integers(1, 12), max_rows=st.integers(1, 30), T=st.integers(1, 10))
+def test_fetch_is_the_latest_T_strictly_earlier_rows_of_the_user(seed, users, max_rows, T):
+    rng = np.random.default_rng(seed)
+    user, ts, offsets, keys, labels, label_time = random_log(rng, users, max_rows)
+    if len(ts) == 0:
+        return
+    index = HistoryIndex(ts, offsets, keys)
+    req_user = rng.integers(-1, users, size=40)
+    req_t = rng.integers(-5, 60, size=40)
+    first, length = index.ranges(req_user, req_t, T)
+    rows = expand_ranges(first, length)
+    codes, gap = side_info(rows, length, req_t, labels, label_time, ts)
+    at = 0
+    for u, t, n in zip(req_user, req_t, length):
+        got = rows[at : at + n]
+        c = codes[at : at + n]
+        at += n
+        assert n <= T
+        if u < 0:
+            assert n == 0
+            continue
+        earlier = [r for r in range(offsets[u], offsets[u + 1]) if ts[r] < t]
+        assert list(got) == earlier[-T:] if earlier else n == 0  # the most recent T, in time order
+        assert all(user[r] == u and ts[r] < t for r in got)
+        for r, code in zip(got, c):
+            for k in range(2):
+                if label_time[r, k] >= t:
+                    assert code[k] == LABEL_UNKNOWN  # no label leaks before it is known
+                else:
+                    assert code[k] == labels[r, k]
+    assert (gap >= 0).all()
+
+
+def test_cross_domain_users_match_by_key_and_unknown_users_get_nothing():
+    ts = np.array([1, 5, 9, 2, 3])
+    offsets = np.array([0, 3, 5])
+    index = HistoryIndex(ts, offsets, np.array(["alice", "bob"]))
+    users = index.user_index(np.array(["bob", "carol", "alice"]))
+    assert users.tolist() == [1, -1, 0]
+    first, length = index.ranges(users, np.array([10, 10, 6]), max_len=8)
+    assert length.tolist() == [2, 0, 2]
+    assert expand_ranges(first, length).tolist() == [3, 4, 0, 1]
+
+
+def test_request_before_or_after_every_row():
+    index = HistoryIndex(np.array([10, 20]), np.array([0, 2]), np.array(["a"]))
+    assert index.ranges(np.array([0]), np.array([-100]), 5)[1].tolist() == [0]
+    assert index.ranges(np.array([0]), np.array([10]), 5)[1].tolist() == [0]  # strictly earlier only
+    first, length = index.ranges(np.array([0]), np.array([10**9]), 5)
+    assert (first.tolist(), length.tolist()) == ([0], [2])

@@ -1,0 +1,255 @@
+"""torchx components (torchx_components/iat.py) and the repo's .torchxconfig.
+
+- every component passes torchx's own validation (the parse behind ``torchx run ... --help``);
+- the command a component builds parses under torchrun's parser and then the program's own;
+- ``torchx run --dryrun`` for a 2x8 GPU job on slurm and on kubernetes: the request is parsed
+  back and checked (nodes, GPUs per node, the torchrun command);
+- one real ``torchx run -s local_cwd`` of stage 1 on 2 ranks (marked ``slow``, ~15 s on 2 cores).
+"""
+
+import configparser
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from torch.distributed.run import get_args_parser as torchrun_parser
+from torchx.components.component_test_base import ComponentTestCase
+from torchx.schedulers import get_scheduler_factories
+
+from torchx_components import iat
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin: torchx, and torchrun for the launched job
+COMPONENT = "torchx_components/iat.py"
+MODULES = {"compress": "pipelines.compress", "export": "pipelines.export", "rank": "pipelines.rank", "pipeline": "pipelines.pipeline"}
+
+# every named program option set, so each flag a component can emit is checked
+FULL_ARGS = {
+    "compress": dict(data="/d/log", out="/d/run", scheme="user", steps=7, epochs=1.5, batch_size=16, config="/d/c.yaml", resume=True),
+    "export": dict(stage1="/d/run", out="/d/tokens", dtype="fp16", batch_size=512),
+    "rank": dict(
+        data="/d/log", tokens="/d/tokens", out="/d/run2", history="both", reader="din", stage1="/d/run",
+        warm_start=True, steps=7, epochs=1.5, batch_size=16, config="/d/c.yaml", resume=True,
+    ),
+    "pipeline": dict(
+        data="/d/log", work="/d/work", scheme="user", history="both", reader="longer", seed=3, dtype="fp16",
+        compress_config="/d/c1.yaml", rank_config="/d/c2.yaml",
+    ),
+}
+
+
+def torchrun_argv(app) -> list[str]:
+    """The torchrun command line of a dist.ddp AppDef (its role runs ``bash -c '<cmd>'``)."""
+    (role,) = app.roles
+    assert role.entrypoint == "bash" and role.args[0] == "-c"
+    argv = shlex.split(role.args[1])
+    assert argv[0] == "torchrun"
+    return argv
+
+
+def torchx(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The torchx CLI, run from the repo root (so .torchxconfig applies) with the venv on PATH."""
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    full_env.pop("TORCHXCONFIG", None)  # the repo's .torchxconfig, unless the test names another
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [str(BIN / "torchx"), *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, f"torchx {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+# ---- torchx's component validation ---------------------------------------------------------------
+
+
+class TestComponentsValidate(ComponentTestCase):
+    """What ``torchx run torchx_components/iat.py:<name> --help`` checks (types, docstrings)."""
+
+    def test_compress(self) -> None:
+        self.validate(iat, "compress")
+
+    def test_export(self) -> None:
+        self.validate(iat, "export")
+
+    def test_rank(self) -> None:
+        self.validate(iat, "rank")
+
+    def test_pipeline(self) -> None:
+        self.validate(iat, "pipeline")
+
+
+def test_linter_accepts_every_component():
+    from torchx.specs.file_linter import validate
+
+    for name in MODULES:
+        assert validate(iat.__file__, name) == [], name
+
+
+# ---- the command each component builds ------------------------------------------------------------
+
+
+def test_options_left_unset_are_not_passed_and_extra_comes_last():
+    argv = torchrun_argv(iat.compress("--emb-dim", "8", "--steps", "2", data="LOG", out="RUN", steps=5))
+    program = argv[argv.index("-m") + 2 :]
+    assert argv[argv.index("-m") + 1] == "pipelines.compress"
+    # only what was given (no --scheme/--batch-size/--config/--resume), extra last so it wins
+    assert program == ["--data", "LOG", "--out", "RUN", "--steps", "5", "--emb-dim", "8", "--steps", "2"]
+
+
+def test_single_node_defaults():
+    app = iat.compress(data="LOG", out="RUN")
+    (role,) = app.roles
+    args = torchrun_parser().parse_args(torchrun_argv(app)[1:])
+    assert (role.num_replicas, args.nnodes, args.nproc_per_node) == (1, "1", "2")
+    assert args.rdzv_endpoint == "localhost:0"  # one node: torchrun picks a free port
+    assert (role.resource.cpu, role.resource.gpu, role.resource.memMB) == (2, 0, 8192)
+    assert role.image == iat.IMAGE and role.max_retries == 0
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_command_parses_under_torchrun(name):
+    """Program flags pass through torchrun's parser, which rejects ambiguous abbreviations (--run)."""
+    app = getattr(iat, name)(j="2x8", gpu=8, **FULL_ARGS[name])
+    (role,) = app.roles
+    args = torchrun_parser().parse_args(torchrun_argv(app)[1:])
+    assert (args.nnodes, args.nproc_per_node, args.module, args.training_script) == ("2", "8", True, MODULES[name])
+    assert role.num_replicas == 2 and role.resource.gpu == 8
+    assert "--data" in args.training_script_args or "--stage1" in args.training_script_args
+
+
+@pytest.mark.parametrize("name", ["compress", "export", "rank", "pipeline"])
+def test_program_accepts_component_flags(name):
+    """The program's own parser accepts every flag the component can emit."""
+    module_name = MODULES[name]
+    module = importlib.import_module(module_name)
+    if not hasattr(module, "parser"):
+        pytest.skip(f"{module_name} has no parser() to check the flags against")
+    args = torchrun_parser().parse_args(torchrun_argv(getattr(iat, name)(**FULL_ARGS[name]))[1:])
+    try:
+        module.parser().parse_args(args.training_script_args)
+    except SystemExit:
+        pytest.fail(f"{module_name} rejects the component's arguments {args.training_script_args}")
+
+
+# ---- .torchxconfig ----------------------------------------------------------------------------------
+
+
+def test_repo_torchxconfig_has_only_known_options():
+    parser = configparser.ConfigParser()
+    parser.optionxform = str
+    parser.read(REPO / ".torchxconfig")
+    schedulers = get_scheduler_factories()
+    for section in parser.sections():
+        if section.startswith("component:"):
+            path, _, fn = section.removeprefix("component:").rpartition(":")
+            assert path == COMPONENT and hasattr(iat, fn), section
+            params = inspect.signature(getattr(iat, fn)).parameters
+            assert all(key in params for key in parser[section]), section
+        else:
+            opts = schedulers[section](session_name="test").run_opts()
+            assert all(opts.get(key) is not None for key in parser[section]), section
+    assert parser["local_cwd"]["log_dir"] == "runs/torchx"
+
+
+def test_component_defaults_section_applies(tmp_path):
+    """A [component:torchx_components/iat.py:compress] section sets the component's defaults."""
+    cfg = tmp_path / "torchxconfig"
+    cfg.write_text(f"[component:{COMPONENT}:compress]\nj = 1x3\nmemMB = 2048\n")
+    out = torchx(
+        "run", "--dryrun", "-s", "local_cwd", f"{COMPONENT}:compress", "--data", "LOG", "--out", "RUN",
+        env={"TORCHXCONFIG": str(cfg)},
+    ).stdout  # fmt: skip
+    assert "--nproc_per_node 3" in out and "'memMB': 2048" in out
+
+
+# ---- dry runs of a 2x8 GPU job -------------------------------------------------------------------
+
+
+def check_2x8_torchrun(cmd: str, module: str = "pipelines.compress") -> list[str]:
+    argv = shlex.split(cmd)
+    assert argv[0] == "torchrun"
+    args = torchrun_parser().parse_args(argv[1:])
+    assert (args.nnodes, args.nproc_per_node, args.module, args.training_script) == ("2", "8", True, module)
+    assert args.rdzv_backend == "c10d" and args.rdzv_endpoint.endswith(":29500")
+    return args.training_script_args
+
+
+def test_slurm_dryrun_2x8_gpu():
+    out = torchx(
+        "run", "--dryrun", "-s", "slurm", "-cfg", "partition=gpu,time=60",
+        f"{COMPONENT}:compress", "-j", "2x8", "-h", "gpu.xlarge",
+        "--data", "/shared/log", "--out", "/shared/run", "--scheme", "user", "--steps", "1000",
+        "--", "--emb-dim", "32",
+    ).stdout  # fmt: skip
+    script = out.split("# SBATCH_SCRIPT")[1]
+    # one heterogeneous group per node, each one task with the node's 8 GPUs
+    groups = [line.split()[1:] for line in script.splitlines() if line.startswith("#SBATCH --job-name=")]
+    assert len(groups) == 2
+    for i, group in enumerate(groups):
+        assert f"--job-name=compress-{i}" in group
+        for opt in ("--ntasks-per-node=1", "--gpus-per-task=8", "--cpus-per-task=64", "--partition=gpu", "--time=60"):
+            assert opt in group
+    srun = script.split("\nsrun ", 1)[1].split("\nexitcode=", 1)[0].replace(":\\\n", " : ")
+    tokens = shlex.split(srun)
+    commands = [tokens[i + 2] for i, t in enumerate(tokens) if t == "bash" and tokens[i + 1] == "-c"]
+    assert len(commands) == 2
+    for cmd in commands:
+        program = check_2x8_torchrun(cmd)
+        assert program == ["--data", "/shared/log", "--out", "/shared/run", "--scheme", "user", "--steps", "1000", "--emb-dim", "32"]
+
+
+def test_kubernetes_dryrun_2x8_gpu():
+    pytest.importorskip("kubernetes", reason="torchx's kubernetes scheduler needs the kubernetes client (pip install kubernetes)")
+    out = torchx(
+        "run", "--dryrun", "--workspace", "", "-s", "kubernetes", "-cfg", "queue=iat,namespace=ml",
+        f"{COMPONENT}:compress", "-j", "2x8", "-h", "gpu.xlarge", "--image", "registry.example.com/iat-rec:1",
+        "--data", "/data/log", "--out", "/data/run", "--mounts", "type=volume,src=iat-data,dst=/data",
+    ).stdout  # fmt: skip
+    job = yaml.safe_load(out.split("=== SCHEDULER REQUEST ===", 1)[1])
+    assert (job["kind"], job["spec"]["queue"], job["spec"]["schedulerName"]) == ("Job", "iat", "volcano")
+    tasks = job["spec"]["tasks"]
+    assert len(tasks) == 2 and all(t["replicas"] == 1 for t in tasks)  # one pod per node
+    for task in tasks:
+        (container,) = task["template"]["spec"]["containers"]
+        assert container["image"] == "registry.example.com/iat-rec:1"
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+        assert container["resources"]["requests"]["nvidia.com/gpu"] == "8"
+        assert {"mountPath": "/data", "name": "mount-0"} in [
+            {k: m[k] for k in ("mountPath", "name")} for m in container["volumeMounts"]
+        ]
+        assert container["command"][:2] == ["bash", "-c"]
+        assert check_2x8_torchrun(container["command"][2]) == ["--data", "/data/log", "--out", "/data/run"]
+
+
+# ---- a real local run ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_local_cwd_run_compress_2_ranks(tmp_path):
+    """``torchx run -s local_cwd ...:compress -j 1x2``: two gloo ranks under torchrun, a few steps."""
+    from iat_rec.synth import generate
+
+    log, run = tmp_path / "log", tmp_path / "run"
+    generate(log, users=100, mean_instances=30, seed=0)
+    torchx(
+        "run", "-s", "local_cwd", "-cfg", f"log_dir={tmp_path / 'torchx_logs'}",
+        f"{COMPONENT}:compress", "-j", "1x2",
+        "--data", str(log), "--out", str(run), "--steps", "3", "--batch_size", "32",
+        "--", "--eval-batches", "2", "--no-progress",
+        timeout=300,
+    )  # fmt: skip
+    result = json.loads((run / "result.json").read_text())
+    assert result["steps"] == 3
+    assert json.loads((run / "run.json").read_text())["world_size"] == 2
+    ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    assert ckpt.name == "step_00000003" and (ckpt / ".metadata").is_file()
+    assert {p.name for p in ckpt.glob("rank*.json")} == {"rank0.json", "rank1.json"}
+    assert len(list(ckpt.glob("*.distcp"))) == 2  # one shard file per rank

@@ -1,0 +1,322 @@
+# NOTE: no ``from __future__ import annotations`` here: torchx reads the annotations at run
+# time (inspect.signature) and its linter accepts only typing's Optional/List/Dict spellings.
+"""torchx components for the iat-rec stages: compress, export, rank and the whole pipeline.
+
+Each component is one ``torchx.components.dist.ddp`` job that runs ``python -m pipelines.<stage>``
+on every rank (torchrun sets RANK, WORLD_SIZE, LOCAL_WORLD_SIZE; the program reads them, so the
+TorchRec planner sees the job's real topology of nodes x processes per node). Only the scheduler
+changes between a laptop and a cluster::
+
+    torchx run -s local_cwd  torchx_components/iat.py:compress -j 1x2 --data LOG --out RUN
+    torchx run -s slurm      torchx_components/iat.py:compress -j 2x8 -h gpu.xlarge --data LOG --out RUN
+    torchx run -s kubernetes torchx_components/iat.py:compress -j 2x8 -h gpu.xlarge --image REPO/iat-rec:TAG ...
+
+Program options that a component does not name go after ``--`` and reach the program unchanged
+(``... --out RUN -- --emb-dim 32 --eval-every 500``); they come last, so they win over the named ones.
+A named program option left at ``None`` is not passed at all: the program's default, or the
+``--config`` YAML, applies.
+
+Every program flag also passes through torchrun's own argument parser, which rejects a flag that
+abbreviates two of its options (``--run``: --run-path/--run_path; likewise ``--nproc``, ``--log``,
+``--max``, ``--node``, ``--master``, ``--local``, ``--rdzv``): the programs' flags avoid them.
+"""
+
+from typing import Dict, List, Optional
+
+import torchx.specs as specs
+from torchx.components.dist import ddp
+
+# The image that runs the programs on container schedulers (kubernetes): the pinned stack of
+# the Makefile plus this repository. local_cwd and slurm ignore it (they run in the working dir).
+IMAGE = "iat-rec:latest"
+
+
+def _flags(**options: object) -> List[str]:
+    """``--name value`` for each option given; a True bool is a bare ``--name``; None/False are left out."""
+    argv: List[str] = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is not None and value is not False:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _job(
+    module: str,
+    program_args: List[str],
+    extra: List[str],
+    image: str,
+    name: str,
+    j: str,
+    h: Optional[str],
+    cpu: int,
+    gpu: int,
+    memMB: int,
+    env: Optional[Dict[str, str]],
+    max_retries: int,
+    rdzv_backend: str,
+    rdzv_port: int,
+    mounts: Optional[List[str]],
+) -> specs.AppDef:
+    return ddp(
+        *program_args,
+        *extra,
+        m=module,
+        image=image,
+        name=name,
+        j=j,
+        h=h,
+        cpu=cpu,
+        gpu=gpu,
+        memMB=memMB,
+        env=dict(env or {}),
+        max_retries=max_retries,
+        rdzv_backend=rdzv_backend,
+        rdzv_port=rdzv_port,
+        mounts=mounts,
+    )
+
+
+def compress(
+    *extra: str,
+    data: str,
+    out: str,
+    scheme: Optional[str] = None,
+    steps: Optional[int] = None,
+    epochs: Optional[float] = None,
+    batch_size: Optional[int] = None,
+    config: Optional[str] = None,
+    resume: bool = False,
+    image: str = IMAGE,
+    name: str = "/",
+    j: str = "1x2",
+    h: Optional[str] = None,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    rdzv_backend: str = "c10d",
+    rdzv_port: int = 29500,
+    mounts: Optional[List[str]] = None,
+) -> specs.AppDef:
+    """
+    Stage 1: trains the instance compressor (python -m pipelines.compress) on every rank.
+
+    Writes RUN/run.json, RUN/plan.json, RUN/checkpoints/step_*/ (DCP), RUN/tb/ and RUN/result.json.
+
+    Args:
+        extra: further pipelines.compress options, after ``--`` (e.g. -- --emb-dim 32 --window 64)
+        data: instance log directory, as seen by every node (shared filesystem or mount)
+        out: run directory to write, as seen by every node
+        scheme: temporal | user (default: the program's or the config's)
+        steps: training steps (default: --epochs)
+        epochs: epochs over the train split, used when steps is not given
+        batch_size: per rank: instances (temporal) or windows (user)
+        config: YAML with any pipelines.compress option (flags override it)
+        resume: continue from the latest checkpoint in out; set it with max_retries so a retried job resumes
+        image: container image with iat-rec installed (kubernetes); ignored by local_cwd and slurm
+        name: job name: {experimentname}/{runname}, {experimentname}/, /{runname} or {runname}
+        j: {nnodes}x{nproc_per_node}, e.g. 1x2 on a CPU host, 2x8 for two 8-GPU nodes
+        h: named resource per node (e.g. gpu.xlarge); takes precedence over cpu, gpu and memMB
+        cpu: CPUs per node
+        gpu: GPUs per node (set to nproc_per_node on GPU hosts)
+        memMB: host memory per node, in MB
+        env: environment variables for every rank (e.g. NCCL_DEBUG=INFO,OMP_NUM_THREADS=4)
+        max_retries: scheduler retries of the whole job
+        rdzv_backend: torchrun rendezvous backend (multi-node only)
+        rdzv_port: port of the c10d rendezvous store on the first node (multi-node only)
+        mounts: mounts for container schedulers (e.g. type=bind,src=/data,dst=/data)
+    """
+    args = _flags(
+        data=data, out=out, scheme=scheme, steps=steps, epochs=epochs,
+        batch_size=batch_size, config=config, resume=resume,
+    )  # fmt: skip
+    return _job(
+        "pipelines.compress", args, list(extra), image, name, j, h, cpu, gpu, memMB,
+        env, max_retries, rdzv_backend, rdzv_port, mounts,
+    )  # fmt: skip
+
+
+def export(
+    *extra: str,
+    stage1: str,
+    out: str,
+    dtype: Optional[str] = None,
+    batch_size: Optional[int] = None,
+    image: str = IMAGE,
+    name: str = "/",
+    j: str = "1x2",
+    h: Optional[str] = None,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    rdzv_backend: str = "c10d",
+    rdzv_port: int = 29500,
+    mounts: Optional[List[str]] = None,
+) -> specs.AppDef:
+    """
+    Export: writes every instance's token into the sharded token table (python -m pipelines.export).
+
+    The stage-1 run goes as --stage1, never --run: torchrun's own parser rejects --run as an
+    ambiguous abbreviation of its --run-path/--run_path, even after the module name.
+
+    Args:
+        extra: further pipelines.export options, after ``--``
+        stage1: stage-1 run directory (from the compress component), passed as --stage1
+        out: token table directory to write, as seen by every node
+        dtype: fp32 | fp16 (default: the program's)
+        batch_size: instances per rank per forward pass
+        image: container image with iat-rec installed (kubernetes); ignored by local_cwd and slurm
+        name: job name: {experimentname}/{runname}, {experimentname}/, /{runname} or {runname}
+        j: {nnodes}x{nproc_per_node}, e.g. 1x2 on a CPU host, 2x8 for two 8-GPU nodes
+        h: named resource per node (e.g. gpu.xlarge); takes precedence over cpu, gpu and memMB
+        cpu: CPUs per node
+        gpu: GPUs per node (set to nproc_per_node on GPU hosts)
+        memMB: host memory per node, in MB
+        env: environment variables for every rank (e.g. NCCL_DEBUG=INFO,OMP_NUM_THREADS=4)
+        max_retries: scheduler retries of the whole job
+        rdzv_backend: torchrun rendezvous backend (multi-node only)
+        rdzv_port: port of the c10d rendezvous store on the first node (multi-node only)
+        mounts: mounts for container schedulers (e.g. type=bind,src=/data,dst=/data)
+    """
+    args = _flags(stage1=stage1, out=out, dtype=dtype, batch_size=batch_size)
+    return _job(
+        "pipelines.export", args, list(extra), image, name, j, h, cpu, gpu, memMB,
+        env, max_retries, rdzv_backend, rdzv_port, mounts,
+    )  # fmt: skip
+
+
+def rank(
+    *extra: str,
+    data: str,
+    tokens: str,
+    out: str,
+    history: Optional[str] = None,
+    reader: Optional[str] = None,
+    stage1: Optional[str] = None,
+    warm_start: bool = False,
+    steps: Optional[int] = None,
+    epochs: Optional[float] = None,
+    batch_size: Optional[int] = None,
+    config: Optional[str] = None,
+    resume: bool = False,
+    image: str = IMAGE,
+    name: str = "/",
+    j: str = "1x2",
+    h: Optional[str] = None,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    rdzv_backend: str = "c10d",
+    rdzv_port: int = 29500,
+    mounts: Optional[List[str]] = None,
+) -> specs.AppDef:
+    """
+    Stage 2: trains the downstream ranker over the IAT sequence (python -m pipelines.rank).
+
+    Args:
+        extra: further pipelines.rank options, after ``--``
+        data: instance log directory, as seen by every node
+        tokens: token table directory (from the export component)
+        out: run directory to write, as seen by every node
+        history: none | handcrafted | iat | both
+        reader: transformer | din | longer
+        stage1: stage-1 run directory whose sharding plan (and, with warm_start, tables) stage 2 reuses
+        warm_start: initialise the shared feature tables from the stage1 checkpoint
+        steps: training steps (default: --epochs)
+        epochs: epochs over the train split, used when steps is not given
+        batch_size: requests per rank per step
+        config: YAML with any pipelines.rank option (flags override it)
+        resume: continue from the latest checkpoint in out; set it with max_retries so a retried job resumes
+        image: container image with iat-rec installed (kubernetes); ignored by local_cwd and slurm
+        name: job name: {experimentname}/{runname}, {experimentname}/, /{runname} or {runname}
+        j: {nnodes}x{nproc_per_node}, e.g. 1x2 on a CPU host, 2x8 for two 8-GPU nodes
+        h: named resource per node (e.g. gpu.xlarge); takes precedence over cpu, gpu and memMB
+        cpu: CPUs per node
+        gpu: GPUs per node (set to nproc_per_node on GPU hosts)
+        memMB: host memory per node, in MB
+        env: environment variables for every rank (e.g. NCCL_DEBUG=INFO,OMP_NUM_THREADS=4)
+        max_retries: scheduler retries of the whole job
+        rdzv_backend: torchrun rendezvous backend (multi-node only)
+        rdzv_port: port of the c10d rendezvous store on the first node (multi-node only)
+        mounts: mounts for container schedulers (e.g. type=bind,src=/data,dst=/data)
+    """
+    args = _flags(
+        data=data, tokens=tokens, out=out, history=history, reader=reader, stage1=stage1,
+        warm_start=warm_start, steps=steps, epochs=epochs, batch_size=batch_size, config=config,
+        resume=resume,
+    )  # fmt: skip
+    return _job(
+        "pipelines.rank", args, list(extra), image, name, j, h, cpu, gpu, memMB,
+        env, max_retries, rdzv_backend, rdzv_port, mounts,
+    )  # fmt: skip
+
+
+def pipeline(
+    *extra: str,
+    data: str,
+    work: str,
+    scheme: Optional[str] = None,
+    history: Optional[str] = None,
+    reader: Optional[str] = None,
+    seed: Optional[int] = None,
+    dtype: Optional[str] = None,
+    compress_config: Optional[str] = None,
+    rank_config: Optional[str] = None,
+    image: str = IMAGE,
+    name: str = "/",
+    j: str = "1x2",
+    h: Optional[str] = None,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    rdzv_backend: str = "c10d",
+    rdzv_port: int = 29500,
+    mounts: Optional[List[str]] = None,
+) -> specs.AppDef:
+    """
+    All stages in order in one job: compress, export, rank (python -m pipelines.pipeline).
+
+    Steps, batch sizes and every other stage option come from the two YAML files.
+
+    Args:
+        extra: further pipelines.pipeline options, after ``--``
+        data: instance log directory, as seen by every node
+        work: work directory for every stage's output, as seen by every node
+        scheme: stage-1 scheme: temporal | user
+        history: stage-2 history: iat | both
+        reader: stage-2 reader: transformer | din | longer
+        seed: seed of both stages
+        dtype: token table dtype: fp32 | fp16
+        compress_config: YAML of pipelines.compress options for stage 1 (e.g. steps, batch_size)
+        rank_config: YAML of pipelines.rank options for stage 2
+        image: container image with iat-rec installed (kubernetes); ignored by local_cwd and slurm
+        name: job name: {experimentname}/{runname}, {experimentname}/, /{runname} or {runname}
+        j: {nnodes}x{nproc_per_node}, e.g. 1x2 on a CPU host, 2x8 for two 8-GPU nodes
+        h: named resource per node (e.g. gpu.xlarge); takes precedence over cpu, gpu and memMB
+        cpu: CPUs per node
+        gpu: GPUs per node (set to nproc_per_node on GPU hosts)
+        memMB: host memory per node, in MB
+        env: environment variables for every rank (e.g. NCCL_DEBUG=INFO,OMP_NUM_THREADS=4)
+        max_retries: scheduler retries of the whole job
+        rdzv_backend: torchrun rendezvous backend (multi-node only)
+        rdzv_port: port of the c10d rendezvous store on the first node (multi-node only)
+        mounts: mounts for container schedulers (e.g. type=bind,src=/data,dst=/data)
+    """
+    args = _flags(
+        data=data, work=work, scheme=scheme, history=history, reader=reader, seed=seed, dtype=dtype,
+        compress_config=compress_config, rank_config=rank_config,
+    )  # fmt: skip
+    return _job(
+        "pipelines.pipeline", args, list(extra), image, name, j, h, cpu, gpu, memMB,
+        env, max_retries, rdzv_backend, rdzv_port, mounts,
+    )  # fmt: skip
