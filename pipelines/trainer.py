@@ -10,6 +10,7 @@ pipeline detached, logs to TensorBoard and saves DCP checkpoints that resume exa
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import sys
@@ -150,7 +151,6 @@ class Trainer:
         loader = EpochLoader(self.train, num_workers=self.cfg.num_workers, pin_memory=self.env.device.type == "cuda")
         start = self._restore(loader) if self.cfg.resume else 0
         steps = self.total_steps()
-        pipeline = TrainPipelineSparseDist(self.model, self.optimizer, self.env.device, execute_all_batches=False)
         writer = _writer(self.out / "tb") if self.env.is_main else None
         log_file = open(self.out / "train_log.jsonl", "a") if self.env.is_main else None
         bar = progress_bar(steps, start, "train", "step", self.env.is_main and self.cfg.progress)
@@ -158,40 +158,40 @@ class Trainer:
         it = iter(loader)
         self.model.train()
         t_last, step = time.perf_counter(), start
-        saved_at = -1
         pipelined: list[str] = []
-        for step in range(start + 1, steps + 1):
-            loss = pipeline.progress(it)[0]
-            if not pipelined:
-                # a sharded module whose input the model changes first is silently not pipelined
-                pipelined = sorted(type(m).__name__ for m in pipeline._pipelined_modules)
-            loss_value = float(loss)
-            if not math.isfinite(loss_value):
-                raise IatError(f"loss is {loss_value} at step {step}: lower --dense-lr/--sparse-lr")
-            now = time.perf_counter()
-            sps = self.samples_per_batch * self.env.world_size / max(now - t_last, 1e-9)
-            t_last = now
-            if self.env.is_main:
-                log_file.write(json.dumps({"step": step, "loss": loss_value}) + "\n")
-                writer.add_scalar("train/loss", loss_value, step)
-                writer.add_scalar("train/samples_per_s", sps, step)
-                writer.add_scalar("train/dense_lr", self.cfg.dense_lr, step)
-                bar.set_postfix(loss=f"{loss_value:.4f}", sps=f"{sps:,.0f}", refresh=False)
-                bar.update(1)
-            if self.valid is not None and self.cfg.eval_every and step % self.cfg.eval_every == 0 and step < steps:
-                pipeline.detach()
+        for seg_start, seg_end in segments(start, steps, self.cfg.eval_every, self.cfg.ckpt_every):
+            # One pipeline per segment over exactly its batches: it drains at the segment's end,
+            # so evaluation and checkpoints never interleave with an in-flight input dist, and
+            # the loader has handed out exactly the batches the model consumed.
+            pipeline = TrainPipelineSparseDist(self.model, self.optimizer, self.env.device, execute_all_batches=True)
+            seg_it = itertools.islice(it, seg_end - seg_start)
+            for step in range(seg_start + 1, seg_end + 1):
+                loss_value = float(pipeline.progress(seg_it)[0])
+                if not pipelined:
+                    # a sharded module whose input the model changes first is silently not pipelined
+                    pipelined = sorted(type(m).__name__ for m in pipeline._pipelined_modules)
+                if not math.isfinite(loss_value):
+                    raise IatError(f"loss is {loss_value} at step {step}: lower --dense-lr/--sparse-lr")
+                now = time.perf_counter()
+                sps = self.samples_per_batch * self.env.world_size / max(now - t_last, 1e-9)
+                t_last = now
+                if self.env.is_main:
+                    log_file.write(json.dumps({"step": step, "loss": loss_value}) + "\n")
+                    writer.add_scalar("train/loss", loss_value, step)
+                    writer.add_scalar("train/samples_per_s", sps, step)
+                    writer.add_scalar("train/dense_lr", self.cfg.dense_lr, step)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", sps=f"{sps:,.0f}", refresh=False)
+                    bar.update(1)
+            pipeline.detach()
+            if self.valid is not None and (step == steps or (self.cfg.eval_every and step % self.cfg.eval_every == 0)):
                 history.append(self._log_eval(step, self.evaluate(self.valid, self.cfg.eval_batches), writer))
-            if self.cfg.ckpt_every and step % self.cfg.ckpt_every == 0:
+            if step == steps or (self.cfg.ckpt_every and step % self.cfg.ckpt_every == 0):
                 self._save(step, loader, consumed=step - start)
-                saved_at = step
+            t_last = time.perf_counter()
         bar.close()
-        pipeline.detach()
         result: dict[str, Any] = {"steps": step, "pipelined_modules": pipelined}
-        if self.valid is not None:
-            history.append(self._log_eval(step, self.evaluate(self.valid, self.cfg.eval_batches), writer))
+        if self.valid is not None and history:
             result["valid"] = history[-1]["metrics"]
-        if saved_at != step and step > start:
-            self._save(step, loader, consumed=step - start)
         if self.env.is_main:
             log_file.close()
             writer.close()
@@ -210,6 +210,13 @@ class Trainer:
         if self.on_eval:
             self.on_eval(step, metrics)
         return {"step": step, "metrics": metrics}
+
+
+def segments(start: int, steps: int, eval_every: int, ckpt_every: int) -> list[tuple[int, int]]:
+    """(first, last] step ranges between evaluations/checkpoints, ending at ``steps``."""
+    ends = {steps} | {s for every in (eval_every, ckpt_every) if every for s in range(every, steps, every)}
+    ends = sorted(e for e in ends if e > start)
+    return list(zip([start] + ends[:-1], ends))
 
 
 def evaluate(

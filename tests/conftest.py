@@ -16,7 +16,7 @@ from iat_rec.synth import generate
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-TINY = dict(users=60, mean_instances=40, seed=0)
+TINY = dict(users=120, mean_instances=50, seed=0)
 STAGE1 = ["--scheme", "user", "--window", "8", "--batch-size", "8", "--steps", "12", "--eval-batches", "2", "--no-progress",
           "--emb-dim", "8", "--hidden", "64", "--decompress", "64", "--iat-dim", "16"]  # fmt: skip
 
