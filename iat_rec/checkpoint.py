@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from iat_rec.atomic import write_json
 from iat_rec.errors import IatError
@@ -78,7 +80,7 @@ def load(path: str | Path, app_state: dict[str, Any]) -> dict[str, Any]:
             f"which rows each rank reads. Resume with --nproc {meta['world_size']}, or start a new run "
             f"from it with a warm start"
         )
-    _dcp_load(app_state, path)
+    dcp_load(app_state, path)
     rank_file = path / f"rank{dist.get_rank()}.json"
     try:
         return json.loads(rank_file.read_text())
@@ -107,13 +109,18 @@ def load_weights(path: str | Path | None, model: torch.nn.Module, prefix: str = 
     state = {"model": {k: v for k, v in full.items() if k.startswith(prefix)}}
     if not state["model"]:
         raise IatError(f"the model has no weights named {prefix}* to load from {path}")
-    _dcp_load(state, Path(path))
+    dcp_load(state, Path(path))
     # a full dict: TorchRec's sharded modules refuse a partial load_state_dict
     model.load_state_dict({**full, **state["model"]})
 
 
-def _dcp_load(state: dict[str, Any], path: Path) -> None:
+def dcp_load(state: dict[str, Any], path: Path, what: str = "checkpoint") -> None:
+    """dcp.load with one clear error line for a corrupt or truncated ``what``."""
     try:
-        dcp.load(state, checkpoint_id=str(path))
-    except Exception as e:  # DCP wraps read errors of any kind in CheckpointException
-        raise IatError(f"{path}: corrupt or truncated checkpoint: {type(e).__name__}: {str(e)[:300]}") from None
+        with warnings.catch_warnings():
+            # a single process is the intended case here, not a warning
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    except (Exception, CheckpointException) as e:  # a BaseException: DCP's wrapper of read errors
+        cause = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
+        raise IatError(f"{path}: corrupt or truncated {what}: {cause[0][:300]}") from None

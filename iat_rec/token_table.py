@@ -28,6 +28,7 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingCollection
 
 from iat_rec.atomic import write_json
+from iat_rec.checkpoint import dcp_load
 from iat_rec.errors import IatError
 from iat_rec.history import HistoryIndex
 from iat_rec.planning import TOKEN_TABLE, token_table_config
@@ -91,10 +92,7 @@ class TokenTable:
         state = collection.state_dict()
         if WEIGHT_KEY not in state:
             raise IatError(f"the module has no {WEIGHT_KEY} to load the token table into")
-        try:
-            dcp.load({WEIGHT_KEY: state[WEIGHT_KEY]}, checkpoint_id=str(self.path / "table"), no_dist=not dist.is_initialized())
-        except Exception as e:  # DCP wraps every read error in CheckpointException
-            raise IatError(f"{self.path}/table: corrupt or truncated token table: {type(e).__name__}: {str(e)[:300]}") from None
+        dcp_load({WEIGHT_KEY: state[WEIGHT_KEY]}, self.path / "table", what="token table")
 
     def read_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) in one process (loads the whole table: for inspection and tests)."""
