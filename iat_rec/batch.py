@@ -56,6 +56,14 @@ class Batch(PipelineableMixin):
     users: torch.Tensor  # int64 [N]; user index, -1 on padding rows
 
 
+@dataclasses.dataclass
+class StreamBatch(Batch):
+    """User-order windows with the user's earlier instances as a SIT prefix (streaming)."""
+
+    prefix_ids: KeyedJaggedTensor  # key TOKEN_FEATURE: up to P instance ids before each window
+    prefix_valid: torch.Tensor  # bool [windows, P]
+
+
 def gather_jagged(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """CSR gather: (lengths [n], values) of ``rows``; rows < 0 are empty."""
     valid = rows >= 0

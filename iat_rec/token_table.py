@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.modules.embedding_modules import EmbeddingCollection
 
 from iat_rec.atomic import write_json
@@ -37,6 +38,12 @@ FORMAT = "iat-token-table"
 VERSION = 1
 WEIGHT_KEY = f"embeddings.{TOKEN_TABLE}.weight"
 SIDE_ARRAYS = ("ts", "user_offsets", "user_keys", "labels", "label_time")
+
+
+def token_constraints(device_type: str) -> dict[str, ParameterConstraints]:
+    """Never replicate the token table; row-wise on GPU (TorchRec has no row-wise on CPU)."""
+    types = ["row_wise", "table_row_wise"] if device_type == "cuda" else ["table_wise", "column_wise"]
+    return {TOKEN_TABLE: ParameterConstraints(sharding_types=types)}
 
 
 def token_collection(rows: int, dim: int, dtype: str, device: torch.device | str = "meta") -> EmbeddingCollection:

@@ -5,19 +5,21 @@ block -> wide hidden h) with a bottleneck ``token = act(W h + b)``: the instance
 A decompress MLP and one head per task train it on the instance's own labels; the token
 never sees labels. In the user-order scheme the tokens of a window of one user's
 instances go through the causal SIT before decompression; the stored token is the one
-before SIT.
+before SIT. Streaming: a window is prefixed with the user's earlier tokens, looked up in an
+existing token table with gradients stopped.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from iat_rec.batch import Batch
 from iat_rec.config import ModelConfig
+from iat_rec.planning import TOKEN_FEATURE
 from modules.interaction import make_interaction
 from modules.mlp import MLP
 from modules.sit import SourceInstanceTransformer
@@ -65,13 +67,17 @@ class Compressor(nn.Module):
         num_tasks: int,
         cfg: ModelConfig,
         window: int | None = None,  # user order: instances per window (enables SIT)
-        stream: bool = False,  # user order: batches carry earlier tokens as a SIT prefix
+        prefix_table: EmbeddingConfig | None = None,  # streaming: the token table of earlier tokens
+        prefix_len: int = 0,
         sparse_device: torch.device | None = None,
     ):
         super().__init__()
         self.base = BaseRanker(tables, dense_in, cfg, sparse_device=sparse_device)
         self.bottleneck = nn.Sequential(nn.Linear(cfg.hidden, cfg.iat_dim), _ACTS[cfg.bottleneck_act]())
-        self.window, self.stream = window, stream
+        self.window, self.prefix_len = window, prefix_len
+        self.stream = prefix_table is not None
+        if self.stream:  # frozen: its lookup is detached and it gets no optimizer
+            self.tokens = EmbeddingCollection(tables=[prefix_table], device=torch.device("meta"))
         self.sit = (
             SourceInstanceTransformer(cfg.iat_dim, layers=cfg.sit_layers, heads=cfg.sit_heads, max_len=4096)
             if window
@@ -88,7 +94,11 @@ class Compressor(nn.Module):
         if self.sit is not None:
             w = self.window
             valid = batch.weights.view(-1, w) > 0
-            prefix, prefix_valid = (batch.prefix, batch.prefix_valid) if self.stream else (None, None)
+            prefix = prefix_valid = None
+            if self.stream:  # the user's earlier tokens from the token table, gradients stopped
+                jt = self.tokens(batch.prefix_ids)[TOKEN_FEATURE]
+                prefix = jt.to_padded_dense(desired_length=self.prefix_len).detach().float()
+                prefix_valid = batch.prefix_valid
             token = self.sit(token.view(-1, w, token.shape[-1]), valid, prefix, prefix_valid)
             token = token.reshape(-1, token.shape[-1])
         return self.decompress(token)

@@ -9,35 +9,62 @@ torchx) the program runs as one rank of the launched job.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from iat_rec.atomic import write_json
+from iat_rec.batch import Batch, StreamBatch, make_batch
 from iat_rec.config import CompressConfig, add_flags, from_dict, resolve, to_dict
 from iat_rec.distenv import DistEnv, init_distributed, rank_main, run_ranks
 from iat_rec.errors import IatError
+from iat_rec.history import expand_ranges
 from iat_rec.instance_log import InstanceLog, time_split
 from iat_rec.loaders import BatchDataset, time_order, user_windows
-from iat_rec.planning import feature_table_configs
+from iat_rec.planning import TOKEN_FEATURE, feature_table_configs, token_table_config
+from iat_rec.token_table import TokenTable, token_constraints
 from modules.compressor import Compressor
-from pipelines.trainer import Trainer, make_optimizer, shard
+from pipelines.trainer import Trainer, embedding_params, make_optimizer, shard
 
 RUN_FORMAT = "iat-rec-run"
 
 
-def build_compressor(log: InstanceLog, cfg: CompressConfig, sparse_device: torch.device | None = None) -> Compressor:
+def build_compressor(log: InstanceLog, cfg: CompressConfig, prefix_table: TokenTable | None = None) -> Compressor:
+    """The stage-1 model; with ``prefix_table`` (streaming) it also holds that frozen table."""
     return Compressor(
         feature_table_configs(log.schema, cfg.model.emb_dim),
         dense_in=len(log.schema.dense),
         num_tasks=len(log.schema.labels),
         cfg=cfg.model,
         window=cfg.window if cfg.scheme == "user" else None,
-        stream=cfg.stream,
-        sparse_device=sparse_device,
+        prefix_table=token_table_config(prefix_table.rows, prefix_table.dim, prefix_table.dtype) if prefix_table else None,
+        prefix_len=cfg.prefix,
     )
+
+
+class StreamBatchMaker:
+    """Windows of one user plus the (up to) P instances of that user right before each window."""
+
+    def __init__(self, prefix: int, window: int):
+        self.prefix, self.window = prefix, window
+
+    def __call__(self, log: InstanceLog, rows: np.ndarray) -> StreamBatch:
+        base = make_batch(log, rows)
+        first_rows = np.asarray(rows).reshape(-1, self.window)[:, 0]
+        valid = first_rows >= 0
+        start_u = np.asarray(log.user_offsets)[np.asarray(log.user)[np.where(valid, first_rows, 0)]]
+        begin = np.maximum(start_u, first_rows - self.prefix)
+        length = np.where(valid, first_rows - begin, 0)
+        ids = expand_ranges(begin, length)
+        return StreamBatch(
+            **{f.name: getattr(base, f.name) for f in dataclasses.fields(Batch)},
+            prefix_ids=KeyedJaggedTensor.from_lengths_sync([TOKEN_FEATURE], torch.from_numpy(ids), torch.from_numpy(length.astype(np.int32))),
+            prefix_valid=torch.from_numpy(np.arange(self.prefix)[None, :] < length[:, None]),
+        )
 
 
 def make_dataset(log: InstanceLog, rows: np.ndarray, cfg: CompressConfig, env: DistEnv, train: bool) -> BatchDataset:
@@ -49,6 +76,7 @@ def make_dataset(log: InstanceLog, rows: np.ndarray, cfg: CompressConfig, env: D
     return BatchDataset(
         log, units, cfg.batch_size, env.rank, env.world_size, window=window,
         shuffle=train and cfg.scheme == "user", seed=cfg.seed,
+        make=StreamBatchMaker(cfg.prefix, cfg.window) if cfg.stream else make_batch,
     )  # fmt: skip
 
 
@@ -59,9 +87,13 @@ def check_config(cfg: CompressConfig) -> None:
         raise IatError(f"--scheme must be 'temporal' or 'user', not '{cfg.scheme}'")
     if cfg.stream and cfg.scheme != "user":
         raise IatError("--stream needs --scheme user")
+    log = InstanceLog(cfg.data)  # fails early, with a clear message, on a missing or foreign directory
     if cfg.stream:
-        raise IatError("--stream needs a token table (iat-rec export) and is not available in this version")
-    InstanceLog(cfg.data)  # fails early, with a clear message, on a missing or foreign directory
+        if not cfg.tokens:
+            raise IatError("--stream needs --tokens: a token table of this log (iat-rec export)")
+        table = TokenTable(cfg.tokens)
+        table.check_log(log)
+        table.check_dim(cfg.model.iat_dim)
 
 
 def train(cfg: CompressConfig) -> dict:
@@ -72,8 +104,12 @@ def train(cfg: CompressConfig) -> dict:
     train_ds = make_dataset(log, splits["train"], cfg, env, train=True)
     valid_ds = make_dataset(log, splits["valid"], cfg, env, train=False)
     out = Path(cfg.out)
-    model = build_compressor(log, cfg)
-    dmp, _ = shard(model, env, cfg, plan_out=out / "plan.json")
+    table = TokenTable(cfg.tokens) if cfg.stream else None
+    model = build_compressor(log, cfg, table)
+    constraints = token_constraints(env.device.type) if table else None
+    dmp, _ = shard(model, env, cfg, plan_out=out / "plan.json", trainable=embedding_params(model.base), extra_constraints=constraints)
+    if table is not None:
+        table.load_into(dmp.module.tokens)
     per_batch = cfg.batch_size * (cfg.window if cfg.scheme == "user" else 1)
     trainer = Trainer(
         env, cfg, dmp, make_optimizer(dmp, cfg.dense_lr), train_ds, valid_ds, log.schema.task_names, per_batch

@@ -20,22 +20,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.planner.types import ParameterConstraints
 
 from iat_rec import checkpoint as ckpt
 from iat_rec.batch import make_batch
 from iat_rec.distenv import init_distributed, rank_main, run_ranks
 from iat_rec.errors import IatError
-from iat_rec.planning import TOKEN_TABLE, build_topology, load_plan, make_plan
-from iat_rec.token_table import WEIGHT_KEY, save_table, token_collection
+from iat_rec.planning import build_topology, load_plan, make_plan
+from iat_rec.token_table import WEIGHT_KEY, save_table, token_collection, token_constraints
 from pipelines.compress import build_compressor, load_stage1
 from pipelines.trainer import progress_bar, shard
-
-
-def token_constraints(device_type: str) -> dict[str, ParameterConstraints]:
-    """Never replicate the token table; row-wise on GPU (TorchRec has no row-wise on CPU)."""
-    types = ["row_wise", "table_row_wise"] if device_type == "cuda" else ["table_wise", "column_wise"]
-    return {TOKEN_TABLE: ParameterConstraints(sharding_types=types)}
 
 
 def shard_token_table(rows: int, dim: int, dtype: str, env, batch_size: int, hbm_gb: float = 0.0) -> DistributedModelParallel:
@@ -60,8 +53,11 @@ def local_row_blocks(weight) -> list[tuple[int, int, list[tuple[int, torch.Tenso
 def export(run: str, out: str, dtype: str = "fp32", batch_size: int = 4096, device: str = "auto", progress: bool = True) -> Path:
     env = init_distributed(device)
     cfg, info, log = load_stage1(run)
-    model = build_compressor(log, cfg)
-    plan = load_plan(Path(run) / "plan.json") if info["world_size"] == env.world_size else None
+    model = build_compressor(log, cfg)  # no streaming prefix table: export needs the tokens only
+    plan = None
+    if info["world_size"] == env.world_size:
+        plan = load_plan(Path(run) / "plan.json")
+        plan.plan.pop("tokens", None)
     cfg.device = env.device.type
     dmp, _ = shard(model, env, cfg, plan_out=None, plan=plan)
     last = ckpt.latest(run)

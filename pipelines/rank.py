@@ -31,10 +31,9 @@ from iat_rec.instance_log import InstanceLog, time_split
 from iat_rec.loaders import BatchDataset, time_order
 from iat_rec.planning import build_topology, feature_table_configs, load_plan, make_plan, token_table_config
 from iat_rec.rank_data import HistorySource, RankBatchMaker, seq_key
-from iat_rec.token_table import TokenTable
+from iat_rec.token_table import TokenTable, token_constraints
 from modules.ranker import HISTORY_MODES, READERS, Ranker, RankerConfig
 from pipelines.compress import RUN_FORMAT, load_stage1
-from pipelines.export import token_constraints
 from pipelines.trainer import Trainer, embedding_params, evaluate, make_optimizer, shard
 
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -65,6 +66,7 @@ def shard(
     plan_out: Path | None,
     plan=None,
     trainable: Iterable[nn.Parameter] | None = None,
+    extra_constraints: dict | None = None,
 ) -> tuple[DistributedModelParallel, Any]:
     """Fuses the sparse optimizer, plans (or reuses ``plan``), shards; returns (dmp, plan)."""
     cls, kw = _sparse_optimizer(cfg.sparse_optimizer, cfg.sparse_lr)
@@ -75,13 +77,13 @@ def shard(
         topology = build_topology(
             env.world_size, env.local_world_size, env.device.type, hbm_gb=cfg.hbm_gb or None
         )
-        constraints = None
+        constraints = dict(extra_constraints or {})
         if cfg.constraints:
             path = Path(cfg.constraints)
             if not path.is_file():
                 raise IatError(f"constraints file not found: {path}")
-            constraints = parse_constraints(json.loads(path.read_text()))
-        plan = make_plan(model, topology, cfg.batch_size, constraints, pg=dist.group.WORLD)
+            constraints.update(parse_constraints(json.loads(path.read_text())))
+        plan = make_plan(model, topology, cfg.batch_size, constraints or None, pg=dist.group.WORLD)
     if env.is_main and plan_out is not None:
         save_plan(plan, plan_out)
         print(f"sharding plan ({len(plan.plan)} modules) saved to {plan_out}", flush=True)
@@ -159,6 +161,7 @@ class Trainer:
         self.model.train()
         t_last, step = time.perf_counter(), start
         pipelined: list[str] = []
+        durations: list[float] = []  # seconds per training step, evaluation and checkpoints excluded
         for seg_start, seg_end in segments(start, steps, self.cfg.eval_every, self.cfg.ckpt_every):
             # One pipeline per segment over exactly its batches: it drains at the segment's end,
             # so evaluation and checkpoints never interleave with an in-flight input dist, and
@@ -173,6 +176,7 @@ class Trainer:
                 if not math.isfinite(loss_value):
                     raise IatError(f"loss is {loss_value} at step {step}: lower --dense-lr/--sparse-lr")
                 now = time.perf_counter()
+                durations.append(now - t_last)
                 sps = self.samples_per_batch * self.env.world_size / max(now - t_last, 1e-9)
                 t_last = now
                 if self.env.is_main:
@@ -190,6 +194,8 @@ class Trainer:
             t_last = time.perf_counter()
         bar.close()
         result: dict[str, Any] = {"steps": step, "pipelined_modules": pipelined}
+        if len(durations) > 10:  # the first steps trace the model and warm up kernels
+            result["samples_per_s"] = self.samples_per_batch * self.env.world_size / float(np.median(durations[5:]))
         if self.valid is not None and history:
             result["valid"] = history[-1]["metrics"]
         if self.env.is_main:

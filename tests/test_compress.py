@@ -66,3 +66,26 @@ def test_stored_token_is_the_pre_sit_token_on_another_world_size(stage1_run, tok
     stored, pre, post = (np.array(got[k]) for k in ("stored", "pre_sit", "post_sit"))
     np.testing.assert_allclose(stored, pre, atol=1e-5)
     assert np.abs(stored - post).max() > 1e-3  # SIT changes the token; the table holds the one before
+
+
+def test_streaming_prefixes_windows_with_frozen_earlier_tokens(tiny_log, tokens, tmp_path):
+    run = tmp_path / "stream"
+    run_cli("compress", "--data", str(tiny_log), "--out", str(run), "--nproc", "2", *STAGE1,
+            "--stream", "--tokens", str(tokens), "--prefix", "8")  # fmt: skip
+    result = json.loads((run / "result.json").read_text())
+    assert result["pipelined_modules"] == ["ShardedEmbeddingBagCollection", "ShardedEmbeddingCollection"]
+    assert all(np.isfinite(losses(run)))
+    exported = tmp_path / "tok2"
+    run_cli("export", "--stage1", str(run), "--out", str(exported), "--nproc", "2", "--no-progress")
+    assert (exported / "manifest.json").is_file()
+
+
+def test_streaming_refuses_a_table_of_another_log(tiny_log, tmp_path, capsys):
+    from iat_rec.cli import main
+    from iat_rec.synth import generate
+
+    other = generate(tmp_path / "other", users=10, mean_instances=5, seed=3)
+    table = tmp_path / "missing"
+    assert main(["compress", "--data", str(other.path), "--out", str(tmp_path / "r"), "--scheme", "user", "--stream",
+                 "--tokens", str(table)]) == 2  # fmt: skip
+    assert "not a token table" in capsys.readouterr().err
