@@ -49,6 +49,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     split: tuple[float, float] = (0.8, 0.9)  # time quantiles: train | valid | test
+    tasks: tuple[str, ...] = ()  # labels to train on (default: every label of the schema)
     num_workers: int = 0
     hbm_gb: float = 0.0  # 0: the device's real memory
     constraints: str = ""  # JSON file of per-table planner constraints

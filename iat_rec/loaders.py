@@ -7,6 +7,7 @@ one is padded with rows of weight 0. At step s, rank r reads global batch ``s * 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Iterator
 
@@ -15,6 +16,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from iat_rec.batch import Batch, make_batch
+from iat_rec.errors import IatError
 from iat_rec.instance_log import InstanceLog
 
 
@@ -41,6 +43,28 @@ def user_windows(log: InstanceLog, rows: np.ndarray, window: int) -> np.ndarray:
         first = np.arange(s, e, window)
         out.append(np.stack([rows[first], np.minimum(window, e - first)], 1))
     return np.concatenate(out).astype(np.int64)
+
+
+def select_tasks(schema, tasks: tuple[str, ...] | list[str]) -> tuple[list[str], list[int]]:
+    """(names, label columns) of the tasks to train on; all of the schema's when none are named."""
+    names = schema.task_names
+    if not tasks:
+        return names, list(range(len(names)))
+    unknown = [t for t in tasks if t not in names]
+    if unknown:
+        raise IatError(f"--tasks {unknown} not among the log's labels {names}")
+    return list(tasks), [names.index(t) for t in tasks]
+
+
+class SelectTasks:
+    """Wraps a batch maker: keeps only the label columns of the selected tasks."""
+
+    def __init__(self, make: Callable, index: list[int]):
+        self.make, self.index = make, index
+
+    def __call__(self, log: InstanceLog, rows: np.ndarray):
+        batch = self.make(log, rows)
+        return dataclasses.replace(batch, labels=batch.labels[:, self.index].contiguous())
 
 
 class BatchDataset(torch.utils.data.Dataset):

@@ -72,6 +72,7 @@ class Ranker(nn.Module):
         cfg: RankerConfig,
         token_table: EmbeddingConfig | None = None,
         seq_tables: list[EmbeddingConfig] | None = None,
+        side_tasks: int | None = None,  # label columns of the history's side info (default num_tasks)
     ):
         super().__init__()
         if cfg.history not in HISTORY_MODES:
@@ -86,13 +87,13 @@ class Ranker(nn.Module):
         if self.use_iat:
             assert token_table is not None
             self.tokens = EmbeddingCollection(tables=[token_table], device=torch.device("meta"))
-            self.iat = HistoryBranch(token_table.embedding_dim, num_tasks, cfg, model.token_dim, adapt=True)
+            self.iat = HistoryBranch(token_table.embedding_dim, side_tasks or num_tasks, cfg, model.token_dim, adapt=True)
         if self.use_hand:
             assert seq_tables
             self.seq = EmbeddingCollection(tables=seq_tables, device=torch.device("meta"))
             self.seq_keys = [n for t in seq_tables for n in t.feature_names]
             step_in = sum(t.embedding_dim for t in seq_tables)
-            self.hand = HistoryBranch(step_in, num_tasks, cfg, model.token_dim, adapt=False)
+            self.hand = HistoryBranch(step_in, side_tasks or num_tasks, cfg, model.token_dim, adapt=False)
         self.head = MLP(model.hidden, cfg.head, num_tasks)
 
     def forward(self, batch):

@@ -24,7 +24,7 @@ from iat_rec.distenv import DistEnv, init_distributed, rank_main, run_ranks
 from iat_rec.errors import IatError
 from iat_rec.history import expand_ranges
 from iat_rec.instance_log import InstanceLog, time_split
-from iat_rec.loaders import BatchDataset, time_order, user_windows
+from iat_rec.loaders import BatchDataset, SelectTasks, select_tasks, time_order, user_windows
 from iat_rec.planning import TOKEN_FEATURE, feature_table_configs, token_table_config
 from iat_rec.token_table import TokenTable, token_constraints
 from modules.compressor import Compressor
@@ -38,7 +38,7 @@ def build_compressor(log: InstanceLog, cfg: CompressConfig, prefix_table: TokenT
     return Compressor(
         feature_table_configs(log.schema, cfg.model.emb_dim),
         dense_in=len(log.schema.dense),
-        num_tasks=len(log.schema.labels),
+        num_tasks=len(select_tasks(log.schema, cfg.tasks)[0]),
         cfg=cfg.model,
         window=cfg.window if cfg.scheme == "user" else None,
         prefix_table=token_table_config(prefix_table.rows, prefix_table.dim, prefix_table.dtype) if prefix_table else None,
@@ -76,7 +76,7 @@ def make_dataset(log: InstanceLog, rows: np.ndarray, cfg: CompressConfig, env: D
     return BatchDataset(
         log, units, cfg.batch_size, env.rank, env.world_size, window=window,
         shuffle=train and cfg.scheme == "user", seed=cfg.seed,
-        make=StreamBatchMaker(cfg.prefix, cfg.window) if cfg.stream else make_batch,
+        make=SelectTasks(StreamBatchMaker(cfg.prefix, cfg.window) if cfg.stream else make_batch, select_tasks(log.schema, cfg.tasks)[1]),
     )  # fmt: skip
 
 
@@ -88,6 +88,7 @@ def check_config(cfg: CompressConfig) -> None:
     if cfg.stream and cfg.scheme != "user":
         raise IatError("--stream needs --scheme user")
     log = InstanceLog(cfg.data)  # fails early, with a clear message, on a missing or foreign directory
+    select_tasks(log.schema, cfg.tasks)
     if cfg.stream:
         if not cfg.tokens:
             raise IatError("--stream needs --tokens: a token table of this log (iat-rec export)")
@@ -112,7 +113,7 @@ def train(cfg: CompressConfig) -> dict:
         table.load_into(dmp.module.tokens)
     per_batch = cfg.batch_size * (cfg.window if cfg.scheme == "user" else 1)
     trainer = Trainer(
-        env, cfg, dmp, make_optimizer(dmp, cfg.dense_lr), train_ds, valid_ds, log.schema.task_names, per_batch
+        env, cfg, dmp, make_optimizer(dmp, cfg.dense_lr), train_ds, valid_ds, select_tasks(log.schema, cfg.tasks)[0], per_batch
     )
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from iat_rec.config import TrainConfig, add_flags, from_dict, resolve, to_dict
 from iat_rec.distenv import DistEnv, init_distributed, rank_main, run_ranks
 from iat_rec.errors import IatError
 from iat_rec.instance_log import InstanceLog, time_split
-from iat_rec.loaders import BatchDataset, time_order
+from iat_rec.loaders import BatchDataset, SelectTasks, select_tasks, time_order
 from iat_rec.planning import build_topology, feature_table_configs, load_plan, make_plan, token_table_config
 from iat_rec.rank_data import HistorySource, RankBatchMaker, seq_key
 from iat_rec.token_table import TokenTable, token_constraints
@@ -58,7 +58,7 @@ def check_config(cfg: RankConfig) -> None:
         raise IatError(f"--history {r.history} needs --tokens (a token table from iat-rec export)")
     if cfg.warm_start and not cfg.stage1:
         raise IatError("--warm-start needs --stage1 RUN")
-    InstanceLog(cfg.data)
+    select_tasks(InstanceLog(cfg.data).schema, cfg.tasks)
     if cfg.tokens:
         TokenTable(cfg.tokens)
 
@@ -68,8 +68,9 @@ class Built:
     env: DistEnv
     log: InstanceLog
     model: nn.Module  # DistributedModelParallel
-    maker: RankBatchMaker
+    maker: SelectTasks
     splits: dict
+    tasks: list[str]
 
 
 def build(cfg: RankConfig, env: DistEnv, plan_out: Path | None) -> Built:
@@ -102,7 +103,11 @@ def build(cfg: RankConfig, env: DistEnv, plan_out: Path | None) -> Built:
         EmbeddingConfig(name=f"s_{f}", feature_names=[seq_key(f)], num_embeddings=source_log.schema.feature(f).num_embeddings, embedding_dim=cfg.seq_dim)
         for f in seq_features
     ]
-    model = Ranker(feature_table_configs(log.schema, cfg.model.emb_dim), len(log.schema.dense), len(log.schema.labels), cfg.model, r, token_cfg, seq_tables)
+    tasks, task_index = select_tasks(log.schema, cfg.tasks)
+    model = Ranker(
+        feature_table_configs(log.schema, cfg.model.emb_dim), len(log.schema.dense), len(tasks), cfg.model, r,
+        token_cfg, seq_tables, side_tasks=source.labels.shape[1],
+    )  # fmt: skip
     plan = _plan(model, env, cfg, stage1_plan)
     trainable = [p for name, m in model.named_children() if name != "tokens" for p in embedding_params(m)]
     dmp, _ = shard(model, env, cfg, plan_out=plan_out, plan=plan, trainable=trainable)
@@ -110,7 +115,8 @@ def build(cfg: RankConfig, env: DistEnv, plan_out: Path | None) -> Built:
         table.load_into(dmp.module.tokens)
     if cfg.warm_start:
         ckpt.load_weights(ckpt.latest(cfg.stage1), dmp, prefix="base.sparse.")
-    return Built(env, log, dmp, RankBatchMaker(source, r.max_len, same_log), time_split(log, cfg.split))
+    maker = SelectTasks(RankBatchMaker(source, r.max_len, same_log), task_index)
+    return Built(env, log, dmp, maker, time_split(log, cfg.split), tasks)
 
 
 def _plan(model: Ranker, env: DistEnv, cfg: RankConfig, stage1_plan: ShardingPlan | None) -> ShardingPlan:
@@ -134,9 +140,9 @@ def dataset(built: Built, cfg: RankConfig, split: str) -> BatchDataset:
 
 def test_metrics(built: Built, cfg: RankConfig) -> dict:
     """Evaluates the test split; the first task's figures are also at the top level."""
-    per_task = evaluate(built.model, dataset(built, cfg, "test"), built.env, built.log.schema.task_names, cfg.batch_size)
-    first = per_task[built.log.schema.task_names[0]]
-    return {**{k: first[k] for k in ("auc", "gauc", "logloss", "ne", "n")}, "task": built.log.schema.task_names[0], "tasks": per_task}
+    per_task = evaluate(built.model, dataset(built, cfg, "test"), built.env, built.tasks, cfg.batch_size)
+    first = per_task[built.tasks[0]]
+    return {**{k: first[k] for k in ("auc", "gauc", "logloss", "ne", "n")}, "task": built.tasks[0], "tasks": per_task}
 
 
 def train(cfg: RankConfig) -> dict:
@@ -146,7 +152,7 @@ def train(cfg: RankConfig) -> dict:
     built = build(cfg, env, plan_out=out / "plan.json")
     trainer = Trainer(
         env, cfg, built.model, make_optimizer(built.model, cfg.dense_lr), dataset(built, cfg, "train"),
-        dataset(built, cfg, "valid"), built.log.schema.task_names, cfg.batch_size,
+        dataset(built, cfg, "valid"), built.tasks, cfg.batch_size,
     )  # fmt: skip
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
