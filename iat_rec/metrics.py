@@ -46,7 +46,7 @@ def gauc(pred: np.ndarray, label: np.ndarray, user: np.ndarray, weight: np.ndarr
 class EvalMetrics:
     """Accumulates one evaluation pass on every rank; ``compute`` is collective."""
 
-    def __init__(self, tasks: list[str], world_size: int, rank: int, batch_size: int, max_samples: int):
+    def __init__(self, tasks: list[str], world_size: int, rank: int, batch_size: int, max_samples: int, device: torch.device):
         infos = [RecTaskInfo(name=t, label_name=t, prediction_name=t, weight_name=t) for t in tasks]
         kw = dict(
             world_size=world_size,
@@ -58,7 +58,8 @@ class EvalMetrics:
             compute_on_all_ranks=True,  # every rank returns the same figures
         )
         self.tasks = tasks
-        self.auc, self.ne = AUCMetric(**kw), NEMetric(include_logloss=True, **kw)
+        self.auc = AUCMetric(**kw).to(device)
+        self.ne = NEMetric(include_logloss=True, **kw).to(device)
         self._parts: list[tuple[torch.Tensor, ...]] = []
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, users: torch.Tensor) -> None:

@@ -230,7 +230,7 @@ def evaluate(
 ) -> dict[str, dict[str, float]]:
     """Metrics of ``model`` over ``dataset`` (collective; every rank gets the same figures)."""
     n = len(dataset) if max_batches <= 0 else min(max_batches, len(dataset))
-    metrics = EvalMetrics(tasks, env.world_size, env.rank, samples_per_batch, n * samples_per_batch * env.world_size)
+    metrics = EvalMetrics(tasks, env.world_size, env.rank, samples_per_batch, n * samples_per_batch * env.world_size, env.device)
     was_training = model.training
     model.eval()
     with torch.no_grad():
