@@ -1,0 +1,1 @@
+"""Benchmarks: throughput, quality and planner sweeps, each writing JSON and a table."""

@@ -1,0 +1,232 @@
+"""Rank: the stage-2 training step in samples (requests) per second and the reader's MFU;
+IAT against the hand-crafted sequence at the same history length T, in the same run.
+
+    iat-rec bench rank [--bf16] [--batch 8192] [--max-len 256] [--reader transformer] [--history iat,handcrafted]
+
+The model is the project's ``Ranker`` built directly (as ``pipelines.rank.build`` does) over a
+synthetic log, with a synthetic token table (rows = the log's instances, randomly
+initialised by TorchRec, frozen, planned row-wise on GPU like the export's): the planner,
+``shard`` (fused optimizer on every table but the token table), ``make_optimizer`` and
+``TrainPipelineSparseDist``. Batches come from the real ``RankBatchMaker`` over the log's
+history index (requests drawn at random from the train split), built before timing (pinned
+on CUDA) and cycled. ``--bf16`` runs the forward under bf16 autocast.
+
+Reader MFU = reader_flops(kind, B, T, dim, ...) x branches x 3 (forward + backward) / step
+time / bf16 matmul peak measured in the same run (the step includes everything else, so this
+is the reader's share of the step against the whole device). ``reader_only`` times the same
+reader alone (forward + backward on [B, T, dim] inputs, masks of the real batches): the
+ceiling the full step could reach. ``dense_mfu`` counts every ``nn.Linear`` of the model
+instead (hooks over one forward; attention scores not counted): the whole step's MFU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.modules.embedding_configs import EmbeddingConfig
+
+from benchmarks import common
+from iat_rec.config import ModelConfig, TrainConfig
+from iat_rec.instance_log import time_split
+from iat_rec.loaders import BatchDataset
+from iat_rec.planning import build_topology, feature_table_configs, make_plan, token_table_config
+from iat_rec.rank_data import HistorySource, RankBatchMaker, seq_key
+from modules.ranker import Ranker, RankerConfig
+from modules.readers import make_reader, reader_flops
+from pipelines.export import token_constraints
+from pipelines.trainer import embedding_params, make_optimizer, shard
+
+
+def reader_kwargs(r: RankerConfig) -> dict[str, Any]:
+    """The reader's constructor arguments, as HistoryBranch passes them."""
+    return {} if r.reader == "din" else {"layers": r.reader_layers, "heads": r.reader_heads, "max_len": r.max_len + 1}
+
+
+def branches(history: str) -> int:
+    return {"none": 0, "iat": 1, "handcrafted": 1, "both": 2}[history]
+
+
+def step_reader_flops(r: RankerConfig, m: ModelConfig, batch: int) -> float:
+    """Forward FLOPs of the readers in one step (every branch reads the same T)."""
+    if branches(r.history) == 0:
+        return 0.0
+    return branches(r.history) * reader_flops(r.reader, batch, r.max_len, r.reader_dim, m.token_dim, **reader_kwargs(r))
+
+
+def rank_dataset(log, history: str, batch: int, max_len: int, rank: int, world: int, seed: int) -> BatchDataset:
+    seq = list(log.schema.sequence) if history in ("handcrafted", "both") else []
+    maker = RankBatchMaker(HistorySource.from_log(log, seq), max_len, same_log=True)
+    return BatchDataset(log, time_split(log)["train"], batch, rank, world, shuffle=True, seed=seed, make=maker)
+
+
+@dataclasses.dataclass
+class RankCase:
+    name: str
+    model: nn.Module  # DistributedModelParallel
+    optimizer: Any
+    batches: list
+    batch: int
+    ranker: RankerConfig
+    model_cfg: ModelConfig
+    plan: dict[str, str]
+    mean_len: float
+
+
+def build_case(run: common.Run, env, log, history: str, ranker: RankerConfig, model_cfg: ModelConfig,
+               batch: int, bf16: bool, token_dim: int = 64, token_dtype: str = "fp16", batches: int = 4,
+               constraints: dict[str, ParameterConstraints] | None = None) -> RankCase:
+    """The sharded ranker for ``history``, its optimizer and cached batches."""
+    r = dataclasses.replace(ranker, history=history)
+    seq_features = list(log.schema.sequence) if history in ("handcrafted", "both") else []
+    token_cfg = token_table_config(log.rows, token_dim, token_dtype) if history in ("iat", "both") else None
+    seq_tables = [
+        EmbeddingConfig(name=f"s_{f}", feature_names=[seq_key(f)], num_embeddings=log.schema.feature(f).num_embeddings, embedding_dim=16)
+        for f in seq_features
+    ]  # fmt: skip
+    ranker_model = Ranker(feature_table_configs(log.schema, model_cfg.emb_dim), len(log.schema.dense),
+                          len(log.schema.labels), model_cfg, r, token_cfg, seq_tables or None)
+    trainable = [p for name, m in ranker_model.named_children() if name != "tokens" for p in embedding_params(m)]
+    model: nn.Module = common.Autocast(ranker_model, run.device.type) if bf16 else ranker_model
+    topology = build_topology(env.world_size, env.local_world_size, run.device.type)
+    cons = dict(token_constraints(run.device.type)) if token_cfg is not None else {}
+    cons.update(constraints or {})
+    plan = make_plan(model, topology, batch, cons, pg=dist.group.WORLD)
+    cfg = TrainConfig(batch_size=batch, device=run.device.type)
+    dmp, _ = shard(model, env, cfg, plan_out=None, plan=plan, trainable=trainable)
+    ds = rank_dataset(log, history, batch, r.max_len, env.rank, env.world_size, run.args.seed)
+    cached = common.cached_batches(ds, batches, run.device)
+    mean_len = float(np.mean([b.hist_valid.float().sum(1).mean().item() for b in cached]))
+    return RankCase(history, dmp, make_optimizer(dmp, cfg.dense_lr), cached, batch, r, model_cfg,
+                    common.plan_summary(plan), mean_len)
+
+
+def measure_case(run: common.Run, case: RankCase) -> dict[str, Any]:
+    dense = common.linear_flops(case.model, case.batches[0], run.device)
+    common.reset_peak_memory(run.device)
+    timing, pipelined = common.time_train_pipeline(case.model, case.optimizer, case.batches, run.device, run.warmup, run.iters)
+    flops = step_reader_flops(case.ranker, case.model_cfg, case.batch)
+    step_s = timing.median_ms * 1e-3
+    reader_tflops = 3 * flops / step_s / 1e12 if flops else None
+    return common.row(
+        case.name, timing, case.batch, common.peak_memory_bytes(run.device),
+        history=case.name, reader=case.ranker.reader, max_len=case.ranker.max_len, mean_history_len=case.mean_len,
+        reader_flops_fwd=flops, reader_tflops=reader_tflops,
+        reader_mfu=common.ratio(reader_tflops, run.limits.get("bf16_tflops")),
+        dense_flops_fwd=dense, dense_mfu=common.ratio(3 * dense / step_s / 1e12, run.limits.get("bf16_tflops")),
+        pipelined_modules=pipelined, plan=case.plan,
+    )  # fmt: skip
+
+
+def measure_reader_only(run: common.Run, r: RankerConfig, m: ModelConfig, batch: int, bf16: bool, valid: torch.Tensor) -> dict[str, Any]:
+    """The reader alone, forward + backward, with the real batches' validity masks."""
+    dev = run.device
+    reader = make_reader(r.reader, r.reader_dim, m.token_dim, **reader_kwargs(r)).to(dev)
+    seq = torch.randn(batch, r.max_len, r.reader_dim, device=dev, requires_grad=True)
+    query = torch.randn(batch, r.reader_dim, device=dev, requires_grad=True)
+    valid = valid.to(dev)
+
+    def step() -> None:
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
+            out = reader(seq, valid, query)
+        out.float().sum().backward()
+        reader.zero_grad(set_to_none=True)
+        seq.grad = query.grad = None
+
+    common.reset_peak_memory(dev)
+    t = common.time_fn(step, dev, run.warmup, run.iters)
+    flops = reader_flops(r.reader, batch, r.max_len, r.reader_dim, m.token_dim, **reader_kwargs(r))
+    tflops = 3 * flops / (t.median_ms * 1e-3) / 1e12
+    out = common.row("reader_only", t, batch, common.peak_memory_bytes(dev), history="-", reader=r.reader,
+                     max_len=r.max_len, reader_flops_fwd=flops, reader_tflops=tflops,
+                     reader_mfu=common.ratio(tflops, run.limits.get("bf16_tflops")))
+    del reader, seq, query
+    common.free(dev)
+    return out
+
+
+def add_model_flags(p) -> None:
+    p.add_argument("--batch", type=int, default=None, help="requests per step B (default 8192; tiny 32)")
+    p.add_argument("--max-len", type=int, default=None, help="history length T (default 256; tiny 16)")
+    p.add_argument("--reader", default="transformer", choices=["transformer", "din", "longer"])
+    p.add_argument("--reader-dim", type=int, default=None, help="default: RankerConfig's (64)")
+    p.add_argument("--reader-layers", type=int, default=None, help="default: RankerConfig's (2)")
+    p.add_argument("--bf16", action=argparse_bool(), default=False, help="bf16 autocast for the forward")
+    p.add_argument("--users", type=int, default=None, help="synthetic users (default 3000; tiny 60)")
+    p.add_argument("--mean-instances", type=float, default=None, help="per user (default 300; tiny 40)")
+
+
+def argparse_bool():
+    import argparse
+
+    return argparse.BooleanOptionalAction
+
+
+def configs(args, tiny: bool) -> tuple[RankerConfig, ModelConfig, int]:
+    r = RankerConfig(reader=args.reader, max_len=common.pick(args.max_len, tiny, 16, 256))
+    if args.reader_dim:
+        r.reader_dim = args.reader_dim
+    if args.reader_layers:
+        r.reader_layers = args.reader_layers
+    if tiny:
+        r.head = (32,)
+    m = ModelConfig() if not tiny else ModelConfig(emb_dim=8, hidden=64)
+    return r, m, common.pick(args.batch, tiny, 32, 8192)
+
+
+def rank_log(run: common.Run, args):
+    return common.synth_log(run, "rank", common.pick(args.users, run.tiny, 60, 3000),
+                            common.pick(args.mean_instances, run.tiny, 40, 300))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.base_parser("rank", __doc__)
+    add_model_flags(p)
+    p.add_argument("--history", default="iat,handcrafted", help="comma list of none, iat, handcrafted, both")
+    p.add_argument("--no-reader-only", dest="reader_only", action="store_false", help="skip the reader-alone case")
+    args = p.parse_args(argv)
+    with common.bench_run("rank", args, warmup=(2, 10), iters=(3, 40)) as run, common.dist_env(run.device) as env:
+        r, m, batch = configs(args, run.tiny)
+        log = rank_log(run, args)
+        histories = [h.strip() for h in args.history.split(",") if h.strip()]
+        rows = []
+        valid = None
+        for h in histories:
+            case = build_case(run, env, log, h, r, m, batch, args.bf16)
+            rows.append(measure_case(run, case))
+            valid = case.batches[0].hist_valid
+            del case
+            common.free(run.device)
+        if args.reader_only and valid is not None:
+            rows.append(measure_reader_only(run, r, m, batch, args.bf16, valid))
+        by = {x["case"]: x for x in rows}
+        summary = []
+        for x in rows:
+            if x.get("reader_mfu") is not None:
+                summary.append(common.summary_item(run, f"reader MFU ({x['case']}, {r.reader})", x["reader_mfu"], "MFU",
+                                                   "bf16 matmul peak", x["reader_mfu"],
+                                                   "reader_mfu" if args.bf16 and x["case"] != "reader_only" else None))
+        for x in rows:
+            if x["case"] != "reader_only":
+                summary.append(common.summary_item(run, f"stage-2 {x['case']} samples/s", x["samples_per_s"], "samples/s",
+                                                   "bf16 matmul peak (dense MFU)", x["dense_mfu"]))
+        if "iat" in by and "handcrafted" in by:
+            summary.append(common.summary_item(run, "IAT / hand-crafted samples/s", by["iat"]["samples_per_s"], "samples/s",
+                                               "handcrafted", common.ratio(by["iat"]["samples_per_s"], by["handcrafted"]["samples_per_s"])))
+        config = {"batch": batch, "max_len": r.max_len, "reader": r.reader, "ranker": dataclasses.asdict(r),
+                  "model": dataclasses.asdict(m), "bf16": args.bf16, "histories": histories, "log_rows": log.rows,
+                  "token_table": {"rows": log.rows, "dim": 64, "dtype": "fp16"},
+                  "batches": "RankBatchMaker, train-split requests shuffled; cached, pinned, cycled"}
+        columns = common.DEFAULT_COLUMNS + (("mean len", "mean_history_len", ""), ("reader TFLOP/s", "reader_tflops", ""),
+                                            ("reader MFU", "reader_mfu", "pct"), ("dense MFU", "dense_mfu", "pct"))
+        common.finish(run, config, rows, summary, columns)
+    return 0
+
+
+if __name__ == "__main__":
+    common.main_guard(main)

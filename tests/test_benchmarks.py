@@ -1,0 +1,107 @@
+"""Every throughput benchmark runs at tiny size on CPU through ``iat-rec bench NAME`` and
+writes a JSON with the documented keys. No timing assertions: CI machines share cores."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmarks.common import RESULT_KEYS, ROW_KEYS, SUMMARY_KEYS
+from iat_rec.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--device", "cpu", "--tiny", "--warmup", "1", "--iters", "2"]
+
+
+def bench(name: str, out: Path, *extra: str) -> dict:
+    assert main(["bench", name, *TINY, "--out", str(out), *extra]) == 0
+    path = out / f"{name}-cpu.json"
+    assert path.is_file(), f"{name} wrote no {path.name}"
+    data = json.loads(path.read_text())
+    assert set(RESULT_KEYS) <= set(data), f"{name}: missing {set(RESULT_KEYS) - set(data)}"
+    assert data["benchmark"] == name and data["tiny"] is True
+    assert {"name", "slug", "type"} <= set(data["device"]) and data["device"]["slug"] == "cpu"
+    assert {"torch", "torchrec", "fbgemm_gpu"} <= set(data["versions"]) and data["versions"]["torchrec"]
+    assert data["limits"]["copy_gbs"] > 0 and data["limits"]["bf16_tflops"] > 0
+    assert data["rows"] and data["summary"]
+    for row in data["rows"]:
+        assert set(ROW_KEYS) <= set(row), f"{name}: row {row.get('case')} lacks {set(ROW_KEYS) - set(row)}"
+        assert row["ms_per_step"] > 0 and math.isfinite(row["samples_per_s"]) and row["samples_per_s"] > 0
+    for item in data["summary"]:
+        assert set(SUMMARY_KEYS) <= set(item)
+        assert item["meets_target"] is None  # targets are for GPUs
+    return data
+
+
+def cases(data: dict) -> dict[str, dict]:
+    return {r["case"]: r for r in data["rows"]}
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)  # the scaling benchmark launches `python -m benchmarks.scaling`
+
+
+def test_bench_list(capsys):
+    assert main(["bench", "list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("tbe", "compress", "fetch", "rank", "loader", "scaling"))
+    assert main(["bench", "nope"]) == 2
+
+
+def test_tbe(tmp_path):
+    data = bench("tbe", tmp_path)
+    rows = cases(data)
+    assert set(rows) == {"stage1/forward", "stage1/forward_backward", "wide/forward", "wide/forward_backward"}
+    for r in rows.values():
+        assert r["gbs"] > 0 and r["copy_ratio"] > 0 and r["plan"] == ["table_wise/fused"]
+
+
+def test_compress(tmp_path):
+    rows = cases(bench("compress", tmp_path))
+    assert set(rows) == {"temporal", "user"}
+    assert rows["temporal"]["samples_per_step"] == rows["user"]["samples_per_step"]
+    assert all(r["pipelined_modules"] == ["ShardedEmbeddingBagCollection"] for r in rows.values())
+    assert 0 < rows["user"]["valid_fraction"] <= 1
+    assert all(r["dense_flops_fwd"] > 0 and r["dense_mfu"] > 0 for r in rows.values())
+
+
+def test_fetch(tmp_path):
+    data = bench("fetch", tmp_path)
+    rows = cases(data)
+    assert set(rows) == {"index_select", "ec_lookup", "ids_kjt", "ranges_device"}
+    assert data["config"]["ids_match"] is True
+    assert rows["ranges_device"]["h2d_bytes_per_step"] < rows["ids_kjt"]["h2d_bytes_per_step"]
+    for r in rows.values():
+        assert r["gbs"] > 0 and r["copy_ratio"] > 0 and r["index_select_ratio"] > 0
+
+
+def test_rank(tmp_path):
+    data = bench("rank", tmp_path, "--bf16")
+    rows = cases(data)
+    assert set(rows) == {"iat", "handcrafted", "reader_only"}
+    assert rows["iat"]["max_len"] == rows["handcrafted"]["max_len"] == data["config"]["max_len"]
+    for r in rows.values():
+        assert r["reader_flops_fwd"] > 0 and r["reader_mfu"] > 0
+    assert rows["iat"]["dense_mfu"] > 0 and rows["handcrafted"]["dense_flops_fwd"] > 0
+    assert len(rows["iat"]["pipelined_modules"]) == 2  # feature EBC and token EC
+    assert any(s["metric"].startswith("IAT / hand-crafted") for s in data["summary"])
+
+
+def test_loader(tmp_path):
+    rows = cases(bench("loader", tmp_path))
+    assert {"stage1_temporal", "stage2_iat", "stage2_both", "gpu_step_compress_temporal", "gpu_step_rank_iat"} <= set(rows)
+    for name in ("stage1_temporal", "stage2_iat"):
+        assert rows[name]["per_core_samples_per_s"] > 0 and rows[name]["ratio_cores"] > 0
+
+
+@pytest.mark.slow
+def test_scaling(tmp_path):
+    data = bench("scaling", tmp_path)
+    rows = data["rows"]
+    assert [r["world_size"] for r in rows] == [1, 2]
+    assert data["config"]["backend"] == "gloo" and data["config"]["same_plan_types"] is True
+    assert rows[1]["speedup_vs_1"] > 0 and len(rows[1]["rank_ms_per_step"]) == 2
