@@ -91,12 +91,23 @@ def shard(
     return dmp, plan
 
 
+# Module attribute of the frozen token table (stage 2, streaming stage 1): no optimizer steps
+# it and checkpoints leave it out; it is always reloaded from its token-table directory.
+FROZEN = "tokens"
+
+
+def _frozen(name: str) -> bool:
+    return name == FROZEN or name.startswith(FROZEN + ".")
+
+
 def make_optimizer(model: DistributedModelParallel, lr: float) -> CombinedOptimizer:
+    """Fused sparse optimizers (applied in backward) of every trainable table, and Adam."""
     dense = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(model.named_parameters())),
         lambda params: torch.optim.Adam(params, lr=lr),
     )
-    return CombinedOptimizer([model.fused_optimizer, dense])
+    fused = [(key, opt) for key, opt in model.fused_optimizer.optimizers if not _frozen(key)]
+    return CombinedOptimizer(fused + [dense])
 
 
 @dataclasses.dataclass
@@ -121,7 +132,8 @@ class Trainer:
         return max(1, math.ceil(self.cfg.epochs * len(self.train)))
 
     def _app_state(self, step: int) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict(), "step": step}
+        model = {k: v for k, v in self.model.state_dict().items() if not _frozen(k)}
+        return {"model": model, "optim": self.optimizer.state_dict(), "step": step}
 
     def _restore(self, loader: EpochLoader) -> int:
         path = ckpt.latest(self.out)
@@ -130,7 +142,8 @@ class Trainer:
         self.optimizer.init_state()  # materialise lazy optimizer state so DCP can load into it
         state = self._app_state(0)
         rank_state = ckpt.load(path, state)
-        self.model.load_state_dict(state["model"])
+        # a full dict: TorchRec's sharded modules refuse a partial load_state_dict
+        self.model.load_state_dict({**self.model.state_dict(), **state["model"]})
         self.optimizer.load_state_dict(state["optim"])
         loader.load_state_dict(rank_state["loader"])
         ckpt.set_rng_state(rank_state["rng"])
