@@ -39,10 +39,9 @@ def markdown_table(rows: list[dict]) -> str:
 def _valid_curves(results: list[dict], task: str) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
     curves: dict[str, list] = defaultdict(list)
     for r in results:
-        hist_file = Path(r["run"]) / "eval_history.json"
-        if not hist_file.is_file():
+        hist = r.get("history") or []
+        if not hist:
             continue
-        hist = json.loads(hist_file.read_text())
         steps = np.array([h["step"] for h in hist])
         auc = np.array([h["metrics"][task]["auc"] for h in hist])
         curves[r["variant"]].append((steps, auc))

@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
 from pathlib import Path
 
-from iat_rec.config import CompressConfig, from_dict, load_yaml
+import torch.distributed as dist
+
+from iat_rec import checkpoint as ckpt
+from iat_rec.atomic import write_json
+from iat_rec.config import CompressConfig, from_dict, load_yaml, to_dict
 from iat_rec.distenv import init_distributed, rank_main, run_ranks
 from iat_rec.errors import IatError
 from pipelines import compress, rank
@@ -57,37 +62,56 @@ def stage2_config(base: dict, data: str, out: Path, v: Variant, seed: int, devic
 
 
 class Stages:
-    """Runs stages under ``work``, reusing a stage-1 run and token table per (scheme, seed)."""
+    """Runs stages under ``work``, one stage-1 run and token table per (scheme, seed).
+
+    A stage whose output is already complete under ``work`` with the same config is reused,
+    so re-running an interrupted experiment continues where it stopped.
+    """
 
     def __init__(self, data: str, work: Path, c1: dict, c2: dict, dtype: str, device: str):
         self.data, self.work, self.c1, self.c2, self.dtype, self.device = data, work, c1, c2, dtype, device
-        self.seconds: dict[str, float] = {}
-        self._tokens: dict[tuple[str, int], tuple[Path, Path]] = {}
+        self._seconds_file = work / "seconds.json"
+        self.seconds: dict[str, float] = json.loads(self._seconds_file.read_text()) if self._seconds_file.is_file() else {}
 
     def _timed(self, key: str, fn):
         start = time.perf_counter()
         out = fn()
         self.seconds[key] = time.perf_counter() - start
+        if dist.get_rank() == 0:
+            write_json(self._seconds_file, self.seconds)
         return out
 
     def tokens(self, scheme: str, seed: int) -> tuple[Path, Path]:
-        """(stage-1 run, token table) for a scheme and seed, trained and exported once."""
-        key = (scheme, seed)
-        if key not in self._tokens:
-            run1 = self.work / f"stage1-{scheme}-s{seed}"
-            table = self.work / f"tokens-{scheme}-s{seed}"
-            cfg = stage1_config(self.c1, self.data, run1, scheme, seed, self.device)
+        """(stage-1 run, token table) for a scheme and seed."""
+        run1 = self.work / f"stage1-{scheme}-s{seed}"
+        table = self.work / f"tokens-{scheme}-s{seed}"
+        cfg = stage1_config(self.c1, self.data, run1, scheme, seed, self.device)
+        if not _done(run1, "result.json", cfg):
             self._timed(f"compress-{scheme}-s{seed}", lambda: compress.train(cfg))
+        last = ckpt.latest(run1)
+        manifest = table / "manifest.json"
+        if not (manifest.is_file() and json.loads(manifest.read_text()).get("source_checkpoint") == last.name):
             self._timed(f"export-{scheme}-s{seed}", lambda: export(str(run1), str(table), self.dtype, device=self.device))
-            self._tokens[key] = (run1, table)
-        return self._tokens[key]
+        return run1, table
 
     def rank(self, v: Variant, seed: int) -> dict:
         run1, table = self.tokens(v.scheme, seed) if v.scheme else (None, None)
         out = self.work / f"rank-{v.name}-{v.reader}-s{seed}"
         cfg = stage2_config(self.c2, self.data, out, v, seed, self.device, table, run1)
-        metrics = self._timed(f"rank-{v.name}-{v.reader}-s{seed}", lambda: rank.train(cfg))
-        return {"variant": v.name, "reader": v.reader, "seed": seed, "run": str(out), "metrics": metrics}
+        if _done(out, "metrics.json", cfg):
+            metrics = json.loads((out / "metrics.json").read_text())
+        else:
+            metrics = self._timed(f"rank-{v.name}-{v.reader}-s{seed}", lambda: rank.train(cfg))
+        history = json.loads((out / "eval_history.json").read_text())
+        return {"variant": v.name, "reader": v.reader, "seed": seed, "run": str(out), "metrics": metrics, "history": history}
+
+
+def _done(run: Path, final_file: str, cfg) -> bool:
+    """True when ``run`` finished (``final_file`` written) with this very config."""
+    info = run / "run.json"
+    if not ((run / final_file).is_file() and info.is_file()):
+        return False
+    return json.loads(info.read_text())["config"] == json.loads(json.dumps(to_dict(cfg)))  # tuples -> lists
 
 
 def parser() -> argparse.ArgumentParser:
