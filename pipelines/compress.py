@@ -19,8 +19,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from iat_rec.atomic import write_json
 from iat_rec.batch import Batch, StreamBatch, make_batch
-from iat_rec.config import CompressConfig, add_flags, from_dict, resolve, to_dict
-from iat_rec.distenv import DistEnv, init_distributed, rank_main, run_ranks
+from iat_rec.config import CompressConfig, from_dict, to_dict
+from iat_rec.distenv import DistEnv, init_distributed, rank_main
 from iat_rec.errors import IatError
 from iat_rec.history import expand_ranges
 from iat_rec.instance_log import InstanceLog, time_split
@@ -28,7 +28,7 @@ from iat_rec.loaders import BatchDataset, SelectTasks, select_tasks, time_order,
 from iat_rec.planning import TOKEN_FEATURE, feature_table_configs, token_table_config
 from iat_rec.token_table import TokenTable, token_constraints
 from modules.compressor import Compressor
-from pipelines.trainer import Trainer, embedding_params, make_optimizer, shard
+from pipelines.trainer import Trainer, embedding_params, make_optimizer, program_cli, program_parser, shard
 
 RUN_FORMAT = "iat-rec-run"
 
@@ -137,18 +137,11 @@ def train(cfg: CompressConfig) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="iat-rec compress", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML with any of the options below (flags override it)")
-    p.add_argument("--nproc", type=int, default=None, help="local ranks to launch (default: GPUs, else 2)")
-    add_flags(p, CompressConfig)
-    return p
+    return program_parser("iat-rec compress", __doc__, CompressConfig)
 
 
 def cli(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
-    cfg = resolve(CompressConfig, args, args.config)
-    check_config(cfg)
-    return run_ranks("pipelines.compress", argv, args.nproc, lambda: train(cfg))
+    return program_cli(argv, "pipelines.compress", parser(), CompressConfig, check_config, train)
 
 
 def load_stage1(run: str | Path) -> tuple[CompressConfig, dict, InstanceLog]:

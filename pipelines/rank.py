@@ -24,8 +24,8 @@ from torchrec.modules.embedding_configs import EmbeddingConfig
 
 from iat_rec import checkpoint as ckpt
 from iat_rec.atomic import write_json
-from iat_rec.config import TrainConfig, add_flags, from_dict, resolve, to_dict
-from iat_rec.distenv import DistEnv, init_distributed, rank_main, run_ranks
+from iat_rec.config import TrainConfig, from_dict, to_dict
+from iat_rec.distenv import DistEnv, init_distributed, rank_main
 from iat_rec.errors import IatError
 from iat_rec.instance_log import InstanceLog, time_split
 from iat_rec.loaders import BatchDataset, SelectTasks, select_tasks, time_order
@@ -34,7 +34,7 @@ from iat_rec.rank_data import HistorySource, RankBatchMaker, seq_key
 from iat_rec.token_table import TokenTable, token_constraints
 from modules.ranker import HISTORY_MODES, READERS, Ranker, RankerConfig
 from pipelines.compress import RUN_FORMAT, load_stage1
-from pipelines.trainer import Trainer, embedding_params, evaluate, make_optimizer, shard
+from pipelines.trainer import Trainer, embedding_params, evaluate, make_optimizer, program_cli, program_parser, shard
 
 
 @dataclasses.dataclass
@@ -177,18 +177,11 @@ def load_rank_config(run: str | Path) -> RankConfig:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="iat-rec rank", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML with any of the options below (flags override it)")
-    p.add_argument("--nproc", type=int, default=None, help="local ranks to launch (default: GPUs, else 2)")
-    add_flags(p, RankConfig)
-    return p
+    return program_parser("iat-rec rank", __doc__, RankConfig)
 
 
 def cli(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
-    cfg = resolve(RankConfig, args, args.config)
-    check_config(cfg)
-    return run_ranks("pipelines.rank", argv, args.nproc, lambda: train(cfg))
+    return program_cli(argv, "pipelines.rank", parser(), RankConfig, check_config, train)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ pipeline detached, logs to TensorBoard and saves DCP checkpoints that resume exa
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import itertools
 import json
@@ -31,8 +32,8 @@ from tqdm import tqdm
 
 from iat_rec import checkpoint as ckpt
 from iat_rec.atomic import write_json
-from iat_rec.config import TrainConfig, to_dict
-from iat_rec.distenv import DistEnv
+from iat_rec.config import TrainConfig, add_flags, resolve, to_dict
+from iat_rec.distenv import DistEnv, run_ranks
 from iat_rec.errors import IatError
 from iat_rec.loaders import BatchDataset, EpochLoader
 from iat_rec.metrics import EvalMetrics
@@ -252,6 +253,23 @@ def evaluate(
             metrics.update(logits, labels, weights, users)
     model.train(was_training)
     return metrics.compute()
+
+
+def program_parser(prog: str, doc: str, cls) -> argparse.ArgumentParser:
+    """Parser of a training program: ``--config`` YAML, ``--nproc``, then one flag per field of ``cls``."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML with any of the options below (flags override it)")
+    p.add_argument("--nproc", type=int, default=None, help="local ranks to launch (default: GPUs, else 2)")
+    add_flags(p, cls)
+    return p
+
+
+def program_cli(argv: list[str], module: str, parser: argparse.ArgumentParser, cls, check, train) -> int:
+    """Resolves the config (defaults < YAML < flags), checks it here, then trains on the ranks."""
+    args = parser.parse_args(argv)
+    cfg = resolve(cls, args, args.config)
+    check(cfg)
+    return run_ranks(module, argv, args.nproc, lambda: train(cfg))
 
 
 def progress_bar(total: int, initial: int, desc: str, unit: str, enabled: bool) -> tqdm:

@@ -96,3 +96,22 @@ def test_bad_input_is_one_clear_error(tiny_log, tmp_path, capsys):
     assert main(["rank", "--data", str(tiny_log), "--reader", "lstm", "--out", str(tmp_path / "r")]) == 2
     assert main(["evaluate", "--run", str(tmp_path / "nothing")]) == 2
     assert not (tmp_path / "r").exists()
+
+
+def test_stage2_resume_continues_exactly_with_loader_workers(tiny_log, tokens, tmp_path):
+    args = ["--data", str(tiny_log), "--tokens", str(tokens), "--history", "both", "--nproc", "2", "--batch-size", "32",
+            "--max-len", "16", "--emb-dim", "8", "--num-workers", "1", "--eval-batches", "1", "--no-progress"]  # fmt: skip
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_cli("rank", *args, "--out", str(full), "--steps", "8")
+    run_cli("rank", *args, "--out", str(part), "--steps", "4")
+    run_cli("rank", *args, "--out", str(part), "--steps", "8", "--resume")
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+    assert losses(part)[-4:] == losses(full)[-4:]
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(part / "checkpoints" / "step_00000008")).read_metadata().state_dict_metadata
+    assert any(k.startswith("model.base.sparse.") for k in saved)
+    assert not any("tokens" in k for k in saved), "the frozen token table stays out of checkpoints"
