@@ -4,7 +4,7 @@
 - the command a component builds parses under torchrun's parser and then the program's own;
 - ``torchx run --dryrun`` for a 2x8 GPU job on slurm and on kubernetes: the request is parsed
   back and checked (nodes, GPUs per node, the torchrun command);
-- one real ``torchx run -s local_cwd`` of stage 1 on 2 ranks (marked ``slow``, ~15 s on 2 cores).
+- one real ``torchx run -s local_cwd`` of the whole pipeline on 2 ranks (marked ``slow``, ~30 s on 2 cores).
 """
 
 import configparser
@@ -233,23 +233,27 @@ def test_kubernetes_dryrun_2x8_gpu():
 
 
 @pytest.mark.slow
-def test_local_cwd_run_compress_2_ranks(tmp_path):
-    """``torchx run -s local_cwd ...:compress -j 1x2``: two gloo ranks under torchrun, a few steps."""
+def test_local_cwd_run_pipeline_2_ranks(tmp_path):
+    """``torchx run -s local_cwd ...:pipeline -j 1x2``: every stage on two gloo ranks under torchrun."""
     from iat_rec.synth import generate
 
-    log, run = tmp_path / "log", tmp_path / "run"
+    log, work = tmp_path / "log", tmp_path / "work"
     generate(log, users=100, mean_instances=30, seed=0)
+    (tmp_path / "c1.yaml").write_text("steps: 3\nbatch_size: 64\nwindow: 8\neval_batches: 2\nprogress: false\n")
+    (tmp_path / "c2.yaml").write_text("steps: 3\nbatch_size: 32\neval_batches: 2\nprogress: false\nranker: {max_len: 16}\n")
     torchx(
         "run", "-s", "local_cwd", "-cfg", f"log_dir={tmp_path / 'torchx_logs'}",
-        f"{COMPONENT}:compress", "-j", "1x2",
-        "--data", str(log), "--out", str(run), "--steps", "3", "--batch_size", "32",
-        "--", "--eval-batches", "2", "--no-progress",
+        f"{COMPONENT}:pipeline", "-j", "1x2",
+        "--data", str(log), "--work", str(work), "--scheme", "user", "--history", "iat",
+        "--compress_config", str(tmp_path / "c1.yaml"), "--rank_config", str(tmp_path / "c2.yaml"),
         timeout=300,
     )  # fmt: skip
-    result = json.loads((run / "result.json").read_text())
-    assert result["steps"] == 3
+    run = work / "stage1-user-s0"
     assert json.loads((run / "run.json").read_text())["world_size"] == 2
     ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
     assert ckpt.name == "step_00000003" and (ckpt / ".metadata").is_file()
     assert {p.name for p in ckpt.glob("rank*.json")} == {"rank0.json", "rank1.json"}
     assert len(list(ckpt.glob("*.distcp"))) == 2  # one shard file per rank
+    assert json.loads((work / "tokens-user-s0" / "manifest.json").read_text())["scheme"] == "user"
+    metrics = json.loads((work / "rank-iat-user-transformer-s0" / "metrics.json").read_text())
+    assert 0.0 <= metrics["auc"] <= 1.0 and metrics["n"] > 0
