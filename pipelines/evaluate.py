@@ -16,6 +16,7 @@ from iat_rec.atomic import write_json
 from iat_rec.distenv import init_distributed, rank_main, run_ranks
 from iat_rec.errors import IatError
 from pipelines.rank import build, load_rank_config, test_metrics
+from pipelines.trainer import FROZEN
 
 
 def evaluate_run(run: str) -> dict:
@@ -26,7 +27,7 @@ def evaluate_run(run: str) -> dict:
     if last is None:
         raise IatError(f"{run}: no checkpoint to evaluate")
     built = build(cfg, env, plan_out=None)
-    ckpt.load_weights(last, built.model)
+    ckpt.load_weights(last, built.model, skip=FROZEN + ".")  # build() loaded the token table
     metrics = test_metrics(built, cfg)
     if env.is_main:
         write_json(Path(run) / "metrics.json", metrics)
