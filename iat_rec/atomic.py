@@ -37,6 +37,35 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def collective_atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Collective ``atomic_dir``: every rank writes into one temporary sibling (a shared
+    filesystem, as DCP assumes); rank 0 renames it into place once every rank has finished."""
+    import torch.distributed as dist
+
+    def barrier() -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp"
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    yield tmp
+    barrier()
+    if main:
+        old = path.parent / f".{path.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     """Writes JSON through a temporary file and an atomic rename."""
     path = Path(path)

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from iat_rec.atomic import write_json
+from iat_rec.atomic import collective_atomic_dir, write_json
 from iat_rec.errors import IatError
 
 
@@ -43,26 +43,19 @@ def save(run: str | Path, step: int, app_state: dict[str, Any], rank_state: dict
     """Collective: every rank calls it with its share of the state."""
     root = _ckpt_root(Path(run))
     name = f"step_{step:08d}"
-    tmp, final = root / f".{name}.tmp", root / name
-    rank = dist.get_rank()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    dcp.save(app_state, checkpoint_id=str(tmp))
-    write_json(tmp / f"rank{rank}.json", rank_state)
-    dist.barrier()
-    if rank == 0:
-        write_json(tmp / "meta.json", {"step": step, "world_size": dist.get_world_size()})
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+    with collective_atomic_dir(root / name) as tmp:
+        dcp.save(app_state, checkpoint_id=str(tmp))
+        write_json(tmp / f"rank{dist.get_rank()}.json", rank_state)
+        if dist.get_rank() == 0:
+            write_json(tmp / "meta.json", {"step": step, "world_size": dist.get_world_size()})
+    if dist.get_rank() == 0:
         pointer_tmp = root / ".latest.tmp"
         pointer_tmp.write_text(name + "\n")
         pointer_tmp.replace(root / "latest")
         for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
-    return final
+    return root / name
 
 
 def load(path: str | Path, app_state: dict[str, Any]) -> dict[str, Any]:

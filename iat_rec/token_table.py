@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from functools import cached_property
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from torch import nn
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.modules.embedding_modules import EmbeddingCollection
 
-from iat_rec.atomic import write_json
+from iat_rec.atomic import collective_atomic_dir, write_json
 from iat_rec.checkpoint import dcp_load
 from iat_rec.errors import IatError
 from iat_rec.history import HistoryIndex
@@ -113,33 +112,14 @@ def save_table(
 ) -> Path:
     """Collective: writes the (sharded) table with DCP, rank 0 the rest; renamed at the end."""
     out = Path(out)
-    tmp = out.parent / f".{out.name}.tmp"
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    state = {WEIGHT_KEY: collection.state_dict()[WEIGHT_KEY]}
-    dcp.save(state, checkpoint_id=str(tmp / "table"), no_dist=not dist.is_initialized())
-    if rank == 0:
-        for name in SIDE_ARRAYS:
-            np.save(tmp / f"{name}.npy", np.asarray(side[name]))
-        write_json(tmp / "manifest.json", {"format": FORMAT, "version": VERSION, **manifest})
-    _barrier()
-    if rank == 0:
-        old = out.parent / f".{out.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    with collective_atomic_dir(out) as tmp:
+        state = {WEIGHT_KEY: collection.state_dict()[WEIGHT_KEY]}
+        dcp.save(state, checkpoint_id=str(tmp / "table"), no_dist=not dist.is_initialized())
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            for name in SIDE_ARRAYS:
+                np.save(tmp / f"{name}.npy", np.asarray(side[name]))
+            write_json(tmp / "manifest.json", {"format": FORMAT, "version": VERSION, **manifest})
     return out
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def cli(argv: list[str]) -> int:

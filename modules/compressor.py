@@ -43,10 +43,10 @@ class BaseRanker(nn.Module):
         dense_in: int,
         cfg: ModelConfig,
         extra_tokens: int = 0,
-        sparse_device: torch.device | None = None,
     ):
         super().__init__()
-        self.sparse = EmbeddingBagCollection(tables=tables, device=sparse_device or torch.device("meta"))
+        # on the meta device: DistributedModelParallel materialises the shards
+        self.sparse = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
         self.feature_names = [n for t in tables for n in t.feature_names]
         self.tokenizer = FeatureTokenizer(len(self.feature_names), cfg.emb_dim, dense_in, cfg.num_tokens, cfg.token_dim)
         self.interaction = make_interaction(
@@ -69,10 +69,9 @@ class Compressor(nn.Module):
         window: int | None = None,  # user order: instances per window (enables SIT)
         prefix_table: EmbeddingConfig | None = None,  # streaming: the token table of earlier tokens
         prefix_len: int = 0,
-        sparse_device: torch.device | None = None,
     ):
         super().__init__()
-        self.base = BaseRanker(tables, dense_in, cfg, sparse_device=sparse_device)
+        self.base = BaseRanker(tables, dense_in, cfg)
         self.bottleneck = nn.Sequential(nn.Linear(cfg.hidden, cfg.iat_dim), _ACTS[cfg.bottleneck_act]())
         self.window, self.prefix_len = window, prefix_len
         self.stream = prefix_table is not None

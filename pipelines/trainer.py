@@ -17,7 +17,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -121,7 +121,6 @@ class Trainer:
     valid: BatchDataset | None
     tasks: list[str]
     samples_per_batch: int  # instances per rank per step (for samples/s)
-    on_eval: Callable[[int, dict], None] | None = None
 
     @property
     def out(self) -> Path:
@@ -227,8 +226,6 @@ class Trainer:
                         writer.add_scalar(f"valid/{task}/{k}", v, step)
             summary = ", ".join(f"{t}: auc {m['auc']:.4f} gauc {m['gauc']:.4f} logloss {m['logloss']:.4f}" for t, m in metrics.items())
             tqdm.write(f"step {step} valid {summary}")
-        if self.on_eval:
-            self.on_eval(step, metrics)
         return {"step": step, "metrics": metrics}
 
 
