@@ -56,6 +56,11 @@ class Batch(PipelineableMixin):
     users: torch.Tensor  # int64 [N]; user index, -1 on padding rows
 
 
+def extend(base: Batch, cls: type, **extra) -> Batch:
+    """A ``cls`` (a Batch subclass) with ``base``'s fields and the ``extra`` ones."""
+    return cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(Batch)}, **extra)
+
+
 @dataclasses.dataclass
 class StreamBatch(Batch):
     """User-order windows with the user's earlier instances as a SIT prefix (streaming)."""

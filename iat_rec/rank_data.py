@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from iat_rec.batch import Batch, make_batch
+from iat_rec.batch import Batch, extend, make_batch
 from iat_rec.history import HistoryIndex, expand_ranges, side_info
 from iat_rec.instance_log import InstanceLog
 from iat_rec.planning import TOKEN_FEATURE
@@ -95,8 +95,9 @@ class RankBatchMaker:
             else torch.zeros(0, dtype=torch.int64),
             lengths=lengths.repeat(len(feats)),
         )
-        return RankBatch(
-            **{f.name: getattr(base, f.name) for f in dataclasses.fields(Batch)},
+        return extend(
+            base,
+            RankBatch,
             history_ids=KeyedJaggedTensor.from_lengths_sync(keys=[TOKEN_FEATURE], values=torch.from_numpy(hist), lengths=lengths),
             seq=seq,
             hist_labels=torch.from_numpy(hist_labels),

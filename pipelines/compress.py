@@ -9,7 +9,6 @@ torchx) the program runs as one rank of the launched job.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from iat_rec.atomic import write_json
-from iat_rec.batch import Batch, StreamBatch, make_batch
+from iat_rec.batch import StreamBatch, extend, make_batch
 from iat_rec.config import CompressConfig, from_dict, to_dict
 from iat_rec.distenv import DistEnv, init_distributed, rank_main
 from iat_rec.errors import IatError
@@ -60,8 +59,9 @@ class StreamBatchMaker:
         begin = np.maximum(start_u, first_rows - self.prefix)
         length = np.where(valid, first_rows - begin, 0)
         ids = expand_ranges(begin, length)
-        return StreamBatch(
-            **{f.name: getattr(base, f.name) for f in dataclasses.fields(Batch)},
+        return extend(
+            base,
+            StreamBatch,
             prefix_ids=KeyedJaggedTensor.from_lengths_sync([TOKEN_FEATURE], torch.from_numpy(ids), torch.from_numpy(length.astype(np.int32))),
             prefix_valid=torch.from_numpy(np.arange(self.prefix)[None, :] < length[:, None]),
         )
