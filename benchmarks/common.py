@@ -48,6 +48,7 @@ TARGETS = {
     "fetch_copy_ratio": 0.70,
     "reader_mfu": 0.35,
     "scaling_2gpu": 1.8,
+    "scaling_eff_8gpu": 0.85,
     "loader_vs_gpu": 2.0,
 }
 
@@ -72,6 +73,9 @@ def base_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
     p.add_argument("--work", default=None, help="directory for the synthetic data (default: a temporary one)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 for tiny CPU runs, which share cores in CI; else torch's)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after timing each case, profile a few more steps with torch.profiler and write "
+                        "DIR/<benchmark>-<case>-profile.txt (the top kernels by self device time)")
     return p
 
 
@@ -274,6 +278,32 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int
             times.append((time.perf_counter() - t) * 1e3)
         wall = time.perf_counter() - t0
     return Timing(statistics.median(times), wall * 1e3 / iters, min(times), max(times), iters)
+
+
+def profile_case(run: "Run", case: str, fn: Callable[[], Any], steps: int = 5) -> Path | None:
+    """With ``--profile DIR``: ``steps`` more calls of ``fn`` under torch.profiler; the top ops by
+    self device time (CPU time on CPU) go to DIR/<benchmark>-<case>-profile.txt. Untimed."""
+    if not getattr(run.args, "profile", None) or (dist.is_initialized() and dist.get_rank() != 0):
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if run.cuda else [])
+    fn()  # one untraced call, so lazily created state is not in the trace
+    synchronize(run.device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        synchronize(run.device)
+    events = prof.key_averages()
+    sort = "self_cpu_time_total"
+    if run.cuda:
+        sort = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    path = Path(run.args.profile) / f"{run.name}-{case.replace('/', '_')}-profile.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{run.name} {case}: {steps} steps, {device_name(run.device)}\n"
+                    + events.table(sort_by=sort, row_limit=30, max_name_column_width=90))
+    print(f"[{run.name}] profile of {case}: {path}", flush=True)
+    return path
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -509,14 +539,15 @@ def cycle(batches: list) -> Iterator:
         yield from batches
 
 
-def time_train_pipeline(model, optimizer, batches: list, device: torch.device, warmup: int, iters: int) -> tuple[Timing, list[str]]:
+def time_train_pipeline(run: Run, case: str, model, optimizer, batches: list) -> tuple[Timing, list[str]]:
     """Times ``TrainPipelineSparseDist.progress`` over cached batches (cycled): copy to the
     device, input dist, forward, backward, fused sparse and dense optimizer steps."""
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-    pipeline = TrainPipelineSparseDist(model, optimizer, device, execute_all_batches=True)
+    pipeline = TrainPipelineSparseDist(model, optimizer, run.device, execute_all_batches=True)
     it = cycle(batches)
-    timing = time_fn(lambda: pipeline.progress(it), device, warmup, iters)
+    timing = time_fn(lambda: pipeline.progress(it), run.device, run.warmup, run.iters)
+    profile_case(run, case, lambda: pipeline.progress(it))
     pipelined = sorted(type(m).__name__ for m in getattr(pipeline, "_pipelined_modules", []))
     with contextlib.suppress(Exception):
         pipeline.detach()

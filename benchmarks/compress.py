@@ -28,10 +28,12 @@ from pipelines.trainer import make_optimizer, shard
 
 
 def measure_scheme(run: common.Run, env, log, scheme: str, instances: int, window: int,
-                   model_cfg: ModelConfig, batches: int = 8, bf16: bool = False) -> dict[str, Any]:
+                   model_cfg: ModelConfig, batches: int = 8, bf16: bool = False, constraints: str = "") -> dict[str, Any]:
+    """``constraints``: a planner constraints JSON file (TrainConfig.constraints), "" for the planner's choice."""
     per = window if scheme == "user" else 1
     cfg = CompressConfig(data=str(log.path), out=str(run.work / f"run-{scheme}"), scheme=scheme, window=window,
-                         batch_size=max(1, instances // per), model=model_cfg, device=run.device.type)
+                         batch_size=max(1, instances // per), model=model_cfg, device=run.device.type,
+                         constraints=constraints)
     ds = make_dataset(log, time_split(log, cfg.split)["train"], cfg, env, train=True)
     cached = common.cached_batches(ds, batches, run.device)
     valid = sum(float(b.weights.sum()) for b in cached) / sum(b.weights.numel() for b in cached)
@@ -42,7 +44,7 @@ def measure_scheme(run: common.Run, env, log, scheme: str, instances: int, windo
     opt = make_optimizer(dmp, cfg.dense_lr)
     flops = common.linear_flops(dmp, cached[0], run.device)
     common.reset_peak_memory(run.device)
-    timing, pipelined = common.time_train_pipeline(dmp, opt, cached, run.device, run.warmup, run.iters)
+    timing, pipelined = common.time_train_pipeline(run, scheme, dmp, opt, cached)
     samples = cfg.batch_size * per
     dense_tflops = 3 * flops / (timing.median_ms * 1e-3) / 1e12
     out = common.row(

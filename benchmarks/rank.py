@@ -109,7 +109,7 @@ def build_case(run: common.Run, env, log, history: str, ranker: RankerConfig, mo
 def measure_case(run: common.Run, case: RankCase) -> dict[str, Any]:
     dense = common.linear_flops(case.model, case.batches[0], run.device)
     common.reset_peak_memory(run.device)
-    timing, pipelined = common.time_train_pipeline(case.model, case.optimizer, case.batches, run.device, run.warmup, run.iters)
+    timing, pipelined = common.time_train_pipeline(run, case.name, case.model, case.optimizer, case.batches)
     flops = step_reader_flops(case.ranker, case.model_cfg, case.batch)
     step_s = timing.median_ms * 1e-3
     reader_tflops = 3 * flops / step_s / 1e12 if flops else None
@@ -127,19 +127,21 @@ def measure_reader_only(run: common.Run, r: RankerConfig, m: ModelConfig, batch:
     """The reader alone, forward + backward, with the real batches' validity masks."""
     dev = run.device
     reader = make_reader(r.reader, r.reader_dim, m.token_dim, **reader_kwargs(r)).to(dev)
+    run_reader = torch.compile(reader) if run.args.compile else reader
     seq = torch.randn(batch, r.max_len, r.reader_dim, device=dev, requires_grad=True)
     query = torch.randn(batch, r.reader_dim, device=dev, requires_grad=True)
     valid = valid.to(dev)
 
     def step() -> None:
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
-            out = reader(seq, valid, query)
+            out = run_reader(seq, valid, query)
         out.float().sum().backward()
         reader.zero_grad(set_to_none=True)
         seq.grad = query.grad = None
 
     common.reset_peak_memory(dev)
     t = common.time_fn(step, dev, run.warmup, run.iters)
+    common.profile_case(run, "reader_only", step)
     flops = reader_flops(r.reader, batch, r.max_len, r.reader_dim, m.token_dim, **reader_kwargs(r))
     tflops = 3 * flops / (t.median_ms * 1e-3) / 1e12
     out = common.row("reader_only", t, batch, common.peak_memory_bytes(dev), history="-", reader=r.reader,
@@ -156,6 +158,8 @@ def add_model_flags(p) -> None:
     p.add_argument("--reader", default="transformer", choices=["transformer", "din", "longer"])
     p.add_argument("--reader-dim", type=int, default=None, help="default: RankerConfig's (64)")
     p.add_argument("--reader-layers", type=int, default=None, help="default: RankerConfig's (2)")
+    p.add_argument("--reader-heads", type=int, default=None, help="default: RankerConfig's (4)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the reader of the reader_only case")
     p.add_argument("--bf16", action=argparse_bool(), default=False, help="bf16 autocast for the forward")
     p.add_argument("--users", type=int, default=None, help="synthetic users (default 3000; tiny 60)")
     p.add_argument("--mean-instances", type=float, default=None, help="per user (default 300; tiny 40)")
@@ -173,6 +177,8 @@ def configs(args, tiny: bool) -> tuple[RankerConfig, ModelConfig, int]:
         r.reader_dim = args.reader_dim
     if args.reader_layers:
         r.reader_layers = args.reader_layers
+    if args.reader_heads:
+        r.reader_heads = args.reader_heads
     if tiny:
         r.head = (32,)
     m = ModelConfig() if not tiny else ModelConfig(emb_dim=8, hidden=64)
@@ -219,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             summary.append(common.summary_item(run, "IAT / hand-crafted samples/s", by["iat"]["samples_per_s"], "samples/s",
                                                "handcrafted", common.ratio(by["iat"]["samples_per_s"], by["handcrafted"]["samples_per_s"])))
         config = {"batch": batch, "max_len": r.max_len, "reader": r.reader, "ranker": dataclasses.asdict(r),
-                  "model": dataclasses.asdict(m), "bf16": args.bf16, "histories": histories, "log_rows": log.rows,
+                  "model": dataclasses.asdict(m), "bf16": args.bf16, "compile_reader_only": args.compile, "histories": histories, "log_rows": log.rows,
                   "token_table": {"rows": log.rows, "dim": 64, "dtype": "fp16"},
                   "batches": "RankBatchMaker, train-split requests shuffled; cached, pinned, cycled"}
         columns = common.DEFAULT_COLUMNS + (("mean len", "mean_history_len", ""), ("reader TFLOP/s", "reader_tflops", ""),

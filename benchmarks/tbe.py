@@ -104,6 +104,7 @@ def measure(run: common.Run, env, ts: TableSet, optimizer: str) -> list[dict[str
     ):
         common.reset_peak_memory(run.device)
         t = common.time_fn(fn, run.device, run.warmup, run.iters)
+        common.profile_case(run, f"{ts.name}/{case}", fn)
         gbs = nbytes / (t.median_ms * 1e-3) / 1e9
         out.append(common.row(
             f"{ts.name}/{case}", t, ts.batch, common.peak_memory_bytes(run.device),

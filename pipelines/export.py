@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner.types import ParameterConstraints
 
 from iat_rec import checkpoint as ckpt
 from iat_rec.batch import make_batch
@@ -31,12 +32,14 @@ from pipelines.compress import build_compressor, load_stage1
 from pipelines.trainer import progress_bar, shard
 
 
-def shard_token_table(rows: int, dim: int, dtype: str, env, batch_size: int, hbm_gb: float = 0.0) -> DistributedModelParallel:
-    """The token table alone, planned and sharded (frozen: no optimizer ever touches it)."""
+def shard_token_table(rows: int, dim: int, dtype: str, env, batch_size: int, hbm_gb: float = 0.0,
+                      constraints: dict[str, ParameterConstraints] | None = None) -> DistributedModelParallel:
+    """The token table alone, planned and sharded (frozen: no optimizer ever touches it).
+    ``constraints`` replaces ``token_constraints`` (benchmarks try other shardings with it)."""
     holder = nn.Module()
     holder.tokens = token_collection(rows, dim, dtype)
     topology = build_topology(env.world_size, env.local_world_size, env.device.type, hbm_gb=hbm_gb or None)
-    plan = make_plan(holder, topology, batch_size, token_constraints(env.device.type), pg=dist.group.WORLD)
+    plan = make_plan(holder, topology, batch_size, constraints or token_constraints(env.device.type), pg=dist.group.WORLD)
     return DistributedModelParallel(holder, device=env.device, plan=plan)
 
 

@@ -72,11 +72,19 @@ def test_compress(tmp_path):
 def test_fetch(tmp_path):
     data = bench("fetch", tmp_path)
     rows = cases(data)
-    assert set(rows) == {"index_select", "ec_lookup", "ids_kjt", "ranges_device"}
-    assert data["config"]["ids_match"] is True
+    # range_gather needs CUDA and Triton: on CPU it is skipped, and the JSON says so
+    assert set(rows) == {"index_select", "fbgemm_index_select", "ec_lookup", "ids_kjt", "ranges_device"}
+    assert data["config"]["ids_match"] is True and data["config"]["range_gather_matches"] is None
+    assert any("range_gather skipped" in n for n in data["notes"])
     assert rows["ranges_device"]["h2d_bytes_per_step"] < rows["ids_kjt"]["h2d_bytes_per_step"]
     for r in rows.values():
         assert r["gbs"] > 0 and r["copy_ratio"] > 0 and r["index_select_ratio"] > 0
+
+
+def test_fetch_with_another_sharding_and_output_dtype(tmp_path):
+    data = bench("fetch", tmp_path, "--token-sharding", "table_wise", "--output-dtype", "fp16")
+    assert data["config"]["plan"] == {"iat_tokens": "table_wise/fused"}
+    assert data["config"]["output_element_bytes"] == 2
 
 
 def test_rank(tmp_path):
@@ -102,6 +110,16 @@ def test_loader(tmp_path):
 def test_scaling(tmp_path):
     data = bench("scaling", tmp_path)
     rows = data["rows"]
-    assert [r["world_size"] for r in rows] == [1, 2]
+    assert [(r["stage"], r["world_size"]) for r in rows] == [(1, 1), (2, 1), (1, 2), (2, 2)]
     assert data["config"]["backend"] == "gloo" and data["config"]["same_plan_types"] is True
-    assert rows[1]["speedup_vs_1"] > 0 and len(rows[1]["rank_ms_per_step"]) == 2
+    for r in rows[2:]:
+        assert r["speedup_vs_1"] > 0 and r["efficiency"] == r["speedup_vs_1"] / 2 and len(r["rank_ms_per_step"]) == 2
+
+
+def test_profile_writes_the_top_ops_of_each_case(tmp_path):
+    prof = tmp_path / "prof"
+    bench("tbe", tmp_path, "--sets", "stage1", "--profile", str(prof))
+    files = sorted(p.name for p in prof.iterdir())
+    assert files == ["tbe-stage1_forward-profile.txt", "tbe-stage1_forward_backward-profile.txt"]
+    text = (prof / files[1]).read_text()
+    assert "Self CPU" in text and "embedding" in text.lower()
