@@ -1,14 +1,16 @@
-"""Scaling: the stage-2 (IAT) training step on 1 and then 2 ranks, samples/s ratio.
+"""Scaling: the stage-1 (compress, temporal) and stage-2 (rank, IAT) training steps on 1, 2, 4, ...
+ranks: samples/s, speedup over 1 rank and scaling efficiency per rank count.
 
-    iat-rec bench scaling [--batch 8192] [--max-len 256] [--feature-sharding row_wise]
+    iat-rec bench scaling [--ranks 1,2,4,8] [--stages 1,2] [--batch 8192] [--max-len 256] [--feature-sharding row_wise]
 
 The benchmark launches itself through the elastic agent (``iat_rec.distenv.launch``, as
-``--nproc`` does for the training programs) on 1 and then 2 local ranks: NCCL on GPUs (needs
-2 visible GPUs), gloo on CPU. Weak scaling: every rank trains ``--batch`` requests per step,
-so the ideal 2-rank figure is 2x. Both jobs get the same plan *shape*: the token table
-row-wise (table-wise on CPU, where TorchRec has no row-wise) and every feature table
-``--feature-sharding`` (default row_wise on GPU, table_wise on CPU); the JSON records both
-plans. A job's step time is the slowest rank's median; samples/s = batch x ranks / step.
+``--nproc`` does for the training programs) once per rank count: NCCL on GPUs (rank counts
+above the visible GPUs are an error), gloo on CPU. Weak scaling: every rank trains ``--batch``
+samples per step (stage 1: instances; stage 2: requests), so the ideal n-rank figure is n x.
+Every job gets the same plan *shape*: the token table row-wise (table-wise on CPU, where
+TorchRec has no row-wise) and every feature table ``--feature-sharding`` (default row_wise on
+GPU, table_wise on CPU); the JSON records the plan types of each job. A job's step time is its
+slowest rank's median; samples/s = batch x ranks / step.
 """
 
 from __future__ import annotations
@@ -23,29 +25,58 @@ import torch.distributed as dist
 from torchrec.distributed.planner.types import ParameterConstraints
 
 from benchmarks import common
+from benchmarks import compress as compress_bench
 from benchmarks import rank as rank_bench
 from iat_rec.distenv import drop_flag, init_distributed, launch
 from iat_rec.errors import IatError
 from iat_rec.instance_log import InstanceLog
 from iat_rec.planning import TOKEN_TABLE
 
+STAGES = {1: "stage1_compress_temporal", 2: "stage2_rank_iat"}
 
-def scaling_constraints(log, device_type: str, feature_sharding: str) -> dict[str, ParameterConstraints]:
+
+def feature_sharding(device_type: str, choice: str) -> list[str] | None:
+    """The feature tables' sharding types for --feature-sharding (None: the planner's choice)."""
+    if choice == "auto":
+        return None
+    if choice == "default":
+        return ["row_wise"] if device_type == "cuda" else ["table_wise"]
+    return [choice]
+
+
+def scaling_constraints(log, device_type: str, choice: str) -> dict[str, ParameterConstraints]:
     token = ["row_wise"] if device_type == "cuda" else ["table_wise"]
-    if feature_sharding == "auto":
-        features = None
-    elif feature_sharding == "default":
-        features = ["row_wise"] if device_type == "cuda" else ["table_wise"]
-    else:
-        features = [feature_sharding]
     out = {TOKEN_TABLE: ParameterConstraints(sharding_types=token)}
+    features = feature_sharding(device_type, choice)
     if features:
         out.update({f"t_{f.name}": ParameterConstraints(sharding_types=features) for f in log.schema.sparse})
     return out
 
 
+def measure_stage(run: common.Run, env, log, stage: int, args) -> dict[str, Any]:
+    """One stage's step on this rank (the row of benchmarks.compress or benchmarks.rank)."""
+    tiny = run.tiny
+    if stage == 1:
+        features = feature_sharding(env.device.type, args.feature_sharding)
+        constraints = ""
+        if features:
+            spec = {f"t_{f.name}": {"sharding_types": features} for f in log.schema.sparse}
+            constraints = common.write_constraints(run, f"stage1-rank{env.rank}", spec)
+        m = rank_bench.configs(args, tiny)[1]
+        row = compress_bench.measure_scheme(run, env, log, "temporal", common.pick(args.batch, tiny, 32, 8192), 1, m,
+                                            bf16=bool(args.bf16), constraints=constraints)
+        return {**row, "plan_types": row["plan"]}
+    r, m, batch = rank_bench.configs(args, tiny)
+    cons = scaling_constraints(log, env.device.type, args.feature_sharding)
+    case = rank_bench.build_case(run, env, log, "iat", r, m, batch, bool(args.bf16), constraints=cons)
+    row = rank_bench.measure_case(run, case)
+    del case
+    common.free(run.device)
+    return {**row, "plan_types": sorted(set(row["plan"].values()))}
+
+
 def worker(args) -> int:
-    """One rank of a launched job: build, time, reduce over ranks, rank 0 writes --result."""
+    """One rank of a launched job: every stage timed, reduced over ranks; rank 0 writes --result."""
     env = init_distributed(args.device)
     try:
         tiny = (env.device.type == "cpu") if args.tiny is None else bool(args.tiny)
@@ -53,39 +84,29 @@ def worker(args) -> int:
             torch.set_num_threads(args.threads or 1)
         run = common.Run("scaling", args, env.device, tiny, common.pick(args.warmup, tiny, 2, 10),
                          common.pick(args.iters, tiny, 3, 40), Path(args.result).parent)
-        torch.manual_seed(args.seed)
-        r, m, batch = rank_bench.configs(args, tiny)
-        bf16 = env.device.type == "cuda" if args.bf16 is None else args.bf16
+        if args.bf16 is None:
+            args.bf16 = env.device.type == "cuda"
         log = InstanceLog(args.data)
-        cons = scaling_constraints(log, env.device.type, args.feature_sharding)
-        case = rank_bench.build_case(run, env, log, "iat", r, m, batch, bf16, constraints=cons)
-        row = rank_bench.measure_case(run, case)
-        stats = torch.tensor([row["ms_per_step"], float(row["peak_mem_bytes"]), row["mean_history_len"]],
-                             dtype=torch.float64, device=env.device)
-        per_rank = [torch.zeros_like(stats) for _ in range(env.world_size)]
-        dist.all_gather(per_rank, stats)
-        per_rank = [t.cpu().tolist() for t in per_rank]
-        if env.is_main:
+        results = []
+        for stage in stages(args):
+            torch.manual_seed(args.seed)
+            row = measure_stage(run, env, log, stage, args)
+            stats = torch.tensor([row["ms_per_step"], float(row["peak_mem_bytes"])], dtype=torch.float64, device=env.device)
+            per_rank = [torch.zeros_like(stats) for _ in range(env.world_size)]
+            dist.all_gather(per_rank, stats)
+            per_rank = [t.cpu().tolist() for t in per_rank]
             step_ms = max(p[0] for p in per_rank)
-            result = {
-                "case": f"{env.world_size}_rank" + ("s" if env.world_size > 1 else ""),
-                "world_size": env.world_size,
-                "backend": env.backend,
-                "ms_per_step": step_ms,
-                "samples_per_s": batch * env.world_size / (step_ms * 1e-3),
-                "samples_per_step": batch * env.world_size,
-                "per_rank_batch": batch,
-                "peak_mem_bytes": int(max(p[1] for p in per_rank)),
-                "rank_ms_per_step": [p[0] for p in per_rank],
-                "mean_history_len": sum(p[2] for p in per_rank) / len(per_rank),
-                "timing": row["timing"],
-                "plan": case.plan,
-                "plan_types": sorted(set(case.plan.values())),
-                "pipelined_modules": row["pipelined_modules"],
-                "bf16": bf16,
-            }
-            Path(args.result).write_text(json.dumps(result))
-        del case
+            batch = row["samples_per_step"]
+            results.append({
+                "case": f"{STAGES[stage]}/{env.world_size}", "stage": stage, "world_size": env.world_size,
+                "backend": env.backend, "ms_per_step": step_ms, "samples_per_s": batch * env.world_size / (step_ms * 1e-3),
+                "samples_per_step": batch * env.world_size, "per_rank_batch": batch,
+                "peak_mem_bytes": int(max(p[1] for p in per_rank)), "rank_ms_per_step": [p[0] for p in per_rank],
+                "timing": row["timing"], "plan_types": row["plan_types"],
+                "pipelined_modules": row["pipelined_modules"], "bf16": bool(args.bf16),
+            })  # fmt: skip
+        if env.is_main:
+            Path(args.result).write_text(json.dumps(results))
         dist.barrier()
     finally:
         if dist.is_initialized():
@@ -93,14 +114,32 @@ def worker(args) -> int:
     return 0
 
 
+def stages(args) -> list[int]:
+    out = [int(x) for x in str(args.stages).split(",") if x.strip()]
+    if not out or any(s not in STAGES for s in out):
+        raise IatError(f"--stages: a comma list of 1 and 2, not {args.stages!r}")
+    return out
+
+
+def rank_counts(args, cuda: bool) -> list[int]:
+    counts = sorted({int(x) for x in str(args.ranks).split(",") if x.strip()})
+    if not counts or counts[0] < 1:
+        raise IatError(f"--ranks: a comma list of positive rank counts, not {args.ranks!r}")
+    if cuda and counts[-1] > torch.cuda.device_count():
+        raise IatError(f"--ranks {args.ranks}: {counts[-1]} ranks need {counts[-1]} GPUs; torch sees {torch.cuda.device_count()}")
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = common.base_parser("scaling", __doc__)
     rank_bench.add_model_flags(p)
     p.set_defaults(bf16=None)
+    p.add_argument("--ranks", default="1,2", help="comma list of rank counts (default 1,2); 1 is the baseline")
+    p.add_argument("--stages", default="1,2", help="comma list: 1 = stage-1 compress (temporal), 2 = stage-2 rank (IAT)")
     p.add_argument("--feature-sharding", default="default",
                    choices=["default", "auto", "row_wise", "table_wise", "data_parallel"],
-                   help="feature tables' sharding on both jobs (default: row_wise on GPU, table_wise on CPU; auto: planner)")
+                   help="feature tables' sharding in every job (default: row_wise on GPU, table_wise on CPU; auto: planner)")
     p.add_argument("--worker", action="store_true", help=argparse_hidden())
     p.add_argument("--data", help=argparse_hidden())
     p.add_argument("--result", help=argparse_hidden())
@@ -108,34 +147,45 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return worker(args)
     with common.bench_run("scaling", args, warmup=(2, 10), iters=(3, 40)) as run:
-        if run.cuda and torch.cuda.device_count() < 2:
-            raise IatError(f"scaling needs 2 GPUs; torch sees {torch.cuda.device_count()}")
+        counts = rank_counts(args, run.cuda)
+        wanted = stages(args)
+        if counts[0] != 1:
+            counts = [1, *counts]
         log = rank_bench.rank_log(run, args)
         child = drop_flag(drop_flag(argv, "--out"), "--work")
-        results: dict[int, dict[str, Any]] = {}
-        for n in (1, 2):
+        rows: list[dict[str, Any]] = []
+        for n in counts:
             path = run.work / f"scaling-{n}.json"
             path.unlink(missing_ok=True)
             print(f"[scaling] {n} rank(s) ...", flush=True)
             code = launch("benchmarks.scaling", [*child, "--worker", "--data", str(log.path), "--result", str(path)], n)
             if code != 0 or not path.is_file():
                 raise IatError(f"scaling: the {n}-rank job failed (exit code {code}); its error is printed above")
-            results[n] = json.loads(path.read_text())
-        one, two = results[1], results[2]
-        speedup = common.ratio(two["samples_per_s"], one["samples_per_s"])
-        same_plan = one["plan_types"] == two["plan_types"]
-        for x in (one, two):
-            x["speedup_vs_1"] = common.ratio(x["samples_per_s"], one["samples_per_s"])
-            x["efficiency"] = x["speedup_vs_1"] / x["world_size"]
+            rows += json.loads(path.read_text())
+        summary = []
+        same_plan = True
+        for stage in wanted:
+            mine = [x for x in rows if x["stage"] == stage]
+            base = mine[0]["samples_per_s"]
+            for x in mine:
+                x["speedup_vs_1"] = common.ratio(x["samples_per_s"], base)
+                x["efficiency"] = x["speedup_vs_1"] / x["world_size"]
+            same_plan &= all(x["plan_types"] == mine[0]["plan_types"] for x in mine)
+            for x in mine[1:]:
+                n = x["world_size"]
+                key = "scaling_2gpu" if (stage == 2 and n == 2) else ("scaling_eff_8gpu" if (stage == 2 and n == 8) else None)
+                summary.append(common.summary_item(
+                    run, f"stage {stage}: {n} / 1 rank samples/s", x["samples_per_s"], "samples/s", "1 rank",
+                    x["speedup_vs_1"] if key != "scaling_eff_8gpu" else x["efficiency"], key,
+                ))  # fmt: skip
         r, _, batch = rank_bench.configs(args, run.tiny)
-        config = {"per_rank_batch": batch, "max_len": r.max_len, "reader": r.reader, "history": "iat",
-                  "feature_sharding": args.feature_sharding, "backend": one["backend"], "bf16": one["bf16"],
-                  "same_plan_types": same_plan, "log_rows": log.rows, "scaling": "weak (fixed per-rank batch)"}
-        summary = [common.summary_item(run, "2 / 1 rank samples/s", two["samples_per_s"], "samples/s", "1 rank", speedup,
-                                       "scaling_2gpu")]
+        config = {"ranks": counts, "stages": wanted, "per_rank_batch": batch, "max_len": r.max_len, "reader": r.reader,
+                  "stage2_history": "iat", "stage1_scheme": "temporal", "feature_sharding": args.feature_sharding,
+                  "backend": rows[0]["backend"], "bf16": rows[0]["bf16"], "same_plan_types": same_plan,
+                  "log_rows": log.rows, "scaling": "weak (fixed per-rank batch)"}
         columns = common.DEFAULT_COLUMNS + (("speedup", "speedup_vs_1", "x"), ("efficiency", "efficiency", "pct"))
-        common.finish(run, config, [one, two], summary, columns,
-                      notes=[] if same_plan else ["the 1- and 2-rank plans differ in sharding types"])
+        common.finish(run, config, rows, summary, columns,
+                      notes=[] if same_plan else ["the jobs' plans differ in sharding types"])
     return 0
 
 
