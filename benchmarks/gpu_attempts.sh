@@ -35,4 +35,11 @@ run tbe_pool64 tbe --sets wide --pooling 64
 # 4. rank: a reader with head dim 64 (d 256, 4 heads); torch.compile of the reader alone
 run rank_d256 rank --bf16 --history iat --reader-dim 256 --reader-heads 4
 run rank_compile rank --bf16 --history iat --compile
+# round 2 (after reading the profiles)
+# 5. tbe: 4x batch or 4x pooling with 4x the rows, so rows repeat within a step as often as at
+#    the default size (the effective-bytes count assumes every looked-up row is distinct)
+run tbe_batch32k_rows4m tbe --sets wide --batch 32768 --rows 4000000
+run tbe_pool64_rows4m tbe --sets wide --pooling 64 --rows 4000000
+# 6. rank: the recency-position embedding's backward as scatter-add + sum (modules.attention.position_embedding)
+run rank_posfix rank --bf16 --history iat --profile "$OUT/profiles"
 echo "failed: ${failed[*]:-none}"

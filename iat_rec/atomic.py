@@ -7,6 +7,8 @@ half-written one.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -28,13 +30,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    _put_dir(tmp, path, path.parent / f".{path.name}.old-{os.getpid()}")
 
 
 @contextlib.contextmanager
@@ -59,24 +55,57 @@ def collective_atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     if main:
         old = path.parent / f".{path.name}.old"
         shutil.rmtree(old, ignore_errors=True)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        _put_dir(tmp, path, old)
     barrier()
 
 
-def write_json(path: str | os.PathLike, obj) -> None:
-    """Writes JSON through a temporary file and an atomic rename."""
+def _put_dir(tmp: Path, path: Path, old: Path) -> None:
+    """Moves the finished directory ``tmp`` to ``path``, replacing what is there.
+
+    A directory cannot be renamed over a non-empty one, so an existing ``path`` is swapped
+    with ``tmp`` in one step where the filesystem can; elsewhere it is renamed to ``old``
+    first, and a kill between the two renames leaves the previous artifact at ``old``.
+    """
+    if path.exists() and _exchange(tmp, path):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the previous artifact
+        return
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps two paths atomically (Linux renameat2); False where the OS or filesystem cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` through a temporary file and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Writes JSON through a temporary file and an atomic rename."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

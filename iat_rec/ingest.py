@@ -4,7 +4,8 @@ Every column the schema names is read as text (CSV) or cast from its stored type
 (Parquet), then validated and encoded per chunk, so memory holds encoded int64/float
 arrays only, never the whole file as Python objects. Any bad value stops the ingest with
 one error naming the file, column and row; nothing is left on disk (the writer renames a
-temporary directory into place only at the end).
+temporary directory into place only at the end). Rows tied on (user, time) are kept in file
+order; rows equal in every column the schema reads are refused as duplicates.
 """
 
 from __future__ import annotations
@@ -314,4 +315,65 @@ def ingest(input_path: str | Path, schema: Schema, out: str | Path) -> InstanceL
             if f.multi
         },
     )
+    _refuse_duplicates(path, cols)
     return write_instance_log(out, schema, cols, source=str(path))
+
+
+def _refuse_duplicates(path: Path, cols: Columns) -> None:
+    """Two rows equal in every column the schema reads would be one instance logged twice
+    (a file concatenated twice, a retried export): refused, naming the first such pair.
+    Hashed ids compare after hashing, as the model sees them."""
+    pair = _first_duplicate(cols)
+    if pair is None:
+        return
+    rows = [r + 1 for r in pair]  # 1-based data rows
+    where = f"rows {rows[0]} and {rows[1]}"
+    if path.suffix.lower() == ".csv":
+        where += f" (lines {_csv_line_of_row(path, rows[0])} and {_csv_line_of_row(path, rows[1])})"
+    raise IatError(f"{path}: {where} are duplicates: every column the schema reads is equal; remove one of them")
+
+
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _first_duplicate(cols: Columns) -> tuple[int, int] | None:
+    """(earlier, later) 0-based rows of the duplicate whose later row comes first, or None.
+
+    Duplicates share (user, ts), so rows are sorted by (user, ts, a digest of the rest) and
+    only neighbours equal on all three are compared exactly.
+    """
+    digest = np.zeros(cols.rows, dtype=np.uint64)
+    for column in _value_columns(cols):
+        digest = (digest ^ column) * _MIX
+    order = np.lexsort((digest, cols.ts, cols.user))  # stable: equal rows stay in file order
+    tied = np.flatnonzero((np.diff(cols.user[order]) == 0) & (np.diff(cols.ts[order]) == 0) & (np.diff(digest[order]) == 0))
+    candidates = sorted((int(order[k + 1]), int(order[k])) for k in tied)  # (later, earlier)
+    return next(((earlier, later) for later, earlier in candidates if _same_row(cols, earlier, later)), None)
+
+
+def _value_columns(cols: Columns) -> Iterator[np.ndarray]:
+    """Every encoded value but user and ts, as uint64 columns [N]; a multi-valued feature
+    as its lengths and a position-aware sum over each row's list."""
+    for block in (cols.labels, cols.label_time, cols.dense):
+        for j in range(block.shape[1]):
+            yield block[:, j].astype(np.float64 if block.dtype.kind == "f" else np.int64).view(np.uint64)
+    for ids in cols.sparse.values():
+        yield ids.astype(np.uint64)
+    for values, lengths in cols.multi.values():
+        yield lengths.astype(np.uint64)
+        starts = np.cumsum(lengths) - lengths
+        position = np.arange(len(values)) - np.repeat(starts, lengths)
+        salted = (values.astype(np.uint64) + np.uint64(1)) * _MIX ^ position.astype(np.uint64)
+        sums = np.concatenate([[np.uint64(0)], np.cumsum(salted, dtype=np.uint64)])
+        yield sums[starts + lengths] - sums[starts]
+
+
+def _same_row(cols: Columns, a: int, b: int) -> bool:
+    single = (cols.user, cols.ts, cols.labels, cols.label_time, cols.dense, *cols.sparse.values())
+    if not all(np.array_equal(x[a], x[b]) for x in single):
+        return False
+    for values, lengths in cols.multi.values():
+        starts = np.cumsum(lengths) - lengths
+        if not np.array_equal(values[starts[a] : starts[a] + lengths[a]], values[starts[b] : starts[b] + lengths[b]]):
+            return False
+    return True

@@ -28,7 +28,7 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.modules.embedding_modules import EmbeddingCollection
 
 from iat_rec.atomic import collective_atomic_dir, write_json
-from iat_rec.checkpoint import dcp_load
+from iat_rec.checkpoint import dcp_load, read_metadata
 from iat_rec.errors import IatError
 from iat_rec.history import HistoryIndex
 from iat_rec.planning import TOKEN_TABLE, token_table_config
@@ -68,6 +68,16 @@ class TokenTable:
         self.rows: int = int(self.manifest["rows"])
         self.dim: int = int(self.manifest["dim"])
         self.dtype: str = self.manifest["dtype"]
+        self._check_shape()
+
+    def _check_shape(self) -> None:
+        """The manifest's shape is what every user of the table builds on: refuse a table
+        whose stored weights disagree (an edited manifest, or files mixed from two tables)."""
+        weight = read_metadata(self.path / "table", "token table").state_dict_metadata.get(WEIGHT_KEY)
+        shape = tuple(weight.size) if weight is not None else None
+        if shape != (self.rows, self.dim):
+            held = f"weights of shape {list(shape)}" if shape else "no token weights"
+            raise IatError(f"{self.path}: manifest.json says {self.rows} rows x dim {self.dim}, but the table holds {held}")
 
     def side(self, name: str) -> np.ndarray:
         f = self.path / f"{name}.npy"

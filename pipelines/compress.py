@@ -27,7 +27,7 @@ from iat_rec.loaders import BatchDataset, SelectTasks, select_tasks, time_order,
 from iat_rec.planning import TOKEN_FEATURE, feature_table_configs, token_table_config
 from iat_rec.token_table import TokenTable, token_constraints
 from modules.compressor import Compressor
-from pipelines.trainer import Trainer, embedding_params, make_optimizer, program_cli, program_parser, shard
+from pipelines.trainer import Trainer, check_resume, embedding_params, make_optimizer, program_cli, program_parser, shard
 
 RUN_FORMAT = "iat-rec-run"
 
@@ -99,6 +99,7 @@ def check_config(cfg: CompressConfig) -> None:
 
 def train(cfg: CompressConfig) -> dict:
     env = init_distributed(cfg.device)
+    check_resume(cfg, env)
     torch.manual_seed(cfg.seed)
     log = InstanceLog(cfg.data)
     splits = time_split(log, cfg.split)
@@ -112,23 +113,18 @@ def train(cfg: CompressConfig) -> dict:
     if table is not None:
         table.load_into(dmp.module.tokens)
     per_batch = cfg.batch_size * (cfg.window if cfg.scheme == "user" else 1)
+    info = {
+        "format": RUN_FORMAT,
+        "stage": "compress",
+        "config": to_dict(cfg),
+        "data": str(Path(cfg.data).resolve()),
+        "log_fingerprint": log.fingerprint,
+        "world_size": env.world_size,
+        "backend": env.backend,
+    }
     trainer = Trainer(
-        env, cfg, dmp, make_optimizer(dmp, cfg.dense_lr), train_ds, valid_ds, select_tasks(log.schema, cfg.tasks)[0], per_batch
+        env, cfg, dmp, make_optimizer(dmp, cfg.dense_lr), train_ds, valid_ds, select_tasks(log.schema, cfg.tasks)[0], per_batch, info
     )
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(
-            out / "run.json",
-            {
-                "format": RUN_FORMAT,
-                "stage": "compress",
-                "config": to_dict(cfg),
-                "data": str(Path(cfg.data).resolve()),
-                "log_fingerprint": log.fingerprint,
-                "world_size": env.world_size,
-                "backend": env.backend,
-            },
-        )
     result = trainer.fit()
     if env.is_main:
         write_json(out / "result.json", result)

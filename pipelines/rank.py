@@ -34,7 +34,7 @@ from iat_rec.rank_data import HistorySource, RankBatchMaker, seq_key
 from iat_rec.token_table import TokenTable, token_constraints
 from modules.ranker import HISTORY_MODES, READERS, Ranker, RankerConfig
 from pipelines.compress import RUN_FORMAT, load_stage1
-from pipelines.trainer import Trainer, embedding_params, evaluate, make_optimizer, program_cli, program_parser, shard
+from pipelines.trainer import Trainer, check_resume, embedding_params, evaluate, make_optimizer, program_cli, program_parser, shard
 
 
 @dataclasses.dataclass
@@ -147,16 +147,15 @@ def test_metrics(built: Built, cfg: RankConfig) -> dict:
 
 def train(cfg: RankConfig) -> dict:
     env = init_distributed(cfg.device)
+    check_resume(cfg, env)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     built = build(cfg, env, plan_out=out / "plan.json")
+    info = {"format": RUN_FORMAT, "stage": "rank", "config": to_dict(cfg), "world_size": env.world_size, "log_fingerprint": built.log.fingerprint}
     trainer = Trainer(
         env, cfg, built.model, make_optimizer(built.model, cfg.dense_lr), dataset(built, cfg, "train"),
-        dataset(built, cfg, "valid"), built.tasks, cfg.batch_size,
+        dataset(built, cfg, "valid"), built.tasks, cfg.batch_size, info,
     )  # fmt: skip
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "run.json", {"format": RUN_FORMAT, "stage": "rank", "config": to_dict(cfg), "world_size": env.world_size, "log_fingerprint": built.log.fingerprint})
     result = trainer.fit()
     metrics = test_metrics(built, cfg)
     if env.is_main:

@@ -31,7 +31,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
 from iat_rec import checkpoint as ckpt
-from iat_rec.atomic import write_json
+from iat_rec.atomic import write_json, write_text
 from iat_rec.config import TrainConfig, add_flags, resolve, to_dict
 from iat_rec.distenv import DistEnv, run_ranks
 from iat_rec.errors import IatError
@@ -121,6 +121,7 @@ class Trainer:
     valid: BatchDataset | None
     tasks: list[str]
     samples_per_batch: int  # instances per rank per step (for samples/s)
+    run_info: dict[str, Any] | None = None  # RUN/run.json, written once a resume has loaded
 
     @property
     def out(self) -> Path:
@@ -165,9 +166,15 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         loader = EpochLoader(self.train, num_workers=self.cfg.num_workers, pin_memory=self.env.device.type == "cuda")
         start = self._restore(loader) if self.cfg.resume else 0
+        if self.env.is_main and self.run_info is not None:
+            write_json(self.out / "run.json", self.run_info)
         steps = self.total_steps()
         writer = _writer(self.out / "tb") if self.env.is_main else None
-        log_file = open(self.out / "train_log.jsonl", "a") if self.env.is_main else None
+        log_file = None
+        if self.env.is_main:
+            log_path = self.out / "train_log.jsonl"
+            truncate_log(log_path, start)
+            log_file = open(log_path, "a", buffering=1)  # whole lines reach the file before a kill
         bar = progress_bar(steps, start, "train", "step", self.env.is_main and self.cfg.progress)
         history: list[dict] = []
         it = iter(loader)
@@ -229,6 +236,19 @@ class Trainer:
         return {"step": step, "metrics": metrics}
 
 
+def truncate_log(path: Path, step: int) -> None:
+    """Keeps the lines of steps up to ``step``: a resumed run logs the later ones again, so
+    the log of a run killed and resumed holds every step once."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        if json.loads(line)["step"] > step:
+            break  # a kill can tear only a line after the checkpoint, never parsed here
+        kept.append(line)
+    write_text(path, "".join(kept))
+
+
 def segments(start: int, steps: int, eval_every: int, ckpt_every: int) -> list[tuple[int, int]]:
     """(first, last] step ranges between evaluations/checkpoints, ending at ``steps``."""
     ends = {steps} | {s for every in (eval_every, ckpt_every) if every for s in range(every, steps, every)}
@@ -250,6 +270,13 @@ def evaluate(
             metrics.update(logits, labels, weights, users)
     model.train(was_training)
     return metrics.compute()
+
+
+def check_resume(cfg: TrainConfig, env: DistEnv) -> None:
+    """Refuses a resume on another world size before the run's files are rewritten."""
+    path = ckpt.latest(cfg.out) if cfg.resume else None
+    if path is not None:
+        ckpt.check_world_size(path, env.world_size)
 
 
 def program_parser(prog: str, doc: str, cls) -> argparse.ArgumentParser:

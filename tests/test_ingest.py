@@ -412,6 +412,34 @@ def test_not_a_parquet_file_and_unknown_suffix(tmp_path, capsys, schema_path):
     run_bad(tmp_path, capsys, tmp_path / "nope.csv", schema_path, "input file not found", "nope.csv")
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 3], ids=["one-chunk", "across-chunks"])
+def test_duplicate_rows_are_refused(tmp_path, capsys, schema_path, monkeypatch, chunk_rows):
+    """A row equal to an earlier one in every column would be one instance logged twice."""
+    if chunk_rows:
+        monkeypatch.setattr(ingest_mod, "CHUNK_ROWS", chunk_rows)
+        monkeypatch.setattr(ingest_mod, "CSV_BLOCK_BYTES", 160)
+    rows = ROWS + [dict(ROWS[3]), dict(ROWS[6])]  # data rows 9 and 10 repeat rows 4 and 7
+    path = write_csv(tmp_path / "in.csv", rows)
+    run_bad(tmp_path, capsys, path, schema_path, str(path), "rows 4 and 9 (lines 5 and 10) are duplicates")
+    path = write_parquet(tmp_path / "in.parquet", rows)
+    run_bad(tmp_path, capsys, path, schema_path, "rows 4 and 9 are duplicates")
+
+
+def test_rows_equal_but_for_one_value_or_list_order_are_kept(tmp_path, schema):
+    """Same user, time and features but a list in another order, or another label: two instances."""
+    rows = ROWS + [dict(ROWS[0], tags="y|x"), dict(ROWS[1], click=1)]
+    log = ingest(write_csv(tmp_path / "in.csv", rows), schema, tmp_path / "log")
+    assert log.rows == len(ROWS) + 2
+
+
+def test_users_with_a_single_instance_are_accepted(tmp_path, schema):
+    rows = ROWS + [dict(ROWS[0], uid="u7", ts=40), dict(ROWS[1], uid="u0", ts=3)]
+    log = ingest(write_csv(tmp_path / "in.csv", rows), schema, tmp_path / "log")
+    assert list(log.user_keys) == ["u0", "u1", "u10", "u2", "u7"]
+    np.testing.assert_array_equal(np.diff(log.user_offsets), [1, 3, 2, 3, 1])
+    log.verify()
+
+
 BAD_SCHEMAS = [
     ("unknown-top-key", SCHEMA_YAML + "extra: 1\n", ["unknown keys ['extra']"]),
     ("unknown-item-key", SCHEMA_YAML.replace("hash: 1000}", "hash: 1000, vocabulary: [a]}"), ["sparse[0]", "unknown keys ['vocabulary']"]),

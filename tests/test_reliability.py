@@ -1,32 +1,70 @@
-"""Reliability: determinism, resume on another world size, configs with unknown keys."""
+"""Reliability: determinism, a rank killed mid-training, resume on another world size, bad input.
+
+The fault test runs a real 2-rank ``torchx run -s local_cwd`` job with torchrun restarts,
+SIGKILLs one rank after a checkpoint and checks that the restarted job ends exactly where an
+uninterrupted run with the same seed ends (marked ``slow``, ~25 s on 2 cores).
+"""
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
 
+import numpy as np
+import pytest
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from iat_rec.checkpoint import dcp_load
 from iat_rec.cli import main
-from tests.conftest import run_cli
+from tests.conftest import STAGE1, run_cli
+from tests.test_ingest import ROWS, SCHEMA_YAML, write_csv
+from tests.test_torchx import BIN, COMPONENT, REPO
 
 
-def test_same_seed_same_losses_and_metrics(tiny_log, tmp_path):
-    args = ["--data", str(tiny_log), "--nproc", "1", "--scheme", "temporal", "--steps", "6", "--batch-size", "32",
-            "--eval-batches", "2", "--no-progress", "--emb-dim", "8", "--hidden", "32"]  # fmt: skip
-    a, b = tmp_path / "a", tmp_path / "b"
-    run_cli("compress", *args, "--out", str(a))
-    run_cli("compress", *args, "--out", str(b))
-    assert (a / "train_log.jsonl").read_text() == (b / "train_log.jsonl").read_text()
-    assert json.loads((a / "result.json").read_text())["valid"] == json.loads((b / "result.json").read_text())["valid"]
+ONE_RANK = ["--nproc", "1", "--scheme", "temporal", "--steps", "6", "--batch-size", "32", "--eval-batches", "2",
+            "--no-progress", "--emb-dim", "8", "--hidden", "32"]  # fmt: skip
 
 
-def test_resume_on_another_world_size_is_refused(stage1_run, tiny_log, tmp_path, capsys):
-    import shutil
+@pytest.fixture(scope="module")
+def one_rank_run(tiny_log, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("one_rank") / "run"
+    run_cli("compress", "--data", str(tiny_log), "--out", str(run), *ONE_RANK)
+    return run
 
+
+def files(run: Path) -> dict[str, bytes]:
+    """Every file under ``run``, by relative path: to show that nothing was written."""
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def one_error_line(capsys) -> str:
+    """The single ``iat-rec: error:`` line of a failed command (third-party warnings aside)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("iat-rec:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+def test_same_seed_same_losses_and_metrics(one_rank_run, tiny_log, tmp_path):
+    again = tmp_path / "again"
+    run_cli("compress", "--data", str(tiny_log), "--out", str(again), *ONE_RANK)
+    assert (again / "train_log.jsonl").read_text() == (one_rank_run / "train_log.jsonl").read_text()
+    assert json.loads((again / "result.json").read_text())["valid"] == json.loads((one_rank_run / "result.json").read_text())["valid"]
+
+
+def test_resume_on_another_world_size_is_refused_before_anything_is_written(stage1_run, tiny_log, tmp_path, capsys):
     run = tmp_path / "copy"
     shutil.copytree(stage1_run, run)
-    code = main(["compress", "--data", str(tiny_log), "--out", str(run), "--nproc", "1", "--scheme", "user",
-                 "--window", "8", "--steps", "14", "--resume", "--no-progress", "--emb-dim", "8", "--hidden", "64",
-                 "--decompress", "64", "--iat-dim", "16"])  # fmt: skip
+    before = files(run)
+    code = main(["compress", "--data", str(tiny_log), "--out", str(run), "--nproc", "1", *STAGE1, "--steps", "14", "--resume"])
     assert code == 2
-    err = capsys.readouterr().err
-    assert "written by 2 ranks; resuming on 1 ranks" in err
+    assert "written by 2 ranks; resuming on 1 ranks" in one_error_line(capsys)
+    assert files(run) == before
 
 
 def test_config_with_unknown_keys_is_one_clear_error(tiny_log, tmp_path, capsys):
@@ -36,3 +74,173 @@ def test_config_with_unknown_keys_is_one_clear_error(tiny_log, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown keys ['learning_rate']" in err[0]
     assert not (tmp_path / "r").exists()
+
+
+# ---- bad input: damaged checkpoints, token tables of another dim, single-instance users ----------
+
+
+def damage(ckpt_dir: Path, how: str) -> None:
+    """Truncates every shard file, or zeroes 1 KiB inside the largest model tensor's bytes
+    (which torch.load alone would load silently: it does not check the zip's CRC-32s)."""
+    if how == "truncated":
+        for f in ckpt_dir.glob("*.distcp"):
+            f.write_bytes(f.read_bytes()[:8])
+        return
+    storage = FileSystemReader(str(ckpt_dir)).read_metadata().storage_data
+    entry = max((info for index, info in storage.items() if index.fqn.startswith("model.")), key=lambda info: info.length)
+    f = ckpt_dir / entry.relative_path
+    data = bytearray(f.read_bytes())
+    middle = entry.offset + entry.length // 2
+    data[middle : middle + 1024] = bytes(1024)
+    f.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["truncated", "overwritten"])
+def test_damaged_checkpoint_is_one_clear_error_on_export_and_resume(one_rank_run, tiny_log, tmp_path, capsys, how):
+    run = tmp_path / "run"
+    shutil.copytree(one_rank_run, run)
+    damage(run / "checkpoints" / "step_00000006", how)
+    before = files(run)
+    tokens = tmp_path / "tokens"
+    assert main(["export", "--stage1", str(run), "--out", str(tokens), "--nproc", "1", "--no-progress"]) == 2
+    assert "step_00000006: corrupt, truncated or unsafe checkpoint" in one_error_line(capsys)
+    assert not tokens.exists() and not (tmp_path / ".tokens.tmp").exists()
+    assert main(["compress", "--data", str(tiny_log), "--out", str(run), *ONE_RANK, "--steps", "9", "--resume"]) == 2
+    assert "step_00000006: corrupt, truncated or unsafe checkpoint" in one_error_line(capsys)
+    assert files(run) == before
+
+
+def test_token_table_of_another_dim_is_one_clear_error(tiny_log, tokens, tmp_path, capsys):
+    """A manifest that disagrees with its table's weights, and a table the model cannot take."""
+    edited = tmp_path / "edited"
+    shutil.copytree(tokens, edited)
+    manifest = json.loads((edited / "manifest.json").read_text())
+    (edited / "manifest.json").write_text(json.dumps({**manifest, "dim": 8}))
+    out = tmp_path / "rank"
+    assert main(["rank", "--data", str(tiny_log), "--tokens", str(edited), "--history", "iat", "--out", str(out), "--nproc", "1"]) == 2
+    assert f"manifest.json says {manifest['rows']} rows x dim 8, but the table holds weights of shape [{manifest['rows']}, 16]" in one_error_line(capsys)
+    assert not out.exists()
+    assert main(["compress", "--data", str(tiny_log), "--out", str(out), "--scheme", "user", "--stream", "--tokens", str(tokens),
+                 "--iat-dim", "32", "--nproc", "1"]) == 2  # fmt: skip
+    assert "has dim 16, the model expects 32" in one_error_line(capsys)
+    assert not out.exists()
+
+
+def single_instance_csv(path: Path, users: int) -> Path:
+    """The ingest tests' rows, each under a user of its own."""
+    rows = []
+    for i in range(users):
+        row = ROWS[i % len(ROWS)]
+        ts = 1_000 + 7 * i
+        rows.append(dict(row, uid=f"s{i}", ts=ts, conv_time=ts + row["conv_time"] - row["ts"]))
+    return write_csv(path, rows)
+
+
+def test_users_with_a_single_instance_ingest_and_train(tmp_path):
+    (tmp_path / "schema.yaml").write_text(SCHEMA_YAML)
+    log = tmp_path / "log"
+    run_cli("data", "ingest", "--input", str(single_instance_csv(tmp_path / "in.csv", 160)), "--schema",
+            str(tmp_path / "schema.yaml"), "--out", str(log))  # fmt: skip
+    common = ["--data", str(log), "--nproc", "1", "--steps", "3", "--batch-size", "8", "--eval-batches", "1", "--no-progress",
+              "--emb-dim", "4", "--hidden", "16"]  # fmt: skip
+    run_cli("compress", *common, "--out", str(tmp_path / "s1"), "--scheme", "user", "--window", "4")
+    run_cli("rank", *common, "--out", str(tmp_path / "s2"), "--history", "handcrafted", "--max-len", "4")
+    for run in ("s1", "s2"):
+        assert all(np.isfinite([x for _, x in losses(tmp_path / run)])), run
+    assert json.loads((tmp_path / "s2" / "metrics.json").read_text())["n"] > 0
+
+
+# ---- a rank killed mid-training -------------------------------------------------------------------
+
+
+def _processes() -> dict[int, tuple[int, list[str]]]:
+    """pid -> (parent pid, argv) of every process that can be read."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = [a.decode() for a in (d / "cmdline").read_bytes().split(b"\0") if a]
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue  # gone meanwhile
+        out[int(d.name)] = (ppid, argv)
+    return out
+
+
+def rank_pids(run: Path) -> dict[int, int]:
+    """rank -> pid of the workers of the torchrun agent whose program writes ``run``."""
+    procs = _processes()
+    agents = {pid for pid, (_, argv) in procs.items() if any(a.endswith("torchrun") for a in argv[:2]) and str(run) in argv}
+    ranks = {}
+    for pid, (ppid, _) in procs.items():
+        if ppid not in agents:
+            continue
+        try:
+            environ = (Path("/proc") / str(pid) / "environ").read_bytes()
+        except OSError:
+            continue  # gone meanwhile
+        env = dict(e.split(b"=", 1) for e in environ.split(b"\0") if b"=" in e)
+        ranks[int(env[b"RANK"])] = pid
+    return ranks
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return value
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    return [(d["step"], d["loss"]) for d in map(json.loads, (run / "train_log.jsonl").read_text().splitlines())]
+
+
+def saved_model(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every model tensor of a DCP checkpoint, whole, read in this one process."""
+    meta = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
+             if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}  # fmt: skip
+    dcp_load(state, ckpt)
+    return state
+
+
+@pytest.mark.slow
+def test_rank_killed_mid_training_restarts_and_ends_as_an_uninterrupted_run(stage1_run, tiny_log, tmp_path):
+    """torchx local_cwd, 2 ranks, torchrun --max_restarts 1: SIGKILL rank 1 after the first
+    checkpoint; the job resumes from its latest checkpoint and ends with the losses, metrics
+    and weights of the uninterrupted ``stage1_run`` (same program options, same seed)."""
+    run = tmp_path / "run"
+    cmd = [str(BIN / "torchx"), "run", "-s", "local_cwd", "-cfg", f"log_dir={tmp_path / 'torchx_logs'}",
+           f"{COMPONENT}:compress", "-j", "1x2", "--max_restarts", "1",
+           "--data", str(tiny_log), "--out", str(run), "--resume", "True",
+           "--", *STAGE1, "--ckpt-every", "1"]  # fmt: skip
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("TORCHXCONFIG", None)
+    job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: (run / "checkpoints" / "latest").is_file(), 240, "the first checkpoint")
+        os.kill(wait_for(lambda: rank_pids(run).get(1), 10, "rank 1"), signal.SIGKILL)
+        output, _ = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.terminate()  # torchx stops the job's processes on SIGTERM
+            job.wait(timeout=60)
+    assert job.returncode == 0, output[-5000:]
+    resumed = [int(line.rsplit(" ", 1)[1]) for line in output.splitlines() if "resumed from" in line]
+    assert len(resumed) == 1 and 1 <= resumed[0] < 12, output[-5000:]  # killed after a checkpoint, before the end
+
+    # every step once, with the loss of the uninterrupted run: no batch skipped or repeated
+    got, want = losses(run), losses(stage1_run)
+    assert [s for s, _ in got] == list(range(1, 13)) == [s for s, _ in want]
+    np.testing.assert_allclose([x for _, x in got], [x for _, x in want], rtol=1e-5, atol=1e-6)
+    got_valid = json.loads((run / "result.json").read_text())["valid"]
+    want_valid = json.loads((stage1_run / "result.json").read_text())["valid"]
+    for task, metrics in want_valid.items():
+        for name, value in metrics.items():
+            assert got_valid[task][name] == pytest.approx(value, rel=1e-5, abs=1e-6), (task, name)
+    got_w, want_w = (saved_model(r / "checkpoints" / "step_00000012") for r in (run, stage1_run))
+    assert got_w.keys() == want_w.keys() and got_w
+    for name, tensor in want_w.items():
+        torch.testing.assert_close(got_w[name], tensor, rtol=1e-5, atol=1e-6, msg=name)

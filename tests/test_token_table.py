@@ -96,7 +96,7 @@ def test_missing_and_corrupt_tables_give_one_clear_error(tokens, tmp_path, capsy
         f.write_bytes(f.read_bytes()[:10])  # truncated shard files
     assert main(["tokens", "show", str(broken), "--rows", "0:2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "corrupt or truncated token table" in err[0]
+    assert len(err) == 1 and "corrupt, truncated or unsafe token table" in err[0]
 
     (broken / "table" / ".metadata").unlink()
     with pytest.raises(IatError, match="missing or incomplete checkpoint"):

@@ -115,6 +115,18 @@ def test_single_node_defaults():
 
 
 @pytest.mark.parametrize("name", list(MODULES))
+def test_max_restarts_reaches_torchrun_and_only_when_asked(name):
+    """dist.ddp passes no --max_restarts (and local_cwd ignores max_retries): the components add it."""
+    restarted = torchrun_parser().parse_args(torchrun_argv(getattr(iat, name)(max_restarts=3, **FULL_ARGS[name]))[1:])
+    plain = torchrun_parser().parse_args(torchrun_argv(getattr(iat, name)(**FULL_ARGS[name]))[1:])
+    assert (restarted.max_restarts, plain.max_restarts) == (3, 0)
+    assert getattr(iat, name)(max_restarts=3, **FULL_ARGS[name]).roles[0].env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    assert restarted.training_script_args == plain.training_script_args
+    with pytest.raises(ValueError, match="max_restarts"):
+        getattr(iat, name)(max_restarts=-1, **FULL_ARGS[name])
+
+
+@pytest.mark.parametrize("name", list(MODULES))
 def test_command_parses_under_torchrun(name):
     """Program flags pass through torchrun's parser, which rejects ambiguous abbreviations (--run)."""
     app = getattr(iat, name)(j="2x8", gpu=8, **FULL_ARGS[name])

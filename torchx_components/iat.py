@@ -56,11 +56,12 @@ def _job(
     memMB: int,
     env: Optional[Dict[str, str]],
     max_retries: int,
+    max_restarts: int,
     rdzv_backend: str,
     rdzv_port: int,
     mounts: Optional[List[str]],
 ) -> specs.AppDef:
-    return ddp(
+    app = ddp(
         *program_args,
         *extra,
         m=module,
@@ -77,6 +78,24 @@ def _job(
         rdzv_port=rdzv_port,
         mounts=mounts,
     )
+    return _with_restarts(app, max_restarts)
+
+
+def _with_restarts(app: specs.AppDef, max_restarts: int) -> specs.AppDef:
+    """Adds torchrun's ``--max_restarts``, which dist.ddp does not pass: restarts inside the
+    running job, on every scheduler (local_cwd has no job retries: it ignores max_retries)."""
+    if max_restarts < 0:
+        raise ValueError(f"max_restarts must be >= 0, got {max_restarts}")
+    if max_restarts:
+        (role,) = app.roles
+        torchrun, rest = role.args[1].split(" ", 1)
+        assert torchrun == "torchrun", role.args[1]
+        role.args[1] = f"torchrun --max_restarts {max_restarts} {rest}"
+        # The ranks' process group would otherwise share the agent's store, which keeps the
+        # previous attempt's keys: restarted ranks then read dead peers' addresses and fail
+        # to connect (pytorch/pytorch#135712). Unshared, each attempt gets a fresh store.
+        role.env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    return app
 
 
 def compress(
@@ -98,6 +117,7 @@ def compress(
     memMB: int = 8192,
     env: Optional[Dict[str, str]] = None,
     max_retries: int = 0,
+    max_restarts: int = 0,
     rdzv_backend: str = "c10d",
     rdzv_port: int = 29500,
     mounts: Optional[List[str]] = None,
@@ -116,7 +136,7 @@ def compress(
         epochs: epochs over the train split, used when steps is not given
         batch_size: per rank: instances (temporal) or windows (user)
         config: YAML with any pipelines.compress option (flags override it)
-        resume: continue from the latest checkpoint in out; set it with max_retries so a retried job resumes
+        resume: continue from the latest checkpoint in out (none yet: start fresh); set it with max_restarts or max_retries, so that a restarted job resumes
         image: container image with iat-rec installed (kubernetes); ignored by local_cwd and slurm
         name: job name: {experimentname}/{runname}, {experimentname}/, /{runname} or {runname}
         j: {nnodes}x{nproc_per_node}, e.g. 1x2 on a CPU host, 2x8 for two 8-GPU nodes
@@ -125,7 +145,8 @@ def compress(
         gpu: GPUs per node (set to nproc_per_node on GPU hosts)
         memMB: host memory per node, in MB
         env: environment variables for every rank (e.g. NCCL_DEBUG=INFO,OMP_NUM_THREADS=4)
-        max_retries: scheduler retries of the whole job
+        max_retries: scheduler retries of the whole job (slurm, kubernetes; local_cwd has none)
+        max_restarts: torchrun restarts inside the job, on every scheduler: when a rank fails, every rank of the node stops and starts again
         rdzv_backend: torchrun rendezvous backend (multi-node only)
         rdzv_port: port of the c10d rendezvous store on the first node (multi-node only)
         mounts: mounts for container schedulers (e.g. type=bind,src=/data,dst=/data)
@@ -136,7 +157,7 @@ def compress(
     )  # fmt: skip
     return _job(
         "pipelines.compress", args, list(extra), image, name, j, h, cpu, gpu, memMB,
-        env, max_retries, rdzv_backend, rdzv_port, mounts,
+        env, max_retries, max_restarts, rdzv_backend, rdzv_port, mounts,
     )  # fmt: skip
 
 
@@ -155,6 +176,7 @@ def export(
     memMB: int = 8192,
     env: Optional[Dict[str, str]] = None,
     max_retries: int = 0,
+    max_restarts: int = 0,
     rdzv_backend: str = "c10d",
     rdzv_port: int = 29500,
     mounts: Optional[List[str]] = None,
@@ -179,7 +201,8 @@ def export(
         gpu: GPUs per node (set to nproc_per_node on GPU hosts)
         memMB: host memory per node, in MB
         env: environment variables for every rank (e.g. NCCL_DEBUG=INFO,OMP_NUM_THREADS=4)
-        max_retries: scheduler retries of the whole job
+        max_retries: scheduler retries of the whole job (slurm, kubernetes; local_cwd has none)
+        max_restarts: torchrun restarts inside the job, on every scheduler: when a rank fails, every rank of the node stops and starts again
         rdzv_backend: torchrun rendezvous backend (multi-node only)
         rdzv_port: port of the c10d rendezvous store on the first node (multi-node only)
         mounts: mounts for container schedulers (e.g. type=bind,src=/data,dst=/data)
@@ -187,7 +210,7 @@ def export(
     args = _flags(stage1=stage1, out=out, dtype=dtype, batch_size=batch_size)
     return _job(
         "pipelines.export", args, list(extra), image, name, j, h, cpu, gpu, memMB,
-        env, max_retries, rdzv_backend, rdzv_port, mounts,
+        env, max_retries, max_restarts, rdzv_backend, rdzv_port, mounts,
     )  # fmt: skip
 
 
@@ -214,6 +237,7 @@ def rank(
     memMB: int = 8192,
     env: Optional[Dict[str, str]] = None,
     max_retries: int = 0,
+    max_restarts: int = 0,
     rdzv_backend: str = "c10d",
     rdzv_port: int = 29500,
     mounts: Optional[List[str]] = None,
@@ -234,7 +258,7 @@ def rank(
         epochs: epochs over the train split, used when steps is not given
         batch_size: requests per rank per step
         config: YAML with any pipelines.rank option (flags override it)
-        resume: continue from the latest checkpoint in out; set it with max_retries so a retried job resumes
+        resume: continue from the latest checkpoint in out (none yet: start fresh); set it with max_restarts or max_retries, so that a restarted job resumes
         image: container image with iat-rec installed (kubernetes); ignored by local_cwd and slurm
         name: job name: {experimentname}/{runname}, {experimentname}/, /{runname} or {runname}
         j: {nnodes}x{nproc_per_node}, e.g. 1x2 on a CPU host, 2x8 for two 8-GPU nodes
@@ -243,7 +267,8 @@ def rank(
         gpu: GPUs per node (set to nproc_per_node on GPU hosts)
         memMB: host memory per node, in MB
         env: environment variables for every rank (e.g. NCCL_DEBUG=INFO,OMP_NUM_THREADS=4)
-        max_retries: scheduler retries of the whole job
+        max_retries: scheduler retries of the whole job (slurm, kubernetes; local_cwd has none)
+        max_restarts: torchrun restarts inside the job, on every scheduler: when a rank fails, every rank of the node stops and starts again
         rdzv_backend: torchrun rendezvous backend (multi-node only)
         rdzv_port: port of the c10d rendezvous store on the first node (multi-node only)
         mounts: mounts for container schedulers (e.g. type=bind,src=/data,dst=/data)
@@ -255,7 +280,7 @@ def rank(
     )  # fmt: skip
     return _job(
         "pipelines.rank", args, list(extra), image, name, j, h, cpu, gpu, memMB,
-        env, max_retries, rdzv_backend, rdzv_port, mounts,
+        env, max_retries, max_restarts, rdzv_backend, rdzv_port, mounts,
     )  # fmt: skip
 
 
@@ -279,6 +304,7 @@ def pipeline(
     memMB: int = 8192,
     env: Optional[Dict[str, str]] = None,
     max_retries: int = 0,
+    max_restarts: int = 0,
     rdzv_backend: str = "c10d",
     rdzv_port: int = 29500,
     mounts: Optional[List[str]] = None,
@@ -307,7 +333,8 @@ def pipeline(
         gpu: GPUs per node (set to nproc_per_node on GPU hosts)
         memMB: host memory per node, in MB
         env: environment variables for every rank (e.g. NCCL_DEBUG=INFO,OMP_NUM_THREADS=4)
-        max_retries: scheduler retries of the whole job
+        max_retries: scheduler retries of the whole job (slurm, kubernetes; local_cwd has none)
+        max_restarts: torchrun restarts inside the job, on every scheduler: when a rank fails, every rank of the node stops and starts again
         rdzv_backend: torchrun rendezvous backend (multi-node only)
         rdzv_port: port of the c10d rendezvous store on the first node (multi-node only)
         mounts: mounts for container schedulers (e.g. type=bind,src=/data,dst=/data)
@@ -318,5 +345,5 @@ def pipeline(
     )  # fmt: skip
     return _job(
         "pipelines.pipeline", args, list(extra), image, name, j, h, cpu, gpu, memMB,
-        env, max_retries, rdzv_backend, rdzv_port, mounts,
+        env, max_retries, max_restarts, rdzv_backend, rdzv_port, mounts,
     )  # fmt: skip
