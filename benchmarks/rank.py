@@ -35,7 +35,7 @@ from benchmarks import common
 from iat_rec.config import ModelConfig, TrainConfig
 from iat_rec.instance_log import time_split
 from iat_rec.loaders import BatchDataset
-from iat_rec.planning import build_topology, feature_table_configs, make_plan, token_table_config
+from iat_rec.planning import TOKEN_TABLE, build_topology, feature_table_configs, make_plan, token_table_config
 from iat_rec.rank_data import HistorySource, RankBatchMaker, seq_key
 from modules.ranker import Ranker, RankerConfig
 from modules.readers import make_reader, reader_flops
@@ -78,25 +78,36 @@ class RankCase:
     mean_len: float
 
 
+def build_model(log, r: RankerConfig, model_cfg: ModelConfig, token_dim: int = 64, token_dtype: str = "fp16") -> Ranker:
+    """The unsharded ranker for ``r.history`` (embedding tables on the meta device)."""
+    seq_features = list(log.schema.sequence) if r.history in ("handcrafted", "both") else []
+    token_cfg = token_table_config(log.rows, token_dim, token_dtype) if r.history in ("iat", "both") else None
+    seq_tables = [
+        EmbeddingConfig(name=f"s_{f}", feature_names=[seq_key(f)], num_embeddings=log.schema.feature(f).num_embeddings, embedding_dim=16)
+        for f in seq_features
+    ]  # fmt: skip
+    return Ranker(feature_table_configs(log.schema, model_cfg.emb_dim), len(log.schema.dense),
+                  len(log.schema.labels), model_cfg, r, token_cfg, seq_tables or None)
+
+
+def model_constraints(model: Ranker, device_type: str,
+                      extra: dict[str, ParameterConstraints] | None) -> dict[str, ParameterConstraints]:
+    """The export's token-table constraints (if the model has the table) updated by ``extra``."""
+    cons = dict(token_constraints(device_type)) if hasattr(model, "tokens") else {}
+    cons.update({k: v for k, v in (extra or {}).items() if k != TOKEN_TABLE or hasattr(model, "tokens")})
+    return cons
+
+
 def build_case(run: common.Run, env, log, history: str, ranker: RankerConfig, model_cfg: ModelConfig,
                batch: int, bf16: bool, token_dim: int = 64, token_dtype: str = "fp16", batches: int = 4,
                constraints: dict[str, ParameterConstraints] | None = None) -> RankCase:
     """The sharded ranker for ``history``, its optimizer and cached batches."""
     r = dataclasses.replace(ranker, history=history)
-    seq_features = list(log.schema.sequence) if history in ("handcrafted", "both") else []
-    token_cfg = token_table_config(log.rows, token_dim, token_dtype) if history in ("iat", "both") else None
-    seq_tables = [
-        EmbeddingConfig(name=f"s_{f}", feature_names=[seq_key(f)], num_embeddings=log.schema.feature(f).num_embeddings, embedding_dim=16)
-        for f in seq_features
-    ]  # fmt: skip
-    ranker_model = Ranker(feature_table_configs(log.schema, model_cfg.emb_dim), len(log.schema.dense),
-                          len(log.schema.labels), model_cfg, r, token_cfg, seq_tables or None)
+    ranker_model = build_model(log, r, model_cfg, token_dim, token_dtype)
     trainable = [p for name, m in ranker_model.named_children() if name != "tokens" for p in embedding_params(m)]
     model: nn.Module = common.Autocast(ranker_model, run.device.type) if bf16 else ranker_model
     topology = build_topology(env.world_size, env.local_world_size, run.device.type)
-    cons = dict(token_constraints(run.device.type)) if token_cfg is not None else {}
-    cons.update(constraints or {})
-    plan = make_plan(model, topology, batch, cons, pg=dist.group.WORLD)
+    plan = make_plan(model, topology, batch, model_constraints(ranker_model, run.device.type, constraints), pg=dist.group.WORLD)
     cfg = TrainConfig(batch_size=batch, device=run.device.type)
     dmp, _ = shard(model, env, cfg, plan_out=None, plan=plan, trainable=trainable)
     ds = rank_dataset(log, history, batch, r.max_len, env.rank, env.world_size, run.args.seed)

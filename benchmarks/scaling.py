@@ -11,10 +11,18 @@ Every job gets the same plan *shape*: the token table row-wise (table-wise on CP
 TorchRec has no row-wise) and every feature table ``--feature-sharding`` (default row_wise on
 GPU, table_wise on CPU); the JSON records the plan types of each job. A job's step time is its
 slowest rank's median; samples/s = batch x ranks / step.
+
+``--plan-ranks 8,64`` adds the TorchRec planner's view of rank counts that were not run (nodes
+of 8 GPUs with this GPU's HBM): the estimated sparse time per step of the slowest rank, for the
+same model and constraints, next to its estimate for the 1-rank job. ``estimated_step_ms`` =
+the measured 1-rank step - the planner's 1-rank sparse estimate + its n-rank estimate (the
+dense part per rank is unchanged under weak scaling; the dense gradient all-reduce is not in
+the planner's model), and ``estimated_efficiency`` = 1-rank step / estimated step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -30,7 +38,9 @@ from benchmarks import rank as rank_bench
 from iat_rec.distenv import drop_flag, init_distributed, launch
 from iat_rec.errors import IatError
 from iat_rec.instance_log import InstanceLog
-from iat_rec.planning import TOKEN_TABLE
+from iat_rec.config import CompressConfig
+from iat_rec.planning import TOKEN_TABLE, build_topology, make_plan_with_stats, quiet_planner_logs
+from pipelines.compress import build_compressor
 
 STAGES = {1: "stage1_compress_temporal", 2: "stage2_rank_iat"}
 
@@ -114,6 +124,37 @@ def worker(args) -> int:
     return 0
 
 
+def planner_sparse_ms(log, stage: int, args, world: int, device_type: str, hbm_gb: float | None) -> float:
+    """The planner's estimated sparse time per step (slowest rank) of ``stage`` on ``world`` ranks."""
+    r, m, batch = rank_bench.configs(args, args.tiny if args.tiny is not None else device_type == "cpu")
+    topology = build_topology(world, min(world, 8), device_type, hbm_gb=hbm_gb)
+    if stage == 1:
+        model = build_compressor(log, CompressConfig(data=str(log.path), model=m, device=device_type))
+        features = feature_sharding(device_type, args.feature_sharding)
+        cons = {f"t_{f.name}": ParameterConstraints(sharding_types=features) for f in log.schema.sparse} if features else {}
+    else:
+        model = rank_bench.build_model(log, dataclasses.replace(r, history="iat"), m)
+        cons = rank_bench.model_constraints(model, device_type, scaling_constraints(log, device_type, args.feature_sharding))
+    with quiet_planner_logs():
+        result = make_plan_with_stats(model, topology, batch, cons, debug=False)
+    return float(result.perf_ms)
+
+
+def planner_rows(run: common.Run, log, args, measured: list[dict[str, Any]], worlds: list[int]) -> list[dict[str, Any]]:
+    hbm_gb = torch.cuda.get_device_properties(run.device).total_memory / 1e9 if run.cuda else None
+    out = []
+    for stage in sorted({x["stage"] for x in measured}):
+        one = next(x for x in measured if x["stage"] == stage and x["world_size"] == 1)
+        base = planner_sparse_ms(log, stage, args, 1, run.device.type, hbm_gb)
+        for world in worlds:
+            est = planner_sparse_ms(log, stage, args, world, run.device.type, hbm_gb)
+            step = one["ms_per_step"] - base + est
+            out.append({"case": f"{STAGES[stage]}/{world} (planner)", "stage": stage, "world_size": world,
+                        "planner_sparse_ms": est, "planner_sparse_ms_1_rank": base, "estimated_step_ms": step,
+                        "estimated_efficiency": common.ratio(one["ms_per_step"], step)})
+    return out
+
+
 def stages(args) -> list[int]:
     out = [int(x) for x in str(args.stages).split(",") if x.strip()]
     if not out or any(s not in STAGES for s in out):
@@ -140,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--feature-sharding", default="default",
                    choices=["default", "auto", "row_wise", "table_wise", "data_parallel"],
                    help="feature tables' sharding in every job (default: row_wise on GPU, table_wise on CPU; auto: planner)")
+    p.add_argument("--plan-ranks", default="8,64",
+                   help="rank counts for the planner's estimate only (default 8,64; '' for none)")
     p.add_argument("--worker", action="store_true", help=argparse_hidden())
     p.add_argument("--data", help=argparse_hidden())
     p.add_argument("--result", help=argparse_hidden())
@@ -178,8 +221,14 @@ def main(argv: list[str] | None = None) -> int:
                     run, f"stage {stage}: {n} / 1 rank samples/s", x["samples_per_s"], "samples/s", "1 rank",
                     x["speedup_vs_1"] if key != "scaling_eff_8gpu" else x["efficiency"], key,
                 ))  # fmt: skip
+        worlds = [int(x) for x in str(args.plan_ranks).split(",") if x.strip()]
+        estimates = planner_rows(run, log, args, rows, worlds) if worlds else []
+        for x in estimates:
+            if x["stage"] == 2 and x["world_size"] == 8:
+                summary.append(common.summary_item(run, "stage 2: 8 ranks, planner-estimated efficiency", x["estimated_step_ms"],
+                                                   "ms/step", "1 rank (measured)", x["estimated_efficiency"]))
         r, _, batch = rank_bench.configs(args, run.tiny)
-        config = {"ranks": counts, "stages": wanted, "per_rank_batch": batch, "max_len": r.max_len, "reader": r.reader,
+        config = {"ranks": counts, "plan_ranks": worlds, "planner_estimates": estimates, "stages": wanted, "per_rank_batch": batch, "max_len": r.max_len, "reader": r.reader,
                   "stage2_history": "iat", "stage1_scheme": "temporal", "feature_sharding": args.feature_sharding,
                   "backend": rows[0]["backend"], "bf16": rows[0]["bf16"], "same_plan_types": same_plan,
                   "log_rows": log.rows, "scaling": "weak (fixed per-rank batch)"}

@@ -82,6 +82,22 @@ def recency_positions(valid: torch.Tensor, max_len: int) -> torch.Tensor:
     return (v.sum(-1, keepdim=True) - v.cumsum(-1)).clamp(0, max_len - 1)
 
 
+def small_table_lookup(table: nn.Embedding, index: torch.Tensor) -> torch.Tensor:
+    """``table(index)`` for [B, L] indices into a small table, with a cheap backward.
+
+    nn.Embedding's backward sorts all B x L indices to sum the gradients of each of the few
+    rows: with B 8192 and L 256, the recency-position, label and time-gap lookups of a stage-2
+    step took 11 of its 95 ms on an H100. As a gather from the table expanded over the batch,
+    the backward is a scatter-add into a [B, rows, d] buffer (atomic adds collide only within
+    one request's L indices, not across the batch) and a sum over B (benchmarks/NOTES.md)."""
+    if index.dim() != 2:
+        raise ValueError(f"small_table_lookup takes [B, L] indices, not {tuple(index.shape)}")
+    b, length = index.shape
+    rows, dim = table.weight.shape
+    index = index.long()[..., None].expand(b, length, dim)
+    return torch.gather(table.weight[None].expand(b, rows, dim), 1, index)
+
+
 def sinusoidal(pos: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embeddings (Vaswani et al. 2017) of integer positions: [..] -> [.., dim]."""
     half = dim // 2

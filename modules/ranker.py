@@ -22,6 +22,7 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 from iat_rec.config import ModelConfig
 from iat_rec.history import GAP_BUCKETS, LABEL_UNKNOWN
 from iat_rec.planning import TOKEN_FEATURE
+from modules.attention import small_table_lookup
 from modules.compressor import BaseRanker, weighted_bce
 from modules.mlp import MLP
 from modules.query import QueryCompressor
@@ -58,7 +59,8 @@ class HistoryBranch(nn.Module):
 
     def forward(self, steps: torch.Tensor, labels: torch.Tensor, gap: torch.Tensor, valid: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         x = self.adapt(steps) if self.adapt is not None else steps
-        parts = [x] + [emb(labels[..., k]) for k, emb in enumerate(self.label_emb)] + [self.gap_emb(gap)]
+        parts = [x] + [small_table_lookup(emb, labels[..., k]) for k, emb in enumerate(self.label_emb)]
+        parts.append(small_table_lookup(self.gap_emb, gap))
         return self.reader(self.proj(torch.cat(parts, -1)), valid, query)
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.attention import TransformerBlock, block_flops, recency_positions
+from modules.attention import TransformerBlock, block_flops, small_table_lookup, recency_positions
 from modules.mlp import MLP, make_act
 
 
@@ -62,7 +62,7 @@ class TransformerReader(nn.Module):
 
     def forward(self, seq: torch.Tensor, valid: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         valid = valid.bool()
-        seq = _zero_padding(seq, valid) + self.pos(recency_positions(valid, self.max_len)).to(seq.dtype)
+        seq = _zero_padding(seq, valid) + small_table_lookup(self.pos, recency_positions(valid, self.max_len)).to(seq.dtype)
         x = torch.cat([query[:, None].to(seq.dtype), seq], 1)  # [B, 1 + T, d]
         ones = valid.new_ones(valid.shape[0], 1)
         mask = torch.cat([ones, valid], 1)[:, None, None, :]  # [B, 1, 1, 1 + T]
@@ -187,7 +187,7 @@ class LongerReader(nn.Module):
         s = (t + pad) // m
         merged = self.merge_proj(seq.reshape(b, s, m * d))  # [B, S, d]
         mvalid = valid.view(b, s, m).any(-1)
-        merged = merged + self.pos(recency_positions(mvalid, self.max_len)).to(merged.dtype)
+        merged = merged + small_table_lookup(self.pos, recency_positions(mvalid, self.max_len)).to(merged.dtype)
 
         g = torch.cat([self.globals.to(merged.dtype).expand(b, -1, -1), query[:, None].to(merged.dtype)], 1)
         kv = torch.cat([g, merged], 1)

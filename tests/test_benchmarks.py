@@ -114,6 +114,9 @@ def test_scaling(tmp_path):
     assert data["config"]["backend"] == "gloo" and data["config"]["same_plan_types"] is True
     for r in rows[2:]:
         assert r["speedup_vs_1"] > 0 and r["efficiency"] == r["speedup_vs_1"] / 2 and len(r["rank_ms_per_step"]) == 2
+    estimates = data["config"]["planner_estimates"]  # the planner's view of 8 and 64 ranks
+    assert [(e["stage"], e["world_size"]) for e in estimates] == [(1, 8), (1, 64), (2, 8), (2, 64)]
+    assert all(e["planner_sparse_ms"] > 0 and 0 < e["estimated_efficiency"] <= 1.5 for e in estimates)
 
 
 def test_profile_writes_the_top_ops_of_each_case(tmp_path):

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from modules.attention import small_table_lookup
 from modules.interaction import DCNv2, RankMixer, make_interaction
 from modules.mlp import MLP
 from modules.query import QueryCompressor
@@ -299,3 +301,16 @@ def test_cuda_bf16_fused_attention() -> None:
     sit = _sit().cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         torch.testing.assert_close(sit(nan_seq, valid), sit(seq, valid))
+
+
+def test_small_table_lookup_matches_nn_embedding_forward_and_backward() -> None:
+    torch.manual_seed(0)
+    table = nn.Embedding(9, 5)
+    pos = torch.randint(0, 9, (4, 7))
+    grad = torch.randn(4, 7, 5)
+    expected = table(pos)
+    (w_expected,) = torch.autograd.grad(expected, table.weight, grad)
+    got = small_table_lookup(table, pos)
+    (w_got,) = torch.autograd.grad(got, table.weight, grad)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(w_got, w_expected)
