@@ -45,6 +45,8 @@ def main(data: str, tokens: str, stage1: str, out: str) -> None:
     torch.distributed.all_reduce(result, op=torch.distributed.ReduceOp.MIN)
     if env.rank == 0:
         print("RESULT" + json.dumps({"warm_start_equal": bool(result[0]), "tokens_unchanged": bool(result[1]), "features_trained": bool(result[2]), "token_params": sorted(before)}))
+    torch.distributed.barrier()  # leave with the group torn down: a live gloo group can abort a rank at exit
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
