@@ -35,7 +35,7 @@ from benchmarks import common
 from iat_rec.config import ModelConfig, TrainConfig
 from iat_rec.instance_log import time_split
 from iat_rec.loaders import BatchDataset
-from iat_rec.planning import TOKEN_TABLE, build_topology, feature_table_configs, make_plan, token_table_config
+from iat_rec.planning import build_topology, feature_table_configs, make_plan, token_table_config
 from iat_rec.rank_data import HistorySource, RankBatchMaker, seq_key
 from modules.ranker import Ranker, RankerConfig
 from modules.readers import make_reader, reader_flops
@@ -94,7 +94,7 @@ def model_constraints(model: Ranker, device_type: str,
                       extra: dict[str, ParameterConstraints] | None) -> dict[str, ParameterConstraints]:
     """The export's token-table constraints (if the model has the table) updated by ``extra``."""
     cons = dict(token_constraints(device_type)) if hasattr(model, "tokens") else {}
-    cons.update({k: v for k, v in (extra or {}).items() if k != TOKEN_TABLE or hasattr(model, "tokens")})
+    cons.update(extra or {})
     return cons
 
 

@@ -45,38 +45,31 @@ from pipelines.compress import build_compressor
 STAGES = {1: "stage1_compress_temporal", 2: "stage2_rank_iat"}
 
 
-def feature_sharding(device_type: str, choice: str) -> list[str] | None:
-    """The feature tables' sharding types for --feature-sharding (None: the planner's choice)."""
+def feature_sharding(log, device_type: str, choice: str) -> dict[str, list[str]]:
+    """Feature table -> sharding types for --feature-sharding (empty: the planner's choice)."""
     if choice == "auto":
-        return None
-    if choice == "default":
-        return ["row_wise"] if device_type == "cuda" else ["table_wise"]
-    return [choice]
+        return {}
+    types = (["row_wise"] if device_type == "cuda" else ["table_wise"]) if choice == "default" else [choice]
+    return {f"t_{f.name}": types for f in log.schema.sparse}
 
 
-def scaling_constraints(log, device_type: str, choice: str) -> dict[str, ParameterConstraints]:
-    token = ["row_wise"] if device_type == "cuda" else ["table_wise"]
-    out = {TOKEN_TABLE: ParameterConstraints(sharding_types=token)}
-    features = feature_sharding(device_type, choice)
-    if features:
-        out.update({f"t_{f.name}": ParameterConstraints(sharding_types=features) for f in log.schema.sparse})
+def scaling_constraints(log, device_type: str, choice: str, stage: int = 2) -> dict[str, ParameterConstraints]:
+    """Every job's constraints: the feature tables', and for stage 2 the token table row-wise."""
+    out = {name: ParameterConstraints(sharding_types=types) for name, types in feature_sharding(log, device_type, choice).items()}
+    if stage == 2:
+        out[TOKEN_TABLE] = ParameterConstraints(sharding_types=["row_wise"] if device_type == "cuda" else ["table_wise"])
     return out
 
 
 def measure_stage(run: common.Run, env, log, stage: int, args) -> dict[str, Any]:
     """One stage's step on this rank (the row of benchmarks.compress or benchmarks.rank)."""
-    tiny = run.tiny
+    r, m, batch = rank_bench.configs(args, run.tiny)
     if stage == 1:
-        features = feature_sharding(env.device.type, args.feature_sharding)
-        constraints = ""
-        if features:
-            spec = {f"t_{f.name}": {"sharding_types": features} for f in log.schema.sparse}
-            constraints = common.write_constraints(run, f"stage1-rank{env.rank}", spec)
-        m = rank_bench.configs(args, tiny)[1]
-        row = compress_bench.measure_scheme(run, env, log, "temporal", common.pick(args.batch, tiny, 32, 8192), 1, m,
-                                            bf16=bool(args.bf16), constraints=constraints)
+        features = feature_sharding(log, env.device.type, args.feature_sharding)
+        spec = {name: {"sharding_types": types} for name, types in features.items()}
+        constraints = common.write_constraints(run, f"stage1-rank{env.rank}", spec) if spec else ""
+        row = compress_bench.measure_scheme(run, env, log, "temporal", batch, 1, m, bf16=bool(args.bf16), constraints=constraints)
         return {**row, "plan_types": row["plan"]}
-    r, m, batch = rank_bench.configs(args, tiny)
     cons = scaling_constraints(log, env.device.type, args.feature_sharding)
     case = rank_bench.build_case(run, env, log, "iat", r, m, batch, bool(args.bf16), constraints=cons)
     row = rank_bench.measure_case(run, case)
@@ -124,30 +117,29 @@ def worker(args) -> int:
     return 0
 
 
-def planner_sparse_ms(log, stage: int, args, world: int, device_type: str, hbm_gb: float | None) -> float:
+def planner_sparse_ms(run: common.Run, log, stage: int, world: int, hbm_gb: float | None) -> float:
     """The planner's estimated sparse time per step (slowest rank) of ``stage`` on ``world`` ranks."""
-    r, m, batch = rank_bench.configs(args, args.tiny if args.tiny is not None else device_type == "cpu")
+    args, device_type = run.args, run.device.type
+    r, m, batch = rank_bench.configs(args, run.tiny)
     topology = build_topology(world, min(world, 8), device_type, hbm_gb=hbm_gb)
+    cons = scaling_constraints(log, device_type, args.feature_sharding, stage)
     if stage == 1:
         model = build_compressor(log, CompressConfig(data=str(log.path), model=m, device=device_type))
-        features = feature_sharding(device_type, args.feature_sharding)
-        cons = {f"t_{f.name}": ParameterConstraints(sharding_types=features) for f in log.schema.sparse} if features else {}
     else:
         model = rank_bench.build_model(log, dataclasses.replace(r, history="iat"), m)
-        cons = rank_bench.model_constraints(model, device_type, scaling_constraints(log, device_type, args.feature_sharding))
     with quiet_planner_logs():
         result = make_plan_with_stats(model, topology, batch, cons, debug=False)
     return float(result.perf_ms)
 
 
-def planner_rows(run: common.Run, log, args, measured: list[dict[str, Any]], worlds: list[int]) -> list[dict[str, Any]]:
+def planner_rows(run: common.Run, log, measured: list[dict[str, Any]], worlds: list[int]) -> list[dict[str, Any]]:
     hbm_gb = torch.cuda.get_device_properties(run.device).total_memory / 1e9 if run.cuda else None
     out = []
     for stage in sorted({x["stage"] for x in measured}):
         one = next(x for x in measured if x["stage"] == stage and x["world_size"] == 1)
-        base = planner_sparse_ms(log, stage, args, 1, run.device.type, hbm_gb)
+        base = planner_sparse_ms(run, log, stage, 1, hbm_gb)
         for world in worlds:
-            est = planner_sparse_ms(log, stage, args, world, run.device.type, hbm_gb)
+            est = planner_sparse_ms(run, log, stage, world, hbm_gb)
             step = one["ms_per_step"] - base + est
             out.append({"case": f"{STAGES[stage]}/{world} (planner)", "stage": stage, "world_size": world,
                         "planner_sparse_ms": est, "planner_sparse_ms_1_rank": base, "estimated_step_ms": step,
@@ -222,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                     x["speedup_vs_1"] if key != "scaling_eff_8gpu" else x["efficiency"], key,
                 ))  # fmt: skip
         worlds = [int(x) for x in str(args.plan_ranks).split(",") if x.strip()]
-        estimates = planner_rows(run, log, args, rows, worlds) if worlds else []
+        estimates = planner_rows(run, log, rows, worlds) if worlds else []
         for x in estimates:
             if x["stage"] == 2 and x["world_size"] == 8:
                 summary.append(common.summary_item(run, "stage 2: 8 ranks, planner-estimated efficiency", x["estimated_step_ms"],
