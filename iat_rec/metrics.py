@@ -1,9 +1,25 @@
-"""Evaluation metrics: AUC and NE/LogLoss from torchrec.metrics, plus GAUC.
+"""Evaluation metrics: AUC, GAUC, LogLoss and NE, computed exactly from the gathered predictions.
 
-GAUC here is the per-user AUC weighted by the user's number of evaluated events, over
-users whose events hold both classes (the protocol of the MovieLens comparison).
-torchrec's GAUCMetric averages per-session AUCs inside each batch, unweighted, which is a
-different quantity, so GAUC is computed exactly from the gathered predictions.
+Every rank keeps its predictions, labels, weights and users; ``EvalMetrics.compute`` all-gathers
+them and computes every figure in float64 numpy, so all ranks return the same numbers and a run
+on N ranks scores what one process scores on the same rows.
+
+* AUC is the weighted Mann-Whitney statistic: the weighted fraction of (positive, negative)
+  pairs ranked correctly, a tie counting one half. torchrec's AUCMetric is not used because it
+  ignores ties: it sorts the predictions and integrates the curve row by row, so a constant
+  predictor scores anything from 0.0 to 1.0 depending on row order.
+* GAUC is the per-user AUC weighted by the user's number of evaluated events (the sum of its
+  row weights), over users whose events hold both classes (the protocol of the MovieLens
+  comparison). torchrec's GAUCMetric averages per-session AUCs inside each batch, unweighted,
+  which is a different quantity.
+* LogLoss is the weighted mean binary cross-entropy in nats (natural log, as in the
+  literature), with probabilities clamped to [eta, 1 - eta] as torchrec does. torchrec's
+  NEMetric reports it in bits (log2), so it is not used either.
+* NE is LogLoss divided by the entropy of the weighted mean label, in the same unit (so the
+  ratio is unit-free); a predictor of the base rate has NE 1.
+
+Rows of weight 0 (padding) are left out of everything; AUC and GAUC are nan when a class is
+missing, LogLoss and NE when no row is left.
 """
 
 from __future__ import annotations
@@ -11,90 +27,105 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.distributed as dist
-from torchrec.metrics.auc import AUCMetric
-from torchrec.metrics.metrics_config import RecComputeMode, RecTaskInfo
-from torchrec.metrics.ne import NEMetric
+
+ETA = 1e-12  # torchrec's clamp of probabilities and of the mean label
+
+
+def _grouped_auc(
+    pred: np.ndarray, label: np.ndarray, group: np.ndarray, weight: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted tie-aware AUC of each group: (auc, positive weight, negative weight) per group id
+    present (0-based, in sorted group order); auc is nan where a group lacks a class."""
+    w = np.ones(len(pred)) if weight is None else np.asarray(weight, np.float64)
+    keep = w > 0
+    pred, y, group, w = np.asarray(pred)[keep], np.asarray(label)[keep] > 0.5, np.asarray(group)[keep], w[keep]
+    if len(pred) == 0:
+        return np.empty(0), np.empty(0), np.empty(0)
+    order = np.lexsort((pred, group))
+    p, y, g, w = pred[order], y[order], group[order], w[order]
+    new_group = np.r_[True, g[1:] != g[:-1]]
+    new_tie = new_group | np.r_[True, p[1:] != p[:-1]]
+    gid = np.cumsum(new_group) - 1
+    tie = np.cumsum(new_tie) - 1
+    tie_pos = np.bincount(tie, weights=w * y)
+    tie_neg = np.bincount(tie, weights=w * ~y)
+    tie_gid = gid[new_tie]
+    # negative weight ranked strictly below each tie block, within its group
+    neg_before = np.cumsum(tie_neg) - tie_neg
+    first_tie_of_group = np.flatnonzero(np.r_[True, tie_gid[1:] != tie_gid[:-1]])
+    neg_below = neg_before - neg_before[first_tie_of_group][tie_gid]
+    correct = np.bincount(tie_gid, weights=tie_pos * (neg_below + 0.5 * tie_neg))
+    pos, neg = np.bincount(tie_gid, weights=tie_pos), np.bincount(tie_gid, weights=tie_neg)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc_g = np.where((pos > 0) & (neg > 0), correct / (pos * neg), np.nan)
+    return auc_g, pos, neg
+
+
+def auc(pred: np.ndarray, label: np.ndarray, weight: np.ndarray | None = None) -> float:
+    """Weighted AUC (Mann-Whitney, ties count one half); nan if a class is missing."""
+    auc_g, _, _ = _grouped_auc(pred, label, np.zeros(len(pred), np.int64), weight)
+    return float(auc_g[0]) if len(auc_g) else float("nan")
 
 
 def gauc(pred: np.ndarray, label: np.ndarray, user: np.ndarray, weight: np.ndarray | None = None) -> float:
     """Event-weighted mean of per-user AUCs (ties count one half); nan if no user has both classes."""
-    keep = np.ones(len(pred), bool) if weight is None else weight > 0
-    pred, label, user = pred[keep], label[keep] > 0.5, user[keep]
-    if len(pred) == 0:
-        return float("nan")
-    order = np.lexsort((pred, user))
-    p, y, u = pred[order], label[order], user[order]
-    n = len(p)
-    new_user = np.r_[True, u[1:] != u[:-1]]
-    user_start = np.maximum.accumulate(np.where(new_user, np.arange(n), 0))
-    pos_in_user = np.arange(n) - user_start + 1  # 1-based rank within the user
-    new_tie = new_user | np.r_[True, p[1:] != p[:-1]]
-    tie_id = np.cumsum(new_tie) - 1
-    avg_rank = (np.bincount(tie_id, weights=pos_in_user) / np.bincount(tie_id))[tie_id]
-    uid = np.cumsum(new_user) - 1
-    n_pos = np.bincount(uid, weights=y)
-    n_all = np.bincount(uid).astype(np.float64)
-    n_neg = n_all - n_pos
-    rank_sum = np.bincount(uid, weights=avg_rank * y)
-    ok = (n_pos > 0) & (n_neg > 0)
+    auc_u, pos, neg = _grouped_auc(pred, label, user, weight)
+    ok = ~np.isnan(auc_u)
     if not ok.any():
         return float("nan")
-    auc_u = (rank_sum[ok] - n_pos[ok] * (n_pos[ok] + 1) / 2) / (n_pos[ok] * n_neg[ok])
-    return float(np.average(auc_u, weights=n_all[ok]))
+    return float(np.average(auc_u[ok], weights=(pos + neg)[ok]))
+
+
+def logloss_ne(pred: np.ndarray, label: np.ndarray, weight: np.ndarray | None = None) -> tuple[float, float]:
+    """(LogLoss, NE), both from natural-log cross-entropy; nan, nan if no row has weight."""
+    w = np.ones(len(pred)) if weight is None else np.asarray(weight, np.float64)
+    total = w.sum()
+    if not total > 0:
+        return float("nan"), float("nan")
+    p = np.clip(np.asarray(pred, np.float64), ETA, 1 - ETA)
+    y = np.asarray(label, np.float64)
+    ce = -(y * np.log(p) + (1 - y) * np.log1p(-p))
+    logloss = float(np.sum(w * ce) / total)
+    base = float(np.clip(np.sum(w * y) / total, ETA, 1 - ETA))
+    entropy = -(base * np.log(base) + (1 - base) * np.log1p(-base))
+    return logloss, logloss / entropy
 
 
 class EvalMetrics:
-    """Accumulates one evaluation pass on every rank; ``compute`` is collective."""
+    """Accumulates one evaluation pass on every rank; ``compute`` is collective.
+
+    The constructor keeps the signature of the torchrec-backed version its callers use; the
+    figures are exact over all gathered rows, so no window or batch size is needed.
+    """
 
     def __init__(self, tasks: list[str], world_size: int, rank: int, batch_size: int, max_samples: int, device: torch.device):
-        infos = [RecTaskInfo(name=t, label_name=t, prediction_name=t, weight_name=t) for t in tasks]
-        kw = dict(
-            world_size=world_size,
-            my_rank=rank,
-            batch_size=batch_size,
-            tasks=infos,
-            compute_mode=RecComputeMode.UNFUSED_TASKS_COMPUTATION,
-            window_size=max(max_samples, 1),
-            compute_on_all_ranks=True,  # every rank returns the same figures
-        )
         self.tasks = tasks
-        self.auc = AUCMetric(**kw).to(device)
-        self.ne = NEMetric(include_logloss=True, **kw).to(device)
         self._parts: list[tuple[torch.Tensor, ...]] = []
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, users: torch.Tensor) -> None:
-        prob = torch.sigmoid(logits.float())
-        keep = weights > 0
-        if keep.any():
-            preds = {t: prob[keep, k] for k, t in enumerate(self.tasks)}
-            labs = {t: labels[keep, k] for k, t in enumerate(self.tasks)}
-            ws = {t: weights[keep] for t in self.tasks}
-            self.auc.update(predictions=preds, labels=labs, weights=ws)
-            self.ne.update(predictions=preds, labels=labs, weights=ws)
-        self._parts.append((prob.cpu(), labels.cpu(), weights.cpu(), users.cpu()))
+        prob = torch.sigmoid(logits.double())  # float64: float32 would tie distinct logits above ~17
+        self._parts.append((prob.cpu(), labels.double().cpu(), weights.double().cpu(), users.double().cpu()))
 
     def compute(self) -> dict[str, dict[str, float]]:
-        auc, ne = self.auc.compute(), self.ne.compute()
-        prob, labels, weights, users = (torch.cat(x) for x in zip(*self._parts))
-        gathered = _all_gather_cat([prob, labels, weights, users.double()])
-        prob, labels, weights, users = (t.numpy() for t in gathered)
+        if self._parts:
+            local = [torch.cat(x) for x in zip(*self._parts)]
+        else:
+            t = len(self.tasks)
+            local = [torch.empty(0, t, dtype=torch.float64), torch.empty(0, t, dtype=torch.float64)]
+            local += [torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64)]
+        prob, labels, weights, users = (t.numpy() for t in _all_gather_cat(local))
+        users = users.astype(np.int64)
         out = {}
         for k, t in enumerate(self.tasks):
+            logloss, ne = logloss_ne(prob[:, k], labels[:, k], weights)
             out[t] = {
-                "auc": float(_pick(auc, f"auc-{t}|lifetime_auc", f"auc-{t}|window_auc")),
-                "ne": float(_pick(ne, f"ne-{t}|lifetime_ne", f"ne-{t}|window_ne")),
-                "logloss": float(_pick(ne, f"ne-{t}|lifetime_logloss", f"ne-{t}|window_logloss")),
-                "gauc": gauc(prob[:, k], labels[:, k], users.astype(np.int64), weights),
+                "auc": auc(prob[:, k], labels[:, k], weights),
+                "ne": ne,
+                "logloss": logloss,
+                "gauc": gauc(prob[:, k], labels[:, k], users, weights),
                 "n": int((weights > 0).sum()),
             }
         return out
-
-
-def _pick(d: dict[str, torch.Tensor], *keys: str) -> torch.Tensor:
-    for k in keys:
-        if k in d:
-            return d[k]
-    raise KeyError(f"none of {keys} in torchrec metric output {sorted(d)}")
 
 
 def _all_gather_cat(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
