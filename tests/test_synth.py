@@ -193,3 +193,115 @@ def test_whole_instance_history_beats_item_history(rich):
     auc_whole = _auc(y[test], _logistic(whole[train], y[train])(whole[test]))
     assert auc_items > 0.6
     assert auc_whole > auc_items + 0.005
+
+
+# ----------------------------------------------------------------------------- seen-before mode
+
+SEEN = dict(users=300, mean_instances=40, seed=0, label="seen-before", history_len=16)
+
+
+@pytest.fixture(scope="module")
+def seen_log(tmp_path_factory) -> InstanceLog:
+    return synth.generate(tmp_path_factory.mktemp("seen") / "log", **SEEN)
+
+
+def _tie_auc(y: np.ndarray, s: np.ndarray) -> float:
+    """Rank AUC with tied scores sharing their mean rank."""
+    s = np.asarray(s, dtype=float)
+    order = np.argsort(s, kind="stable")
+    sorted_s = s[order]
+    new = np.r_[True, sorted_s[1:] != sorted_s[:-1]]
+    starts = np.flatnonzero(new)
+    ends = np.r_[starts[1:], len(s)]
+    ranks = np.empty(len(s))
+    ranks[order] = ((starts + ends + 1) / 2)[np.cumsum(new) - 1]
+    pos = y == 1
+    n1 = pos.sum()
+    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * (len(y) - n1)))
+
+
+def test_seen_before_schema_and_source(seen_log, log):
+    s = seen_log.schema
+    assert s.task_names == ["seen_before"]
+    assert s.sequence == ("item_id", "category")
+    assert [f.name for f in s.sparse] == [f.name for f in log.schema.sparse]
+    assert [f.name for f in s.dense] == [f.name for f in log.schema.dense]
+    assert "label=seen-before" in seen_log.manifest["source"] and "history_len=16" in seen_log.manifest["source"]
+    # click mode keeps today's source string (and so its manifest) untouched
+    assert log.manifest["source"] == ("synth(users=300, mean_instances=40, seed=0, items=10000, categories=200, "
+                                      "campaigns=100, days=60, latent_dim=8)")
+    y = np.asarray(seen_log.labels)
+    assert y.shape == (seen_log.rows, 1) and set(np.unique(y)) == {0.0, 1.0}
+    np.testing.assert_array_equal(np.asarray(seen_log.label_time)[:, 0], np.asarray(seen_log.ts) + 1)
+
+
+def test_seen_before_label_matches_definition(seen_log):
+    """Brute force from the definition, through the history index (not the generator's code)."""
+    from iat_rec.history import HistoryIndex
+
+    T = SEEN["history_len"]
+    user, ts = np.asarray(seen_log.user), np.asarray(seen_log.ts)
+    item = np.asarray(seen_log.sparse["item_id"])
+    first, length = HistoryIndex.from_log(seen_log).ranges(user, ts, max_len=T)
+    want = np.array([item[r] in set(item[f:f + n].tolist()) for r, (f, n) in enumerate(zip(first, length))])
+    np.testing.assert_array_equal(np.asarray(seen_log.labels)[:, 0].astype(bool), want)
+    # the check is not vacuous: the T cut-off and the strictly-earlier rule both bite
+    off = np.asarray(seen_log.user_offsets)
+    earlier_anywhere = np.array([item[r] in set(item[off[u]:f + n].tolist())
+                                 for r, (u, f, n) in enumerate(zip(user, first, length))])
+    assert (earlier_anywhere & ~want).sum() > 0  # seen, but more than T instances ago (chance re-draws)
+    f4, n4 = HistoryIndex.from_log(seen_log).ranges(user, ts, max_len=4)
+    within4 = np.array([item[r] in set(item[f:f + n].tolist()) for r, (f, n) in enumerate(zip(f4, n4))])
+    assert (want & ~within4).sum() > 0.1 * want.sum()  # many copies come from 5..T instances back
+    assert (length < np.arange(seen_log.rows) - off[user]).sum() > 100  # same-ts rows are not history
+    assert want.sum() > (length > 0).sum() * 0.4  # copies do happen
+
+
+def test_seen_before_positive_rate(seen_log):
+    assert 0.3 <= np.asarray(seen_log.labels)[:, 0].mean() <= 0.6
+
+
+def test_seen_before_not_in_candidate_features(seen_log):
+    y = np.asarray(seen_log.labels)[:, 0]
+    dense = np.asarray(seen_log.dense)
+    names = [f.name for f in seen_log.schema.dense]
+    user, ts = np.asarray(seen_log.user), np.asarray(seen_log.ts)
+    run_start = np.r_[True, (user[1:] != user[:-1]) | (ts[1:] != ts[:-1])]
+    idx = np.arange(seen_log.rows)
+    pos_in_request = idx - np.maximum.accumulate(np.where(run_start, idx, 0))
+    scores = {
+        "item_popularity": dense[:, names.index("item_popularity")],
+        "user_age_days": dense[:, names.index("user_age_days")],
+        "price": dense[:, names.index("price")],
+        "position_in_request": pos_in_request,
+        "slot": np.asarray(seen_log.sparse["slot"]),
+        "category": np.asarray(seen_log.sparse["category"]),
+    }
+    for name, s in scores.items():
+        assert abs(_tie_auc(y, s) - 0.5) < 0.05, name
+
+
+def test_seen_before_deterministic_and_keeps_contexts(seen_log, tmp_path):
+    again = synth.generate(tmp_path / "again", **SEEN)
+    assert again.fingerprint == seen_log.fingerprint
+    other = synth.generate(tmp_path / "t8", **{**SEEN, "history_len": 8})
+    assert other.fingerprint != seen_log.fingerprint
+    # only items (and what derives from them) and labels differ from click mode of the same seed
+    click = synth.build_columns(synth.SynthConfig(users=60, mean_instances=20, seed=2))
+    seen = synth.build_columns(synth.SynthConfig(users=60, mean_instances=20, seed=2, label="seen-before"))
+    np.testing.assert_array_equal(click.ts, seen.ts)
+    for name in ("campaign", "creative", "placement", "page", "device", "slot"):
+        np.testing.assert_array_equal(click.sparse[name], seen.sparse[name])
+    assert (click.sparse["item_id"] != seen.sparse["item_id"]).mean() > 0.9
+
+
+def test_seen_before_cli(tmp_path):
+    out = tmp_path / "s"
+    assert synth.cli(["--out", str(out), "--users", "20", "--mean-instances", "5", "--label", "seen-before",
+                      "--history-len", "4"]) == 0
+    log = InstanceLog(out)
+    assert log.schema.task_names == ["seen_before"] and "history_len=4" in log.manifest["source"]
+    with pytest.raises(IatError, match="history-len"):
+        synth.cli(["--out", str(tmp_path / "d"), "--label", "seen-before", "--history-len", "0"])
+    with pytest.raises(IatError, match="label"):
+        synth.SynthConfig(label="clicks")
