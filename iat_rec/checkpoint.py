@@ -66,6 +66,18 @@ def save(run: str | Path, step: int, app_state: dict[str, Any], rank_state: dict
     return root / name
 
 
+def save_snapshot(path: str | Path, model_state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Collective: model weights alone (no optimizer, no loader), loadable with ``load_weights``
+    on any world size; ``meta`` goes to ``meta.json``. Replaces an existing snapshot atomically."""
+    path = Path(path)
+    with collective_atomic_dir(path) as tmp:
+        dcp.save({"model": model_state}, checkpoint_id=str(tmp))
+        if dist.get_rank() == 0:
+            write_json(tmp / "meta.json", meta)
+    dist.barrier()
+    return path
+
+
 def load(path: str | Path, app_state: dict[str, Any]) -> dict[str, Any]:
     """Loads ``app_state`` in place (collective); returns this rank's rank_state."""
     path = Path(path)

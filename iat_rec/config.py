@@ -26,7 +26,7 @@ class ModelConfig:
     interaction_layers: int = 2
     hidden: int = 256  # the base ranker's wide hidden vector h
     iat_dim: int = 64  # the instance token (bottleneck) width
-    bottleneck_act: str = "tanh"  # bounded: the token survives fp16 storage
+    bottleneck_act: str = "tanh"  # tanh | identity, over a LayerNorm (modules.compressor.Bottleneck)
     decompress: tuple[int, ...] = (256, 128)
     sit_layers: int = 2
     sit_heads: int = 4
@@ -45,6 +45,8 @@ class TrainConfig:
     sparse_optimizer: str = "rowwise_adagrad"  # rowwise_adagrad | adagrad | sgd | adam
     eval_every: int = 0  # steps; 0: at the end only
     eval_batches: int = 0  # 0: the whole split
+    early_stop: int = 0  # evaluations without a better valid AUC (first task) before stopping; 0: off.
+    # With it the best evaluated model is kept (RUN/best) and restored at the end.
     ckpt_every: int = 0  # steps; 0: at the end only
     keep_checkpoints: int = 2
     seed: int = 0
@@ -60,8 +62,9 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class CompressConfig(TrainConfig):
-    scheme: str = "temporal"  # temporal | user
+    scheme: str = "temporal"  # temporal | user (both train in time order)
     window: int = 64  # user order: instances per window
+    slices: int = 16  # model snapshots over the first epoch, for time-consistent export (0: none)
     stream: bool = False  # user order: prefix windows with earlier tokens from --tokens
     tokens: str = ""  # token table for --stream
     prefix: int = 64  # --stream: earlier tokens per window

@@ -47,6 +47,10 @@ _NOISE = (
     r"Using a non-tuple sequence for multidimensional indexing",
     r"torch\.set_vital",
     r"The given NumPy array is not writable",
+    # fbgemm-gpu-cpu registers the data-parallel table's lookup under the CPU key with its own
+    # autograd inside; its gradient matches nn.EmbeddingBag's (checked), the warning is noise
+    r"dense_embedding_codegen_lookup_function: an autograd kernel was not registered",
+    r"Please use DTensor instead and we are deprecating ShardedTensor",  # TorchRec's sharded tables are ShardedTensors
 )
 
 

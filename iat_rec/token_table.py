@@ -2,7 +2,9 @@
 
 A token-table directory::
 
-    manifest.json   format, version, dim, dtype, rows, scheme, source-run and log fingerprints
+    manifest.json   format, version, dim, dtype, rows, scheme, which models encoded the rows
+                    (``tokens_from``, ``sources``), per-dimension mean/std (``token_stats``),
+                    the token-health report (``health``), source-run and log fingerprints
     table/          torch.distributed.checkpoint of the EmbeddingCollection's state dict
                     (key ``embeddings.iat_tokens.weight``), loadable on any number of ranks
     ts.npy user_offsets.npy user_keys.npy labels.npy label_time.npy
@@ -10,6 +12,7 @@ A token-table directory::
                     can fetch histories for requests of another log (cross-domain)
 
     iat-rec tokens show TOKENS --rows 0:5
+    iat-rec tokens show TOKENS --health
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from iat_rec.history import HistoryIndex
 from iat_rec.planning import TOKEN_TABLE, token_table_config
 
 FORMAT = "iat-token-table"
-VERSION = 1
+VERSION = 2  # 2: token_stats, tokens_from and health in the manifest
 WEIGHT_KEY = f"embeddings.{TOKEN_TABLE}.weight"
 SIDE_ARRAYS = ("ts", "user_offsets", "user_keys", "labels", "label_time")
 
@@ -78,6 +81,14 @@ class TokenTable:
         if shape != (self.rows, self.dim):
             held = f"weights of shape {list(shape)}" if shape else "no token weights"
             raise IatError(f"{self.path}: manifest.json says {self.rows} rows x dim {self.dim}, but the table holds {held}")
+
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-dimension (mean, std) of the tokens over every row (stage 2 standardises with them)."""
+        st = self.manifest.get("token_stats") or {}
+        mean, std = (torch.tensor(st.get(k, []), dtype=torch.float32) for k in ("mean", "std"))
+        if mean.shape != (self.dim,) or std.shape != (self.dim,):
+            raise IatError(f"{self.path}/manifest.json: token_stats needs mean and std of {self.dim} values")
+        return mean, std
 
     def side(self, name: str) -> np.ndarray:
         f = self.path / f"{name}.npy"
@@ -135,18 +146,33 @@ def save_table(
 def cli(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="iat-rec tokens show", description="print a token table's manifest and rows")
     p.add_argument("tokens", help="token table directory")
-    p.add_argument("--rows", default="0:5", help="row range START:STOP (default 0:5)")
+    p.add_argument("--rows", default=None, help="row range START:STOP (default 0:5; with --health, rows only if given)")
+    p.add_argument("--health", action="store_true",
+                   help="print the token-health report: saturation, dim std, effective rank, own-label probe AUC and leak gap "
+                        "(the manifest's stored report if fresh, else computed)")  # fmt: skip
+    p.add_argument("--task", default=None, help="with --health: the label (name or column index) to probe (default: the first)")
     args = p.parse_args(argv)
     table = TokenTable(args.tokens)
-    try:
-        start, stop = (int(x) for x in args.rows.split(":"))
-    except ValueError:
-        raise IatError(f"--rows must be START:STOP, got {args.rows!r}") from None
-    if not 0 <= start < stop <= table.rows:
-        raise IatError(f"--rows {start}:{stop} outside the table's {table.rows} rows")
-    print(json.dumps(table.manifest, indent=2, sort_keys=True))
-    rows = table.read_rows(start, stop).float()
-    torch.set_printoptions(precision=4, linewidth=120, sci_mode=False)
-    for i, r in zip(range(start, stop), rows):
-        print(f"row {i}: {r.tolist()[:8]}{' ...' if table.dim > 8 else ''}  |norm| {r.norm():.4f}")
+    if args.task is not None and not args.health:
+        raise IatError("--task needs --health")
+    if args.rows is not None or not args.health:
+        rows_arg = args.rows if args.rows is not None else "0:5"
+        try:
+            start, stop = (int(x) for x in rows_arg.split(":"))
+        except ValueError:
+            raise IatError(f"--rows must be START:STOP, got {rows_arg!r}") from None
+        if not 0 <= start < stop <= table.rows:
+            raise IatError(f"--rows {start}:{stop} outside the table's {table.rows} rows")
+        print(json.dumps(table.manifest, indent=2, sort_keys=True))
+        rows = table.read_rows(start, stop).float()
+        torch.set_printoptions(precision=4, linewidth=120, sci_mode=False)
+        for i, r in zip(range(start, stop), rows):
+            print(f"row {i}: {r.tolist()[:8]}{' ...' if table.dim > 8 else ''}  |norm| {r.norm():.4f}")
+    if args.health:
+        from iat_rec.token_health import format_health, stored_health, table_health
+
+        task = args.task if args.task is not None else 0
+        h = stored_health(table, task=task)
+        print(format_health(h if h is not None else table_health(table, task=task)))
+        print("  (stored in the manifest)" if h is not None else "  (computed now)")
     return 0

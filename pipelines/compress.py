@@ -24,10 +24,10 @@ from iat_rec.errors import IatError
 from iat_rec.history import expand_ranges
 from iat_rec.instance_log import InstanceLog, time_split
 from iat_rec.loaders import BatchDataset, SelectTasks, select_tasks, time_order, user_windows
-from iat_rec.planning import TOKEN_FEATURE, feature_table_configs, token_table_config
+from iat_rec.planning import TOKEN_FEATURE, model_tables, token_table_config
 from iat_rec.token_table import TokenTable, token_constraints
-from modules.compressor import Compressor
-from pipelines.trainer import Trainer, check_resume, embedding_params, make_optimizer, program_cli, program_parser, shard
+from modules.compressor import BOTTLENECK_ACTS, Compressor
+from pipelines.trainer import Trainer, check_resume, embedding_params, make_optimizer, program_cli, program_parser, shard, total_steps
 
 RUN_FORMAT = "iat-rec-run"
 
@@ -35,7 +35,7 @@ RUN_FORMAT = "iat-rec-run"
 def build_compressor(log: InstanceLog, cfg: CompressConfig, prefix_table: TokenTable | None = None) -> Compressor:
     """The stage-1 model; with ``prefix_table`` (streaming) it also holds that frozen table."""
     return Compressor(
-        feature_table_configs(log.schema, cfg.model.emb_dim),
+        model_tables(log.schema, cfg.model.emb_dim),
         dense_in=len(log.schema.dense),
         num_tasks=len(select_tasks(log.schema, cfg.tasks)[0]),
         cfg=cfg.model,
@@ -67,17 +67,45 @@ class StreamBatchMaker:
         )
 
 
-def make_dataset(log: InstanceLog, rows: np.ndarray, cfg: CompressConfig, env: DistEnv, train: bool) -> BatchDataset:
-    """Temporal: instances in global time order. User: windows of one user's instances."""
+def make_dataset(log: InstanceLog, rows: np.ndarray, cfg: CompressConfig, rank: int, world_size: int) -> BatchDataset:
+    """Temporal: instances in global time order. User: windows of one user's consecutive
+    instances, ordered by their first instance's time. Both schemes train in time order, as a
+    streaming source model does: a model snapshot taken at step s has trained on no instance
+    after the time reached at s (time-consistent export relies on it)."""
     if cfg.scheme == "temporal":
         units, window = time_order(log, rows), None
     else:
         units, window = user_windows(log, rows, cfg.window), cfg.window
+        units = units[np.argsort(np.asarray(log.ts)[units[:, 0]], kind="stable")]
     return BatchDataset(
-        log, units, cfg.batch_size, env.rank, env.world_size, window=window,
-        shuffle=train and cfg.scheme == "user", seed=cfg.seed,
+        log, units, cfg.batch_size, rank, world_size, window=window, seed=cfg.seed,
         make=SelectTasks(StreamBatchMaker(cfg.prefix, cfg.window) if cfg.stream else make_batch, select_tasks(log.schema, cfg.tasks)[1]),
     )  # fmt: skip
+
+
+def slice_steps(steps_per_epoch: int, slices: int, total_steps: int) -> tuple[int, ...]:
+    """Snapshot steps for time-consistent export: 0 (the untrained model) and ``slices`` - 1
+    more, evenly over the first epoch, none at or past the end of training (rows trained
+    after the last snapshot get its tokens; rows never trained on, the final model's)."""
+    if slices <= 0:
+        return ()
+    return tuple(sorted({k * steps_per_epoch // slices for k in range(slices)} & set(range(total_steps))))
+
+
+def first_train_step(log: InstanceLog, cfg: CompressConfig, world_size: int) -> np.ndarray:
+    """For every row of the log: the 0-based step of a stage-1 run (``cfg``, ``world_size``
+    ranks) at which it was first trained on, or -1 if it never was (valid/test rows, rows
+    past a partial epoch). Global batch g (rank g % world at step g // world) holds units
+    ``[g * batch, (g + 1) * batch)`` of the first epoch's order."""
+    ds = make_dataset(log, time_split(log, cfg.split)["train"], cfg, 0, world_size)
+    unit_step = np.arange(len(ds.units)) // (cfg.batch_size * world_size)
+    step = np.full(log.rows, -1, dtype=np.int64)
+    if ds.window is None:
+        step[ds.units] = unit_step
+    else:
+        step[expand_ranges(ds.units[:, 0], ds.units[:, 1])] = np.repeat(unit_step, ds.units[:, 1])
+    total = total_steps(cfg, len(ds))
+    return np.where(step < total, step, -1)
 
 
 def check_config(cfg: CompressConfig) -> None:
@@ -85,6 +113,10 @@ def check_config(cfg: CompressConfig) -> None:
         raise IatError("--data and --out are required")
     if cfg.scheme not in ("temporal", "user"):
         raise IatError(f"--scheme must be 'temporal' or 'user', not '{cfg.scheme}'")
+    if cfg.model.bottleneck_act not in BOTTLENECK_ACTS:
+        raise IatError(f"--bottleneck-act must be one of {list(BOTTLENECK_ACTS)}, not '{cfg.model.bottleneck_act}'")
+    if cfg.slices < 0:
+        raise IatError(f"--slices must be >= 0, not {cfg.slices}")
     if cfg.stream and cfg.scheme != "user":
         raise IatError("--stream needs --scheme user")
     log = InstanceLog(cfg.data)  # fails early, with a clear message, on a missing or foreign directory
@@ -103,8 +135,8 @@ def train(cfg: CompressConfig) -> dict:
     torch.manual_seed(cfg.seed)
     log = InstanceLog(cfg.data)
     splits = time_split(log, cfg.split)
-    train_ds = make_dataset(log, splits["train"], cfg, env, train=True)
-    valid_ds = make_dataset(log, splits["valid"], cfg, env, train=False)
+    train_ds = make_dataset(log, splits["train"], cfg, env.rank, env.world_size)
+    valid_ds = make_dataset(log, splits["valid"], cfg, env.rank, env.world_size)
     out = Path(cfg.out)
     table = TokenTable(cfg.tokens) if cfg.stream else None
     model = build_compressor(log, cfg, table)
@@ -122,9 +154,11 @@ def train(cfg: CompressConfig) -> dict:
         "world_size": env.world_size,
         "backend": env.backend,
     }
+    snapshots = slice_steps(len(train_ds), cfg.slices, total_steps(cfg, len(train_ds)))
     trainer = Trainer(
-        env, cfg, dmp, make_optimizer(dmp, cfg.dense_lr), train_ds, valid_ds, select_tasks(log.schema, cfg.tasks)[0], per_batch, info
-    )
+        env, cfg, dmp, make_optimizer(dmp, cfg.dense_lr), train_ds, valid_ds, select_tasks(log.schema, cfg.tasks)[0], per_batch, info,
+        snapshots=snapshots,
+    )  # fmt: skip
     result = trainer.fit()
     if env.is_main:
         write_json(out / "result.json", result)

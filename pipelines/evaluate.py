@@ -2,8 +2,9 @@
 
     iat-rec evaluate --run RUN [--nproc N]
 
-Rebuilds the run's ranker from its recorded config, loads its latest checkpoint, and
-writes ``{"auc", "gauc", "logloss", "ne", "n", "task", "tasks"}``.
+Rebuilds the run's ranker from its recorded config, loads its weights (the best model of
+an early-stopped run, else its latest checkpoint), and writes
+``{"auc", "gauc", "logloss", "ne", "n", "task", "tasks"}`` (LogLoss in nats).
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ from iat_rec.atomic import write_json
 from iat_rec.distenv import init_distributed, rank_main, run_ranks
 from iat_rec.errors import IatError
 from pipelines.rank import build, load_rank_config, test_metrics
-from pipelines.trainer import FROZEN
+from pipelines.trainer import BEST, FROZEN
 
 
 def evaluate_run(run: str) -> dict:
     cfg = load_rank_config(run)
     cfg.warm_start = False  # the run's own checkpoint has every weight
     env = init_distributed(cfg.device)
-    last = ckpt.latest(run)
+    last = Path(run) / BEST if cfg.early_stop and (Path(run) / BEST / ".metadata").is_file() else ckpt.latest(run)
     if last is None:
         raise IatError(f"{run}: no checkpoint to evaluate")
     built = build(cfg, env, plan_out=None)
@@ -31,7 +32,7 @@ def evaluate_run(run: str) -> dict:
     metrics = test_metrics(built, cfg)
     if env.is_main:
         write_json(Path(run) / "metrics.json", metrics)
-        print(f"{run} ({last.name}): test auc {metrics['auc']:.4f} gauc {metrics['gauc']:.4f} logloss {metrics['logloss']:.4f} n {metrics['n']}")
+        print(f"{run} ({last.name}): test auc {metrics['auc']:.4f} gauc {metrics['gauc']:.4f} logloss {metrics['logloss']:.4f} nats n {metrics['n']}")
     return metrics
 
 

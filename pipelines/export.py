@@ -23,12 +23,14 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner.types import ParameterConstraints
 
 from iat_rec import checkpoint as ckpt
+from iat_rec.atomic import write_json
 from iat_rec.batch import make_batch
 from iat_rec.distenv import init_distributed, rank_main, run_ranks
 from iat_rec.errors import IatError
 from iat_rec.planning import build_topology, load_plan, make_plan
-from iat_rec.token_table import WEIGHT_KEY, save_table, token_collection, token_constraints
-from pipelines.compress import build_compressor, load_stage1
+from iat_rec.token_health import format_health, table_health
+from iat_rec.token_table import WEIGHT_KEY, TokenTable, save_table, token_collection, token_constraints
+from pipelines.compress import build_compressor, first_train_step, load_stage1
 from pipelines.trainer import progress_bar, shard
 
 
@@ -53,7 +55,74 @@ def local_row_blocks(weight) -> list[tuple[int, int, list[tuple[int, torch.Tenso
     return [(r0, n, cols) for (r0, n), cols in sorted(blocks.items())]
 
 
-def export(run: str, out: str, dtype: str = "fp32", batch_size: int = 4096, device: str = "auto", progress: bool = True) -> Path:
+TOKENS_FROM = ("time-consistent", "final", "initial")
+
+
+def token_sources(run: str | Path, cfg, info: dict, log, mode: str) -> tuple[list[Path], np.ndarray]:
+    """(model weights to load, index into them per row) for ``--tokens-from``.
+
+    * ``time-consistent``: a row the compressor trained on gets its token from the last
+      snapshot taken *before* its training step, so its token never saw its own label nor
+      anything later (the streaming semantics: a production source model encodes an
+      instance when it is logged, before learning from its label). Valid/test rows, never
+      trained on, get the final model's token.
+    * ``final``: every row from the final checkpoint. Training rows' tokens then come from a
+      model fitted on their own labels (and on the future of their users): the label-leak
+      gap of the token-health report measures it.
+    * ``initial``: every row from the untrained model (the step-0 snapshot): the ablation
+      that shows what training the compressor adds.
+    """
+    if mode not in TOKENS_FROM:
+        raise IatError(f"--tokens-from must be one of {list(TOKENS_FROM)}, not '{mode}'")
+    final = ckpt.latest(run)
+    if final is None:
+        raise IatError(f"{run}: no checkpoint to export from")
+    if mode == "final":
+        return [final], np.zeros(log.rows, dtype=np.int64)
+    snaps = sorted(Path(run).glob("snapshots/step_*"))
+    steps = np.array([int(p.name.split("_")[1]) for p in snaps], dtype=np.int64)
+    if not len(steps) or steps[0] != 0:
+        raise IatError(f"{run}: no model snapshots (stage 1 ran with --slices 0?): --tokens-from {mode} needs them; use --tokens-from final")
+    if mode == "initial":
+        return [snaps[0]], np.zeros(log.rows, dtype=np.int64)
+    first = first_train_step(log, cfg, info["world_size"])
+    source = np.full(log.rows, len(snaps), dtype=np.int64)  # the final model
+    trained = first >= 0
+    # the snapshot at step c has trained on steps 0..c-1: the last one with c <= the row's step
+    source[trained] = np.searchsorted(steps, first[trained], side="right") - 1
+    return snaps + [final], source
+
+
+def local_stats(weight, dim: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std over every row of a (sharded) table: collective."""
+    acc = torch.zeros(3, dim, dtype=torch.float64, device=device)  # count, sum, sum of squares
+    for _, n, cols in local_row_blocks(weight):
+        for c0, t in cols:
+            x = t.double()
+            acc[0, c0 : c0 + t.shape[1]] += n
+            acc[1, c0 : c0 + t.shape[1]] += x.sum(0)
+            acc[2, c0 : c0 + t.shape[1]] += (x * x).sum(0)
+    dist.all_reduce(acc)
+    mean = acc[1] / acc[0].clamp(min=1)
+    std = (acc[2] / acc[0].clamp(min=1) - mean**2).clamp(min=0).sqrt()
+    return mean.cpu().numpy(), std.cpu().numpy()
+
+
+def gather_rows(weight, rows: np.ndarray, dim: int, device: torch.device) -> np.ndarray:
+    """Rows ``rows`` of a (sharded, never replicated) table on every rank: collective."""
+    out = torch.zeros(len(rows), dim, dtype=torch.float32, device=device)
+    for r0, n, cols in local_row_blocks(weight):
+        mine = np.flatnonzero((rows >= r0) & (rows < r0 + n))
+        at = torch.from_numpy(mine).to(device)
+        local = torch.from_numpy(rows[mine] - r0).to(device)
+        for c0, t in cols:
+            out[at, c0 : c0 + t.shape[1]] = t[local].float()
+    dist.all_reduce(out)
+    return out.cpu().numpy()
+
+
+def export(run: str, out: str, dtype: str = "fp32", batch_size: int = 4096, device: str = "auto", progress: bool = True,
+           tokens_from: str = "time-consistent") -> Path:
     env = init_distributed(device)
     cfg, info, log = load_stage1(run)
     model = build_compressor(log, cfg)  # no streaming prefix table: export needs the tokens only
@@ -63,47 +132,66 @@ def export(run: str, out: str, dtype: str = "fp32", batch_size: int = 4096, devi
         plan.plan.pop("tokens", None)
     cfg.device = env.device.type
     dmp, _ = shard(model, env, cfg, plan_out=None, plan=plan)
-    last = ckpt.latest(run)
-    if last is None:
-        raise IatError(f"{run}: no checkpoint to export from")
-    ckpt.load_weights(last, dmp)
+    sources, source_of_row = token_sources(run, cfg, info, log, tokens_from)
     dmp.eval()
     compressor = dmp.module
 
     table = shard_token_table(log.rows, cfg.model.iat_dim, dtype, env, batch_size)
     weight = table.module.tokens.state_dict()[WEIGHT_KEY]
     blocks = local_row_blocks(weight)
-    # (first row, rows, offset inside the shard, column shards) per batch
-    batches = [(r0 + i, min(batch_size, n - i), i, cols) for r0, n, cols in blocks for i in range(0, n, batch_size)]
-    steps = torch.tensor([len(batches)], device=env.device)
-    dist.all_reduce(steps, op=dist.ReduceOp.MAX)  # the compressor's sharded EBC is collective
-    bar = progress_bar(int(steps), 0, "export", "batch", env.is_main and progress)
+    # per source: (rows, their offsets inside the shard, column shards) per batch
+    plans = []
+    for k in range(len(sources)):
+        batches = []
+        for r0, n, cols in blocks:
+            at = np.flatnonzero(source_of_row[r0 : r0 + n] == k)
+            batches += [(at[i : i + batch_size] + r0, at[i : i + batch_size], cols) for i in range(0, len(at), batch_size)]
+        plans.append(batches)
+    counts = torch.tensor([len(b) for b in plans], device=env.device)
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX)  # the compressor's sharded EBC is collective
+    bar = progress_bar(int(counts.sum()), 0, "export", "batch", env.is_main and progress)
     with torch.no_grad():
-        for k in range(int(steps)):
-            first, n, at, cols = batches[k] if k < len(batches) else (0, 0, 0, [])
-            rows = np.full(batch_size, -1, dtype=np.int64)
-            rows[:n] = np.arange(first, first + n)
-            tokens = compressor.encode(make_batch(log, rows).to(env.device))
-            for c0, shard_t in cols:
-                shard_t[at : at + n] = tokens[:n, c0 : c0 + shard_t.shape[1]].to(shard_t.dtype)
-            bar.update(1)
+        for k, path in enumerate(sources):
+            if not int(counts[k]):
+                continue
+            ckpt.load_weights(path, dmp)
+            for i in range(int(counts[k])):
+                rows_k, at, cols = plans[k][i] if i < len(plans[k]) else (np.zeros(0, np.int64), np.zeros(0, np.int64), [])
+                rows = np.full(batch_size, -1, dtype=np.int64)
+                rows[: len(rows_k)] = rows_k
+                tokens = compressor.encode(make_batch(log, rows).to(env.device))[: len(rows_k)]
+                index = torch.from_numpy(at).to(env.device)
+                for c0, shard_t in cols:
+                    shard_t[index] = tokens[:, c0 : c0 + shard_t.shape[1]].to(shard_t.dtype)
+                bar.update(1)
     bar.close()
-    source = hashlib.blake2b((Path(run) / "run.json").read_bytes() + last.name.encode(), digest_size=16).hexdigest()
+    mean, std = local_stats(weight, cfg.model.iat_dim, env.device)
+    final = ckpt.latest(run)
+    source = hashlib.blake2b((Path(run) / "run.json").read_bytes() + final.name.encode() + tokens_from.encode(), digest_size=16).hexdigest()
     manifest = {
         "dim": cfg.model.iat_dim,
         "dtype": dtype,
         "rows": log.rows,
         "scheme": cfg.scheme,
+        "tokens_from": tokens_from,
+        "sources": {p.parent.name + "/" + p.name: int((source_of_row == k).sum()) for k, p in enumerate(sources)},
+        "split": list(cfg.split),
+        "tasks": log.schema.task_names,
+        "token_stats": {"mean": mean.tolist(), "std": std.tolist()},
         "source_run": str(Path(run).resolve()),
-        "source_checkpoint": last.name,
+        "source_checkpoint": final.name,
         "source_fingerprint": source,
         "log_fingerprint": log.fingerprint,
         "log_path": str(log.path.resolve()),
     }
     side = {"ts": log.ts, "user_offsets": log.user_offsets, "user_keys": log.user_keys, "labels": log.labels, "label_time": log.label_time}
     path = save_table(out, table.module.tokens, manifest, side)
+    health = table_health(TokenTable(path), read=lambda rows: gather_rows(weight, rows, cfg.model.iat_dim, env.device))
     if env.is_main:
-        print(f"token table {path}: {log.rows} rows x {cfg.model.iat_dim} {dtype}, from {last}", flush=True)
+        write_json(path / "manifest.json", {**TokenTable(path).manifest, "health": health})
+        print(f"token table {path}: {log.rows} rows x {cfg.model.iat_dim} {dtype}, tokens from {tokens_from} "
+              f"({len(sources)} model(s), final {final.name})\n{format_health(health)}", flush=True)  # fmt: skip
+    dist.barrier()
     return path
 
 
@@ -113,6 +201,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stage1", "--run", dest="run", required=True, help="stage-1 run directory")
     p.add_argument("--out", required=True, help="token table directory to write")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--tokens-from", choices=TOKENS_FROM, default="time-consistent",
+                   help="which model encodes each row (default time-consistent: a training row's token comes from "
+                        "the last snapshot before its training step; final: the last checkpoint for every row; "
+                        "initial: the untrained model)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--nproc", type=int, default=None, help="local ranks to launch (default: GPUs, else 2)")
@@ -125,7 +217,7 @@ def cli(argv: list[str]) -> int:
     load_stage1(args.run)  # clear errors before any rank starts
     return run_ranks(
         "pipelines.export", argv, args.nproc,
-        lambda: export(args.run, args.out, args.dtype, args.batch_size, args.device, args.progress),
+        lambda: export(args.run, args.out, args.dtype, args.batch_size, args.device, args.progress, args.tokens_from),
     )  # fmt: skip
 
 

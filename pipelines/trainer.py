@@ -14,6 +14,7 @@ import dataclasses
 import itertools
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -97,6 +98,13 @@ def shard(
 FROZEN = "tokens"
 
 
+BEST = "best"  # RUN/best: the weights of the best evaluation (early stopping)
+
+
+def snapshot_path(run: Path, step: int) -> Path:
+    return Path(run) / "snapshots" / f"step_{step:08d}"
+
+
 def _frozen(name: str) -> bool:
     return name == FROZEN or name.startswith(FROZEN + ".")
 
@@ -122,15 +130,14 @@ class Trainer:
     tasks: list[str]
     samples_per_batch: int  # instances per rank per step (for samples/s)
     run_info: dict[str, Any] | None = None  # RUN/run.json, written once a resume has loaded
+    snapshots: tuple[int, ...] = ()  # steps (0: before training) whose weights go to RUN/snapshots/
 
     @property
     def out(self) -> Path:
         return Path(self.cfg.out)
 
     def total_steps(self) -> int:
-        if self.cfg.steps > 0:
-            return self.cfg.steps
-        return max(1, math.ceil(self.cfg.epochs * len(self.train)))
+        return total_steps(self.cfg, len(self.train))
 
     def _app_state(self, step: int) -> dict[str, Any]:
         model = {k: v for k, v in self.model.state_dict().items() if not _frozen(k)}
@@ -159,6 +166,35 @@ class Trainer:
         if self.env.is_main:
             print(f"checkpoint {path}", flush=True)
 
+    def _weights(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model.state_dict().items() if not _frozen(k)}
+
+    def _snapshot(self, step: int) -> None:
+        ckpt.save_snapshot(snapshot_path(self.out, step), self._weights(), {"step": step, "world_size": self.env.world_size})
+
+    def _best(self) -> dict | None:
+        meta = self.out / BEST / "meta.json"
+        return json.loads(meta.read_text()) if meta.is_file() else None
+
+    def _track_best(self, step: int, metrics: dict) -> int:
+        """Keeps the model of the best valid AUC (first task) in RUN/best; returns the number of
+        evaluations since the best one."""
+        auc = metrics[self.tasks[0]]["auc"]
+        best = self._best()
+        if best is None or auc > best["auc"]:
+            ckpt.save_snapshot(self.out / BEST, self._weights(), {"step": step, "auc": auc, "metrics": metrics})
+            return 0
+        return (step - best["step"]) // (self.cfg.eval_every or self.total_steps())
+
+    def restore_best(self) -> dict | None:
+        """Loads RUN/best into the model (early stopping); returns its meta (step, auc, metrics)."""
+        best = self._best()
+        if best is not None:
+            ckpt.load_weights(self.out / BEST, self.model, skip=FROZEN + ".")
+            if self.env.is_main:
+                print(f"restored the best model: step {best['step']}, valid auc {best['auc']:.4f}", flush=True)
+        return best
+
     def evaluate(self, dataset: BatchDataset, max_batches: int = 0) -> dict[str, dict[str, float]]:
         return evaluate(self.model, dataset, self.env, self.tasks, self.samples_per_batch, max_batches)
 
@@ -166,6 +202,8 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         loader = EpochLoader(self.train, num_workers=self.cfg.num_workers, pin_memory=self.env.device.type == "cuda")
         start = self._restore(loader) if self.cfg.resume else 0
+        if start == 0 and self.env.is_main:  # a fresh run keeps no best model of an earlier one
+            shutil.rmtree(self.out / BEST, ignore_errors=True)
         if self.env.is_main and self.run_info is not None:
             write_json(self.out / "run.json", self.run_info)
         steps = self.total_steps()
@@ -182,7 +220,11 @@ class Trainer:
         t_last, step = time.perf_counter(), start
         pipelined: list[str] = []
         durations: list[float] = []  # seconds per training step, evaluation and checkpoints excluded
-        for seg_start, seg_end in segments(start, steps, self.cfg.eval_every, self.cfg.ckpt_every):
+        snapshots = {s for s in self.snapshots if start <= s <= steps}
+        if start == 0 and 0 in snapshots:
+            self._snapshot(0)
+        stopped = False
+        for seg_start, seg_end in segments(start, steps, self.cfg.eval_every, self.cfg.ckpt_every, snapshots):
             # One pipeline per segment over exactly its batches: it drains at the segment's end,
             # so evaluation and checkpoints never interleave with an in-flight input dist, and
             # the loader has handed out exactly the batches the model consumed.
@@ -207,17 +249,29 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss_value:.4f}", sps=f"{sps:,.0f}", refresh=False)
                     bar.update(1)
             pipeline.detach()
+            if step in snapshots and step > 0:
+                self._snapshot(step)
             if self.valid is not None and (step == steps or (self.cfg.eval_every and step % self.cfg.eval_every == 0)):
                 history.append(self._log_eval(step, self.evaluate(self.valid, self.cfg.eval_batches), writer))
-            if step == steps or (self.cfg.ckpt_every and step % self.cfg.ckpt_every == 0):
+                if self.cfg.early_stop:
+                    stopped = self._track_best(step, history[-1]["metrics"]) >= self.cfg.early_stop and step < steps
+            if step == steps or stopped or (self.cfg.ckpt_every and step % self.cfg.ckpt_every == 0):
                 self._save(step, loader, consumed=step - start)
             t_last = time.perf_counter()
+            if stopped:
+                if self.env.is_main:
+                    tqdm.write(f"early stop at step {step}: no better valid auc in {self.cfg.early_stop} evaluations")
+                break
         bar.close()
         result: dict[str, Any] = {"steps": step, "pipelined_modules": pipelined}
         if len(durations) > 10:  # the first steps trace the model and warm up kernels
             result["samples_per_s"] = self.samples_per_batch * self.env.world_size / float(np.median(durations[5:]))
         if self.valid is not None and history:
             result["valid"] = history[-1]["metrics"]
+        if self.cfg.early_stop:
+            best = self.restore_best()
+            if best is not None:
+                result.update(valid=best["metrics"], best_step=best["step"], stopped_early=stopped)
         if self.env.is_main:
             log_file.close()
             writer.close()
@@ -229,11 +283,18 @@ class Trainer:
         if self.env.is_main:
             for task, vals in metrics.items():
                 for k, v in vals.items():
-                    if k != "n":
+                    if k != "n":  # logloss in nats
                         writer.add_scalar(f"valid/{task}/{k}", v, step)
-            summary = ", ".join(f"{t}: auc {m['auc']:.4f} gauc {m['gauc']:.4f} logloss {m['logloss']:.4f}" for t, m in metrics.items())
+            summary = ", ".join(f"{t}: auc {m['auc']:.4f} gauc {m['gauc']:.4f} logloss {m['logloss']:.4f} nats ne {m['ne']:.4f}" for t, m in metrics.items())
             tqdm.write(f"step {step} valid {summary}")
         return {"step": step, "metrics": metrics}
+
+
+def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
+    """The run's training steps: ``--steps``, else ``--epochs`` over the training batches."""
+    if cfg.steps > 0:
+        return cfg.steps
+    return max(1, math.ceil(cfg.epochs * batches_per_epoch))
 
 
 def truncate_log(path: Path, step: int) -> None:
@@ -249,9 +310,10 @@ def truncate_log(path: Path, step: int) -> None:
     write_text(path, "".join(kept))
 
 
-def segments(start: int, steps: int, eval_every: int, ckpt_every: int) -> list[tuple[int, int]]:
-    """(first, last] step ranges between evaluations/checkpoints, ending at ``steps``."""
+def segments(start: int, steps: int, eval_every: int, ckpt_every: int, stops: Iterable[int] = ()) -> list[tuple[int, int]]:
+    """(first, last] step ranges between evaluations/checkpoints/``stops``, ending at ``steps``."""
     ends = {steps} | {s for every in (eval_every, ckpt_every) if every for s in range(every, steps, every)}
+    ends |= {s for s in stops if 0 < s < steps}
     ends = sorted(e for e in ends if e > start)
     return list(zip([start] + ends[:-1], ends))
 

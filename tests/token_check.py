@@ -1,6 +1,7 @@
-"""Run as a program by the tests (one process, a fresh process group): recomputes tokens of
-some rows with the stage-1 model loaded on this world size, and prints them beside the
-token table's rows as JSON."""
+"""Run as a program by the tests (one process, a fresh process group): recomputes the tokens
+of the first user window with the stage-1 model the table says encoded them (time-consistent
+export: the snapshot before the window's training step), loaded on this world size, and
+prints them beside the token table's rows as JSON."""
 
 import json
 import sys
@@ -13,18 +14,22 @@ from iat_rec.batch import make_batch
 from iat_rec.distenv import init_distributed
 from iat_rec.loaders import user_windows
 from iat_rec.token_table import TokenTable
-from pipelines.compress import build_compressor, load_stage1
+from pipelines.compress import build_compressor, first_train_step, load_stage1
+from pipelines.export import token_sources
 from pipelines.trainer import shard
 
 
 def main(run: str, tokens: str) -> None:
     env = init_distributed("cpu")
-    cfg, _, log = load_stage1(run)
+    cfg, info, log = load_stage1(run)
+    table = TokenTable(tokens)
     dmp, _ = shard(build_compressor(log, cfg), env, cfg, plan_out=None)
-    ckpt.load_weights(ckpt.latest(run), dmp)
+    start, n = user_windows(log, np.arange(log.rows), cfg.window)[0]
+    sources, source_of_row = token_sources(run, cfg, info, log, table.manifest["tokens_from"])
+    source = sources[source_of_row[start]]
+    ckpt.load_weights(source, dmp)
     dmp.eval()
     model = dmp.module
-    start, n = user_windows(log, np.arange(log.rows), cfg.window)[0]
     rows = np.full(cfg.window, -1)
     rows[:n] = np.arange(start, start + n)
     with torch.no_grad():
@@ -32,9 +37,10 @@ def main(run: str, tokens: str) -> None:
         pre = model.encode(batch)
         valid = batch.weights.view(1, -1) > 0
         post = model.sit(pre.view(1, cfg.window, -1), valid)[0]
-    table = TokenTable(tokens)
     stored = table.read_rows(int(start), int(start + n)).float()
-    print(json.dumps({"pre_sit": pre[:n].tolist(), "post_sit": post[:n].tolist(), "stored": stored.tolist()}))
+    step = int(first_train_step(log, cfg, info["world_size"])[start])
+    print(json.dumps({"pre_sit": pre[:n].tolist(), "post_sit": post[:n].tolist(), "stored": stored.tolist(),
+                      "source": source.name, "train_step": step}))
 
 
 if __name__ == "__main__":
