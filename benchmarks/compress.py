@@ -34,7 +34,7 @@ def measure_scheme(run: common.Run, env, log, scheme: str, instances: int, windo
     cfg = CompressConfig(data=str(log.path), out=str(run.work / f"run-{scheme}"), scheme=scheme, window=window,
                          batch_size=max(1, instances // per), model=model_cfg, device=run.device.type,
                          constraints=constraints)
-    ds = make_dataset(log, time_split(log, cfg.split)["train"], cfg, env, train=True)
+    ds = make_dataset(log, time_split(log, cfg.split)["train"], cfg, env.rank, env.world_size)
     cached = common.cached_batches(ds, batches, run.device)
     valid = sum(float(b.weights.sum()) for b in cached) / sum(b.weights.numel() for b in cached)
     model = build_compressor(log, cfg)

@@ -29,15 +29,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.modules.embedding_configs import EmbeddingConfig
 
 from benchmarks import common
 from iat_rec.config import ModelConfig, TrainConfig
 from iat_rec.instance_log import time_split
 from iat_rec.loaders import BatchDataset
-from iat_rec.planning import build_topology, feature_table_configs, make_plan, token_table_config
-from iat_rec.rank_data import HistorySource, RankBatchMaker, seq_key
-from modules.ranker import Ranker, RankerConfig
+from iat_rec.planning import build_topology, make_plan
+from iat_rec.rank_data import HistorySource, RankBatchMaker
+from modules.ranker import Ranker, RankerConfig, build_ranker
 from modules.readers import make_reader, reader_flops
 from pipelines.export import token_constraints
 from pipelines.trainer import embedding_params, make_optimizer, shard
@@ -49,7 +48,7 @@ def reader_kwargs(r: RankerConfig) -> dict[str, Any]:
 
 
 def branches(history: str) -> int:
-    return {"none": 0, "iat": 1, "handcrafted": 1, "both": 2}[history]
+    return {"none": 0, "labels": 1, "iat": 1, "handcrafted": 1, "both": 2}[history]
 
 
 def step_reader_flops(r: RankerConfig, m: ModelConfig, batch: int) -> float:
@@ -79,15 +78,9 @@ class RankCase:
 
 
 def build_model(log, r: RankerConfig, model_cfg: ModelConfig, token_dim: int = 64, token_dtype: str = "fp16") -> Ranker:
-    """The unsharded ranker for ``r.history`` (embedding tables on the meta device)."""
-    seq_features = list(log.schema.sequence) if r.history in ("handcrafted", "both") else []
-    token_cfg = token_table_config(log.rows, token_dim, token_dtype) if r.history in ("iat", "both") else None
-    seq_tables = [
-        EmbeddingConfig(name=f"s_{f}", feature_names=[seq_key(f)], num_embeddings=log.schema.feature(f).num_embeddings, embedding_dim=16)
-        for f in seq_features
-    ]  # fmt: skip
-    return Ranker(feature_table_configs(log.schema, model_cfg.emb_dim), len(log.schema.dense),
-                  len(log.schema.labels), model_cfg, r, token_cfg, seq_tables or None)
+    """The unsharded ranker for ``r.history`` (embedding tables on the meta device): the
+    pipeline's own factory, with a token table of the log's rows (random, frozen)."""
+    return build_ranker(log.schema, model_cfg, r, len(log.schema.labels), token_rows=log.rows, token_dim=token_dim, token_dtype=token_dtype)
 
 
 def model_constraints(model: Ranker, device_type: str,

@@ -7,8 +7,9 @@ its ratio to the device's copy bandwidth measured in the same run.
 Two table sets, both sharded by the project's ``pipelines.trainer.shard`` (TorchRec planner,
 ``apply_optimizer_in_backward``, DistributedModelParallel), table-wise with the fused kernel:
 
-* ``stage1``: exactly the compressor's EBC on a synthetic log (one table per sparse feature
-  of the synthetic schema, ``--emb-dim``), fed the log's own KJTs (``make_batch``). The
+* ``stage1``: exactly the compressor's EBC on a synthetic log (one table per pooled sparse
+  feature of the synthetic schema, ``--emb-dim``; the sequence features' tables are the
+  EmbeddingCollection beside it), fed the log's own KJTs (``make_batch``). The
   synthetic vocabularies are small, so these tables sit in L2: a real-workload figure, not
   a roofline one.
 * ``wide``: ``--tables`` tables named after the stage-1 features, ``--rows`` x ``--dim``
@@ -36,7 +37,7 @@ from benchmarks import common
 from iat_rec.config import TrainConfig
 from iat_rec.instance_log import time_split
 from iat_rec.loaders import BatchDataset, time_order
-from iat_rec.planning import feature_table_configs
+from iat_rec.planning import model_tables
 from iat_rec.synth import synth_schema
 from pipelines.trainer import shard
 
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             rows_ = time_order(log, time_split(log)["train"])
             ds = BatchDataset(log, rows_, batch)
             kjts = [b.sparse.to(run.device) for b in common.cached_batches(ds, 4, run.device)]
-            tables = feature_table_configs(log.schema, emb_dim)
+            tables = model_tables(log.schema, emb_dim)[0]
             results += measure(run, env, TableSet("stage1", tables, kjts, batch), args.optimizer)
             config["stage1"] = {"log_rows": log.rows, "users": users, "emb_dim": emb_dim, "tables": len(tables),
                                 "rows_per_table": {t.name: t.num_embeddings for t in tables}}

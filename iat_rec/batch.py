@@ -49,7 +49,8 @@ class Batch(PipelineableMixin):
     """N instances (for user-order windows N = windows x W, window-major)."""
 
     dense: torch.Tensor  # float32 [N, D]
-    sparse: KeyedJaggedTensor  # one key per sparse feature, N rows each
+    sparse: KeyedJaggedTensor  # pooled features (every sparse feature but the sequence ones), N rows each
+    shared: KeyedJaggedTensor  # the schema's sequence features (unpooled tables shared with histories)
     labels: torch.Tensor  # float32 [N, K]
     weights: torch.Tensor  # float32 [N]; 0 on padding rows
     ids: torch.Tensor  # int64 [N]; instance id, -1 on padding rows
@@ -57,8 +58,9 @@ class Batch(PipelineableMixin):
 
 
 def extend(base: Batch, cls: type, **extra) -> Batch:
-    """A ``cls`` (a Batch subclass) with ``base``'s fields and the ``extra`` ones."""
-    return cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(Batch)}, **extra)
+    """A ``cls`` (a Batch subclass) with ``base``'s fields and the ``extra`` ones (which may
+    also replace base fields)."""
+    return cls(**{**{f.name: getattr(base, f.name) for f in dataclasses.fields(Batch)}, **extra})
 
 
 @dataclasses.dataclass
@@ -101,8 +103,9 @@ def sparse_kjt(log: InstanceLog, rows: np.ndarray, names: list[str] | None = Non
         values.append(vals)
     return KeyedJaggedTensor.from_lengths_sync(
         keys=list(names),
-        values=torch.from_numpy(np.concatenate(values)),
-        lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)),
+        values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
+        lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32) if lengths else np.zeros(0, np.int32)),
+        stride=len(rows),
     )
 
 
@@ -115,9 +118,11 @@ def make_batch(log: InstanceLog, rows: np.ndarray) -> Batch:
     dense = np.asarray(log.dense[safe], dtype=np.float32) * mask[:, None]
     labels = np.asarray(log.labels[safe], dtype=np.float32) * mask[:, None]
     users = np.where(valid, np.asarray(log.user[safe]), -1)
+    shared = list(log.schema.sequence)
     return Batch(
         dense=torch.from_numpy(dense),
-        sparse=sparse_kjt(log, rows),
+        sparse=sparse_kjt(log, rows, [n for n in log.schema.sparse_names if n not in shared]),
+        shared=sparse_kjt(log, rows, shared),
         labels=torch.from_numpy(labels),
         weights=torch.from_numpy(mask),
         ids=torch.from_numpy(rows),

@@ -64,6 +64,7 @@ from iat_rec.schema import Schema
 
 TOKEN_TABLE = "iat_tokens"
 TOKEN_FEATURE = "history_ids"
+CANDIDATE_FEATURE = "candidate_ids"  # stage 2's token query: the candidate instance's own row
 
 # Module paths of the tables in build_tables_module (used by `iat-rec plan`).
 FEATURES_PATH = "features"
@@ -103,15 +104,48 @@ def feature_table_configs(schema: Schema, dim: int) -> list[EmbeddingBagConfig]:
     ]
 
 
-def token_table_config(rows: int, dim: int = 64, dtype: str = "fp32") -> EmbeddingConfig:
-    """The token table: row i is the token of instance i, looked up unpooled by TOKEN_FEATURE."""
+def history_feature(feature: str) -> str:
+    """The KJT key of a sequence feature's hand-crafted history (the same table as ``feature``)."""
+    return f"seq_{feature}"
+
+
+def model_tables(schema: Schema, dim: int, history: bool = False) -> tuple[list[EmbeddingBagConfig], list[EmbeddingConfig]]:
+    """The base ranker's tables, named ``t_<feature>`` in both stages (one sharding plan).
+
+    Pooled tables (an EmbeddingBagCollection) hold the features that no history reads. The
+    schema's sequence features get unpooled tables (an EmbeddingCollection) so that, with
+    ``history``, one table serves both the candidate's feature and its hand-crafted history
+    (key ``history_feature(f)``): an exact id match between them is a match in one
+    embedding space, as in DIN, BST and TorchRec's sequence examples.
+    """
+    shared = set(schema.sequence)
+    bags = [
+        EmbeddingBagConfig(name=f"t_{f.name}", feature_names=[f.name], num_embeddings=f.num_embeddings, embedding_dim=dim)
+        for f in schema.sparse
+        if f.name not in shared
+    ]
+    ids = [
+        EmbeddingConfig(
+            name=f"t_{f}",
+            feature_names=[f, history_feature(f)] if history else [f],
+            num_embeddings=schema.feature(f).num_embeddings,
+            embedding_dim=dim,
+        )
+        for f in schema.sequence
+    ]
+    return bags, ids
+
+
+def token_table_config(rows: int, dim: int = 64, dtype: str = "fp32", features: tuple[str, ...] = (TOKEN_FEATURE,)) -> EmbeddingConfig:
+    """The token table: row i is the token of instance i, looked up unpooled by ``features``
+    (TOKEN_FEATURE for histories; stage 2 adds CANDIDATE_FEATURE for the candidate's own token)."""
     if dtype not in TOKEN_DTYPES:
         raise IatError(f"token dtype '{dtype}' not in {sorted(TOKEN_DTYPES)}")
     if rows < 1 or dim < 1:
         raise IatError(f"token table needs rows >= 1 and dim >= 1 (got rows={rows}, dim={dim})")
     return EmbeddingConfig(
         name=TOKEN_TABLE,
-        feature_names=[TOKEN_FEATURE],
+        feature_names=list(features),
         num_embeddings=int(rows),
         embedding_dim=dim,
         data_type=TOKEN_DTYPES[dtype],

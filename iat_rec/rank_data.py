@@ -17,20 +17,18 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from iat_rec.batch import Batch, extend, make_batch
 from iat_rec.history import HistoryIndex, expand_ranges, side_info
 from iat_rec.instance_log import InstanceLog
-from iat_rec.planning import TOKEN_FEATURE
+from iat_rec.planning import CANDIDATE_FEATURE, TOKEN_FEATURE, history_feature
 
 
 @dataclasses.dataclass
 class RankBatch(Batch):
-    history_ids: KeyedJaggedTensor  # key TOKEN_FEATURE: instance ids of the history, oldest first
-    seq: KeyedJaggedTensor  # hand-crafted sequence: one key per sequence feature, same lengths
+    """``shared`` also holds the hand-crafted history: key ``history_feature(f)`` per sequence
+    feature f, the ids of the history steps (same lengths as ``history_ids``)."""
+
+    history_ids: KeyedJaggedTensor  # TOKEN_FEATURE: history instance ids, oldest first; CANDIDATE_FEATURE: the row itself
     hist_labels: torch.Tensor  # int64 [B, T, K]: 0/1, or LABEL_UNKNOWN until label_time < t
     hist_gap: torch.Tensor  # int64 [B, T]: log2 bucket of t - ts
     hist_valid: torch.Tensor  # bool [B, T]
-
-
-def seq_key(feature: str) -> str:
-    return f"seq_{feature}"
 
 
 class HistorySource:
@@ -61,10 +59,13 @@ class HistorySource:
 
 
 class RankBatchMaker:
-    """Callable (log, rows) -> RankBatch for BatchDataset; picklable for loader workers."""
+    """Callable (log, rows) -> RankBatch for BatchDataset; picklable for loader workers.
+    ``candidate``: the token lookup also gets each request's own row (stage 2's token query)."""
 
-    def __init__(self, source: HistorySource, max_len: int, same_log: bool):
-        self.source, self.max_len, self.same_log = source, max_len, same_log
+    def __init__(self, source: HistorySource, max_len: int, same_log: bool, candidate: bool = False):
+        if candidate and not same_log:
+            raise ValueError("the candidate's own token exists only for requests of the token table's log")
+        self.source, self.max_len, self.same_log, self.candidate = source, max_len, same_log, candidate
 
     def history_users(self, log: InstanceLog, rows: np.ndarray) -> np.ndarray:
         valid = rows >= 0
@@ -86,20 +87,28 @@ class RankBatchMaker:
         hist_labels[valid] = codes
         hist_gap = np.zeros((b, t), dtype=np.int64)
         hist_gap[valid] = gap
-        lengths = torch.from_numpy(length.astype(np.int32))
+        keys, values, lengths = [TOKEN_FEATURE], [hist], [length]
+        if self.candidate:
+            own = rows >= 0
+            keys.append(CANDIDATE_FEATURE)
+            values.append(rows[own])
+            lengths.append(own.astype(np.int64))
         feats = self.source.seq_features
-        seq = KeyedJaggedTensor.from_lengths_sync(
-            keys=[seq_key(f) for f in feats],
-            values=torch.from_numpy(np.concatenate([self.source.seq_ids(f, hist) for f in feats]).astype(np.int64))
-            if feats
-            else torch.zeros(0, dtype=torch.int64),
-            lengths=lengths.repeat(len(feats)),
-        )
+        shared = base.shared
+        if feats:  # the candidate's own ids, then the history's ids under their history keys
+            shared = KeyedJaggedTensor.from_lengths_sync(
+                keys=base.shared.keys() + [history_feature(f) for f in feats],
+                values=torch.cat([base.shared.values()] + [torch.from_numpy(self.source.seq_ids(f, hist)) for f in feats]),
+                lengths=torch.cat([base.shared.lengths(), torch.from_numpy(np.tile(length, len(feats)).astype(np.int32))]),
+                stride=b,
+            )
         return extend(
             base,
             RankBatch,
-            history_ids=KeyedJaggedTensor.from_lengths_sync(keys=[TOKEN_FEATURE], values=torch.from_numpy(hist), lengths=lengths),
-            seq=seq,
+            shared=shared,
+            history_ids=KeyedJaggedTensor.from_lengths_sync(
+                keys=keys, values=torch.from_numpy(np.concatenate(values)), lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)), stride=b
+            ),
             hist_labels=torch.from_numpy(hist_labels),
             hist_gap=torch.from_numpy(hist_gap),
             hist_valid=torch.from_numpy(valid),

@@ -55,10 +55,13 @@ class TransformerBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, kv: torch.Tensor | None = None
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, kv: torch.Tensor | None = None, residual: bool = True
     ) -> torch.Tensor:
+        """``residual=False``: the output is what attention read (plus its FFN), without ``x``
+        itself: a read-out whose queries only ask (readers read history with a query token)."""
         h = self.norm1(x)
-        x = x + self.drop(self.attn(h, h if kv is None else self.norm1(kv), mask))
+        a = self.drop(self.attn(h, h if kv is None else self.norm1(kv), mask))
+        x = x + a if residual else a
         return x + self.drop(self.ffn(self.norm2(x)))
 
 

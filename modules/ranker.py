@@ -1,13 +1,28 @@
 """Stage 2: the downstream ranker over a user's history of instance tokens.
 
-Per history step: adapt MLP(token) ++ side-info embeddings (labels known before the request
-time, time-gap bucket), projected to the reader width: the IAT sequence. A reader
-(Transformer, DIN, LONGER-style) reads it with a learned compression of the request's own
-features as the query; its output joins the feature-group tokens as one more token before
-the interaction block. The hand-crafted behaviour sequence (item ids, categories, masked
-labels through trainable tables) is the same branch with other step inputs, beside IAT
-(``both``) or alone (the baseline). The token table is frozen: its lookup is detached, so
-no gradient ever reaches it.
+Per history step: adapt MLP(standardised token) ++ target products ++ side-info embeddings
+(labels known before the request time, time-gap bucket), projected to the reader width: the
+IAT sequence. A reader (Transformer, DIN, LONGER-style) reads it with a query compressed from
+the request's own raw features; its output joins the feature-group tokens as one more token
+before the interaction block.
+
+The hand-crafted behaviour sequence (item ids, categories, masked labels) is the same branch
+with other step inputs: its ids are looked up in the *same* tables as the candidate's own
+features (one TorchRec table per feature, two keys), beside IAT (``both``) or alone (the
+baseline). ``labels`` reads the side info alone (no tokens, no ids): the ablation that shows
+what the tokens add beyond the labels.
+
+Target products: each step also carries ``normalize(candidate) * normalize(step)`` per
+shared id feature (the q * k term of DIN's attention input, on unit vectors), so an exact
+match between the candidate and a past instance is a cosine of 1 in one embedding space, not
+something the reader must learn across two unrelated spaces. With ``query="token"`` the
+candidate's own instance token (its row of the token table: the candidate compressed by the
+frozen stage-1 model) joins the query, and the same product is taken in token space.
+
+The token table is frozen: its lookup is detached, so no gradient ever reaches it. Tokens
+are standardised per dimension with the table's own statistics (its manifest) before the
+adapt MLP: a token's common component across instances carries nothing, and the adapt MLP
+then sees unit-scale inputs whatever the compressor's output scale.
 """
 
 from __future__ import annotations
@@ -15,103 +30,187 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 
 from iat_rec.config import ModelConfig
 from iat_rec.history import GAP_BUCKETS, LABEL_UNKNOWN
-from iat_rec.planning import TOKEN_FEATURE
+from iat_rec.planning import CANDIDATE_FEATURE, TOKEN_FEATURE, history_feature, model_tables, token_table_config
 from modules.attention import small_table_lookup
 from modules.compressor import BaseRanker, weighted_bce
 from modules.mlp import MLP
 from modules.query import QueryCompressor
 from modules.readers import make_reader
 
-HISTORY_MODES = ("none", "handcrafted", "iat", "both")
+HISTORY_MODES = ("none", "labels", "handcrafted", "iat", "both")
 READERS = ("transformer", "din", "longer")
+QUERIES = ("features", "token")
+RELEVANCE = 4.0  # initial attention logit of a step per unit of candidate cosine (HistoryBranch)
 
 
 @dataclasses.dataclass
 class RankerConfig:
-    history: str = "iat"  # none | handcrafted | iat | both
+    history: str = "iat"  # none | labels | handcrafted | iat | both
     reader: str = "transformer"  # transformer | din | longer
+    query: str = "features"  # features | token: the candidate's own instance token joins the query (iat/both)
     max_len: int = 256  # T: history steps per request
     reader_dim: int = 64
     reader_layers: int = 2
-    reader_heads: int = 4
+    reader_heads: int = 2  # head dim 32 at width 64
     head: tuple[int, ...] = (256, 128)
 
 
 class HistoryBranch(nn.Module):
-    """Step inputs ++ side-info embeddings -> reader width -> reader(query) -> one token."""
+    """[adapt(steps) | steps] ++ target products ++ side-info embeddings -> reader width ->
+    reader(query) -> one token. ``step_in`` or ``target_in`` may be 0 (labels only)."""
 
-    def __init__(self, step_in: int, num_tasks: int, cfg: RankerConfig, out_dim: int, adapt: bool):
+    def __init__(self, step_in: int, target_in: int, num_tasks: int, cfg: RankerConfig, out_dim: int, adapt: bool):
         super().__init__()
         d = cfg.reader_dim
-        self.adapt = MLP(step_in, [2 * d], d) if adapt else None
-        width = (d if adapt else step_in) + (num_tasks + 1) * d
+        self.adapt = MLP(step_in, [2 * d], d) if adapt and step_in else None
+        width = (d if self.adapt is not None else step_in) + target_in + (num_tasks + 1) * d
         self.label_emb = nn.ModuleList(nn.Embedding(LABEL_UNKNOWN + 1, d) for _ in range(num_tasks))
         self.gap_emb = nn.Embedding(GAP_BUCKETS, d)
         self.proj = nn.Linear(width, d)
+        # Target-aware relevance of each step: a logit added to the reader's attention toward it.
+        # Initialised to RELEVANCE x the sum of the per-feature cosines (the products of a group
+        # sum to its cosine), so an exact match starts out attended: from a zero start Adam moves
+        # each weight ~lr per step and the logit needed to single out one of T steps took
+        # thousands of steps (the Transformer reader sat at chance on the seen-before check).
+        self.relevance = nn.Linear(target_in, 1) if target_in else None
+        if self.relevance is not None:
+            nn.init.constant_(self.relevance.weight, RELEVANCE)
+            nn.init.zeros_(self.relevance.bias)
         kw = {} if cfg.reader == "din" else {"layers": cfg.reader_layers, "heads": cfg.reader_heads, "max_len": cfg.max_len + 1}
         self.reader = make_reader(cfg.reader, d, out_dim, **kw)
 
-    def forward(self, steps: torch.Tensor, labels: torch.Tensor, gap: torch.Tensor, valid: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        x = self.adapt(steps) if self.adapt is not None else steps
-        parts = [x] + [small_table_lookup(emb, labels[..., k]) for k, emb in enumerate(self.label_emb)]
+    def forward(
+        self,
+        steps: torch.Tensor | None,
+        target: torch.Tensor | None,
+        labels: torch.Tensor,
+        gap: torch.Tensor,
+        valid: torch.Tensor,
+        query: torch.Tensor,
+    ) -> torch.Tensor:
+        parts = []
+        if steps is not None:
+            parts.append(self.adapt(steps) if self.adapt is not None else steps)
+        if target is not None:
+            parts.append(target)
+        parts += [small_table_lookup(emb, labels[..., k]) for k, emb in enumerate(self.label_emb)]
         parts.append(small_table_lookup(self.gap_emb, gap))
-        return self.reader(self.proj(torch.cat(parts, -1)), valid, query)
+        bias = self.relevance(target).squeeze(-1) if self.relevance is not None else None
+        return self.reader(self.proj(torch.cat(parts, -1)), valid, query, bias)
+
+
+def target_products(candidate: torch.Tensor, steps: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per group of columns (one id feature, or the whole token): unit(candidate) * unit(step).
+    candidate [B, G * e], steps [B, T, G * e] -> [B, T, G * e]; each group sums to a cosine."""
+    b, t, width = steps.shape
+    cand = F.normalize(candidate.view(b, 1, groups, width // groups), dim=-1)
+    return (cand * F.normalize(steps.view(b, t, groups, width // groups), dim=-1)).view(b, t, width)
 
 
 class Ranker(nn.Module):
     def __init__(
         self,
-        tables: list[EmbeddingBagConfig],
+        tables: tuple[list[EmbeddingBagConfig], list[EmbeddingConfig]],
         dense_in: int,
         num_tasks: int,
         model: ModelConfig,
         cfg: RankerConfig,
         token_table: EmbeddingConfig | None = None,
-        seq_tables: list[EmbeddingConfig] | None = None,
+        token_stats: tuple[torch.Tensor, torch.Tensor] | None = None,  # per-dim (mean, std) of the table
         side_tasks: int | None = None,  # label columns of the history's side info (default num_tasks)
     ):
         super().__init__()
         if cfg.history not in HISTORY_MODES:
             raise ValueError(f"history must be one of {HISTORY_MODES}")
+        if cfg.query not in QUERIES:
+            raise ValueError(f"query must be one of {QUERIES}")
         self.use_iat = cfg.history in ("iat", "both")
         self.use_hand = cfg.history in ("handcrafted", "both")
+        self.use_labels = cfg.history == "labels"
+        self.token_query = self.use_iat and cfg.query == "token"
         self.max_len = cfg.max_len
-        branches = int(self.use_iat) + int(self.use_hand)
+        branches = int(self.use_iat) + int(self.use_hand) + int(self.use_labels)
         self.base = BaseRanker(tables, dense_in, model, extra_tokens=branches)
+        side = side_tasks or num_tasks
+        shared = len(self.base.shared_names)
+        self.shared_width = shared * model.emb_dim
         if branches:
-            self.query = QueryCompressor(model.num_tokens * model.token_dim, cfg.reader_dim)
+            raw = (len(self.base.bag_names) + shared) * model.emb_dim + dense_in
+            token_dim = token_table.embedding_dim if token_table is not None else 0
+            self.query = QueryCompressor(raw + (token_dim if self.token_query else 0), cfg.reader_dim)
         if self.use_iat:
             assert token_table is not None
             self.tokens = EmbeddingCollection(tables=[token_table], device=torch.device("meta"))
-            self.iat = HistoryBranch(token_table.embedding_dim, side_tasks or num_tasks, cfg, model.token_dim, adapt=True)
+            dim = token_table.embedding_dim
+            mean, std = token_stats if token_stats is not None else (torch.zeros(dim), torch.ones(dim))
+            # from the table's manifest, like the table itself: not part of the checkpoints
+            self.register_buffer("token_mean", torch.as_tensor(mean, dtype=torch.float32), persistent=False)
+            self.register_buffer("token_std", torch.as_tensor(std, dtype=torch.float32).clamp(min=1e-6), persistent=False)
+            self.iat = HistoryBranch(dim, dim if self.token_query else 0, side, cfg, model.token_dim, adapt=True)
         if self.use_hand:
-            assert seq_tables
-            self.seq = EmbeddingCollection(tables=seq_tables, device=torch.device("meta"))
-            self.seq_keys = [n for t in seq_tables for n in t.feature_names]
-            step_in = sum(t.embedding_dim for t in seq_tables)
-            self.hand = HistoryBranch(step_in, side_tasks or num_tasks, cfg, model.token_dim, adapt=False)
+            if not shared:
+                raise ValueError("the hand-crafted history needs the schema's sequence features")
+            self.hand = HistoryBranch(self.shared_width, self.shared_width, side, cfg, model.token_dim, adapt=False)
+        if self.use_labels:
+            self.labels = HistoryBranch(0, 0, side, cfg, model.token_dim, adapt=False)
         self.head = MLP(model.hidden, cfg.head, num_tasks)
 
+    def _standard(self, tokens: torch.Tensor) -> torch.Tensor:
+        return (tokens.detach().float() - self.token_mean) / self.token_std  # frozen table: detached
+
     def forward(self, batch):
-        feats = self.base.feature_tokens(batch)  # [B, G, D]
-        extra = []
-        if self.use_iat or self.use_hand:
-            query = self.query(feats.flatten(1))
+        pooled, looked_up = self.base.embed(batch)
+        feats = self.base.feature_tokens(pooled, batch.dense)  # [B, G, D]
+        side = (batch.hist_labels, batch.hist_gap, batch.hist_valid) if hasattr(batch, "hist_valid") else None
+        extra, query_in = [], [pooled, batch.dense]
         if self.use_iat:
-            jt = self.tokens(batch.history_ids)[TOKEN_FEATURE]
-            steps = jt.to_padded_dense(desired_length=self.max_len).detach().float()  # frozen table
-            extra.append(self.iat(steps, batch.hist_labels, batch.hist_gap, batch.hist_valid, query))
+            jt = self.tokens(batch.history_ids)
+            steps = self._standard(jt[TOKEN_FEATURE].to_padded_dense(desired_length=self.max_len))
+            target = None
+            if self.token_query:
+                candidate = self._standard(jt[CANDIDATE_FEATURE].to_padded_dense(desired_length=1)[:, 0])
+                query_in.append(candidate)
+                target = target_products(candidate, steps, 1)
+        if side is not None and hasattr(self, "query"):
+            query = self.query(torch.cat(query_in, -1))
+        if self.use_iat:
+            extra.append(self.iat(steps, target, *side, query))
         if self.use_hand:
-            seq = self.seq(batch.seq)
-            steps = torch.cat([seq[k].to_padded_dense(desired_length=self.max_len) for k in self.seq_keys], -1)
-            extra.append(self.hand(steps, batch.hist_labels, batch.hist_gap, batch.hist_valid, query))
+            names = self.base.shared_names
+            hist = torch.cat([looked_up[history_feature(f)].to_padded_dense(desired_length=self.max_len) for f in names], -1)
+            candidate = pooled[:, pooled.shape[1] - self.shared_width :]
+            extra.append(self.hand(hist, target_products(candidate, hist, len(names)), *side, query))
+        if self.use_labels:
+            extra.append(self.labels(None, None, *side, query))
         tokens = torch.cat([feats] + [e.unsqueeze(1) for e in extra], 1) if extra else feats
         logits = self.head(self.base.interaction(tokens))
         loss = weighted_bce(logits, batch.labels, batch.weights)
         return loss, (loss.detach(), logits.detach().float(), batch.labels, batch.weights, batch.users)
+
+
+def build_ranker(
+    schema,
+    model: ModelConfig,
+    cfg: RankerConfig,
+    num_tasks: int,
+    token_rows: int = 0,
+    token_dim: int = 64,
+    token_dtype: str = "fp32",
+    token_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    side_tasks: int | None = None,
+) -> Ranker:
+    """The stage-2 model for ``schema`` (tables on the meta device, ready to shard); the token
+    table, for iat/both, is ``token_rows`` x ``token_dim`` of ``token_dtype``."""
+    token_table = None
+    if cfg.history in ("iat", "both"):
+        features = (TOKEN_FEATURE, CANDIDATE_FEATURE) if cfg.query == "token" else (TOKEN_FEATURE,)
+        token_table = token_table_config(token_rows, token_dim, token_dtype, features)
+    tables = model_tables(schema, model.emb_dim, history=cfg.history in ("handcrafted", "both"))
+    return Ranker(tables, len(schema.dense), num_tasks, model, cfg, token_table, token_stats, side_tasks)

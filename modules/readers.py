@@ -2,9 +2,14 @@
 instance tokens of a user with a query built from the request and returns one vector that
 enters the feature-interaction block as an extra token.
 
-Common contract: `forward(seq [B, T, d], valid [B, T] bool, query [B, d]) -> [B, out_dim]`.
-Padded entries never influence the output (they are zeroed and masked), and rows whose
-history is empty give finite outputs. `flops(batch, T)` counts forward matmul FLOPs
+Common contract: `forward(seq [B, T, d], valid [B, T] bool, query [B, d], bias [B, T] | None)
+-> [B, out_dim]`. Padded entries never influence the output (they are zeroed and masked), and
+rows whose history is empty give finite outputs. ``bias`` is a target-aware relevance logit
+per history step (stage 2 computes it from the candidate-history target products): it is
+added to every attention score toward that step, so a reader can attend to an exact match
+with the candidate from the first steps of training instead of first aligning its query and
+key projections (measured: a Transformer reader without it stayed at chance on the
+seen-before check after 600 steps, where DIN, whose scorer reads q * k, reached 0.99). `flops(batch, T)` counts forward matmul FLOPs
 (2 x multiply-adds) for MFU; `reader_flops` gives the same without building weights.
 """
 
@@ -18,6 +23,15 @@ from torch import nn
 
 from modules.attention import TransformerBlock, block_flops, small_table_lookup, recency_positions
 from modules.mlp import MLP, make_act
+
+
+def attention_mask(keys: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, 1, L] mask over L keys (True = attend), or an additive float mask carrying
+    ``bias`` [B, L] on the valid keys (masked keys get the dtype's lowest value, not -inf,
+    so a row can never turn to NaN)."""
+    if bias is None:
+        return keys[:, None, None, :]
+    return bias.to(dtype).masked_fill(~keys, torch.finfo(dtype).min)[:, None, None, :]
 
 
 def _zero_padding(seq: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -60,15 +74,15 @@ class TransformerReader(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, out_dim)
 
-    def forward(self, seq: torch.Tensor, valid: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    def forward(self, seq: torch.Tensor, valid: torch.Tensor, query: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         valid = valid.bool()
         seq = _zero_padding(seq, valid) + small_table_lookup(self.pos, recency_positions(valid, self.max_len)).to(seq.dtype)
         x = torch.cat([query[:, None].to(seq.dtype), seq], 1)  # [B, 1 + T, d]
         ones = valid.new_ones(valid.shape[0], 1)
-        mask = torch.cat([ones, valid], 1)[:, None, None, :]  # [B, 1, 1, 1 + T]
+        mask = attention_mask(torch.cat([ones, valid], 1), None if bias is None else F.pad(bias, (1, 0)), x.dtype)
         for blk in self.blocks[:-1]:
             x = blk(x, mask)
-        q = self.blocks[-1](x[:, :1], mask, kv=x)  # last layer: the query row only
+        q = self.blocks[-1](x[:, :1], mask, kv=x, residual=False)  # last layer: the query row's read-out only
         return self.out(self.norm(q[:, 0]))
 
     def flops(self, batch: int, T: int) -> float:
@@ -113,7 +127,7 @@ class DINReader(nn.Module):
         self.score = MLP(hidden[0], hidden[1:], 1, act=act)
         self.out = nn.Linear(dim, out_dim)
 
-    def forward(self, seq: torch.Tensor, valid: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    def forward(self, seq: torch.Tensor, valid: torch.Tensor, query: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         valid = valid.bool()
         seq = _zero_padding(seq, valid)
         query = query.to(seq.dtype)
@@ -121,6 +135,8 @@ class DINReader(nn.Module):
         hq = F.linear(query, wq + wd, self.first.bias)  # [B, h]
         hk = F.linear(torch.cat([seq, query[:, None] * seq], -1), torch.cat([wk - wd, wp], 1))  # [B, T, h]
         logits = self.score(self.act(hq[:, None] + hk)).squeeze(-1)  # [B, T]
+        if bias is not None:
+            logits = logits + bias.to(logits.dtype)
         if self.normalize == "softmax":
             # finfo.min, not -inf: an all-padded row then softmaxes to uniform, zeroed below.
             logits = logits.float().masked_fill(~valid, torch.finfo(torch.float32).min)
@@ -175,7 +191,7 @@ class LongerReader(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear((num_global + 1) * dim, out_dim)
 
-    def forward(self, seq: torch.Tensor, valid: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    def forward(self, seq: torch.Tensor, valid: torch.Tensor, query: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         valid = valid.bool()
         b, t, d = seq.shape
         m = self.merge
@@ -184,15 +200,19 @@ class LongerReader(nn.Module):
         if pad:
             seq = F.pad(seq, (0, 0, pad, 0))
             valid = F.pad(valid, (pad, 0), value=False)
+            bias = F.pad(bias, (pad, 0)) if bias is not None else None
         s = (t + pad) // m
         merged = self.merge_proj(seq.reshape(b, s, m * d))  # [B, S, d]
         mvalid = valid.view(b, s, m).any(-1)
+        if bias is not None:  # a merged group is as relevant as its most relevant step
+            bias = bias.masked_fill(~valid, torch.finfo(bias.dtype).min).view(b, s, m).amax(-1).masked_fill(~mvalid, 0.0)
         merged = merged + small_table_lookup(self.pos, recency_positions(mvalid, self.max_len)).to(merged.dtype)
 
         g = torch.cat([self.globals.to(merged.dtype).expand(b, -1, -1), query[:, None].to(merged.dtype)], 1)
         kv = torch.cat([g, merged], 1)
         kvalid = torch.cat([mvalid.new_ones(b, g.shape[1]), mvalid], 1)
-        g = self.blocks[0](g, kvalid[:, None, None, :], kv=kv)
+        kbias = None if bias is None else F.pad(bias, (g.shape[1], 0))
+        g = self.blocks[0](g, attention_mask(kvalid, kbias, g.dtype), kv=kv)
         for blk in self.blocks[1:]:
             g = blk(g)
         return self.out(self.norm(g).flatten(1))

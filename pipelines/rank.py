@@ -1,12 +1,15 @@
 """Stage 2: train the downstream ranker over fetched instance tokens (or the baselines).
 
-    iat-rec rank --data LOG --tokens TOKENS --history {none,handcrafted,iat,both} \\
-                 --reader {transformer,din,longer} --out RUN [--stage1 RUN1 [--warm-start]]
+    iat-rec rank --data LOG --tokens TOKENS --history {none,labels,handcrafted,iat,both} \\
+                 --reader {transformer,din,longer} [--query {features,token}] --out RUN \\
+                 [--stage1 RUN1 [--warm-start]] [--epochs E --eval-every N --early-stop P]
 
 With ``--stage1`` the feature tables keep the stage-1 run's sharding plan (same world size)
-and ``--warm-start`` loads their weights from its checkpoint; the token table and the
-hand-crafted sequence tables are planned and added to that plan. At the end the test split
-is evaluated into ``RUN/metrics.json``.
+and ``--warm-start`` loads their weights from its checkpoint; the token table is planned
+and added to that plan (the hand-crafted history reads the feature tables themselves). With
+``--early-stop P`` training stops after P evaluations without a better validation AUC and the
+best model is restored. At the end the test split is evaluated into ``RUN/metrics.json``
+(LogLoss in nats).
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.types import ShardingPlan
-from torchrec.modules.embedding_configs import EmbeddingConfig
 
 from iat_rec import checkpoint as ckpt
 from iat_rec.atomic import write_json
@@ -29,10 +31,10 @@ from iat_rec.distenv import DistEnv, init_distributed, rank_main
 from iat_rec.errors import IatError
 from iat_rec.instance_log import InstanceLog, time_split
 from iat_rec.loaders import BatchDataset, SelectTasks, select_tasks, time_order
-from iat_rec.planning import build_topology, feature_table_configs, load_plan, make_plan, token_table_config
-from iat_rec.rank_data import HistorySource, RankBatchMaker, seq_key
+from iat_rec.planning import build_topology, load_plan, make_plan
+from iat_rec.rank_data import HistorySource, RankBatchMaker
 from iat_rec.token_table import TokenTable, token_constraints
-from modules.ranker import HISTORY_MODES, READERS, Ranker, RankerConfig
+from modules.ranker import HISTORY_MODES, QUERIES, READERS, Ranker, RankerConfig, build_ranker
 from pipelines.compress import RUN_FORMAT, load_stage1
 from pipelines.trainer import Trainer, check_resume, embedding_params, evaluate, make_optimizer, program_cli, program_parser, shard
 
@@ -43,7 +45,6 @@ class RankConfig(TrainConfig):
     tokens: str = ""  # token table (history iat/both)
     stage1: str = ""  # stage-1 run: its feature-table plan (and weights with --warm-start)
     warm_start: bool = False
-    seq_dim: int = 16  # embedding dim of the hand-crafted sequence tables
 
 
 def check_config(cfg: RankConfig) -> None:
@@ -56,11 +57,19 @@ def check_config(cfg: RankConfig) -> None:
         raise IatError(f"--reader must be one of {list(READERS)}, not '{r.reader}'")
     if r.history in ("iat", "both") and not cfg.tokens:
         raise IatError(f"--history {r.history} needs --tokens (a token table from iat-rec export)")
+    if r.query not in QUERIES:
+        raise IatError(f"--query must be one of {list(QUERIES)}, not '{r.query}'")
+    if r.query == "token" and r.history not in ("iat", "both"):
+        raise IatError(f"--query token reads the candidate's own token: it needs --history iat or both, not {r.history}")
     if cfg.warm_start and not cfg.stage1:
         raise IatError("--warm-start needs --stage1 RUN")
-    select_tasks(InstanceLog(cfg.data).schema, cfg.tasks)
+    log = InstanceLog(cfg.data)
+    select_tasks(log.schema, cfg.tasks)
     if cfg.tokens:
-        TokenTable(cfg.tokens)
+        table = TokenTable(cfg.tokens)
+        table.stats()
+        if r.query == "token" and table.manifest["log_fingerprint"] != log.fingerprint:
+            raise IatError("--query token needs a token table of this very log (the candidate's own row); this one is cross-domain")
 
 
 @dataclasses.dataclass
@@ -80,17 +89,14 @@ def build(cfg: RankConfig, env: DistEnv, plan_out: Path | None) -> Built:
     stage1_plan = None
     if cfg.stage1:
         s1cfg, s1info, s1log = load_stage1(cfg.stage1)
-        if s1log.schema.sparse != log.schema.sparse:
+        if s1log.schema.sparse != log.schema.sparse or s1log.schema.sequence != log.schema.sequence:
             raise IatError(f"{cfg.data} has other sparse features than the stage-1 log {s1log.path}: the stage-1 plan does not apply")
         cfg.model.emb_dim = s1cfg.model.emb_dim  # the shared tables keep their stage-1 shape
         if s1info["world_size"] == env.world_size:
             stage1_plan = load_plan(Path(cfg.stage1) / "plan.json")
         elif env.is_main:
             print(f"stage-1 ran on {s1info['world_size']} ranks, this job on {env.world_size}: re-planning the feature tables", flush=True)
-    table = token_cfg = None
-    if r.history in ("iat", "both"):
-        table = TokenTable(cfg.tokens)
-        token_cfg = token_table_config(table.rows, table.dim, table.dtype)
+    table = TokenTable(cfg.tokens) if r.history in ("iat", "both") else None
     same_log = table is None or table.manifest["log_fingerprint"] == log.fingerprint
     seq_features = list(log.schema.sequence) if r.history in ("handcrafted", "both") else []
     if seq_features and not same_log:
@@ -99,14 +105,10 @@ def build(cfg: RankConfig, env: DistEnv, plan_out: Path | None) -> Built:
     else:
         source_log = log
     source = HistorySource.from_tokens(table, source_log, seq_features) if table else HistorySource.from_log(log, seq_features)
-    seq_tables = [
-        EmbeddingConfig(name=f"s_{f}", feature_names=[seq_key(f)], num_embeddings=source_log.schema.feature(f).num_embeddings, embedding_dim=cfg.seq_dim)
-        for f in seq_features
-    ]
     tasks, task_index = select_tasks(log.schema, cfg.tasks)
-    model = Ranker(
-        feature_table_configs(log.schema, cfg.model.emb_dim), len(log.schema.dense), len(tasks), cfg.model, r,
-        token_cfg, seq_tables, side_tasks=source.labels.shape[1],
+    model = build_ranker(
+        log.schema, cfg.model, r, len(tasks), side_tasks=source.labels.shape[1],
+        **({"token_rows": table.rows, "token_dim": table.dim, "token_dtype": table.dtype, "token_stats": table.stats()} if table else {}),
     )  # fmt: skip
     plan = _plan(model, env, cfg, stage1_plan)
     trainable = [p for name, m in model.named_children() if name != "tokens" for p in embedding_params(m)]
@@ -114,8 +116,10 @@ def build(cfg: RankConfig, env: DistEnv, plan_out: Path | None) -> Built:
     if table is not None:
         table.load_into(dmp.module.tokens)
     if cfg.warm_start:
-        ckpt.load_weights(ckpt.latest(cfg.stage1), dmp, prefix="base.sparse.")
-    maker = SelectTasks(RankBatchMaker(source, r.max_len, same_log), task_index)
+        for prefix in ("base.sparse.", "base.shared."):
+            if any(k.startswith(prefix) for k in dmp.state_dict()):
+                ckpt.load_weights(ckpt.latest(cfg.stage1), dmp, prefix=prefix)
+    maker = SelectTasks(RankBatchMaker(source, r.max_len, same_log, candidate=model.token_query), task_index)
     return Built(env, log, dmp, maker, time_split(log, cfg.split), tasks)
 
 
@@ -126,9 +130,8 @@ def _plan(model: Ranker, env: DistEnv, cfg: RankConfig, stage1_plan: ShardingPla
     if stage1_plan is None:
         return make_plan(model, topology, cfg.batch_size, constraints, pg=dist.group.WORLD)
     holder = nn.Module()
-    for name in ("tokens", "seq"):
-        if hasattr(model, name):
-            holder.add_module(name, getattr(model, name))
+    if hasattr(model, "tokens"):
+        holder.add_module("tokens", model.tokens)
     new = make_plan(holder, topology, cfg.batch_size, constraints, pg=dist.group.WORLD) if len(holder._modules) else ShardingPlan({})
     return ShardingPlan({**stage1_plan.plan, **new.plan})
 
@@ -161,7 +164,7 @@ def train(cfg: RankConfig) -> dict:
     if env.is_main:
         write_json(out / "metrics.json", metrics)
         write_json(out / "result.json", {**result, "test": metrics})
-        print(f"stage 2 done: {out}: test auc {metrics['auc']:.4f} gauc {metrics['gauc']:.4f} logloss {metrics['logloss']:.4f}", flush=True)
+        print(f"stage 2 done: {out}: test auc {metrics['auc']:.4f} gauc {metrics['gauc']:.4f} logloss {metrics['logloss']:.4f} nats ne {metrics['ne']:.4f}", flush=True)
     return metrics
 
 
