@@ -1,8 +1,11 @@
-"""The comparison report: a Markdown table of mean ± std per variant, PNG plots, stage times."""
+"""The comparison report: a Markdown table of mean ± std per variant, PNG plots, stage-1
+validation AUC and token health, stage times; ``results.json`` beside it (LogLoss in nats)."""
 
 from __future__ import annotations
 
 import json
+import os
+import platform
 from collections import defaultdict
 from pathlib import Path
 
@@ -10,14 +13,16 @@ import numpy as np
 
 from iat_rec.atomic import atomic_dir
 
-METRICS = ("auc", "gauc", "logloss")
+METRICS = ("auc", "gauc", "logloss", "ne")
+LABELS = {"auc": "AUC", "gauc": "GAUC", "logloss": "LogLoss (nats)", "ne": "NE"}
 
 
 def summarise(results: list[dict]) -> list[dict]:
     """Per variant (in first-seen order): mean and std over seeds of each test metric."""
     by: dict[str, list[dict]] = defaultdict(list)
+    several = len({r["reader"] for r in results if r["variant"] != "none"}) > 1
     for r in results:
-        by[f"{r['variant']} ({r['reader']})" if r["variant"] != "none" else "none"].append(r["metrics"])
+        by[f"{r['variant']} ({r['reader']})" if several and r["variant"] != "none" else r["variant"]].append(r["metrics"])
     rows = []
     for name, ms in by.items():
         row = {"variant": name, "seeds": len(ms)}
@@ -28,8 +33,17 @@ def summarise(results: list[dict]) -> list[dict]:
     return rows
 
 
+def device_name() -> str:
+    """What the runs ran on, for the results: the GPU's name, else the CPU's."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| variant | seeds | AUC | GAUC | LogLoss |", "|---|---|---|---|---|"]
+    lines = ["| variant | seeds | " + " | ".join(LABELS[m] for m in METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
     for r in rows:
         cells = [f"{r[m]['mean']:.4f} ± {r[m]['std']:.4f}" for m in METRICS]
         lines.append(f"| {r['variant']} | {r['seeds']} | " + " | ".join(cells) + " |")
@@ -64,7 +78,7 @@ def plot(rows: list[dict], results: list[dict], task: str, out: Path) -> list[st
         lo, hi = min(means) - 2 * max(stds + [1e-3]), max(means) + 2 * max(stds + [1e-3])
         ax.set_ylim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
         ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
-        ax.set_title(f"test {m.upper() if m != 'logloss' else 'LogLoss'} ({task})", fontsize=10)
+        ax.set_title(f"test {LABELS[m]} ({task})", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "metrics_per_variant.png", dpi=110)
@@ -92,17 +106,50 @@ def plot(rows: list[dict], results: list[dict], task: str, out: Path) -> list[st
     return files
 
 
-def write_report(out: str | Path, title: str, results: list[dict], seconds: dict[str, float], command: str, notes: str = "") -> Path:
+def stage1_table(stage1: dict[str, dict], task: str) -> str:
+    """Per stage-1 run: its own validation AUC and each exported table's token health."""
+    lines = ["| stage-1 run | valid AUC | tokens from | saturation | effective rank | probe AUC train / held-out | leak gap |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for run, info in stage1.items():
+        valid = (info.get("valid") or {}).get(task, {}).get("auc")
+        for mode, h in info.items():
+            if mode == "valid" or not h:
+                continue
+            p = h.get("probe") or {}
+            fmt = lambda x, f="{:.4f}": "n/a" if x is None else f.format(x)  # noqa: E731
+            lines.append(f"| {run} | {fmt(valid)} | {mode} | {fmt(h.get('saturation'))} | {fmt(h.get('effective_rank'), '{:.1f}')} "
+                         f"| {fmt(p.get('auc_train'))} / {fmt(p.get('auc_heldout'))} | {fmt(p.get('leak_gap'), '{:+.4f}')} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def results_json(title: str, dataset: str, command: str, task: str, rows: list[dict], results: list[dict],
+                 stage1: dict, seconds: dict) -> dict:
+    """The committed form of an experiment: per variant mean and std of every test metric."""
+    return {
+        "title": title, "dataset": dataset, "command": command, "device": device_name(), "task": task,
+        "seeds": sorted({r["seed"] for r in results}), "logloss_unit": "nats",
+        "variants": {r["variant"]: {m: r[m] for m in METRICS} for r in rows},
+        "stage1": stage1, "runs": results, "seconds": seconds,
+    }  # fmt: skip
+
+
+def write_report(out: str | Path, title: str, results: list[dict], seconds: dict[str, float], command: str,
+                 notes: str = "", dataset: str = "", stage1: dict | None = None) -> Path:
     """Writes report.md, results.json and plots into ``out`` (atomically); returns report.md."""
     out = Path(out)
     task = results[0]["metrics"]["task"]
     rows = summarise(results)
+    data = results_json(title, dataset, command, task, rows, results, stage1 or {}, seconds)
     with atomic_dir(out) as tmp:
         files = plot(rows, results, task, tmp)
-        (tmp / "results.json").write_text(json.dumps({"title": title, "command": command, "task": task, "summary": rows, "runs": results, "seconds": seconds}, indent=2))
-        md = [f"# {title}", "", f"Command: `{command}`", "", f"Test metrics of task `{task}` (mean ± std over seeds):", "", markdown_table(rows), ""]
+        (tmp / "results.json").write_text(json.dumps(data, indent=2))
+        md = [f"# {title}", "", f"Command: `{command}`", "", f"Device: {data['device']}", "",
+              f"Test metrics of task `{task}` (mean ± std over seeds {data['seeds']}; LogLoss in nats):", "",
+              markdown_table(rows), ""]  # fmt: skip
         if notes:
             md += [notes, ""]
+        if stage1:
+            md += ["## Stage 1: own validation AUC and token health", "", stage1_table(stage1, task), ""]
         md += ["## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
         md += [f"| {k} | {v:.1f} |" for k, v in seconds.items()]
         md += [""] + [f"![{f}]({f})" for f in files] + [""]

@@ -1,11 +1,14 @@
 """Compare history variants with the same budget and seeds, and write a report.
 
-    iat-rec experiment --data LOG --work DIR [--seeds 3] [--variants none,handcrafted,iat-temporal,iat-user,both-user]
+    iat-rec experiment --data LOG --work DIR [--seeds 3] [--variants none,labels-only,handcrafted,iat-user,...]
 
 Per seed, stage 1 is trained once per scheme the variants need (temporal, user) and
-exported; every stage-2 variant then trains with the same steps, batch and seed. The
-report (Markdown table of mean ± std test AUC/GAUC/LogLoss, plots, stage wall times) goes
-to ``WORK/report/`` unless ``--report`` says otherwise.
+exported (time-consistent tokens unless a variant says ``@final`` or ``@initial``); every
+stage-2 variant then trains with the same budget and seed, and none is warm-started. The
+ablations ``labels-only`` (side info without tokens or ids) and ``iat-untrained`` (tokens of
+the untrained compressor) show what the tokens themselves add. The report (Markdown table
+of mean ± std test AUC/GAUC/LogLoss in nats, plots, stage-1 validation AUC and token
+health, stage wall times) goes to ``WORK/report/`` unless ``--report`` says otherwise.
 """
 
 from __future__ import annotations
@@ -22,21 +25,30 @@ from iat_rec.errors import IatError
 from iat_rec.report import markdown_table, summarise, write_report
 from pipelines.pipeline import Stages, Variant
 
-DEFAULT_VARIANTS = "none,handcrafted,iat-temporal,iat-user,both-user"
+DEFAULT_VARIANTS = "none,labels-only,handcrafted,iat-temporal,iat-user,both-user,iat-untrained"
+ALIASES = {"labels-only": "labels", "iat-untrained": "iat-user@initial"}
+TOKENS_FROM = ("time-consistent", "final", "initial")
 
 
 def parse_variants(spec: str, readers: list[str]) -> list[Variant]:
+    """``none``, ``labels-only``, ``handcrafted``, ``iat-SCHEME[@FROM]``, ``both-SCHEME[@FROM]``
+    (SCHEME temporal|user, FROM an ``export --tokens-from`` mode) and ``iat-untrained``
+    (``iat-user@initial``), each once per reader (``none`` reads no history: once)."""
     out = []
     for item in spec.split(","):
-        history, _, scheme = item.strip().partition("-")
-        if history not in ("none", "handcrafted", "iat", "both"):
-            raise IatError(f"unknown variant '{item}' (history must be none, handcrafted, iat or both)")
+        item = ALIASES.get(item.strip(), item.strip())
+        body, _, tokens_from = item.partition("@")
+        history, _, scheme = body.partition("-")
+        if history not in ("none", "labels", "handcrafted", "iat", "both"):
+            raise IatError(f"unknown variant '{item}' (history must be none, labels-only, handcrafted, iat or both)")
         if history in ("iat", "both") and scheme not in ("temporal", "user"):
             raise IatError(f"variant '{item}' needs a scheme: {history}-temporal or {history}-user")
-        if history in ("none", "handcrafted") and scheme:
+        if history not in ("iat", "both") and (scheme or tokens_from):
             raise IatError(f"variant '{item}': {history} reads no tokens, so it takes no scheme")
+        if tokens_from and tokens_from not in TOKENS_FROM:
+            raise IatError(f"variant '{item}': @{tokens_from} is not one of {list(TOKENS_FROM)}")
         for reader in readers if history != "none" else readers[:1]:
-            out.append(Variant(history, scheme or None, reader))
+            out.append(Variant(history, scheme or None, reader, tokens_from or "time-consistent"))
     return out
 
 
@@ -44,12 +56,14 @@ def run(args: argparse.Namespace) -> Path | None:
     env = init_distributed(args.device)
     variants = parse_variants(args.variants, args.readers.split(","))
     stages = Stages(args.data, Path(args.work), load_yaml(args.compress_config), load_yaml(args.rank_config), args.dtype, args.device)
-    results = [stages.rank(v, seed) for seed in range(args.seeds) for v in variants]
+    seeds = [args.only_seed] if args.only_seed is not None else range(args.seeds)
+    results = [stages.rank(v, seed) for seed in seeds for v in variants]
     dist.barrier()
-    if not env.is_main:
+    if not env.is_main or args.only_seed is not None:  # one seed of several: the full run reports
         return None
     command = "iat-rec experiment " + " ".join(shlex.quote(a) for a in args.argv)
-    report = write_report(args.report or Path(args.work) / "report", args.title, results, stages.seconds, command)
+    report = write_report(args.report or Path(args.work) / "report", args.title, results, stages.seconds, command,
+                          dataset=args.dataset or Path(args.data).name, stage1=stages.stage1)  # fmt: skip
     print("\n" + markdown_table(summarise(results)) + f"\n\nreport: {report}", flush=True)
     return report
 
@@ -59,6 +73,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="instance log")
     p.add_argument("--work", required=True, help="directory for every run")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--only-seed", type=int, default=None,
+                   help="run this seed's stages alone (seeds can run at once in one --work; a later run without it "
+                        "reuses every finished stage and writes the report of all seeds)")  # fmt: skip
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated (default {DEFAULT_VARIANTS})")
     p.add_argument("--readers", default="transformer", help="comma-separated readers for the history variants")
     p.add_argument("--compress-config", help="YAML of iat-rec compress options (budget of stage 1)")
@@ -66,6 +83,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="token table dtype")
     p.add_argument("--report", help="report directory (default WORK/report)")
     p.add_argument("--title", default="IAT history variants")
+    p.add_argument("--dataset", help="dataset name in the results (default: the log directory's name)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--nproc", type=int, default=None, help="local ranks to launch (default: GPUs, else 2)")
     return p

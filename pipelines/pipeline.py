@@ -30,15 +30,24 @@ from pipelines.rank import RankConfig
 
 @dataclasses.dataclass
 class Variant:
-    """One stage-2 run: a history mode and, for iat/both, the stage-1 scheme of its tokens."""
+    """One stage-2 run: a history mode and, for iat/both, the stage-1 scheme of its tokens and
+    which models encoded them (``export --tokens-from``)."""
 
     history: str
     scheme: str | None = None
     reader: str = "transformer"
+    tokens_from: str = "time-consistent"
 
     @property
     def name(self) -> str:
-        return f"{self.history}-{self.scheme}" if self.scheme else self.history
+        if self.history == "labels":
+            return "labels-only"
+        if self.scheme is None:
+            return self.history
+        if self.tokens_from == "initial" and self.history == "iat" and self.scheme == "user":
+            return "iat-untrained"
+        suffix = "" if self.tokens_from == "time-consistent" else f"@{self.tokens_from}"
+        return f"{self.history}-{self.scheme}{suffix}"
 
 
 def stage1_config(base: dict, data: str, out: Path, scheme: str, seed: int, device: str) -> CompressConfig:
@@ -53,9 +62,11 @@ def stage1_config(base: dict, data: str, out: Path, scheme: str, seed: int, devi
 
 def stage2_config(base: dict, data: str, out: Path, v: Variant, seed: int, device: str, tokens: Path | None, stage1: Path | None) -> RankConfig:
     ranker = {**base.get("ranker", {}), "history": v.history, "reader": v.reader}
+    if v.history not in ("iat", "both"):
+        ranker.pop("query", None)  # the token query needs tokens; the other variants read the features
     d = {**base, "data": data, "out": str(out), "seed": seed, "device": device, "ranker": ranker}
-    if tokens is not None:
-        d.update(tokens=str(tokens), stage1=str(stage1), warm_start=True)
+    if tokens is not None:  # the stage-1 plan for the shared tables; no warm start: every variant starts alike
+        d.update(tokens=str(tokens), stage1=str(stage1))
     cfg = from_dict(RankConfig, d)
     rank.check_config(cfg)
     return cfg
@@ -70,32 +81,36 @@ class Stages:
 
     def __init__(self, data: str, work: Path, c1: dict, c2: dict, dtype: str, device: str):
         self.data, self.work, self.c1, self.c2, self.dtype, self.device = data, work, c1, c2, dtype, device
-        self._seconds_file = work / "seconds.json"
-        self.seconds: dict[str, float] = json.loads(self._seconds_file.read_text()) if self._seconds_file.is_file() else {}
+        self.stage1: dict[str, dict] = {}  # per stage-1 run: its valid metrics and each table's token health
+        # one file per stage: experiments of different seeds may run at once in one work dir
+        self._seconds_dir = work / "seconds"
+        self.seconds: dict[str, float] = {p.stem: json.loads(p.read_text()) for p in sorted(self._seconds_dir.glob("*.json"))}
 
     def _timed(self, key: str, fn):
         start = time.perf_counter()
         out = fn()
         self.seconds[key] = time.perf_counter() - start
         if dist.get_rank() == 0:
-            write_json(self._seconds_file, self.seconds)
+            write_json(self._seconds_dir / f"{key}.json", self.seconds[key])
         return out
 
-    def tokens(self, scheme: str, seed: int) -> tuple[Path, Path]:
-        """(stage-1 run, token table) for a scheme and seed."""
+    def tokens(self, scheme: str, seed: int, tokens_from: str = "time-consistent") -> tuple[Path, Path]:
+        """(stage-1 run, token table) for a scheme, seed and export mode."""
         run1 = self.work / f"stage1-{scheme}-s{seed}"
-        table = self.work / f"tokens-{scheme}-s{seed}"
+        table = self.work / f"tokens-{scheme}-{tokens_from}-s{seed}"
         cfg = stage1_config(self.c1, self.data, run1, scheme, seed, self.device)
         if not _done(run1, "result.json", cfg):
             self._timed(f"compress-{scheme}-s{seed}", lambda: compress.train(cfg))
         last = ckpt.latest(run1)
-        manifest = table / "manifest.json"
-        if not (manifest.is_file() and json.loads(manifest.read_text()).get("source_checkpoint") == last.name):
-            self._timed(f"export-{scheme}-s{seed}", lambda: export(str(run1), str(table), self.dtype, device=self.device))
+        manifest = json.loads((table / "manifest.json").read_text()) if (table / "manifest.json").is_file() else {}
+        if (manifest.get("source_checkpoint"), manifest.get("tokens_from")) != (last.name, tokens_from):
+            self._timed(f"export-{scheme}-{tokens_from}-s{seed}", lambda: export(str(run1), str(table), self.dtype, device=self.device, tokens_from=tokens_from))
+        self.stage1[f"{scheme}-s{seed}"] = {"valid": json.loads((run1 / "result.json").read_text()).get("valid")}
+        self.stage1[f"{scheme}-s{seed}"][tokens_from] = json.loads((table / "manifest.json").read_text()).get("health")
         return run1, table
 
     def rank(self, v: Variant, seed: int) -> dict:
-        run1, table = self.tokens(v.scheme, seed) if v.scheme else (None, None)
+        run1, table = self.tokens(v.scheme, seed, v.tokens_from) if v.scheme else (None, None)
         out = self.work / f"rank-{v.name}-{v.reader}-s{seed}"
         cfg = stage2_config(self.c2, self.data, out, v, seed, self.device, table, run1)
         if _done(out, "metrics.json", cfg):
@@ -120,6 +135,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--work", required=True, help="directory for every stage's output")
     p.add_argument("--scheme", default="user", choices=["temporal", "user"])
     p.add_argument("--history", default="iat", choices=["iat", "both"])
+    p.add_argument("--tokens-from", default="time-consistent", choices=["time-consistent", "final", "initial"])
     p.add_argument("--reader", default="transformer", choices=["transformer", "din", "longer"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
@@ -137,7 +153,7 @@ def cli(argv: list[str]) -> int:
     def body() -> None:
         init_distributed(args.device)
         stages = Stages(args.data, Path(args.work), c1, c2, args.dtype, args.device)
-        stages.rank(Variant(args.history, args.scheme, args.reader), args.seed)
+        stages.rank(Variant(args.history, args.scheme, args.reader, args.tokens_from), args.seed)
 
     if not Path(args.data).exists():
         raise IatError(f"--data {args.data} does not exist")
