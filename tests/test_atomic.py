@@ -98,7 +98,7 @@ def test_token_table_killed_before_the_rename_leaves_the_previous_table(tokens, 
     torch.testing.assert_close(after.read_rows(0, 8), before)
 
 
-RESULTS = [{"variant": "iat-user", "reader": "transformer", "metrics": {"task": "click", "auc": 0.6, "gauc": 0.55, "logloss": 0.5}}]
+RESULTS = [{"variant": "iat-user", "reader": "transformer", "seed": 0, "metrics": {"task": "click", "auc": 0.6, "gauc": 0.55, "logloss": 0.5, "ne": 0.9}}]
 
 
 def test_report_killed_before_the_rename_leaves_the_previous_report(tmp_path):

@@ -242,5 +242,5 @@ def test_batch_record_stream_reaches_every_field(logref, monkeypatch):
     monkeypatch.setattr(KeyedJaggedTensor, "record_stream", lambda self, s: seen.append((id(self), s)))
     stream = object()
     b.record_stream(stream)
-    want = {id(t) for t in tensor_fields(b).values()} | {id(b.sparse)}
+    want = {id(t) for t in tensor_fields(b).values()} | {id(b.sparse), id(b.shared)}
     assert {i for i, _ in seen} == want and all(s is stream for _, s in seen)

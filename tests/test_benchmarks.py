@@ -64,7 +64,7 @@ def test_compress(tmp_path):
     rows = cases(bench("compress", tmp_path))
     assert set(rows) == {"temporal", "user"}
     assert rows["temporal"]["samples_per_step"] == rows["user"]["samples_per_step"]
-    assert all(r["pipelined_modules"] == ["ShardedEmbeddingBagCollection"] for r in rows.values())
+    assert all(r["pipelined_modules"] == ["ShardedEmbeddingBagCollection", "ShardedEmbeddingCollection"] for r in rows.values())
     assert 0 < rows["user"]["valid_fraction"] <= 1
     assert all(r["dense_flops_fwd"] > 0 and r["dense_mfu"] > 0 for r in rows.values())
 
@@ -95,7 +95,7 @@ def test_rank(tmp_path):
     for r in rows.values():
         assert r["reader_flops_fwd"] > 0 and r["reader_mfu"] > 0
     assert rows["iat"]["dense_mfu"] > 0 and rows["handcrafted"]["dense_flops_fwd"] > 0
-    assert len(rows["iat"]["pipelined_modules"]) == 2  # feature EBC and token EC
+    assert len(rows["iat"]["pipelined_modules"]) == 3  # feature EBC, shared-id EC and token EC
     assert any(s["metric"].startswith("IAT / hand-crafted") for s in data["summary"])
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from iat_rec.cli import main
+from iat_rec.instance_log import InstanceLog, time_split
 from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,27 +37,32 @@ def experiment(tiny_log, tmp_path_factory):
     (work / "c2.yaml").write_text(RANK_YAML)
     run_cli(
         "experiment", "--data", str(tiny_log), "--work", str(work), "--seeds", "1", "--nproc", "2",
-        "--variants", "none,handcrafted,iat-temporal,both-user", "--readers", "transformer,din,longer",
+        "--variants", "none,labels-only,handcrafted,iat-temporal,both-user", "--readers", "transformer,din,longer",
         "--compress-config", str(work / "c1.yaml"), "--rank-config", str(work / "c2.yaml"),
     )  # fmt: skip
     return work
 
 
-def test_every_history_mode_and_reader_trains_and_reports(experiment):
+def test_every_history_mode_and_reader_trains_and_reports(experiment, tiny_log):
     results = json.loads((experiment / "report" / "results.json").read_text())
     seen = {(r["variant"], r["reader"]) for r in results["runs"]}
-    assert seen == {("none", "transformer")} | {(v, r) for v in ("handcrafted", "iat-temporal", "both-user") for r in ("transformer", "din", "longer")}
-    for r in results["runs"]:
+    assert seen == {("none", "transformer")} | {(v, r) for v in ("labels-only", "handcrafted", "iat-temporal", "both-user") for r in ("transformer", "din", "longer")}
+    log = InstanceLog(tiny_log)
+    test_rows = len(time_split(log)["test"])
+    for r in results["runs"]:  # learning itself: test_learning.py; here every test request is scored
         m = json.loads((Path(r["run"]) / "metrics.json").read_text())
-        assert {"auc", "gauc", "logloss", "n"} <= set(m)
-        assert 0.0 <= m["auc"] <= 1.0 and m["n"] > 0 and m["logloss"] > 0
+        assert {"auc", "gauc", "logloss", "ne", "n"} <= set(m) and m["n"] == test_rows
         pipelined = json.loads((Path(r["run"]) / "result.json").read_text())["pipelined_modules"]
-        assert len(pipelined) == {"none": 1, "handcrafted": 2, "iat-temporal": 2, "both-user": 3}[r["variant"]]
+        # feature EBC, shared-id EC (which also reads the hand-crafted history), token EC
+        assert len(pipelined) == {"none": 2, "labels-only": 2, "handcrafted": 2, "iat-temporal": 3, "both-user": 3}[r["variant"]]
     report = (experiment / "report" / "report.md").read_text()
-    assert "| variant | seeds | AUC | GAUC | LogLoss |" in report and "both-user (longer)" in report
+    assert "| variant | seeds | AUC | GAUC | LogLoss (nats) | NE |" in report and "both-user (longer)" in report
+    assert "Stage 1: own validation AUC and token health" in report
+    assert results["logloss_unit"] == "nats" and set(results["variants"]) >= {"none", "labels-only (transformer)"}
+    assert {"valid", "time-consistent"} <= set(results["stage1"]["user-s0"])
     assert (experiment / "report" / "metrics_per_variant.png").stat().st_size > 10_000
     assert (experiment / "report" / "valid_auc_over_steps.png").stat().st_size > 10_000
-    assert set(results["seconds"]) >= {"compress-temporal-s0", "export-user-s0", "rank-none-transformer-s0"}
+    assert set(results["seconds"]) >= {"compress-temporal-s0", "export-user-time-consistent-s0", "rank-none-transformer-s0"}
 
 
 def test_evaluate_reproduces_the_run_metrics(experiment, capsys):
@@ -87,7 +93,7 @@ def test_cross_domain_requests_read_the_source_token_table(tiny_log, tokens, tmp
     run_cli("rank", "--data", str(other.path), "--tokens", str(tokens), "--history", "iat", "--out", str(tmp_path / "x"),
             "--nproc", "2", "--steps", "4", "--batch-size", "32", "--max-len", "16", "--no-progress", "--emb-dim", "8")  # fmt: skip
     m = json.loads((tmp_path / "x" / "metrics.json").read_text())
-    assert 0.0 <= m["auc"] <= 1.0
+    assert m["n"] == len(time_split(other)["test"])  # every request of the other log scored
 
 
 def test_bad_input_is_one_clear_error(tiny_log, tmp_path, capsys):
