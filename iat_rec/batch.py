@@ -14,6 +14,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
+from iat_rec.history import LABEL_UNKNOWN
 from iat_rec.instance_log import InstanceLog
 
 
@@ -60,11 +61,37 @@ class Batch(PipelineableMixin):
 def extend(base: Batch, cls: type, **extra) -> Batch:
     """A ``cls`` (a Batch subclass) with ``base``'s fields and the ``extra`` ones (which may
     also replace base fields)."""
-    return cls(**{**{f.name: getattr(base, f.name) for f in dataclasses.fields(Batch)}, **extra})
+    return cls(**{**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)}, **extra})
 
 
 @dataclasses.dataclass
-class StreamBatch(Batch):
+class WindowBatch(Batch):
+    """User-order windows: each row also carries the labels of its user's previous instance
+    as known at the row's time, the side info the SIT reads (the token never sees them)."""
+
+    prev_labels: torch.Tensor  # int64 [N, K]: 0/1, or LABEL_UNKNOWN (not known yet, or no previous instance)
+
+
+def previous_labels(log: InstanceLog, rows: np.ndarray) -> np.ndarray:
+    """Label codes of each row's previous instance of the same user, shown only once known
+    strictly before the row's time (so same-request instances never see each other's)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    k = log.labels.shape[1]
+    prev = rows - 1
+    ok = (rows > 0) & (rows >= 0)
+    safe, safe_prev = np.where(ok, rows, 0), np.where(ok, prev, 0)
+    user, ts = np.asarray(log.user), np.asarray(log.ts)
+    ok &= user[safe_prev] == user[safe]
+    known = ok[:, None] & (np.asarray(log.label_time)[safe_prev] < ts[safe][:, None])
+    return np.where(known, np.asarray(log.labels)[safe_prev].astype(np.int64), LABEL_UNKNOWN)
+
+
+def make_window_batch(log: InstanceLog, rows: np.ndarray) -> WindowBatch:
+    return extend(make_batch(log, rows), WindowBatch, prev_labels=torch.from_numpy(previous_labels(log, rows)))
+
+
+@dataclasses.dataclass
+class StreamBatch(WindowBatch):
     """User-order windows with the user's earlier instances as a SIT prefix (streaming)."""
 
     prefix_ids: KeyedJaggedTensor  # key TOKEN_FEATURE: up to P instance ids before each window

@@ -30,6 +30,7 @@ class ModelConfig:
     decompress: tuple[int, ...] = (256, 128)
     sit_layers: int = 2
     sit_heads: int = 4
+    sit_labels: bool = True  # user order: the SIT also reads each earlier instance's labels, once known
 
 
 @dataclasses.dataclass

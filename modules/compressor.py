@@ -5,8 +5,9 @@ block -> wide hidden h) with a bottleneck ``token = tanh(s * LN(W h + b))``: the
 token (``Bottleneck`` says why it is normalised).
 A decompress MLP and one head per task train it on the instance's own labels; the token
 never sees labels. In the user-order scheme the tokens of a window of one user's
-instances go through the causal SIT before decompression; the stored token is the one
-before SIT. Streaming: a window is prefixed with the user's earlier tokens, looked up in an
+instances go through the causal SIT before decompression, each with the labels of the
+user's previous instance once they were known (side info, as stage 2 reads histories); the
+stored token is the one before SIT. Streaming: a window is prefixed with the user's earlier tokens, looked up in an
 existing token table with gradients stopped.
 """
 
@@ -20,6 +21,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedTensor
 
 from iat_rec.batch import Batch
 from iat_rec.config import ModelConfig
+from iat_rec.history import LABEL_UNKNOWN
 from iat_rec.planning import TOKEN_FEATURE
 from modules.interaction import make_interaction
 from modules.mlp import MLP
@@ -125,6 +127,7 @@ class Compressor(nn.Module):
         window: int | None = None,  # user order: instances per window (enables SIT)
         prefix_table: EmbeddingConfig | None = None,  # streaming: the token table of earlier tokens
         prefix_len: int = 0,
+        side_tasks: int = 0,  # label columns of the SIT's side info (cfg.sit_labels)
     ):
         super().__init__()
         self.base = BaseRanker(tables, dense_in, cfg)
@@ -136,6 +139,14 @@ class Compressor(nn.Module):
         self.sit = (
             SourceInstanceTransformer(cfg.iat_dim, layers=cfg.sit_layers, heads=cfg.sit_heads, max_len=4096)
             if window
+            else None
+        )
+        # the SIT's side info: each instance's input also carries the labels of the user's
+        # previous instance as known at its time, so later positions read (token, label) pairs
+        # as stage 2 does, and the tokens learn what makes a past label informative
+        self.label_emb = (
+            nn.ModuleList(nn.Embedding(LABEL_UNKNOWN + 1, cfg.iat_dim) for _ in range(side_tasks))
+            if window and cfg.sit_labels and side_tasks
             else None
         )
         self.decompress = MLP(cfg.iat_dim, cfg.decompress, num_tasks)
@@ -155,6 +166,8 @@ class Compressor(nn.Module):
                 jt = self.tokens(batch.prefix_ids)[TOKEN_FEATURE]
                 prefix = jt.to_padded_dense(desired_length=self.prefix_len).detach().float()
                 prefix_valid = batch.prefix_valid
+            if self.label_emb is not None:  # side info of the SIT input only: the stored token is before it
+                token = token + sum(emb(batch.prev_labels[:, k]) for k, emb in enumerate(self.label_emb))
             token = self.sit(token.view(-1, w, token.shape[-1]), valid, prefix, prefix_valid)
             token = token.reshape(-1, token.shape[-1])
         return self.decompress(token)

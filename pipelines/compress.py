@@ -17,7 +17,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from iat_rec.atomic import write_json
-from iat_rec.batch import StreamBatch, extend, make_batch
+from iat_rec.batch import StreamBatch, extend, make_batch, make_window_batch
 from iat_rec.config import CompressConfig, from_dict, to_dict
 from iat_rec.distenv import DistEnv, init_distributed, rank_main
 from iat_rec.errors import IatError
@@ -38,6 +38,7 @@ def build_compressor(log: InstanceLog, cfg: CompressConfig, prefix_table: TokenT
         model_tables(log.schema, cfg.model.emb_dim),
         dense_in=len(log.schema.dense),
         num_tasks=len(select_tasks(log.schema, cfg.tasks)[0]),
+        side_tasks=len(log.schema.labels),
         cfg=cfg.model,
         window=cfg.window if cfg.scheme == "user" else None,
         prefix_table=token_table_config(prefix_table.rows, prefix_table.dim, prefix_table.dtype) if prefix_table else None,
@@ -52,7 +53,7 @@ class StreamBatchMaker:
         self.prefix, self.window = prefix, window
 
     def __call__(self, log: InstanceLog, rows: np.ndarray) -> StreamBatch:
-        base = make_batch(log, rows)
+        base = make_window_batch(log, rows)
         first_rows = np.asarray(rows).reshape(-1, self.window)[:, 0]
         valid = first_rows >= 0
         start_u = np.asarray(log.user_offsets)[np.asarray(log.user)[np.where(valid, first_rows, 0)]]
@@ -79,7 +80,8 @@ def make_dataset(log: InstanceLog, rows: np.ndarray, cfg: CompressConfig, rank: 
         units = units[np.argsort(np.asarray(log.ts)[units[:, 0]], kind="stable")]
     return BatchDataset(
         log, units, cfg.batch_size, rank, world_size, window=window, seed=cfg.seed,
-        make=SelectTasks(StreamBatchMaker(cfg.prefix, cfg.window) if cfg.stream else make_batch, select_tasks(log.schema, cfg.tasks)[1]),
+        make=SelectTasks(StreamBatchMaker(cfg.prefix, cfg.window) if cfg.stream else make_window_batch if window else make_batch,
+                         select_tasks(log.schema, cfg.tasks)[1]),
     )  # fmt: skip
 
 

@@ -105,8 +105,9 @@ class Stages:
         manifest = json.loads((table / "manifest.json").read_text()) if (table / "manifest.json").is_file() else {}
         if (manifest.get("source_checkpoint"), manifest.get("tokens_from")) != (last.name, tokens_from):
             self._timed(f"export-{scheme}-{tokens_from}-s{seed}", lambda: export(str(run1), str(table), self.dtype, device=self.device, tokens_from=tokens_from))
-        self.stage1[f"{scheme}-s{seed}"] = {"valid": json.loads((run1 / "result.json").read_text()).get("valid")}
-        self.stage1[f"{scheme}-s{seed}"][tokens_from] = json.loads((table / "manifest.json").read_text()).get("health")
+        entry = self.stage1.setdefault(f"{scheme}-s{seed}", {})
+        entry["valid"] = json.loads((run1 / "result.json").read_text()).get("valid")
+        entry[tokens_from] = json.loads((table / "manifest.json").read_text()).get("health")
         return run1, table
 
     def rank(self, v: Variant, seed: int) -> dict:
