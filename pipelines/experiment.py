@@ -55,7 +55,8 @@ def parse_variants(spec: str, readers: list[str]) -> list[Variant]:
 def run(args: argparse.Namespace) -> Path | None:
     env = init_distributed(args.device)
     variants = parse_variants(args.variants, args.readers.split(","))
-    stages = Stages(args.data, Path(args.work), load_yaml(args.compress_config), load_yaml(args.rank_config), args.dtype, args.device)
+    stages = Stages(args.data, Path(args.work), load_yaml(args.compress_config), load_yaml(args.rank_config), args.dtype, args.device,
+                    report_only=args.report_only)  # fmt: skip
     seeds = [args.only_seed] if args.only_seed is not None else range(args.seeds)
     results = [stages.rank(v, seed) for seed in seeds for v in variants]
     dist.barrier()
@@ -80,6 +81,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--readers", default="transformer", help="comma-separated readers for the history variants")
     p.add_argument("--compress-config", help="YAML of iat-rec compress options (budget of stage 1)")
     p.add_argument("--rank-config", help="YAML of iat-rec rank options (budget of stage 2)")
+    p.add_argument("--report-only", action="store_true", help="write the report of finished stages; train nothing")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="token table dtype")
     p.add_argument("--report", help="report directory (default WORK/report)")
     p.add_argument("--title", default="IAT history variants")

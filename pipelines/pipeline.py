@@ -79,12 +79,17 @@ class Stages:
     so re-running an interrupted experiment continues where it stopped.
     """
 
-    def __init__(self, data: str, work: Path, c1: dict, c2: dict, dtype: str, device: str):
+    def __init__(self, data: str, work: Path, c1: dict, c2: dict, dtype: str, device: str, report_only: bool = False):
         self.data, self.work, self.c1, self.c2, self.dtype, self.device = data, work, c1, c2, dtype, device
+        self.report_only = report_only  # reuse finished stages only: a missing one is an error
         self.stage1: dict[str, dict] = {}  # per stage-1 run: its valid metrics and each table's token health
         # one file per stage: experiments of different seeds may run at once in one work dir
         self._seconds_dir = work / "seconds"
         self.seconds: dict[str, float] = {p.stem: json.loads(p.read_text()) for p in sorted(self._seconds_dir.glob("*.json"))}
+
+    def _missing(self, path: Path) -> None:
+        if self.report_only:
+            raise IatError(f"--report-only: {path} is not finished with this config")
 
     def _timed(self, key: str, fn):
         start = time.perf_counter()
@@ -100,10 +105,12 @@ class Stages:
         table = self.work / f"tokens-{scheme}-{tokens_from}-s{seed}"
         cfg = stage1_config(self.c1, self.data, run1, scheme, seed, self.device)
         if not _done(run1, "result.json", cfg):
+            self._missing(run1)
             self._timed(f"compress-{scheme}-s{seed}", lambda: compress.train(cfg))
         last = ckpt.latest(run1)
         manifest = json.loads((table / "manifest.json").read_text()) if (table / "manifest.json").is_file() else {}
         if (manifest.get("source_checkpoint"), manifest.get("tokens_from")) != (last.name, tokens_from):
+            self._missing(table)
             self._timed(f"export-{scheme}-{tokens_from}-s{seed}", lambda: export(str(run1), str(table), self.dtype, device=self.device, tokens_from=tokens_from))
         entry = self.stage1.setdefault(f"{scheme}-s{seed}", {})
         entry["valid"] = json.loads((run1 / "result.json").read_text()).get("valid")
@@ -117,6 +124,7 @@ class Stages:
         if _done(out, "metrics.json", cfg):
             metrics = json.loads((out / "metrics.json").read_text())
         else:
+            self._missing(out)
             metrics = self._timed(f"rank-{v.name}-{v.reader}-s{seed}", lambda: rank.train(cfg))
         history = json.loads((out / "eval_history.json").read_text())
         return {"variant": v.name, "reader": v.reader, "seed": seed, "run": str(out), "metrics": metrics, "history": history}
