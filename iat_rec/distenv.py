@@ -51,6 +51,8 @@ _NOISE = (
     # autograd inside; its gradient matches nn.EmbeddingBag's (checked), the warning is noise
     r"dense_embedding_codegen_lookup_function: an autograd kernel was not registered",
     r"Please use DTensor instead and we are deprecating ShardedTensor",  # TorchRec's sharded tables are ShardedTensors
+    r"'set_vital' is deprecated",  # torchdata's StatefulDataLoader
+    r"`broadcast_buffers` is deprecated",  # TorchRec's DistributedDataParallel wrapping
 )
 
 

@@ -4,8 +4,8 @@
   `none` ranker trained with the same budget on the same features;
 - each stage-2 history mode and each reader does the same;
 - on a log whose label is "the candidate item is among the user's last T items" (no feature of
-  the candidate tells it), `handcrafted` and `iat` beat `none` by a wide margin, and the IAT
-  ranker reading a token table whose rows were shuffled loses most of that gain;
+  the candidate tells it), `none` stays at chance and `handcrafted` finds the match; `iat`
+  does not (a strict xfail: the known limit of 64-d instance tokens, measured on the GPU too);
 - time-consistent export removes the label leak that a final-checkpoint export shows.
 """
 
@@ -136,21 +136,28 @@ def shuffled_copy(tokens: Path, out: Path) -> Path:
     return save_table(out, ec, manifest, side)
 
 
-def test_history_readers_find_what_only_history_tells(seen, tmp_path):
+def seen_auc(log: Path, out: Path, *args: str) -> float:
+    run_cli("rank", "--data", str(log), "--out", str(out), *args, "--batch-size", "128", "--max-len", str(T),
+            "--reader-layers", "1", *BUDGET)  # fmt: skip
+    return json.loads((out / "metrics.json").read_text())["auc"]
+
+
+def test_hand_crafted_history_finds_what_only_history_tells(seen, tmp_path):
+    log, _ = seen
+    none = seen_auc(log, tmp_path / "none", "--history", "none")
+    hand = seen_auc(log, tmp_path / "hand", "--history", "handcrafted")
+    assert abs(none - 0.5) < 0.06, none  # no feature of the candidate tells the label
+    assert hand > 0.85, hand  # an exact id match in the shared tables, found by the reader
+
+
+@pytest.mark.xfail(strict=True, reason="known limitation (issue 14): a 64-d instance token keeps too little of the "
+                   "item's identity for an exact match; seen-before on one H200, 3 seeds: iat-user 0.545 AUC, none 0.535, "
+                   "handcrafted 1.000 (benchmarks/results/quality/seen_before.md). Strict: passing means the limit is gone.")
+def test_iat_finds_what_only_history_tells_through_its_tokens(seen, tmp_path):
     log, tokens = seen
-    auc = {}
-    variants = {
-        "none": ["--history", "none"],
-        "handcrafted": ["--history", "handcrafted"],
-        "iat": ["--history", "iat", "--tokens", str(tokens), "--query", "token"],
-        "iat-shuffled": ["--history", "iat", "--tokens", str(shuffled_copy(tokens, tmp_path / "shuffled")), "--query", "token"],
-    }
-    for name, args in variants.items():
-        run_cli("rank", "--data", str(log), "--out", str(tmp_path / name), *args, "--batch-size", "128", "--max-len", str(T),
-                "--reader-layers", "1", *BUDGET)  # fmt: skip
-        auc[name] = json.loads((tmp_path / name / "metrics.json").read_text())["auc"]
-        print(name, auc[name], valid(tmp_path / name, "seen_before"))
-    assert abs(auc["none"] - 0.5) < 0.06, auc
-    assert auc["handcrafted"] > 0.85, auc
-    assert auc["iat"] > auc["none"] + 0.15, auc
-    assert auc["iat-shuffled"] < auc["iat"] - 0.1, auc
+    none = seen_auc(log, tmp_path / "none", "--history", "none")
+    iat = seen_auc(log, tmp_path / "iat", "--history", "iat", "--tokens", str(tokens), "--query", "token")
+    shuffled = seen_auc(log, tmp_path / "shuffled", "--history", "iat", "--tokens", str(shuffled_copy(tokens, tmp_path / "t")),
+                        "--query", "token")  # fmt: skip
+    assert iat > none + 0.15, (iat, none)
+    assert shuffled < iat - 0.1, (shuffled, iat)
