@@ -92,13 +92,10 @@ def logloss_ne(pred: np.ndarray, label: np.ndarray, weight: np.ndarray | None = 
 
 
 class EvalMetrics:
-    """Accumulates one evaluation pass on every rank; ``compute`` is collective.
+    """Accumulates one evaluation pass on every rank; ``compute`` is collective. The figures
+    are exact over all gathered rows, so no window or batch size is needed."""
 
-    The constructor keeps the signature of the torchrec-backed version its callers use; the
-    figures are exact over all gathered rows, so no window or batch size is needed.
-    """
-
-    def __init__(self, tasks: list[str], world_size: int, rank: int, batch_size: int, max_samples: int, device: torch.device):
+    def __init__(self, tasks: list[str]):
         self.tasks = tasks
         self._parts: list[tuple[torch.Tensor, ...]] = []
 

@@ -143,7 +143,7 @@ def dataset(built: Built, cfg: RankConfig, split: str) -> BatchDataset:
 
 def test_metrics(built: Built, cfg: RankConfig) -> dict:
     """Evaluates the test split; the first task's figures are also at the top level."""
-    per_task = evaluate(built.model, dataset(built, cfg, "test"), built.env, built.tasks, cfg.batch_size)
+    per_task = evaluate(built.model, dataset(built, cfg, "test"), built.env, built.tasks)
     first = per_task[built.tasks[0]]
     return {**{k: first[k] for k in ("auc", "gauc", "logloss", "ne", "n")}, "task": built.tasks[0], "tasks": per_task}
 

@@ -196,7 +196,7 @@ class Trainer:
         return best
 
     def evaluate(self, dataset: BatchDataset, max_batches: int = 0) -> dict[str, dict[str, float]]:
-        return evaluate(self.model, dataset, self.env, self.tasks, self.samples_per_batch, max_batches)
+        return evaluate(self.model, dataset, self.env, self.tasks, max_batches)
 
     def fit(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -319,11 +319,11 @@ def segments(start: int, steps: int, eval_every: int, ckpt_every: int, stops: It
 
 
 def evaluate(
-    model: nn.Module, dataset: BatchDataset, env: DistEnv, tasks: list[str], samples_per_batch: int, max_batches: int = 0
+    model: nn.Module, dataset: BatchDataset, env: DistEnv, tasks: list[str], max_batches: int = 0
 ) -> dict[str, dict[str, float]]:
     """Metrics of ``model`` over ``dataset`` (collective; every rank gets the same figures)."""
     n = len(dataset) if max_batches <= 0 else min(max_batches, len(dataset))
-    metrics = EvalMetrics(tasks, env.world_size, env.rank, samples_per_batch, n * samples_per_batch * env.world_size, env.device)
+    metrics = EvalMetrics(tasks)
     was_training = model.training
     model.eval()
     with torch.no_grad():

@@ -82,7 +82,7 @@ def batches(seed: int, n_batches: int = 6, size: int = 40):
 
 
 def run_metrics(parts) -> dict:
-    m = EvalMetrics(TASKS, 1, 0, 40, 1000, torch.device("cpu"))
+    m = EvalMetrics(TASKS)
     for b in parts:
         m.update(*b)
     return m.compute()
@@ -182,7 +182,7 @@ def _rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         half = [tuple(x.chunk(world)[rank] for x in b) for b in batches(11)]
-        m = EvalMetrics(TASKS, world, rank, 20, 1000, torch.device("cpu"))
+        m = EvalMetrics(TASKS)
         for b in half:
             m.update(*b)
         result = m.compute()
