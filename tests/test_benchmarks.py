@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks.common import RESULT_KEYS, ROW_KEYS, SUMMARY_KEYS
@@ -126,3 +127,21 @@ def test_profile_writes_the_top_ops_of_each_case(tmp_path):
     assert files == ["tbe-stage1_forward-profile.txt", "tbe-stage1_forward_backward-profile.txt"]
     text = (prof / files[1]).read_text()
     assert "Self CPU" in text and "embedding" in text.lower()
+
+
+def test_oracle_tokens_hold_the_generators_hidden_state(tmp_path):
+    from benchmarks.oracle_tokens import main as oracle
+    from iat_rec import synth
+    from iat_rec.token_table import TokenTable
+
+    args = dict(users=40, mean_instances=10, seed=2)
+    synth.generate(tmp_path / "log", **args)
+    oracle(["--data", str(tmp_path / "log"), "--out", str(tmp_path / "tok"), "--users", "40", "--mean-instances", "10", "--seed", "2"])
+    hidden: dict = {}
+    synth.build_columns(synth.SynthConfig(**args), hidden=hidden)
+    table = TokenTable(tmp_path / "tok")
+    rows = table.read_rows(0, table.rows).numpy()
+    np.testing.assert_array_equal(rows[:, :8], hidden["z"])
+    assert table.stats()[1].shape == (16,)
+    with pytest.raises(Exception, match="not the log of these generator arguments"):
+        oracle(["--data", str(tmp_path / "log"), "--out", str(tmp_path / "t2"), "--users", "40", "--mean-instances", "10", "--seed", "3"])
