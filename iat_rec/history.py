@@ -37,8 +37,10 @@ class HistoryIndex:
         return cls(log.ts, log.user_offsets, log.user_keys)
 
     def user_index(self, keys: np.ndarray) -> np.ndarray:
-        """Index of each raw user key here, -1 for users this log does not have (cross-domain)."""
-        keys = np.asarray(keys).astype(self.user_keys.dtype)
+        """Index of each raw user key here, -1 for users this log does not have (cross-domain).
+        Keys compare whole: never cast to this index's fixed string width, which would cut
+        ``Alice`` to ``A`` and hand one user another user's history."""
+        keys = np.asarray(keys).astype(str)
         pos = np.searchsorted(self.user_keys, keys)
         pos = np.minimum(pos, len(self.user_keys) - 1)
         return np.where(self.user_keys[pos] == keys, pos, -1)

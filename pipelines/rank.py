@@ -45,6 +45,7 @@ class RankConfig(TrainConfig):
     tokens: str = ""  # token table (history iat/both)
     stage1: str = ""  # stage-1 run: its feature-table plan (and weights with --warm-start)
     warm_start: bool = False
+    cross_domain: bool = False  # --tokens of another log: requests read the source users' histories, matched by user key
 
 
 def check_config(cfg: RankConfig) -> None:
@@ -68,7 +69,13 @@ def check_config(cfg: RankConfig) -> None:
     if cfg.tokens:
         table = TokenTable(cfg.tokens)
         table.stats()
-        if r.query == "token" and table.manifest["log_fingerprint"] != log.fingerprint:
+        other = table.manifest["log_fingerprint"] != log.fingerprint
+        if other and not cfg.cross_domain:
+            raise IatError(f"token table {cfg.tokens} was exported from another instance log ({table.manifest.get('log_path')}): "
+                           f"pass --cross-domain to read its users' histories for the requests of {cfg.data} (matched by user key)")
+        if not other and cfg.cross_domain:
+            raise IatError(f"--cross-domain, but token table {cfg.tokens} is of this very log")
+        if r.query == "token" and other:
             raise IatError("--query token needs a token table of this very log (the candidate's own row); this one is cross-domain")
 
 

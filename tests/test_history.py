@@ -65,6 +65,11 @@ def test_cross_domain_users_match_by_key_and_unknown_users_get_nothing():
     assert expand_ranges(first, length).tolist() == [3, 4, 0, 1]
 
 
+def test_cross_domain_keys_match_whole_never_truncated():
+    index = HistoryIndex(np.array([1, 2]), np.array([0, 1, 2]), np.array(["A", "B"]))
+    assert index.user_index(np.array(["Alice", "Bob", "A", "B"])).tolist() == [-1, -1, 0, 1]
+
+
 def test_request_before_or_after_every_row():
     index = HistoryIndex(np.array([10, 20]), np.array([0, 2]), np.array(["a"]))
     assert index.ranges(np.array([0]), np.array([-100]), 5)[1].tolist() == [0]

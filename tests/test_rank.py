@@ -90,8 +90,11 @@ def test_cross_domain_requests_read_the_source_token_table(tiny_log, tokens, tmp
     from iat_rec.synth import generate
 
     other = generate(tmp_path / "other", users=120, mean_instances=20, seed=5)  # same user keys, new events
-    run_cli("rank", "--data", str(other.path), "--tokens", str(tokens), "--history", "iat", "--out", str(tmp_path / "x"),
-            "--nproc", "2", "--steps", "4", "--batch-size", "32", "--max-len", "16", "--no-progress", "--emb-dim", "8")  # fmt: skip
+    args = ["rank", "--data", str(other.path), "--tokens", str(tokens), "--history", "iat", "--out", str(tmp_path / "x"),
+            "--nproc", "2", "--steps", "4", "--batch-size", "32", "--max-len", "16", "--no-progress", "--emb-dim", "8"]  # fmt: skip
+    assert main(args) == 2, "a table of another log is cross-domain only when asked for"
+    assert not (tmp_path / "x").exists()
+    run_cli(*args, "--cross-domain")
     m = json.loads((tmp_path / "x" / "metrics.json").read_text())
     assert m["n"] == len(time_split(other)["test"])  # every request of the other log scored
 
