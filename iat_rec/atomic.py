@@ -17,6 +17,35 @@ from pathlib import Path
 from typing import Iterator
 
 
+def artifact_format(path: str | os.PathLike, manifest: str) -> str | None:
+    """The ``format`` of the artifact at ``path`` (its ``manifest`` JSON file), None if none."""
+    try:
+        return json.loads((Path(path) / manifest).read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_out(out: str | os.PathLike, kind: str, formats: set[str], manifest: str, overwrite: bool,
+              inputs: tuple[str | os.PathLike, ...] = ()) -> None:
+    """Refuses an output path that would lose data, before anything is written: one that is,
+    holds or lies inside an input; an existing non-empty path that is not ``kind`` (an
+    artifact whose ``manifest`` file's ``format`` is in ``formats``); or one that is, without
+    ``overwrite``. ``kind`` takes its article: "an instance log"."""
+    from iat_rec.errors import IatError
+
+    target = Path(out).resolve()
+    for given in inputs:
+        src = Path(given).resolve()
+        if target == src or src.is_relative_to(target) or target.is_relative_to(src):
+            raise IatError(f"--out {out} would overwrite the input {given}: write {kind} elsewhere")
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        return
+    if artifact_format(target, manifest) not in formats:
+        raise IatError(f"--out {out} exists and is not {kind}: refusing to replace it")
+    if not overwrite:
+        raise IatError(f"--out {out} is {kind} already: pass --overwrite to replace it")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yields a temporary directory beside ``path``; on success it replaces ``path``."""

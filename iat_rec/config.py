@@ -57,6 +57,7 @@ class TrainConfig:
     hbm_gb: float = 0.0  # 0: the device's real memory
     constraints: str = ""  # JSON file of per-table planner constraints
     resume: bool = False
+    overwrite: bool = False  # replace an existing run at --out (without it, or --resume, an existing run is refused)
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True
 

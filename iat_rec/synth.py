@@ -110,7 +110,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iat_rec.instance_log import Columns, InstanceLog, write_instance_log
+from iat_rec.instance_log import Columns, InstanceLog, check_log_out, write_instance_log
 from iat_rec.errors import IatError
 from iat_rec.schema import DenseFeature, Label, Schema, SparseFeature
 
@@ -638,7 +638,8 @@ def cli(argv: list[str]) -> int:
     """``iat-rec data synth --out DIR [--users N] [--mean-instances M] [--seed S] [--label L] ...``"""
     d = SynthConfig()
     p = argparse.ArgumentParser(prog="iat-rec data synth", description="Write a synthetic instance log.")
-    p.add_argument("--out", required=True, help="output instance-log directory (replaced atomically)")
+    p.add_argument("--out", required=True, help="output instance-log directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing instance log at --out")
     p.add_argument("--users", type=int, default=d.users)
     p.add_argument("--mean-instances", type=float, default=d.mean_instances, help="mean instances per user")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -655,6 +656,7 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: on for >= 2M rows)")
     a = p.parse_args(argv)
+    check_log_out(a.out, a.overwrite)
     t = time.perf_counter()
     log = generate(a.out, users=a.users, mean_instances=a.mean_instances, seed=a.seed, items=a.items,
                    categories=a.categories, campaigns=a.campaigns, days=a.days, latent_dim=a.latent_dim,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from iat_rec.atomic import write_json
+from iat_rec.atomic import check_out, write_json
 from iat_rec.batch import StreamBatch, extend, make_batch, make_window_batch
 from iat_rec.config import CompressConfig, from_dict, to_dict
 from iat_rec.distenv import DistEnv, init_distributed, rank_main
@@ -110,6 +110,12 @@ def first_train_step(log: InstanceLog, cfg: CompressConfig, world_size: int) -> 
     return np.where(step < total, step, -1)
 
 
+def check_run_out(cfg, inputs: tuple[str, ...]) -> None:
+    """A training run's ``--out``: never an input; an existing run only with --resume (continue
+    it) or --overwrite (replace it)."""
+    check_out(cfg.out, "a run", {RUN_FORMAT}, "run.json", cfg.resume or cfg.overwrite, tuple(i for i in inputs if i))
+
+
 def check_config(cfg: CompressConfig) -> None:
     if not cfg.data or not cfg.out:
         raise IatError("--data and --out are required")
@@ -122,6 +128,7 @@ def check_config(cfg: CompressConfig) -> None:
     if cfg.stream and cfg.scheme != "user":
         raise IatError("--stream needs --scheme user")
     log = InstanceLog(cfg.data)  # fails early, with a clear message, on a missing or foreign directory
+    check_run_out(cfg, (cfg.data, cfg.tokens))
     select_tasks(log.schema, cfg.tasks)
     if cfg.stream:
         if not cfg.tokens:

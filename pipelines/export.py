@@ -23,12 +23,13 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner.types import ParameterConstraints
 
 from iat_rec import checkpoint as ckpt
-from iat_rec.atomic import write_json
+from iat_rec.atomic import check_out, write_json
 from iat_rec.batch import make_batch
 from iat_rec.distenv import init_distributed, rank_main, run_ranks
 from iat_rec.errors import IatError
 from iat_rec.planning import build_topology, load_plan, make_plan
 from iat_rec.token_health import format_health, table_health
+from iat_rec.token_table import FORMAT as TABLE_FORMAT
 from iat_rec.token_table import WEIGHT_KEY, TokenTable, save_table, token_collection, token_constraints
 from pipelines.compress import build_compressor, first_train_step, load_stage1
 from pipelines.trainer import progress_bar, shard
@@ -208,13 +209,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--nproc", type=int, default=None, help="local ranks to launch (default: GPUs, else 2)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing token table at --out")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 
 
 def cli(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    load_stage1(args.run)  # clear errors before any rank starts
+    cfg, _, log = load_stage1(args.run)  # clear errors before any rank starts
+    check_out(args.out, "a token table", {TABLE_FORMAT}, "manifest.json", args.overwrite, (args.run, log.path))
     return run_ranks(
         "pipelines.export", argv, args.nproc,
         lambda: export(args.run, args.out, args.dtype, args.batch_size, args.device, args.progress, args.tokens_from),

@@ -53,7 +53,8 @@ class Variant:
 def stage1_config(base: dict, data: str, out: Path, scheme: str, seed: int, device: str) -> CompressConfig:
     """``batch_size`` counts instances for both schemes here, so that temporal and user-order
     runs of one config see the same instances per step (user order: batch_size / window windows)."""
-    cfg = from_dict(CompressConfig, {**base, "data": data, "out": str(out), "scheme": scheme, "seed": seed, "device": device})
+    # the experiment owns its work dir: a stage it reruns (unfinished, or another config) is replaced
+    cfg = from_dict(CompressConfig, {**base, "data": data, "out": str(out), "scheme": scheme, "seed": seed, "device": device, "overwrite": True})
     if scheme == "user":
         cfg.batch_size = max(1, cfg.batch_size // cfg.window)
     compress.check_config(cfg)
@@ -64,7 +65,7 @@ def stage2_config(base: dict, data: str, out: Path, v: Variant, seed: int, devic
     ranker = {**base.get("ranker", {}), "history": v.history, "reader": v.reader}
     if v.history not in ("iat", "both"):
         ranker.pop("query", None)  # the token query needs tokens; the other variants read the features
-    d = {**base, "data": data, "out": str(out), "seed": seed, "device": device, "ranker": ranker}
+    d = {**base, "data": data, "out": str(out), "seed": seed, "device": device, "ranker": ranker, "overwrite": True}
     if tokens is not None:  # the stage-1 plan for the shared tables; no warm start: every variant starts alike
         d.update(tokens=str(tokens), stage1=str(stage1))
     cfg = from_dict(RankConfig, d)

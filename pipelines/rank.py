@@ -35,7 +35,7 @@ from iat_rec.planning import build_topology, load_plan, make_plan
 from iat_rec.rank_data import HistorySource, RankBatchMaker
 from iat_rec.token_table import TokenTable, token_constraints
 from modules.ranker import HISTORY_MODES, QUERIES, READERS, Ranker, RankerConfig, build_ranker
-from pipelines.compress import RUN_FORMAT, load_stage1
+from pipelines.compress import RUN_FORMAT, check_run_out, load_stage1
 from pipelines.trainer import Trainer, check_resume, embedding_params, evaluate, make_optimizer, program_cli, program_parser, shard
 
 
@@ -65,6 +65,7 @@ def check_config(cfg: RankConfig) -> None:
     if cfg.warm_start and not cfg.stage1:
         raise IatError("--warm-start needs --stage1 RUN")
     log = InstanceLog(cfg.data)
+    check_run_out(cfg, (cfg.data, cfg.tokens, cfg.stage1))
     select_tasks(log.schema, cfg.tasks)
     if cfg.tokens:
         table = TokenTable(cfg.tokens)

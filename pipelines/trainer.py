@@ -202,8 +202,9 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         loader = EpochLoader(self.train, num_workers=self.cfg.num_workers, pin_memory=self.env.device.type == "cuda")
         start = self._restore(loader) if self.cfg.resume else 0
-        if start == 0 and self.env.is_main:  # a fresh run keeps no best model of an earlier one
-            shutil.rmtree(self.out / BEST, ignore_errors=True)
+        if start == 0 and self.env.is_main:  # a fresh run (--overwrite) keeps nothing of an earlier one
+            for stale in (BEST, "checkpoints", "snapshots", "tb"):
+                shutil.rmtree(self.out / stale, ignore_errors=True)
         if self.env.is_main and self.run_info is not None:
             write_json(self.out / "run.json", self.run_info)
         steps = self.total_steps()

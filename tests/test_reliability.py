@@ -244,3 +244,56 @@ def test_rank_killed_mid_training_restarts_and_ends_as_an_uninterrupted_run(stag
     assert got_w.keys() == want_w.keys() and got_w
     for name, tensor in want_w.items():
         torch.testing.assert_close(got_w[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---- --out never loses data (#15 item 1) -------------------------------------------------------
+
+
+def test_an_out_that_is_not_an_artifact_of_its_kind_is_never_replaced(tmp_path, capsys):
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("precious")
+    assert main(["data", "synth", "--out", str(keep), "--users", "5", "--mean-instances", "3"]) == 2
+    assert "exists and is not an instance log" in capsys.readouterr().err
+    assert (keep / "notes.txt").read_text() == "precious" and len(list(keep.iterdir())) == 1
+
+
+def test_an_existing_log_is_replaced_only_with_overwrite(tmp_path, capsys):
+    log = tmp_path / "log"
+    run_cli("data", "synth", "--out", str(log), "--users", "5", "--mean-instances", "3")
+    before = (log / "manifest.json").read_bytes()
+    assert main(["data", "synth", "--out", str(log), "--users", "6", "--mean-instances", "3"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert (log / "manifest.json").read_bytes() == before
+    run_cli("data", "synth", "--out", str(log), "--users", "6", "--mean-instances", "3", "--overwrite")
+    assert json.loads((log / "manifest.json").read_text())["users"] == 6
+
+
+def test_ingest_never_writes_into_its_input(tmp_path, capsys):
+    src = write_csv(tmp_path / "a.csv", ROWS)
+    schema = tmp_path / "s.yaml"
+    schema.write_text(SCHEMA_YAML)
+    before = src.read_bytes()
+    assert main(["data", "ingest", "--input", str(src), "--schema", str(schema), "--out", str(src)]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert src.read_bytes() == before
+
+
+def test_export_never_writes_into_its_stage1_run(stage1_run, capsys):
+    before = files(stage1_run)
+    assert main(["export", "--stage1", str(stage1_run), "--out", str(stage1_run)]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert files(stage1_run) == before
+
+
+def test_a_run_is_continued_with_resume_or_replaced_with_overwrite_never_pruned(tiny_log, one_rank_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(one_rank_run, run)
+    before = files(run)
+    fewer = [a if a != "6" else "3" for a in ONE_RANK]
+    assert main(["compress", "--data", str(tiny_log), "--out", str(run), *fewer]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert files(run) == before  # nothing pruned, latest still valid
+    run_cli("compress", "--data", str(tiny_log), "--out", str(run), *fewer, "--overwrite")
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000003"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
