@@ -140,7 +140,7 @@ def check_config(cfg: CompressConfig) -> None:
 
 def train(cfg: CompressConfig) -> dict:
     env = init_distributed(cfg.device)
-    check_resume(cfg, env)
+    check_resume(cfg, env, InstanceLog(cfg.data).fingerprint)
     torch.manual_seed(cfg.seed)
     log = InstanceLog(cfg.data)
     splits = time_split(log, cfg.split)

@@ -90,6 +90,12 @@ class Built:
     tasks: list[str]
 
 
+def take_stage1_shape(cfg: RankConfig) -> None:
+    """With --stage1 the shared feature tables keep their stage-1 shape (its plan applies)."""
+    if cfg.stage1:
+        cfg.model.emb_dim = load_stage1(cfg.stage1)[0].model.emb_dim
+
+
 def build(cfg: RankConfig, env: DistEnv, plan_out: Path | None) -> Built:
     """The sharded ranker with its token table loaded, and the batch maker."""
     log = InstanceLog(cfg.data)
@@ -99,7 +105,7 @@ def build(cfg: RankConfig, env: DistEnv, plan_out: Path | None) -> Built:
         s1cfg, s1info, s1log = load_stage1(cfg.stage1)
         if s1log.schema.sparse != log.schema.sparse or s1log.schema.sequence != log.schema.sequence:
             raise IatError(f"{cfg.data} has other sparse features than the stage-1 log {s1log.path}: the stage-1 plan does not apply")
-        cfg.model.emb_dim = s1cfg.model.emb_dim  # the shared tables keep their stage-1 shape
+        take_stage1_shape(cfg)
         if s1info["world_size"] == env.world_size:
             stage1_plan = load_plan(Path(cfg.stage1) / "plan.json")
         elif env.is_main:
@@ -158,7 +164,8 @@ def test_metrics(built: Built, cfg: RankConfig) -> dict:
 
 def train(cfg: RankConfig) -> dict:
     env = init_distributed(cfg.device)
-    check_resume(cfg, env)
+    take_stage1_shape(cfg)
+    check_resume(cfg, env, InstanceLog(cfg.data).fingerprint)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     built = build(cfg, env, plan_out=out / "plan.json")

@@ -166,6 +166,10 @@ class Trainer:
         if self.env.is_main:
             print(f"checkpoint {path}", flush=True)
 
+    def _history(self) -> list[dict]:
+        path = self.out / "eval_history.json"
+        return json.loads(path.read_text()) if self.cfg.resume and path.is_file() else []
+
     def _weights(self) -> dict[str, Any]:
         return {k: v for k, v in self.model.state_dict().items() if not _frozen(k)}
 
@@ -215,7 +219,7 @@ class Trainer:
             truncate_log(log_path, start)
             log_file = open(log_path, "a", buffering=1)  # whole lines reach the file before a kill
         bar = progress_bar(steps, start, "train", "step", self.env.is_main and self.cfg.progress)
-        history: list[dict] = []
+        history: list[dict] = [h for h in self._history() if h["step"] <= start]  # a resumed run keeps its evaluations
         it = iter(loader)
         self.model.train()
         t_last, step = time.perf_counter(), start
@@ -335,11 +339,29 @@ def evaluate(
     return metrics.compute()
 
 
-def check_resume(cfg: TrainConfig, env: DistEnv) -> None:
-    """Refuses a resume on another world size before the run's files are rewritten."""
+# what a resume may change: the budget and how it is run, never the model, data or optimisation
+# (a moved run or log is the same: the log is compared by fingerprint)
+RESUMABLE = {"steps", "epochs", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints", "num_workers",
+             "progress", "resume", "overwrite", "device", "hbm_gb", "constraints", "out", "data"}
+
+
+def check_resume(cfg: TrainConfig, env: DistEnv, log_fingerprint: str) -> None:
+    """Refuses, before the run's files are rewritten, a resume on another world size, of
+    another instance log, or with any option but the budget changed (``RESUMABLE``)."""
     path = ckpt.latest(cfg.out) if cfg.resume else None
-    if path is not None:
-        ckpt.check_world_size(path, env.world_size)
+    if path is None:
+        return
+    ckpt.check_world_size(path, env.world_size)
+    info = json.loads((Path(cfg.out) / "run.json").read_text())
+    if info.get("log_fingerprint") != log_fingerprint:
+        raise IatError(f"--resume: {cfg.out} was trained on instance log {info.get('log_fingerprint')}, "
+                       f"{cfg.data} is {log_fingerprint}: start a new run")
+    was = {k: v for k, v in info["config"].items() if k not in RESUMABLE}
+    now = {k: v for k, v in json.loads(json.dumps(to_dict(cfg))).items() if k not in RESUMABLE}
+    changed = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
+    if changed:
+        raise IatError(f"--resume: {cfg.out} was trained with other {', '.join(changed)} "
+                       f"(only {', '.join(sorted(RESUMABLE - {'resume', 'overwrite', 'out', 'data'}))} may change): start a new run")
 
 
 def program_parser(prog: str, doc: str, cls) -> argparse.ArgumentParser:

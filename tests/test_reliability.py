@@ -297,3 +297,42 @@ def test_a_run_is_continued_with_resume_or_replaced_with_overwrite_never_pruned(
     run_cli("compress", "--data", str(tiny_log), "--out", str(run), *fewer, "--overwrite")
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000003"]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+
+
+# ---- --resume checks the whole run (#15 item 2) ----------------------------------------------
+
+
+@pytest.mark.parametrize("change", [["--dense-lr", "0.5"], ["--hidden", "64"], ["--scheme", "user", "--window", "4"], ["--seed", "9"]])
+def test_resume_with_another_config_is_refused_before_anything_is_written(tiny_log, one_rank_run, tmp_path, capsys, change):
+    run = tmp_path / "copy"
+    shutil.copytree(one_rank_run, run)
+    before = files(run)
+    args = [a for a in ONE_RANK]
+    for flag, value in zip(change[::2], change[1::2]):
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    assert main(["compress", "--data", str(tiny_log), "--out", str(run), *args, "--steps", "9", "--resume"]) == 2
+    assert "was trained with other" in one_error_line(capsys)
+    assert files(run) == before  # plan.json, run.json and every checkpoint untouched
+
+
+def test_resume_on_another_log_is_refused(one_rank_run, tmp_path, capsys):
+    from iat_rec.synth import generate
+
+    other = generate(tmp_path / "other", users=120, mean_instances=50, seed=7)  # same schema, other events
+    run = tmp_path / "copy"
+    shutil.copytree(one_rank_run, run)
+    before = files(run)
+    assert main(["compress", "--data", str(other.path), "--out", str(run), *ONE_RANK, "--steps", "9", "--resume"]) == 2
+    assert "was trained on instance log" in one_error_line(capsys)
+    assert files(run) == before
+
+
+def test_resuming_a_finished_run_keeps_its_evaluations(tiny_log, one_rank_run, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(one_rank_run, run)
+    run_cli("compress", "--data", str(tiny_log), "--out", str(run), *ONE_RANK, "--resume")
+    assert json.loads((run / "eval_history.json").read_text()) == json.loads((one_rank_run / "eval_history.json").read_text())
+    assert json.loads((run / "result.json").read_text())["valid"] == json.loads((one_rank_run / "result.json").read_text())["valid"]
