@@ -56,11 +56,22 @@ _NOISE = (
 )
 
 
+class _RootNoise(logging.Filter):
+    """TorchRec's plan check logs "Sharding spec not found for ..." on the root logger for
+    every data-parallel table (they have no shards by design)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Sharding spec not found for ")
+
+
 def quiet_third_party() -> None:
     for pattern in _NOISE:
         warnings.filterwarnings("ignore", message=f".*{pattern}")
     # "Sharding Type is data_parallel, caching params will be ignored", once per table
     logging.getLogger("torchrec.distributed.utils").setLevel(logging.ERROR)
+    root = logging.getLogger()
+    if not any(isinstance(f, _RootNoise) for f in root.filters):
+        root.addFilter(_RootNoise())
 
 
 def init_distributed(device: str = "auto") -> DistEnv:

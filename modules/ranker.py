@@ -168,7 +168,7 @@ class Ranker(nn.Module):
     def forward(self, batch):
         pooled, looked_up = self.base.embed(batch)
         feats = self.base.feature_tokens(pooled, batch.dense)  # [B, G, D]
-        side = (batch.hist_labels, batch.hist_gap, batch.hist_valid) if hasattr(batch, "hist_valid") else None
+        side = (batch.hist_labels, batch.hist_gap, batch.hist_valid)
         extra, query_in = [], [pooled, batch.dense]
         if self.use_iat:
             jt = self.tokens(batch.history_ids)
@@ -178,7 +178,7 @@ class Ranker(nn.Module):
                 candidate = self._standard(jt[CANDIDATE_FEATURE].to_padded_dense(desired_length=1)[:, 0])
                 query_in.append(candidate)
                 target = target_products(candidate, steps, 1)
-        if side is not None and hasattr(self, "query"):
+        if hasattr(self, "query"):  # some history branch reads with it
             query = self.query(torch.cat(query_in, -1))
         if self.use_iat:
             extra.append(self.iat(steps, target, *side, query))
