@@ -82,7 +82,8 @@ def test_nothing_at_or_after_t_reaches_a_request(setup, pick, seed):
     row = int(pick * log.rows)
     t = int(log.ts[row])
     before, logits_before = request(log, model, row)
-    assert before.hist_valid.any() or row == int(log.user_offsets[log.user[row]])  # histories are fetched
+    first = int(log.user_offsets[log.user[row]])
+    assert bool(before.hist_valid.any()) == (int(log.ts[first]) < t)  # a history whenever the user has an earlier instance
     rng = np.random.default_rng(seed)
     other = perturbed(log, t, row, rng)
     weight = model.tokens.embeddings["iat_tokens"].weight
