@@ -19,16 +19,7 @@ for m in time-consistent initial; do
 done
 $B export --stage1 "$W/s1-nolabels" --out "$W/tok-nolabels" --nproc 1 --no-progress --overwrite | grep "leak gap"
 $PY -m benchmarks.oracle_tokens --data "$W/log" --out "$W/tok-oracle" --users 2000 --mean-instances 100 --seed 0
-$PY - "$W/tok-time-consistent" "$W/tok-shuffled" <<'PY'
-import sys, numpy as np, torch
-from iat_rec.token_table import SIDE_ARRAYS, WEIGHT_KEY, TokenTable, save_table, token_collection
-table = TokenTable(sys.argv[1])
-rows = table.read_rows(0, table.rows)
-ec = token_collection(table.rows, table.dim, table.dtype, device="cpu")
-ec.state_dict()[WEIGHT_KEY].copy_(rows[torch.from_numpy(np.random.default_rng(0).permutation(table.rows))])
-save_table(sys.argv[2], ec, {k: v for k, v in table.manifest.items() if k not in ("format", "version")},
-           {name: table.side(name) for name in SIDE_ARRAYS})
-PY
+$PY -m benchmarks.oracle_tokens --shuffle "$W/tok-time-consistent" --out "$W/tok-shuffled"
 R="--data $W/log --nproc 1 --batch-size 256 --epochs 1 --eval-every 300 --eval-batches 40 --no-progress --max-len 64 --reader-layers 1 --overwrite"
 $B rank $R --history none --out "$W/r-none" | grep "stage 2 done"
 $B rank $R --history labels --out "$W/r-labels-only" | grep "stage 2 done"

@@ -1,7 +1,10 @@
-"""An oracle token table for a synthetic log: row i holds the generator's hidden user state
-z(t_i) at instance i (the thing a history reader should recover), padded to ``--dim``.
+"""Reference token tables for ablations. The oracle table of a synthetic log: row i holds the
+generator's hidden user state z(t_i) at instance i (the thing a history reader should
+recover), padded to ``--dim``. The shuffled table: an exported table with its rows permuted
+(side info kept), so every history reads other instances' tokens.
 
     python -m benchmarks.oracle_tokens --data LOG --out TOKENS --users U --mean-instances M --seed S
+    python -m benchmarks.oracle_tokens --shuffle TOKENS --out SHUFFLED
 
 Stage 2 reading it (``iat-rec rank --history iat --tokens TOKENS``) bounds what tokens could
 give its reader at that budget; the trained tables are measured against it. The generator
@@ -15,6 +18,7 @@ user-order tokens 0.7157, untrained tokens 0.7160, none 0.6965.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,18 +26,34 @@ import torch
 from iat_rec import synth
 from iat_rec.errors import IatError
 from iat_rec.instance_log import InstanceLog
-from iat_rec.token_table import SIDE_ARRAYS, WEIGHT_KEY, save_table, token_collection
+from iat_rec.token_table import SIDE_ARRAYS, WEIGHT_KEY, TokenTable, save_table, token_collection
+
+
+def shuffled_copy(tokens: str | Path, out: str | Path, seed: int = 0) -> Path:
+    """``tokens`` with its rows permuted (seeded); manifest and side info kept."""
+    table = TokenTable(tokens)
+    rows = table.read_rows(0, table.rows)
+    ec = token_collection(table.rows, table.dim, table.dtype, device="cpu")
+    ec.state_dict()[WEIGHT_KEY].copy_(rows[torch.from_numpy(np.random.default_rng(seed).permutation(table.rows))])
+    manifest = {k: v for k, v in table.manifest.items() if k not in ("format", "version")}
+    return save_table(out, ec, manifest, {name: table.side(name) for name in SIDE_ARRAYS})
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--users", type=int, required=True)
-    p.add_argument("--mean-instances", type=float, required=True)
-    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--shuffle", help="write a row-shuffled copy of this token table instead")
+    p.add_argument("--data")
+    p.add_argument("--users", type=int)
+    p.add_argument("--mean-instances", type=float)
+    p.add_argument("--seed", type=int)
     p.add_argument("--dim", type=int, default=16)
     a = p.parse_args(argv)
+    if a.shuffle:
+        print(f"shuffled token table {shuffled_copy(a.shuffle, a.out)}")
+        return
+    if a.data is None or a.users is None or a.mean_instances is None or a.seed is None:
+        p.error("the oracle table needs --data, --users, --mean-instances and --seed")
     log = InstanceLog(a.data)
     hidden: dict = {}
     cols = synth.build_columns(synth.SynthConfig(users=a.users, mean_instances=a.mean_instances, seed=a.seed), hidden=hidden)

@@ -30,7 +30,7 @@ from iat_rec.errors import IatError
 from iat_rec.planning import build_topology, load_plan, make_plan
 from iat_rec.token_health import format_health, table_health
 from iat_rec.token_table import FORMAT as TABLE_FORMAT
-from iat_rec.token_table import WEIGHT_KEY, TokenTable, save_table, token_collection, token_constraints
+from iat_rec.token_table import SIDE_ARRAYS, WEIGHT_KEY, TokenTable, save_table, token_collection, token_constraints
 from pipelines.compress import build_compressor, first_train_step, load_stage1
 from pipelines.trainer import progress_bar, shard
 
@@ -185,8 +185,7 @@ def export(run: str, out: str, dtype: str = "fp32", batch_size: int = 4096, devi
         "log_fingerprint": log.fingerprint,
         "log_path": str(log.path.resolve()),
     }
-    side = {"ts": log.ts, "user_offsets": log.user_offsets, "user_keys": log.user_keys, "labels": log.labels, "label_time": log.label_time}
-    path = save_table(out, table.module.tokens, manifest, side)
+    path = save_table(out, table.module.tokens, manifest, {name: getattr(log, name) for name in SIDE_ARRAYS})
     health = table_health(TokenTable(path), read=lambda rows: gather_rows(weight, rows, cfg.model.iat_dim, env.device))
     if env.is_main:
         write_json(path / "manifest.json", {**TokenTable(path).manifest, "health": health})

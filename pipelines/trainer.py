@@ -140,8 +140,7 @@ class Trainer:
         return total_steps(self.cfg, len(self.train))
 
     def _app_state(self, step: int) -> dict[str, Any]:
-        model = {k: v for k, v in self.model.state_dict().items() if not _frozen(k)}
-        return {"model": model, "optim": self.optimizer.state_dict(), "step": step}
+        return {"model": self._weights(), "optim": self.optimizer.state_dict(), "step": step}
 
     def _restore(self, loader: EpochLoader) -> int:
         path = ckpt.latest(self.out)

@@ -12,12 +12,11 @@
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
+from benchmarks.oracle_tokens import shuffled_copy
 from iat_rec.synth import generate
-from iat_rec.token_table import WEIGHT_KEY, TokenTable, save_table, token_collection
+from iat_rec.token_table import TokenTable
 from tests.conftest import run_cli
 
 BUDGET = ["--nproc", "1", "--steps", "300", "--eval-every", "300", "--eval-batches", "40", "--no-progress"]
@@ -123,17 +122,6 @@ def seen(tmp_path_factory):
             "--batch-size", "8", *BUDGET)  # fmt: skip
     run_cli("export", "--stage1", str(root / "s1"), "--out", str(root / "tok"), "--nproc", "1", "--no-progress")
     return log, root / "tok"
-
-
-def shuffled_copy(tokens: Path, out: Path) -> Path:
-    """The same table with its rows permuted: every history then reads other instances' tokens."""
-    table = TokenTable(tokens)
-    rows = table.read_rows(0, table.rows)
-    ec = token_collection(table.rows, table.dim, table.dtype, device="cpu")
-    ec.state_dict()[WEIGHT_KEY].copy_(rows[torch.from_numpy(np.random.default_rng(0).permutation(table.rows))])
-    side = {name: table.side(name) for name in ("ts", "user_offsets", "user_keys", "labels", "label_time")}
-    manifest = {k: v for k, v in table.manifest.items() if k not in ("format", "version")}
-    return save_table(out, ec, manifest, side)
 
 
 def seen_auc(log: Path, out: Path, *args: str) -> float:
