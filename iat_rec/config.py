@@ -31,6 +31,7 @@ class ModelConfig:
     sit_layers: int = 2
     sit_heads: int = 4
     sit_labels: bool = True  # user order: the SIT also reads each earlier instance's labels, once known
+    sit_relevance: bool = False  # user order: SIT attention starts from token similarity (modules.sit)
 
 
 @dataclasses.dataclass
@@ -70,6 +71,8 @@ class CompressConfig(TrainConfig):
     stream: bool = False  # user order: prefix windows with earlier tokens from --tokens
     tokens: str = ""  # token table for --stream
     prefix: int = 64  # --stream: earlier tokens per window
+    reconstruct: float = 0.1  # weight of the loss that keeps features recoverable from the token (0: off)
+    reconstruct_features: tuple[str, ...] = ()  # default: the schema's sequence features, else every sparse one
 
 
 def _field_type(cls, name: str):

@@ -43,7 +43,15 @@ def build_compressor(log: InstanceLog, cfg: CompressConfig, prefix_table: TokenT
         window=cfg.window if cfg.scheme == "user" else None,
         prefix_table=token_table_config(prefix_table.rows, prefix_table.dim, prefix_table.dtype) if prefix_table else None,
         prefix_len=cfg.prefix,
+        reconstruct=cfg.reconstruct,
+        reconstruct_features=reconstructed(log.schema, cfg),
     )
+
+
+def reconstructed(schema, cfg: CompressConfig) -> tuple[str, ...]:
+    """The features the token must keep recoverable: the configured ones, else the schema's
+    sequence features (what a hand-crafted history would hold), else every sparse feature."""
+    return tuple(cfg.reconstruct_features) or tuple(schema.sequence) or tuple(f.name for f in schema.sparse)
 
 
 class StreamBatchMaker:
@@ -125,11 +133,16 @@ def check_config(cfg: CompressConfig) -> None:
         raise IatError(f"--bottleneck-act must be one of {list(BOTTLENECK_ACTS)}, not '{cfg.model.bottleneck_act}'")
     if cfg.slices < 0:
         raise IatError(f"--slices must be >= 0, not {cfg.slices}")
+    if not cfg.reconstruct >= 0:
+        raise IatError(f"--reconstruct must be >= 0, not {cfg.reconstruct}")
     if cfg.stream and cfg.scheme != "user":
         raise IatError("--stream needs --scheme user")
     log = InstanceLog(cfg.data)  # fails early, with a clear message, on a missing or foreign directory
     check_run_out(cfg, (cfg.data, cfg.tokens))
     select_tasks(log.schema, cfg.tasks)
+    unknown = sorted(set(cfg.reconstruct_features) - {f.name for f in log.schema.sparse})
+    if unknown:
+        raise IatError(f"--reconstruct-features {unknown}: not sparse features of {cfg.data} ({[f.name for f in log.schema.sparse]})")
     if cfg.stream:
         if not cfg.tokens:
             raise IatError("--stream needs --tokens: a token table of this log (iat-rec export)")

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from modules.attention import small_table_lookup
+from modules.compressor import InstanceReconstruction
 from modules.interaction import DCNv2, RankMixer, make_interaction
 from modules.mlp import MLP
 from modules.query import QueryCompressor
@@ -36,9 +37,12 @@ def _history(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return seq, valid, torch.randn(B, D, generator=g)
 
 
-def _sit() -> SourceInstanceTransformer:
+def _sit(relevance: float | None = None) -> SourceInstanceTransformer:
     torch.manual_seed(0)
-    return SourceInstanceTransformer(dim=D, layers=2, heads=2, max_len=64).eval()
+    return SourceInstanceTransformer(dim=D, layers=2, heads=2, max_len=64, relevance=relevance).eval()
+
+
+SIT_RELEVANCE = [None, 4.0]
 
 
 # ---------------------------------------------------------------- MLP, query, interaction
@@ -105,8 +109,9 @@ def test_make_interaction() -> None:
 # ---------------------------------------------------------------- SIT
 
 
-def test_sit_shapes_and_padding() -> None:
-    sit = _sit()
+@pytest.mark.parametrize("relevance", SIT_RELEVANCE)
+def test_sit_shapes_and_padding(relevance) -> None:
+    sit = _sit(relevance)
     tok, valid, _ = _history()
     y = sit(tok, valid)
     assert y.shape == (B, T, D) and torch.isfinite(y).all()
@@ -117,8 +122,9 @@ def test_sit_shapes_and_padding() -> None:
     torch.testing.assert_close(sit(tok2, valid), y)
 
 
-def test_sit_causal() -> None:
-    sit = _sit()
+@pytest.mark.parametrize("relevance", SIT_RELEVANCE)
+def test_sit_causal(relevance) -> None:
+    sit = _sit(relevance)
     tok = torch.randn(2, T, D)
     valid = torch.ones(2, T, dtype=torch.bool)
     y = sit(tok, valid)
@@ -130,8 +136,9 @@ def test_sit_causal() -> None:
     assert (y2[:, j:] - y[:, j:]).abs().amax() > 1e-4
 
 
-def test_sit_prefix() -> None:
-    sit = _sit()
+@pytest.mark.parametrize("relevance", SIT_RELEVANCE)
+def test_sit_prefix(relevance) -> None:
+    sit = _sit(relevance)
     tok, valid, _ = _history()
     pre = torch.randn(B, 5, D)
     pvalid = torch.ones(B, 5, dtype=torch.bool)
@@ -167,6 +174,80 @@ def test_sit_grads_and_sinusoidal() -> None:
     # Dropout in training mode (attention and residual) keeps outputs finite.
     drop = SourceInstanceTransformer(dim=D, layers=1, heads=2, max_len=64, dropout=0.1).train()
     assert torch.isfinite(drop(tok, valid)).all()
+
+
+def test_sit_relevance_attends_to_the_similar_past_and_learns_its_scale() -> None:
+    """With content relevance, the earlier token equal to the last one steers the last output
+    far more than an unrelated one does; the relevance scale gets a gradient."""
+    sit = _sit(4.0)
+    g = torch.Generator().manual_seed(3)
+    tok = torch.randn(1, T, D, generator=g)
+    tok[0, 2] = tok[0, -1]  # position 2 repeats the last instance
+    valid = torch.ones(1, T, dtype=torch.bool)
+    y = sit(tok, valid)[0, -1]
+
+    def moved(j: int) -> float:  # how much the last output moves when position j changes
+        t2 = tok.clone()
+        t2[0, j] = torch.randn(D, generator=torch.Generator().manual_seed(9))
+        return (sit(t2, valid)[0, -1] - y).norm().item()
+
+    assert moved(2) > 2 * moved(4), (moved(2), moved(4))
+    sit.train()
+    sit(tok, valid).pow(2).sum().backward()
+    assert sit.relevance.grad is not None and sit.relevance.grad.abs() > 0
+
+
+def test_sit_side_info_reaches_the_output() -> None:
+    sit = _sit()
+    tok, valid, _ = _history()
+    side = torch.zeros(B, T, D)
+    torch.testing.assert_close(sit(tok, valid, side=side), sit(tok, valid))
+    side[1, 0] = torch.randn(D)
+    y, y2 = sit(tok, valid), sit(tok, valid, side=side)
+    assert (y2[1] - y[1]).abs().amax() > 1e-4 and torch.equal(y2[0], y[0])
+
+
+# ---------------------------------------------------------------- instance reconstruction
+
+
+def _recon_batch(n: int = 12, f: int = 2, e: int = 4):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 5, (n, f), generator=g)  # few values: duplicates in the batch
+    table = torch.randn(5, f, e, generator=g)
+    targets = table[ids, torch.arange(f)].reshape(n, f * e)
+    weights = torch.ones(n)
+    weights[-2:] = 0  # padding rows
+    return targets, weights
+
+
+def test_reconstruction_counts_equal_values_as_positives_and_ignores_padding() -> None:
+    targets, weights = _recon_batch()
+    n, fe = targets.shape
+    rec = InstanceReconstruction(fe, 2, 4, temp=0.05)
+    with torch.no_grad():  # the read-out returns the token: a token equal to its targets is perfect
+        rec.read.weight.copy_(torch.eye(fe))
+        rec.read.bias.zero_()
+    perfect = rec(targets, targets, weights)
+    # every positive (the row's own value, wherever it occurs) gets the same logit
+    assert perfect < 0.1 * rec(torch.randn(n, fe, generator=torch.Generator().manual_seed(1)), targets, weights)
+    junk = targets.clone()
+    junk[-2:] = torch.randn(2, fe)  # padding rows: neither anchors nor candidates
+    torch.testing.assert_close(rec(junk, junk, weights), perfect)
+
+
+def test_reconstruction_trains_the_token_to_recover_its_features() -> None:
+    torch.manual_seed(0)
+    targets, weights = _recon_batch(n=32)
+    rec = InstanceReconstruction(8, 2, 4)
+    token = torch.randn(32, 8, requires_grad=True)
+    opt = torch.optim.Adam([token, *rec.parameters()], lr=0.05)
+    start = rec(token, targets, weights).item()
+    for _ in range(200):
+        opt.zero_grad()
+        loss = rec(token, targets, weights)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 * start, (start, loss.item())
 
 
 # ---------------------------------------------------------------- readers
