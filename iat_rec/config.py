@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from pathlib import Path
 from typing import Any
@@ -148,3 +149,58 @@ def resolve(cls, args: argparse.Namespace, config_file: str | None):
         if hasattr(obj, name):
             setattr(obj, name, tuple(value) if isinstance(value, list) else value)
     return cfg
+
+
+# Value rules by field name, wherever the field sits (nested configs included); checked before
+# any rank starts, so a bad value is one error line and nothing is written.
+_AT_LEAST_1 = ("batch_size", "window", "keep_checkpoints", "emb_dim", "num_tokens", "token_dim", "interaction_layers", "hidden",
+               "iat_dim", "sit_layers", "sit_heads", "prefix", "max_len", "reader_dim", "reader_layers", "reader_heads",
+               "decompress", "head")  # fmt: skip
+_AT_LEAST_0 = ("steps", "eval_every", "eval_batches", "early_stop", "ckpt_every", "num_workers", "hbm_gb", "slices", "reconstruct")
+_POSITIVE = ("epochs", "dense_lr", "sparse_lr")
+_CHOICES = {"device": ("auto", "cpu", "cuda"), "interaction": ("rankmixer", "dcnv2"), "sparse_optimizer": ("rowwise_adagrad", "adagrad", "sgd", "adam")}
+
+
+def _type_ok(value, typ) -> bool:
+    if typing.get_origin(typ) is tuple:
+        inner = typing.get_args(typ)[0]
+        return isinstance(value, (tuple, list)) and all(_type_ok(v, inner) for v in value)
+    if typ is bool:
+        return isinstance(value, bool)
+    if typ is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if typ is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, typ)
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _type_name(typ) -> str:
+    if typing.get_origin(typ) is tuple:
+        return f"a list of {_TYPE_NAMES.get(typing.get_args(typ)[0], 'values')}"
+    return _TYPE_NAMES.get(typ, typ.__name__)
+
+
+def check_values(cfg, where: str = "") -> None:
+    """Every field of ``cfg`` (recursively): of its declared type and within its rule."""
+    for f in dataclasses.fields(cfg):
+        value, typ, name = getattr(cfg, f.name), _field_type(type(cfg), f.name), where + f.name
+        if dataclasses.is_dataclass(typ):
+            check_values(value, name + ".")
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if not _type_ok(value, typ):
+            raise IatError(f"{flag} ({name}) must be {_type_name(typ)}, not {value!r}")
+        items = value if isinstance(value, tuple) else (value,)
+        if f.name in _AT_LEAST_1 and any(v < 1 for v in items):
+            raise IatError(f"{flag} must be >= 1, not {value!r}")
+        if f.name in _AT_LEAST_0 and any(not v >= 0 for v in items):
+            raise IatError(f"{flag} must be >= 0, not {value!r}")
+        if f.name in _POSITIVE and not (math.isfinite(value) and value > 0):
+            raise IatError(f"{flag} must be a finite number > 0, not {value!r}")
+        if f.name in _CHOICES and value not in _CHOICES[f.name]:
+            raise IatError(f"{flag} must be one of {list(_CHOICES[f.name])}, not {value!r}")
+        if f.name == "split" and not (len(value) == 2 and 0 < value[0] < value[1] < 1):
+            raise IatError(f"--split takes two time quantiles 0 < TRAIN_END < VALID_END < 1, not {list(value)}")

@@ -116,6 +116,8 @@ def drop_flag(argv: list[str], flag: str) -> list[str]:
 def run_ranks(module: str, argv: list[str], nproc: int | None, body: Callable[[], object]) -> int:
     """Runs ``body`` here when launched (or alone); otherwise launches ``nproc`` local ranks
     of ``python -m module`` (default: one per GPU, else 2 gloo ranks)."""
+    if nproc is not None and nproc < 1:
+        raise IatError(f"--nproc must be >= 1, not {nproc}")
     nproc = nproc or (torch.cuda.device_count() or 2)
     if launched() or nproc == 1:
         try:

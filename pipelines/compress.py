@@ -18,7 +18,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from iat_rec.atomic import check_out, write_json
 from iat_rec.batch import StreamBatch, extend, make_batch, make_window_batch
-from iat_rec.config import CompressConfig, from_dict, to_dict
+from iat_rec.config import CompressConfig, check_values, from_dict, to_dict
 from iat_rec.distenv import DistEnv, init_distributed, rank_main
 from iat_rec.errors import IatError
 from iat_rec.history import expand_ranges
@@ -125,6 +125,7 @@ def check_run_out(cfg, inputs: tuple[str, ...]) -> None:
 
 
 def check_config(cfg: CompressConfig) -> None:
+    check_values(cfg)
     if not cfg.data or not cfg.out:
         raise IatError("--data and --out are required")
     if cfg.scheme not in ("temporal", "user"):

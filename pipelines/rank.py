@@ -26,7 +26,7 @@ from torchrec.distributed.types import ShardingPlan
 
 from iat_rec import checkpoint as ckpt
 from iat_rec.atomic import write_json
-from iat_rec.config import TrainConfig, from_dict, to_dict
+from iat_rec.config import TrainConfig, check_values, from_dict, to_dict
 from iat_rec.distenv import DistEnv, init_distributed, rank_main
 from iat_rec.errors import IatError
 from iat_rec.instance_log import InstanceLog, time_split
@@ -49,6 +49,7 @@ class RankConfig(TrainConfig):
 
 
 def check_config(cfg: RankConfig) -> None:
+    check_values(cfg)
     if not cfg.data or not cfg.out:
         raise IatError("--data and --out are required")
     r = cfg.ranker

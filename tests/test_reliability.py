@@ -76,6 +76,57 @@ def test_config_with_unknown_keys_is_one_clear_error(tiny_log, tmp_path, capsys)
     assert not (tmp_path / "r").exists()
 
 
+BAD_VALUES = [
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--window", "0"], "--window must be >= 1"),
+    (["--split", "0.8"], "--split takes two time quantiles"),
+    (["--split", "0.9", "0.8"], "--split takes two time quantiles"),
+    (["--dense-lr", "nan"], "--dense-lr must be a finite number > 0"),
+    (["--steps", "-5"], "--steps must be >= 0"),
+    (["--epochs", "-1"], "--epochs must be a finite number > 0"),
+    (["--iat-dim", "0"], "--iat-dim must be >= 1"),
+    (["--decompress", "64", "0"], "--decompress must be >= 1"),
+    (["--nproc", "0"], "--nproc must be >= 1"),
+    (["--nproc", "-1"], "--nproc must be >= 1"),
+    (["--interaction", "mlp"], "--interaction must be one of"),
+    (["--reconstruct", "-1"], "--reconstruct must be >= 0"),
+    (["--reconstruct-features", "nope"], "--reconstruct-features ['nope']: not sparse features"),
+]
+BAD_YAML = [
+    ("resume: 'no'\n", "--resume (resume) must be true or false, not 'no'"),
+    ("batch_size: '8'\n", "--batch-size (batch_size) must be an integer, not '8'"),
+    ("model: {emb_dim: 8.5}\n", "--emb-dim (model.emb_dim) must be an integer, not 8.5"),
+    ("split: [0.8, x]\n", "--split (split) must be a list of a number"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_VALUES, ids=[" ".join(f) for f, _ in BAD_VALUES])
+def test_a_bad_option_value_is_one_error_before_any_rank_starts(tiny_log, tmp_path, capsys, flags, message):
+    out = tmp_path / "r"
+    code = main(["compress", "--data", str(tiny_log), "--out", str(out), "--scheme", "user", *flags])
+    assert code == 2
+    assert message in one_error_line(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text,message", BAD_YAML)
+def test_a_yaml_value_of_the_wrong_type_is_one_error(tiny_log, tmp_path, capsys, text, message):
+    cfg, out = tmp_path / "c.yaml", tmp_path / "r"
+    cfg.write_text(text)
+    assert main(["compress", "--config", str(cfg), "--data", str(tiny_log), "--out", str(out)]) == 2
+    assert message in one_error_line(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags,message", [(["--max-len", "0"], "--max-len must be >= 1"), (["--max-len", "-2"], "--max-len must be >= 1"),
+                                           (["--reader-heads", "0"], "--reader-heads must be >= 1")])  # fmt: skip
+def test_a_bad_stage2_value_is_one_error(tiny_log, tmp_path, capsys, flags, message):
+    out = tmp_path / "r"
+    assert main(["rank", "--data", str(tiny_log), "--out", str(out), "--history", "labels", *flags]) == 2
+    assert message in one_error_line(capsys)
+    assert not out.exists()
+
+
 # ---- bad input: damaged checkpoints, token tables of another dim, single-instance users ----------
 
 
