@@ -54,6 +54,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, _by_umask(0o777))  # mkdtemp makes it 0700 whatever the umask
     try:
         yield tmp
     except BaseException:
@@ -126,6 +127,7 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, _by_umask(0o666))  # mkstemp makes it 0600 whatever the umask
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
@@ -136,5 +138,13 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
-    """Writes JSON through a temporary file and an atomic rename."""
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """Writes JSON through a temporary file and an atomic rename; NaN or infinity (not JSON)
+    is an error, never written."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def _by_umask(mode: int) -> int:
+    """``mode`` less the process umask: what open() and mkdir() would have made."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask

@@ -237,3 +237,14 @@ def time_split(log: InstanceLog, quantiles: tuple[float, float] = (0.8, 0.9)) ->
         "valid": np.flatnonzero((ts > t1) & (ts <= t2)),
         "test": np.flatnonzero(ts > t2),
     }
+
+
+def check_split(log: InstanceLog, quantiles: tuple[float, float]) -> None:
+    """Refuses a split with an empty part: no validation rows would report AUC 0.5 and a
+    LogLoss of 0 as if measured."""
+    parts = time_split(log, quantiles)
+    empty = [name for name, rows in parts.items() if len(rows) == 0]
+    if empty:
+        sizes = ", ".join(f"{k} {len(v):,}" for k, v in parts.items())
+        raise IatError(f"--split {list(quantiles)} leaves no {' and no '.join(empty)} rows in {log.path} ({sizes} rows): "
+                       "the log needs more distinct timestamps, or other quantiles")

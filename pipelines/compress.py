@@ -22,7 +22,7 @@ from iat_rec.config import CompressConfig, check_values, from_dict, to_dict
 from iat_rec.distenv import DistEnv, init_distributed, rank_main
 from iat_rec.errors import IatError
 from iat_rec.history import expand_ranges
-from iat_rec.instance_log import InstanceLog, time_split
+from iat_rec.instance_log import InstanceLog, check_split, time_split
 from iat_rec.loaders import BatchDataset, SelectTasks, select_tasks, time_order, user_windows
 from iat_rec.planning import TOKEN_FEATURE, model_tables, token_table_config
 from iat_rec.token_table import TokenTable, token_constraints
@@ -141,6 +141,7 @@ def check_config(cfg: CompressConfig) -> None:
     log = InstanceLog(cfg.data)  # fails early, with a clear message, on a missing or foreign directory
     check_run_out(cfg, (cfg.data, cfg.tokens))
     select_tasks(log.schema, cfg.tasks)
+    check_split(log, cfg.split)
     unknown = sorted(set(cfg.reconstruct_features) - {f.name for f in log.schema.sparse})
     if unknown:
         raise IatError(f"--reconstruct-features {unknown}: not sparse features of {cfg.data} ({[f.name for f in log.schema.sparse]})")

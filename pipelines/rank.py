@@ -29,7 +29,7 @@ from iat_rec.atomic import write_json
 from iat_rec.config import TrainConfig, check_values, from_dict, to_dict
 from iat_rec.distenv import DistEnv, init_distributed, rank_main
 from iat_rec.errors import IatError
-from iat_rec.instance_log import InstanceLog, time_split
+from iat_rec.instance_log import InstanceLog, check_split, time_split
 from iat_rec.loaders import BatchDataset, SelectTasks, select_tasks, time_order
 from iat_rec.planning import build_topology, load_plan, make_plan
 from iat_rec.rank_data import HistorySource, RankBatchMaker
@@ -68,6 +68,7 @@ def check_config(cfg: RankConfig) -> None:
     log = InstanceLog(cfg.data)
     check_run_out(cfg, (cfg.data, cfg.tokens, cfg.stage1))
     select_tasks(log.schema, cfg.tasks)
+    check_split(log, cfg.split)
     if cfg.tokens:
         table = TokenTable(cfg.tokens)
         table.stats()

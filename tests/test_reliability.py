@@ -201,6 +201,29 @@ def test_users_with_a_single_instance_ingest_and_train(tmp_path):
     assert json.loads((tmp_path / "s2" / "metrics.json").read_text())["n"] > 0
 
 
+def test_a_split_without_validation_rows_is_refused_before_anything_is_written(tmp_path, capsys):
+    (tmp_path / "schema.yaml").write_text(SCHEMA_YAML)
+    log = tmp_path / "log"  # 8 rows over 6 timestamps: the 0.8 and 0.9 quantiles are the same one
+    run_cli("data", "ingest", "--input", str(write_csv(tmp_path / "in.csv")), "--schema", str(tmp_path / "schema.yaml"), "--out", str(log))
+    for program in (["compress", "--scheme", "temporal"], ["rank", "--history", "none"]):
+        out = tmp_path / program[0]
+        assert main([*program, "--data", str(log), "--out", str(out), "--nproc", "1"]) == 2
+        assert "--split [0.8, 0.9] leaves no valid rows" in one_error_line(capsys)
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_artifacts_follow_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        run_cli("data", "synth", "--out", str(tmp_path / "log"), "--users", "4", "--mean-instances", "3", "--no-progress")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [tmp_path / "log", *(tmp_path / "log").iterdir()]}
+    assert modes.pop("log") == 0o777 & ~umask
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
 # ---- a rank killed mid-training -------------------------------------------------------------------
 
 
