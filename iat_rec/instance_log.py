@@ -2,7 +2,8 @@
 
 Layout of a log directory::
 
-    manifest.json          format, version, rows, users, fingerprint, schema, dense stats
+    manifest.json          format, version, rows, users, fingerprint, schema, dense stats, and
+                           the size and checksum of every .npy file (checked when first read)
     ts.npy                 int64 [N]       timestamp (seconds)
     user.npy               int64 [N]       user index (rank of the user key in sorted order)
     user_offsets.npy       int64 [U + 1]   rows of user u are [user_offsets[u], user_offsets[u+1])
@@ -27,12 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
+from iat_rec import checksums
 from iat_rec.atomic import atomic_dir, check_out, write_json
 from iat_rec.errors import IatError
 from iat_rec.schema import Schema
 
 FORMAT = "iat-instance-log"
-VERSION = 1
+VERSION = 2  # 2: the size and checksum of every file in the manifest
 
 
 @dataclasses.dataclass
@@ -126,6 +128,7 @@ def write_instance_log(out: str | Path, schema: Schema, cols: Columns, source: s
             "time_range": [int(cols.ts.min()), int(cols.ts.max())],
         }
         manifest["fingerprint"] = _fingerprint(tmp, manifest)
+        manifest["files"] = checksums.digests(tmp, [f.name for f in tmp.glob("*.npy")])
         write_json(tmp / "manifest.json", manifest)
     return InstanceLog(out)
 
@@ -156,17 +159,18 @@ class InstanceLog:
         if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
             raise IatError(
                 f"{self.path}: format {self.manifest.get('format')} v{self.manifest.get('version')}, "
-                f"expected {FORMAT} v{VERSION}"
+                f"expected {FORMAT} v{VERSION}: write it again with this version (data ingest, synth or movielens)"
             )
         self.schema = Schema.from_dict(self.manifest["schema"], source=str(mf))
         self.rows: int = self.manifest["rows"]
         self.users: int = self.manifest["users"]
         self.fingerprint: str = self.manifest["fingerprint"]
 
-    def _load(self, name: str) -> np.ndarray:
+    def _load(self, name: str, mmap: bool = True) -> np.ndarray:
         f = self.path / name
+        checksums.check(f, self.manifest)
         try:
-            arr = np.load(f, mmap_mode="r", allow_pickle=False)
+            arr = np.load(f, mmap_mode="r" if mmap else None, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise IatError(f"{f}: missing or corrupt column: {e}") from None
         return arr
@@ -185,7 +189,7 @@ class InstanceLog:
 
     @cached_property
     def user_keys(self) -> np.ndarray:
-        return np.load(self.path / "user_keys.npy", allow_pickle=False)
+        return self._load("user_keys.npy", mmap=False)
 
     @cached_property
     def labels(self) -> np.ndarray:
@@ -213,8 +217,18 @@ class InstanceLog:
                 out[f.name] = self._load(f"sparse.{f.name}.npy")
         return out
 
+    def check_files(self) -> None:
+        """Every file against the manifest (size, checksum): the programs call it before any rank starts."""
+        listed = set(self.manifest.get("files", {}))
+        present = {f.name for f in self.path.glob("*.npy")}
+        if present != listed:
+            raise IatError(f"{self.path}: files {sorted(present ^ listed)} are missing or not in the manifest")
+        for name in sorted(listed):
+            checksums.check(self.path / name, self.manifest)
+
     def verify(self) -> None:
-        """Recomputes the content fingerprint; raises if the files changed since writing."""
+        """``check_files``, then the content fingerprint recomputed."""
+        self.check_files()
         got = _fingerprint(self.path, self.manifest)
         if got != self.fingerprint:
             raise IatError(f"{self.path}: content fingerprint {got} != manifest {self.fingerprint}")

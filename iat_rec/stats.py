@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import sys
 
 import numpy as np
 
@@ -86,11 +87,17 @@ def format_stats(s: dict) -> str:
 
 
 def cli(argv: list[str]) -> int:
-    """``iat-rec data stats DIR [--json]``"""
+    """``iat-rec data stats DIR [--json] [--verify]``"""
     p = argparse.ArgumentParser(prog="iat-rec data stats", description="Summarise an instance log.")
     p.add_argument("log", help="instance-log directory")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--verify", action="store_true",
+                   help="first check every file against the manifest (size, checksum) and the content fingerprint")
     a = p.parse_args(argv)
-    s = log_stats(InstanceLog(a.log))
+    log = InstanceLog(a.log)
+    if a.verify:
+        log.verify()
+        print(f"verified: {len(log.manifest['files'])} files, fingerprint {log.fingerprint}", file=sys.stderr)
+    s = log_stats(log)
     print(json.dumps(s, indent=2) if a.json else format_stats(s))
     return 0

@@ -9,7 +9,8 @@ A token-table directory::
                     (key ``embeddings.iat_tokens.weight``), loadable on any number of ranks
     ts.npy user_offsets.npy user_keys.npy labels.npy label_time.npy
                     the source log's history index and per-instance side info, so stage 2
-                    can fetch histories for requests of another log (cross-domain)
+                    can fetch histories for requests of another log (cross-domain); their
+                    sizes and checksums are in the manifest (``files``), checked when read
 
     iat-rec tokens show TOKENS --rows 0:5
     iat-rec tokens show TOKENS --health
@@ -30,6 +31,7 @@ from torch import nn
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.modules.embedding_modules import EmbeddingCollection
 
+from iat_rec import checksums
 from iat_rec.atomic import collective_atomic_dir, write_json
 from iat_rec.checkpoint import dcp_load, read_metadata
 from iat_rec.errors import IatError
@@ -37,7 +39,7 @@ from iat_rec.history import HistoryIndex
 from iat_rec.planning import TOKEN_TABLE, token_table_config
 
 FORMAT = "iat-token-table"
-VERSION = 2  # 2: token_stats, tokens_from and health in the manifest
+VERSION = 3  # 2: token_stats, tokens_from and health in the manifest; 3: side arrays' sizes and checksums
 WEIGHT_KEY = f"embeddings.{TOKEN_TABLE}.weight"
 SIDE_ARRAYS = ("ts", "user_offsets", "user_keys", "labels", "label_time")
 
@@ -65,7 +67,8 @@ class TokenTable:
         except json.JSONDecodeError as e:
             raise IatError(f"{mf}: corrupt manifest: {e}") from None
         if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
-            raise IatError(f"{self.path}: format {self.manifest.get('format')} v{self.manifest.get('version')}, expected {FORMAT} v{VERSION}")
+            raise IatError(f"{self.path}: format {self.manifest.get('format')} v{self.manifest.get('version')}, expected {FORMAT} v{VERSION}: "
+                           "export it again with this version")
         if not (self.path / "table" / ".metadata").is_file():
             raise IatError(f"{self.path}/table: missing or incomplete checkpoint (.metadata absent)")
         self.rows: int = int(self.manifest["rows"])
@@ -90,8 +93,14 @@ class TokenTable:
             raise IatError(f"{self.path}/manifest.json: token_stats needs mean and std of {self.dim} values")
         return mean, std
 
+    def check_files(self) -> None:
+        """Every side array against the manifest (size, checksum)."""
+        for name in SIDE_ARRAYS:
+            checksums.check(self.path / f"{name}.npy", self.manifest)
+
     def side(self, name: str) -> np.ndarray:
         f = self.path / f"{name}.npy"
+        checksums.check(f, self.manifest)
         try:
             return np.load(f, mmap_mode=None if name == "user_keys" else "r", allow_pickle=False)
         except (OSError, ValueError) as e:
@@ -139,7 +148,8 @@ def save_table(
         if not dist.is_initialized() or dist.get_rank() == 0:
             for name in SIDE_ARRAYS:
                 np.save(tmp / f"{name}.npy", np.asarray(side[name]))
-            write_json(tmp / "manifest.json", {"format": FORMAT, "version": VERSION, **manifest})
+            files = checksums.digests(tmp, [f"{name}.npy" for name in SIDE_ARRAYS])
+            write_json(tmp / "manifest.json", {"format": FORMAT, "version": VERSION, **manifest, "files": files})
     return out
 
 

@@ -139,6 +139,7 @@ def check_config(cfg: CompressConfig) -> None:
     if cfg.stream and cfg.scheme != "user":
         raise IatError("--stream needs --scheme user")
     log = InstanceLog(cfg.data)  # fails early, with a clear message, on a missing or foreign directory
+    log.check_files()  # a damaged or edited column is refused before any rank starts
     check_run_out(cfg, (cfg.data, cfg.tokens))
     select_tasks(log.schema, cfg.tasks)
     check_split(log, cfg.split)
@@ -149,6 +150,7 @@ def check_config(cfg: CompressConfig) -> None:
         if not cfg.tokens:
             raise IatError("--stream needs --tokens: a token table of this log (iat-rec export)")
         table = TokenTable(cfg.tokens)
+        table.check_files()
         table.check_log(log)
         table.check_dim(cfg.model.iat_dim)
 

@@ -216,6 +216,7 @@ def parser() -> argparse.ArgumentParser:
 def cli(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     cfg, _, log = load_stage1(args.run)  # clear errors before any rank starts
+    log.check_files()
     check_out(args.out, "a token table", {TABLE_FORMAT}, "manifest.json", args.overwrite, (args.run, log.path))
     return run_ranks(
         "pipelines.export", argv, args.nproc,

@@ -66,11 +66,13 @@ def check_config(cfg: RankConfig) -> None:
     if cfg.warm_start and not cfg.stage1:
         raise IatError("--warm-start needs --stage1 RUN")
     log = InstanceLog(cfg.data)
+    log.check_files()  # a damaged or edited column is refused before any rank starts
     check_run_out(cfg, (cfg.data, cfg.tokens, cfg.stage1))
     select_tasks(log.schema, cfg.tasks)
     check_split(log, cfg.split)
     if cfg.tokens:
         table = TokenTable(cfg.tokens)
+        table.check_files()
         table.stats()
         other = table.manifest["log_fingerprint"] != log.fingerprint
         if other and not cfg.cross_domain:

@@ -212,6 +212,44 @@ def test_a_split_without_validation_rows_is_refused_before_anything_is_written(t
         assert not out.exists()
 
 
+def _flip_one_bit(path: Path, byte: int = -1) -> None:
+    data = bytearray(path.read_bytes())
+    data[byte] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_label_in_the_log_is_refused_by_every_reader(tiny_log, tmp_path, capsys):
+    log = tmp_path / "log"
+    shutil.copytree(tiny_log, log)
+    _flip_one_bit(log / "labels.npy")  # one label of the last row, same size: trains fine without the check
+    for argv in (["compress", "--scheme", "temporal"], ["rank", "--history", "none"]):
+        out = tmp_path / argv[0]
+        assert main([*argv, "--data", str(log), "--out", str(out), "--nproc", "1"]) == 2
+        assert "labels.npy: checksum differs from its manifest" in one_error_line(capsys)
+        assert not out.exists()
+    assert main(["data", "stats", str(log), "--verify"]) == 2
+    assert "labels.npy: checksum differs" in one_error_line(capsys)
+    assert main(["data", "stats", str(tiny_log), "--verify"]) == 0
+
+
+def test_a_cleared_bit_in_a_token_tables_label_times_is_refused(tiny_log, tokens, tmp_path, capsys):
+    table = tmp_path / "tokens"
+    shutil.copytree(tokens, table)
+    _flip_one_bit(table / "label_time.npy", -8)  # a label becomes known one second earlier or later
+    out = tmp_path / "r"
+    assert main(["rank", "--data", str(tiny_log), "--tokens", str(table), "--out", str(out), "--history", "iat", "--nproc", "1"]) == 2
+    assert "label_time.npy: checksum differs from its manifest" in one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_a_truncated_column_is_refused(tiny_log, tmp_path, capsys):
+    log = tmp_path / "log"
+    shutil.copytree(tiny_log, log)
+    (log / "ts.npy").write_bytes((log / "ts.npy").read_bytes()[:-8])
+    assert main(["data", "stats", str(log)]) == 2
+    assert "ts.npy: " in one_error_line(capsys)
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_artifacts_follow_the_umask(tmp_path, umask):
     old = os.umask(umask)
