@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import glob
 import json
 import os
 import shutil
@@ -53,7 +54,8 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    _remove_orphans(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     os.chmod(tmp, _by_umask(0o777))  # mkdtemp makes it 0700 whatever the umask
     try:
         yield tmp
@@ -61,6 +63,25 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _put_dir(tmp, path, path.parent / f".{path.name}.old-{os.getpid()}")
+
+
+def _remove_orphans(path: Path) -> None:
+    """Removes the temporary siblings of ``path`` left by writers that were killed (their
+    process is gone); a live writer's are kept."""
+    for sibling in path.parent.glob(f".{glob.escape(path.name)}.tmp-*-*"):
+        pid = sibling.name[len(path.name) + 6 :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextlib.contextmanager

@@ -6,12 +6,16 @@ World size and local world size always come from the launcher, so the planner's 
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import datetime
 import logging
 import os
+import shutil
+import signal
 import socket
 import sys
+import tempfile
 import warnings
 from typing import Callable
 
@@ -133,12 +137,31 @@ def run_ranks(module: str, argv: list[str], nproc: int | None, body: Callable[[]
 
 
 def rank_main(cli: Callable[[list[str]], int]) -> None:
-    """``python -m`` entry point of a launched rank: one error line, exit code 2, on IatError."""
+    """``python -m`` entry point of a launched rank: one error line, exit code 2, on IatError;
+    exit 130 without a traceback on Ctrl-C (the launcher says "interrupted" once). A rank
+    dies with its launcher: were the launcher killed, its agent could not stop the ranks,
+    and they would go on training and writing to --out."""
+    if launched():
+        _die_with_parent()
     try:
         sys.exit(cli(sys.argv[1:]))
     except IatError as e:
         print(f"iat-rec: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """SIGKILL this process when its parent (the launcher's agent) dies (Linux prctl)."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
 def launched() -> bool:
@@ -152,16 +175,25 @@ def launch(module: str, argv: list[str], nproc: int) -> int:
     The agent is called as a library, not through the torchrun command line, whose parser
     would take program flags such as ``--run`` for abbreviations of its own.
     """
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    # the agent's own log directory (by default a torchelastic_* left in /tmp by every launch)
+    logs = tempfile.mkdtemp(prefix="iat-rec-launch-")
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"iat-{os.getpid()}",
         rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
+        logs_specs=DefaultLogsSpecs(log_dir=logs),
     )  # fmt: skip
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", module, *argv)
     except ChildFailedError as e:
         return next(iter(e.failures.values())).exitcode or 1
+    except SignalException as e:  # the agent turns Ctrl-C (and SIGTERM) into this, after stopping the ranks
+        raise KeyboardInterrupt from e
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
     return 0

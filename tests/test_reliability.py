@@ -448,3 +448,77 @@ def test_resuming_a_finished_run_keeps_its_evaluations(tiny_log, one_rank_run, t
     run_cli("compress", "--data", str(tiny_log), "--out", str(run), *ONE_RANK, "--resume")
     assert json.loads((run / "eval_history.json").read_text()) == json.loads((one_rank_run / "eval_history.json").read_text())
     assert json.loads((run / "result.json").read_text())["valid"] == json.loads((one_rank_run / "result.json").read_text())["valid"]
+
+
+# ---- processes: a launcher's ranks, Ctrl-C, leftovers ----------------------------------------------
+
+
+def launched_ranks(launcher: int) -> list[int]:
+    """The rank processes under a launcher: its children (the agent runs in the launcher itself)
+    that carry a RANK in their environment."""
+    out = []
+    for pid, (ppid, _) in _processes().items():
+        if ppid != launcher:
+            continue
+        try:
+            if b"\0RANK=" in b"\0" + (Path("/proc") / str(pid) / "environ").read_bytes():
+                out.append(pid)
+        except OSError:
+            continue
+    return out
+
+
+def start_two_ranks(tiny_log: Path, out: Path, tmp: Path) -> subprocess.Popen:
+    """A 2-rank stage-1 run long enough to be interrupted, in its own process group (as a
+    terminal's foreground job), with TMPDIR pointing at ``tmp``."""
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    return subprocess.Popen(
+        [str(BIN / "iat-rec"), "compress", "--data", str(tiny_log), "--out", str(out), *STAGE1, "--steps", "100000", "--nproc", "2"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def _gone(pids: list[int]) -> bool:
+    procs = _processes()
+    return not any(p in procs and "zombie" not in (Path("/proc") / str(p) / "status").read_text() for p in pids if p in procs)
+
+
+@pytest.mark.slow
+def test_ranks_die_with_their_launcher(tiny_log, tmp_path):
+    launcher = start_two_ranks(tiny_log, tmp_path / "run", tmp_path)
+    try:
+        ranks = wait_for(lambda: len(launched_ranks(launcher.pid)) == 2 and launched_ranks(launcher.pid), 60, "two ranks")
+        wait_for(lambda: (tmp_path / "run" / "train_log.jsonl").is_file(), 60, "training")
+        launcher.kill()  # SIGKILL: its agent cannot stop the ranks
+        launcher.wait()
+        wait_for(lambda: _gone(ranks), 20, "the ranks to die with their launcher")
+    finally:
+        os.killpg(launcher.pid, signal.SIGKILL) if launcher.poll() is None else None
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_rank_says_interrupted_and_leaves_no_launcher_files(tiny_log, tmp_path):
+    launcher = start_two_ranks(tiny_log, tmp_path / "run", tmp_path)
+    try:
+        ranks = wait_for(lambda: len(launched_ranks(launcher.pid)) == 2 and launched_ranks(launcher.pid), 60, "two ranks")
+        wait_for(lambda: (tmp_path / "run" / "train_log.jsonl").is_file(), 60, "training")
+        os.killpg(launcher.pid, signal.SIGINT)  # what Ctrl-C sends to the foreground job
+        _, err = launcher.communicate(timeout=60)
+    finally:
+        os.killpg(launcher.pid, signal.SIGKILL) if launcher.poll() is None else None
+    assert launcher.returncode == 130, err[-3000:]
+    assert [line for line in err.splitlines() if line.startswith("iat-rec:")] == ["iat-rec: interrupted"], err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    wait_for(lambda: _gone(ranks), 20, "the ranks to stop")
+    assert not list(tmp_path.glob("torchelastic_*")) and not list(tmp_path.glob("iat-rec-launch-*"))
+
+
+def test_a_killed_writers_temporary_directory_is_removed_by_the_next_write(tmp_path):
+    dead = subprocess.run(["true"]).returncode or subprocess.Popen(["true"])
+    dead.wait()  # a pid that is no longer alive
+    orphan, live = tmp_path / f".log.tmp-{dead.pid}-x1", tmp_path / f".log.tmp-{os.getpid()}-x2"
+    for d in (orphan, live):
+        d.mkdir()
+        (d / "ts.npy").write_bytes(b"half")
+    run_cli("data", "synth", "--out", str(tmp_path / "log"), "--users", "4", "--mean-instances", "3", "--no-progress")
+    assert not orphan.exists() and live.exists()  # a live writer's directory is never touched
