@@ -17,11 +17,13 @@ import socket
 import sys
 import tempfile
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
+from iat_rec.atomic import write_text
 from iat_rec.errors import IatError
 
 
@@ -132,7 +134,7 @@ def run_ranks(module: str, argv: list[str], nproc: int | None, body: Callable[[]
         return 0
     code = launch(module, drop_flag(argv, "--nproc"), nproc)
     if code != 0:
-        raise IatError(f"{module} failed on a rank (exit code {code}); its error is printed above")
+        raise IatError(f"{module} failed on a rank (exit code {code}); its traceback is printed above")
     return 0
 
 
@@ -146,12 +148,17 @@ def rank_main(cli: Callable[[list[str]], int]) -> None:
     try:
         sys.exit(cli(sys.argv[1:]))
     except IatError as e:
-        print(f"iat-rec: error: {e}", file=sys.stderr)
+        errors = os.environ.get(ERRORS_ENV)
+        if errors and os.path.isdir(errors):  # launched by launch(): it prints the error once
+            write_text(Path(errors) / f"rank-{os.environ.get('RANK', '0')}.error", str(e))
+        else:
+            print(f"iat-rec: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
 
 
+ERRORS_ENV = "IAT_REC_RANK_ERRORS"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -188,12 +195,21 @@ def launch(module: str, argv: list[str], nproc: int) -> int:
         logs_specs=DefaultLogsSpecs(log_dir=logs),
     )  # fmt: skip
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ[ERRORS_ENV] = logs  # a rank's IatError goes there, for the launcher to print once
+    elastic_log = logging.getLogger("torch.distributed.elastic")
+    level = elastic_log.level
+    elastic_log.setLevel(logging.CRITICAL)  # its report of a failed rank is ours to give
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", module, *argv)
     except ChildFailedError as e:
+        errors = sorted(Path(logs).glob("rank-*.error"), key=lambda p: int(p.stem.split("-")[1]))
+        if errors:
+            raise IatError(errors[0].read_text()) from None
         return next(iter(e.failures.values())).exitcode or 1
     except SignalException as e:  # the agent turns Ctrl-C (and SIGTERM) into this, after stopping the ranks
         raise KeyboardInterrupt from e
     finally:
+        elastic_log.setLevel(level)
+        os.environ.pop(ERRORS_ENV, None)
         shutil.rmtree(logs, ignore_errors=True)
     return 0

@@ -522,3 +522,12 @@ def test_a_killed_writers_temporary_directory_is_removed_by_the_next_write(tmp_p
         (d / "ts.npy").write_bytes(b"half")
     run_cli("data", "synth", "--out", str(tmp_path / "log"), "--users", "4", "--mean-instances", "3", "--no-progress")
     assert not orphan.exists() and live.exists()  # a live writer's directory is never touched
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a failure inside the ranks: --device cuda without CUDA")
+def test_an_error_inside_the_ranks_is_printed_once(tiny_log, tmp_path):
+    out = tmp_path / "run"
+    done = subprocess.run([str(BIN / "iat-rec"), "compress", "--data", str(tiny_log), "--out", str(out), *STAGE1, "--nproc", "2",
+                           "--device", "cuda"], cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["iat-rec: error: --device cuda, but torch sees no CUDA device"], done.stderr[-3000:]
