@@ -11,6 +11,7 @@ import ctypes
 import errno
 import glob
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -159,9 +160,19 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
-    """Writes JSON through a temporary file and an atomic rename; NaN or infinity (not JSON)
-    is an error, never written."""
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    """Writes JSON through a temporary file and an atomic rename. A float that is NaN or
+    infinite (an AUC of one class only) is written as null: NaN is not JSON."""
+    write_text(path, json.dumps(_finite_or_null(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def _finite_or_null(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj
 
 
 def _by_umask(mode: int) -> int:

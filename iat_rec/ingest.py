@@ -52,18 +52,32 @@ class _Chunk:
         value = self.table.column(column)[index].as_py()
         return IatError(f"{self.path}: column '{column}', {where}: {what} (value {value!r})")
 
-    def text(self, column: str) -> pa.Array:
+    def column(self, column: str) -> pa.Array:
         arr = self.table.column(column).combine_chunks()
-        if arr.null_count and not pa.types.is_string(arr.type):
+        if pa.types.is_nested(arr.type) or pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
+            raise IatError(f"{self.path}: column '{column}' has type {arr.type}, which the schema cannot read "
+                           "(numbers, strings, booleans and timestamps only)")
+        return arr
+
+    def text(self, column: str, required: bool = False) -> pa.Array:
+        """The column as strings; with ``required`` an empty or missing value is an error."""
+        arr = self.column(column)
+        if arr.null_count and (required or not pa.types.is_string(arr.type)):
             raise self.fail(column, _first(arr.is_null()), "missing value")
-        return arr.cast(pa.string()) if not pa.types.is_string(arr.type) else arr.fill_null("")
+        text = arr.cast(pa.string()) if not pa.types.is_string(arr.type) else arr.fill_null("")
+        if required:
+            empty = pc.equal(pc.utf8_trim_whitespace(text), "")
+            if pc.any(empty).as_py():
+                raise self.fail(column, _first(empty), "empty value")
+        return text
 
     def _missing(self, column: str, arr: pa.Array, what: str = "missing value") -> None:
         if arr.null_count:
             raise self.fail(column, _first(arr.is_null()), what)
 
-    def numbers(self, column: str) -> np.ndarray:
-        arr = self.table.column(column).combine_chunks()
+    def numbers(self, column: str, float32: bool = True) -> np.ndarray:
+        """Finite numbers (float64); with ``float32`` also within float32's range (they are stored so)."""
+        arr = self.column(column)
         self._missing(column, arr)
         if pa.types.is_boolean(arr.type):
             arr = arr.cast(pa.int8())
@@ -78,6 +92,9 @@ class _Chunk:
         bad = ~np.isfinite(x)
         if bad.any():
             raise self.fail(column, int(np.argmax(bad)), "not a finite number")
+        big = np.abs(x) > _MAX_FLOAT32  # stored as float32: beyond it a value, and its column's statistics, turn infinite
+        if float32 and big.any():
+            raise self.fail(column, int(np.argmax(big)), "beyond the float32 range")
         return x
 
     def times(self, column: str) -> np.ndarray:
@@ -86,18 +103,24 @@ class _Chunk:
         ISO-8601 text may carry fractional seconds and a zone offset ("Z", "+02:00"); text
         without an offset is read as UTC.
         """
-        arr = self.table.column(column).combine_chunks()
+        arr = self.column(column)
         self._missing(column, arr, "missing timestamp")
         if pa.types.is_timestamp(arr.type):
             per_s = {"s": 1, "ms": 1000, "us": 10**6, "ns": 10**9}[arr.type.unit]
             return np.floor_divide(arr.cast(pa.int64()).to_numpy(zero_copy_only=False), per_s)
         if pa.types.is_integer(arr.type):
-            return arr.cast(pa.int64()).to_numpy(zero_copy_only=False)
+            arr = arr.cast(pa.float64()) if pa.types.is_unsigned_integer(arr.type) else arr
+            if pa.types.is_signed_integer(arr.type):
+                x = arr.cast(pa.int64()).to_numpy(zero_copy_only=False)
+                bad = np.abs(x) >= _MAX_SECONDS
+                if bad.any():
+                    raise self.fail(column, int(np.argmax(bad)), "timestamp out of range")
+                return x
         if not pa.types.is_floating(arr.type):
             text = pc.utf8_trim_whitespace(arr.cast(pa.string()))
             if _first_failing_cast(text, pa.float64()) == 0:  # not numeric text: ISO-8601 times
                 return self._iso_times(column, text)
-        x = self.numbers(column)
+        x = self.numbers(column, float32=False)
         bad = np.abs(x) >= _MAX_SECONDS
         if bad.any():
             raise self.fail(column, int(np.argmax(bad)), "timestamp out of range")
@@ -125,6 +148,7 @@ class _Chunk:
 
 # seconds beyond this are not a time (and would overflow int64 microseconds)
 _MAX_SECONDS = float(2**53)
+_MAX_FLOAT32 = float(np.finfo(np.float32).max)
 
 
 def _first_failing_cast(arr: pa.Array, typ: pa.DataType) -> int | None:
@@ -179,8 +203,9 @@ def _first(mask: pa.Array) -> int:
 
 
 def _encode_sparse(chunk: _Chunk, f: SparseFeature, vocab_index: dict[str, int] | None):
-    """Returns ids [n] (single-valued) or (values, lengths [n]) (multi-valued)."""
-    arr = chunk.text(f.column)
+    """Returns ids [n] (single-valued) or (values, lengths [n]) (multi-valued; an empty field
+    is an empty list). A single-valued feature needs a value in every row."""
+    arr = chunk.text(f.column, required=not f.multi)
     if f.multi:
         lists = pc.split_pattern(arr, f.separator)
         lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -269,7 +294,7 @@ def ingest(input_path: str | Path, schema: Schema, out: str | Path) -> InstanceL
         n = chunk.table.num_rows
         if n == 0:
             continue
-        enc = pc.dictionary_encode(chunk.text(schema.user))
+        enc = pc.dictionary_encode(chunk.text(schema.user, required=True))
         local = [users.setdefault(u, len(users)) for u in enc.dictionary.to_pylist()]
         add("user", np.asarray(local, dtype=np.int64)[enc.indices.to_numpy(zero_copy_only=False)])
         ts = chunk.times(schema.timestamp)

@@ -89,6 +89,11 @@ class Schema:
         for f in self.dense:
             if f.norm not in DENSE_NORMS:
                 raise IatError(f"schema: dense feature '{f.name}' norm '{f.norm}' not in {DENSE_NORMS}")
+        label_columns = {c: lab.name for lab in self.labels for c in (lab.column, lab.available_at) if c}
+        for f in (*self.sparse, *self.dense):
+            if f.column in label_columns:
+                raise IatError(f"schema: column '{f.column}' is both feature '{f.name}' and (the time of) label "
+                               f"'{label_columns[f.column]}': a feature would show the label it predicts")
         sparse_names = {f.name for f in self.sparse}
         unknown = [s for s in self.sequence if s not in sparse_names]
         if unknown:
