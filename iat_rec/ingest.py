@@ -109,13 +109,11 @@ class _Chunk:
             per_s = {"s": 1, "ms": 1000, "us": 10**6, "ns": 10**9}[arr.type.unit]
             return np.floor_divide(arr.cast(pa.int64()).to_numpy(zero_copy_only=False), per_s)
         if pa.types.is_integer(arr.type):
-            arr = arr.cast(pa.float64()) if pa.types.is_unsigned_integer(arr.type) else arr
-            if pa.types.is_signed_integer(arr.type):
-                x = arr.cast(pa.int64()).to_numpy(zero_copy_only=False)
-                bad = np.abs(x) >= _MAX_SECONDS
-                if bad.any():
-                    raise self.fail(column, int(np.argmax(bad)), "timestamp out of range")
-                return x
+            x = arr.to_numpy(zero_copy_only=False)  # any width, signed or not
+            bad = np.abs(x.astype(np.float64)) >= _MAX_SECONDS
+            if bad.any():
+                raise self.fail(column, int(np.argmax(bad)), "timestamp out of range")
+            return x.astype(np.int64)
         if not pa.types.is_floating(arr.type):
             text = pc.utf8_trim_whitespace(arr.cast(pa.string()))
             if _first_failing_cast(text, pa.float64()) == 0:  # not numeric text: ISO-8601 times
