@@ -531,3 +531,19 @@ def test_an_error_inside_the_ranks_is_printed_once(tiny_log, tmp_path):
                            "--device", "cuda"], cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["iat-rec: error: --device cuda, but torch sees no CUDA device"], done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("artifact", ["log", "tokens"])
+def test_an_artifact_of_another_version_is_one_clear_error(tiny_log, tokens, tmp_path, capsys, artifact):
+    src = {"log": tiny_log, "tokens": tokens}[artifact]
+    copy = tmp_path / artifact
+    shutil.copytree(src, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["version"] -= 1
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    args = ["--data", str(copy), "--history", "none"] if artifact == "log" else ["--data", str(tiny_log), "--tokens", str(copy), "--history", "iat"]
+    out = tmp_path / "r"
+    assert main(["rank", *args, "--out", str(out), "--nproc", "1"]) == 2
+    line = one_error_line(capsys)
+    assert f"v{manifest['version']}, expected" in line and "again with this version" in line, line
+    assert not out.exists()
