@@ -16,6 +16,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("compress",): ("pipelines.compress", "stage 1: train the instance compressor"),
     ("export",): ("pipelines.export", "write every instance's token into the token table"),
     ("tokens", "show"): ("iat_rec.token_table", "print rows of a token table"),
+    ("tokens", "lookup"): ("iat_rec.serving", "the history of one request: tokens and labels known before t"),
     ("rank",): ("pipelines.rank", "stage 2: train the downstream ranker"),
     ("evaluate",): ("pipelines.evaluate", "evaluate a stage-2 run on the test split"),
     ("pipeline",): ("pipelines.pipeline", "all stages in order, in one job"),

@@ -1,0 +1,100 @@
+"""Token lookup for serving: the history a stage-2 ranker reads, from a token table alone.
+
+    from iat_rec.serving import TokenStore
+    store = TokenStore("runs/tokens")
+    h = store.history("user_42", t=1_704_153_600, last=128)
+    h.tokens        # float32 [n, d], oldest first: the user's last n <= 128 instances before t
+    h.labels        # int64 [n, K]: 0/1, or LABEL_UNKNOWN (2) where the label was not known before t
+    h.ts, h.rows    # the instances' timestamps and row ids
+    store.histories(["user_42", "user_7"], [t1, t2], last=128)   # a batch: a list of History
+
+    iat-rec tokens lookup TOKENS --user user_42 --time 1704153600 [--last 128] [--json]
+
+Exactly the fetch of stage 2 (``iat_rec.history``): rows of the user with a timestamp strictly
+before t, the last ``last`` of them, each label shown only if it became known strictly before t.
+An unknown user has an empty history. The whole table is loaded once into memory (rows x dim x 4
+bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from iat_rec.errors import IatError
+from iat_rec.history import LABEL_UNKNOWN, expand_ranges, side_info
+from iat_rec.token_table import TokenTable
+
+
+@dataclasses.dataclass
+class History:
+    user: str
+    t: int
+    rows: np.ndarray  # int64 [n]: row ids of the instances, oldest first
+    ts: np.ndarray  # int64 [n]
+    tokens: np.ndarray  # float32 [n, d]
+    labels: np.ndarray  # int64 [n, K]: 0/1, LABEL_UNKNOWN where not known before t
+
+    def to_json(self, tasks: list[str]) -> dict:
+        return {
+            "user": self.user, "t": self.t, "rows": self.rows.tolist(), "ts": self.ts.tolist(),
+            "labels": {task: self.labels[:, k].tolist() for k, task in enumerate(tasks)},
+            "label_unknown": LABEL_UNKNOWN, "tokens": self.tokens.tolist(),
+        }  # fmt: skip
+
+
+class TokenStore:
+    """A token table opened for lookups."""
+
+    def __init__(self, path: str | Path):
+        self.table = TokenTable(path)
+        self.table.check_files()
+        self.tokens = self.table.read_rows(0, self.table.rows).float().numpy()
+        self.ts, self.labels, self.label_time = (self.table.side(n) for n in ("ts", "labels", "label_time"))
+        self.tasks: list[str] = list(self.table.manifest.get("tasks") or [f"task{k}" for k in range(self.labels.shape[1])])
+
+    def histories(self, users: list[str], times: list[int], last: int = 256) -> list[History]:
+        """The history of each request (user key, time): its user's last ``last`` instances before it."""
+        if last < 1:
+            raise IatError(f"--last must be >= 1, not {last}")
+        if len(users) != len(times):
+            raise IatError(f"{len(users)} users but {len(times)} times")
+        index = self.table.history
+        times = np.asarray(times, dtype=np.int64)
+        first, length = index.ranges(index.user_index(np.asarray(users, dtype=str)), times, last)
+        rows = expand_ranges(first, length)
+        codes, _ = side_info(rows, length, times, self.labels, self.label_time, self.ts)
+        out, start = [], 0
+        for user, t, n in zip(users, times, length):
+            r = rows[start : start + n]
+            out.append(History(str(user), int(t), r, np.asarray(self.ts[r]), self.tokens[r], codes[start : start + n]))
+            start += n
+        return out
+
+    def history(self, user: str, t: int, last: int = 256) -> History:
+        return self.histories([user], [t], last)[0]
+
+
+def cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="iat-rec tokens lookup", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("tokens", help="token table directory")
+    p.add_argument("--user", required=True, help="the raw user key")
+    p.add_argument("--time", required=True, type=int, help="request time (seconds): instances strictly before it")
+    p.add_argument("--last", type=int, default=256, help="at most this many instances, the most recent (default 256)")
+    p.add_argument("--json", action="store_true", help="print JSON (tokens included) instead of a table")
+    a = p.parse_args(argv)
+    store = TokenStore(a.tokens)
+    h = store.history(a.user, a.time, a.last)
+    if a.json:
+        print(json.dumps(h.to_json(store.tasks)))
+        return 0
+    print(f"user {h.user!r}, t {h.t}: {len(h.rows)} instances (of at most {a.last}) before t")
+    for i, row in enumerate(h.rows):
+        labels = " ".join(f"{task}={'?' if c == LABEL_UNKNOWN else int(c)}" for task, c in zip(store.tasks, h.labels[i]))
+        token = " ".join(f"{x:+.3f}" for x in h.tokens[i][:6])
+        print(f"  row {row:>9}  ts {h.ts[i]}  {labels}  token [{token} ...] |{np.linalg.norm(h.tokens[i]):.3f}|")
+    return 0

@@ -1,0 +1,42 @@
+"""Token lookup for serving (iat_rec.serving) against a brute-force reading of the log."""
+
+import json
+
+import numpy as np
+
+from iat_rec.cli import main
+from iat_rec.history import LABEL_UNKNOWN
+from iat_rec.instance_log import InstanceLog
+from iat_rec.serving import TokenStore
+from iat_rec.token_table import TokenTable
+
+
+def test_histories_are_the_users_last_instances_before_t_with_only_known_labels(tiny_log, tokens):
+    log, store = InstanceLog(tiny_log), TokenStore(tokens)
+    every = TokenTable(tokens).read_rows(0, log.rows).float().numpy()
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, log.rows, 40)
+    users = [str(log.user_keys[log.user[r]]) for r in picks] + ["nobody"]
+    times = [int(log.ts[r]) + int(rng.integers(-5, 5)) for r in picks] + [int(log.ts.max()) + 1]
+    for h, user, t in zip(store.histories(users, times, last=7), users, times):
+        if user == "nobody":
+            assert len(h.rows) == 0 and h.tokens.shape == (0, store.tokens.shape[1])
+            continue
+        u = int(np.flatnonzero(log.user_keys == user)[0])
+        mine = np.arange(log.user_offsets[u], log.user_offsets[u + 1])
+        want = mine[log.ts[mine] < t][-7:]
+        np.testing.assert_array_equal(h.rows, want)
+        np.testing.assert_array_equal(h.ts, log.ts[want])
+        np.testing.assert_array_equal(h.tokens, every[want])
+        known = log.label_time[want] < t
+        np.testing.assert_array_equal(h.labels, np.where(known, log.labels[want].astype(np.int64), LABEL_UNKNOWN))
+
+
+def test_tokens_lookup_cli(tiny_log, tokens, capsys):
+    log = InstanceLog(tiny_log)
+    user, t = str(log.user_keys[0]), int(log.ts[log.user_offsets[1] - 1]) + 10**6
+    assert main(["tokens", "lookup", str(tokens), "--user", user, "--time", str(t), "--last", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["rows"] == list(range(log.user_offsets[1] - 3, log.user_offsets[1]))
+    assert len(out["tokens"]) == 3 and set(out["labels"]) == set(log.schema.task_names)
+    assert main(["tokens", "lookup", str(tokens), "--user", user, "--time", str(t), "--last", "0"]) == 2
