@@ -7,7 +7,7 @@ import sys
 
 from iat_rec.errors import IatError
 
-# command words -> (module, one-line help); each module exposes cli(argv) -> int
+# command words -> (module[:function], one-line help); the function (default cli) takes argv, returns the exit code
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("data", "ingest"): ("iat_rec.ingest_cli", "ingest a CSV/Parquet file into an instance log"),
     ("data", "synth"): ("iat_rec.synth", "generate a synthetic instance log"),
@@ -17,6 +17,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("export",): ("pipelines.export", "write every instance's token into the token table"),
     ("tokens", "show"): ("iat_rec.token_table", "print rows of a token table"),
     ("tokens", "lookup"): ("iat_rec.serving", "the history of one request: tokens and labels known before t"),
+    ("tokens", "export"): ("iat_rec.serving:export_cli", "every row of a token table as Parquet or npy, for a feature store"),
     ("rank",): ("pipelines.rank", "stage 2: train the downstream ranker"),
     ("evaluate",): ("pipelines.evaluate", "evaluate a stage-2 run on the test split"),
     ("pipeline",): ("pipelines.pipeline", "all stages in order, in one job"),
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     for words, (module, _) in COMMANDS.items():
         if tuple(argv[: len(words)]) == words:
+            module, _, entry = module.partition(":")
             try:
                 mod = importlib.import_module(module)
             except ModuleNotFoundError as e:
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                     return 2
                 raise
             try:
-                return int(mod.cli(argv[len(words) :]) or 0)
+                return int(getattr(mod, entry or "cli")(argv[len(words) :]) or 0)
             except IatError as e:
                 print(f"iat-rec: error: {e}", file=sys.stderr)
                 return 2

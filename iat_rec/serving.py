@@ -9,6 +9,11 @@
     store.histories(["user_42", "user_7"], [t1, t2], last=128)   # a batch: a list of History
 
     iat-rec tokens lookup TOKENS --user user_42 --time 1704153600 [--last 128] [--json]
+    iat-rec tokens export TOKENS --out FILE.parquet | --out DIR --format npy
+
+``tokens export`` writes every row for a feature store: row id, user key, timestamp, each
+task's label and the time it became known, and the token (Parquet: a fixed-size list column;
+npy: one array per column in DIR).
 
 Exactly the fetch of stage 2 (``iat_rec.history``): rows of the user with a timestamp strictly
 before t, the last ``last`` of them, each label shown only if it became known strictly before t.
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +83,60 @@ class TokenStore:
 
     def history(self, user: str, t: int, last: int = 256) -> History:
         return self.histories([user], [t], last)[0]
+
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """Every row of the table as named columns (row, user, ts, <task>, <task>_time, token)."""
+        offsets = self.table.side("user_offsets")
+        keys = self.table.side("user_keys")
+        cols = {"row": np.arange(self.table.rows), "user": np.repeat(keys, np.diff(offsets)), "ts": np.asarray(self.ts)}
+        for k, task in enumerate(self.tasks):
+            cols[task] = np.asarray(self.labels[:, k]).astype(np.int8)
+            cols[f"{task}_time"] = np.asarray(self.label_time[:, k])
+        cols["token"] = self.tokens
+        return cols
+
+
+def export_rows(tokens: str | Path, out: str | Path, fmt: str, overwrite: bool = False) -> Path:
+    """Writes every row of a token table as Parquet (one file) or npy (a directory), atomically."""
+    from iat_rec.atomic import atomic_dir
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise IatError(f"--out {out} exists: pass --overwrite to replace it")
+    if out.resolve() == Path(tokens).resolve() or Path(tokens).resolve() in out.resolve().parents:
+        raise IatError(f"--out {out} would write into the token table {tokens}")
+    cols = TokenStore(tokens).columns()
+    if fmt == "npy":
+        with atomic_dir(out) as tmp:
+            for name, values in cols.items():
+                np.save(tmp / f"{name}.npy", values)
+        return out
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    token = cols.pop("token")
+    arrays = {name: pa.array(values) for name, values in cols.items()}
+    arrays["token"] = pa.FixedSizeListArray.from_arrays(pa.array(token.reshape(-1)), token.shape[1])
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # written beside, then renamed into place
+    try:
+        pq.write_table(pa.table(arrays), tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def export_cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="iat-rec tokens export", description="every row of a token table, for a feature store")
+    p.add_argument("tokens", help="token table directory")
+    p.add_argument("--out", required=True, help="a .parquet file, or a directory (--format npy)")
+    p.add_argument("--format", choices=["parquet", "npy"], default="parquet")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    a = p.parse_args(argv)
+    out = export_rows(a.tokens, a.out, a.format, a.overwrite)
+    print(f"{a.format}: {TokenTable(a.tokens).rows:,} rows -> {out}")
+    return 0
 
 
 def cli(argv: list[str]) -> int:

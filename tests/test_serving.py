@@ -40,3 +40,20 @@ def test_tokens_lookup_cli(tiny_log, tokens, capsys):
     assert out["rows"] == list(range(log.user_offsets[1] - 3, log.user_offsets[1]))
     assert len(out["tokens"]) == 3 and set(out["labels"]) == set(log.schema.task_names)
     assert main(["tokens", "lookup", str(tokens), "--user", user, "--time", str(t), "--last", "0"]) == 2
+
+
+def test_tokens_export_writes_every_row_as_parquet_or_npy(tiny_log, tokens, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    log, every = InstanceLog(tiny_log), TokenTable(tokens).read_rows(0, InstanceLog(tiny_log).rows).float().numpy()
+    assert main(["tokens", "export", str(tokens), "--out", str(tmp_path / "t.parquet")]) == 0
+    table = pq.read_table(tmp_path / "t.parquet").to_pydict()
+    assert table["row"] == list(range(log.rows)) and table["ts"] == log.ts.tolist()
+    assert table["user"] == [str(log.user_keys[u]) for u in log.user]
+    np.testing.assert_array_equal(np.asarray(table["token"], np.float32), every)
+    task = log.schema.task_names[0]
+    assert table[task] == log.labels[:, 0].astype(int).tolist() and table[f"{task}_time"] == log.label_time[:, 0].tolist()
+    assert main(["tokens", "export", str(tokens), "--out", str(tmp_path / "npy"), "--format", "npy"]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "npy" / "token.npy"), every)
+    assert main(["tokens", "export", str(tokens), "--out", str(tmp_path / "t.parquet")]) == 2  # exists: --overwrite
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["npy", "t.parquet"]
