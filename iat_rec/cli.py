@@ -56,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
             except KeyboardInterrupt:
                 print("iat-rec: interrupted", file=sys.stderr)
                 return 130
+    if argv[:1] == ["--version"]:
+        from iat_rec import __version__
+
+        print(f"iat-rec {__version__}")
+        return 0
     if argv and argv[0] not in ("-h", "--help"):
         print(f"iat-rec: unknown command {' '.join(argv[:2])!r}\n", file=sys.stderr)
         print(_usage(), file=sys.stderr)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import math
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -24,13 +26,13 @@ class ModelConfig:
     num_tokens: int = 8  # feature-group tokens fed to the interaction block
     token_dim: int = 64  # width of each feature-group token
     interaction: str = "rankmixer"  # rankmixer | dcnv2
-    interaction_layers: int = 2
+    interaction_layers: int = 2  # layers of the interaction block
     hidden: int = 256  # the base ranker's wide hidden vector h
     iat_dim: int = 64  # the instance token (bottleneck) width
     bottleneck_act: str = "tanh"  # tanh | identity, over a LayerNorm (modules.compressor.Bottleneck)
-    decompress: tuple[int, ...] = (256, 128)
-    sit_layers: int = 2
-    sit_heads: int = 4
+    decompress: tuple[int, ...] = (256, 128)  # stage 1: hidden widths of the MLP from the token to the heads
+    sit_layers: int = 2  # user order: layers of the source-instance transformer
+    sit_heads: int = 4  # user order: attention heads of the SIT
     sit_labels: bool = True  # user order: the SIT also reads each earlier instance's labels, once known
     sit_relevance: bool = False  # user order: SIT attention starts from token similarity (modules.sit)
 
@@ -42,26 +44,26 @@ class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     batch_size: int = 256  # per rank: instances (temporal) or windows (user order)
     steps: int = 0  # 0: run --epochs
-    epochs: float = 1.0
-    dense_lr: float = 1e-3
-    sparse_lr: float = 0.05
+    epochs: float = 1.0  # passes over the training split (fractions allowed), unless --steps
+    dense_lr: float = 1e-3  # Adam learning rate of the dense parameters
+    sparse_lr: float = 0.05  # learning rate of the embedding tables (fused into the TBE kernels)
     sparse_optimizer: str = "rowwise_adagrad"  # rowwise_adagrad | adagrad | sgd | adam
     eval_every: int = 0  # steps; 0: at the end only
     eval_batches: int = 0  # 0: the whole split
     early_stop: int = 0  # evaluations without a better valid AUC (first task) before stopping; 0: off.
     # With it the best evaluated model is kept (RUN/best) and restored at the end.
     ckpt_every: int = 0  # steps; 0: at the end only
-    keep_checkpoints: int = 2
-    seed: int = 0
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    seed: int = 0  # seeds the model init and the data order
     split: tuple[float, float] = (0.8, 0.9)  # time quantiles: train | valid | test
     tasks: tuple[str, ...] = ()  # labels to train on (default: every label of the schema)
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes per rank building batches
     hbm_gb: float = 0.0  # 0: the device's real memory
     constraints: str = ""  # JSON file of per-table planner constraints
-    resume: bool = False
+    resume: bool = False  # continue the run at --out from its latest checkpoint (same config but the budget)
     overwrite: bool = False  # replace an existing run at --out (without it, or --resume, an existing run is refused)
     device: str = "auto"  # auto | cpu | cuda
-    progress: bool = True
+    progress: bool = True  # a progress bar on rank 0
 
 
 @dataclasses.dataclass
@@ -104,8 +106,25 @@ def to_dict(cfg) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def field_comments(cls) -> dict[str, str]:
+    """Each field's trailing ``# comment`` in the class source: the flags' help text, written
+    once, beside the field."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        lines = inspect.getsource(klass).splitlines()
+        for line in lines:
+            m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
+            if m:
+                out[m.group(1)] = m.group(2).strip()
+    return out
+
+
 def add_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
-    """One flag per field (nested dataclasses flattened: ``model.emb_dim`` -> ``--emb-dim``)."""
+    """One flag per field (nested dataclasses flattened: ``model.emb_dim`` -> ``--emb-dim``),
+    its help the field's comment, with the default."""
+    comments, defaults = field_comments(cls), cls()
     for f in dataclasses.fields(cls):
         typ = _field_type(cls, f.name)
         if dataclasses.is_dataclass(typ):
@@ -113,13 +132,16 @@ def add_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         dest = prefix + f.name
+        default = getattr(defaults, f.name)
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        text = f"{comments.get(f.name, '')} (default: {shown if shown not in ('', None) else 'none'})".strip()
         if typ is bool:
-            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif typing.get_origin(typ) is tuple:
             inner = typing.get_args(typ)[0]
-            parser.add_argument(flag, dest=dest, type=inner, nargs="+", default=None)
+            parser.add_argument(flag, dest=dest, type=inner, nargs="+", default=None, help=text, metavar=f.name.upper())
         else:
-            parser.add_argument(flag, dest=dest, type=typ, default=None)
+            parser.add_argument(flag, dest=dest, type=typ, default=None, help=text, metavar=f.name.upper())
 
 
 def load_yaml(path: str | None) -> dict[str, Any]:

@@ -56,10 +56,10 @@ class RankerConfig:
     reader: str = "transformer"  # transformer | din | longer
     query: str = "features"  # features | token: the candidate's own instance token joins the query (iat/both)
     max_len: int = 256  # T: history steps per request
-    reader_dim: int = 64
-    reader_layers: int = 2
+    reader_dim: int = 64  # width of the history sequence and its reader
+    reader_layers: int = 2  # layers of the reader (transformer, longer)
     reader_heads: int = 2  # head dim 32 at width 64
-    head: tuple[int, ...] = (256, 128)
+    head: tuple[int, ...] = (256, 128)  # hidden widths of the MLP from the interaction output to the heads
 
 
 class HistoryBranch(nn.Module):

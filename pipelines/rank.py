@@ -44,7 +44,7 @@ class RankConfig(TrainConfig):
     ranker: RankerConfig = dataclasses.field(default_factory=RankerConfig)
     tokens: str = ""  # token table (history iat/both)
     stage1: str = ""  # stage-1 run: its feature-table plan (and weights with --warm-start)
-    warm_start: bool = False
+    warm_start: bool = False  # load the shared feature tables' weights from --stage1
     cross_domain: bool = False  # --tokens of another log: requests read the source users' histories, matched by user key
 
 

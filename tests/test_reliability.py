@@ -547,3 +547,17 @@ def test_an_artifact_of_another_version_is_one_clear_error(tiny_log, tokens, tmp
     line = one_error_line(capsys)
     assert f"v{manifest['version']}, expected" in line and "again with this version" in line, line
     assert not out.exists()
+
+
+def test_every_training_flag_has_help_with_its_default_and_the_version_prints(capsys):
+    from iat_rec import __version__
+    from pipelines import compress, rank
+
+    for parser in (compress.parser(), rank.parser()):
+        for action in parser._actions:
+            if action.option_strings and action.dest not in ("help",):
+                assert action.help and len(action.help) > 12, (parser.prog, action.option_strings, action.help)
+                if action.dest not in ("config", "nproc"):
+                    assert "(default: " in action.help, (parser.prog, action.option_strings, action.help)
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"iat-rec {__version__}"
