@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
+from iat_rec import VERBOSE_ENV
 from iat_rec.errors import IatError
 
 # command words -> (module[:function], one-line help); the function (default cli) takes argv, returns the exit code
@@ -29,7 +31,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
 
 
 def _usage() -> str:
-    lines = ["usage: iat-rec COMMAND [ARGS...]", "", "commands:"]
+    lines = ["usage: iat-rec [--verbose] COMMAND [ARGS...]", "       iat-rec --version", "",
+             "--verbose shows every third-party warning (hidden by default).", "", "commands:"]
     for words, (_, text) in COMMANDS.items():
         lines.append(f"  {' '.join(words):<16} {text}")
     lines.append("\n'iat-rec COMMAND --help' for a command's options.")
@@ -38,6 +41,9 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--verbose"]:  # every third-party warning too, in this process and its ranks
+        os.environ[VERBOSE_ENV] = "1"
+        argv = argv[1:]
     for words, (module, _) in COMMANDS.items():
         if tuple(argv[: len(words)]) == words:
             module, _, entry = module.partition(":")

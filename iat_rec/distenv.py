@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from iat_rec import VERBOSE_ENV
 from iat_rec.atomic import write_text
 from iat_rec.errors import IatError
 
@@ -70,11 +71,24 @@ class _RootNoise(logging.Filter):
         return not record.getMessage().startswith("Sharding spec not found for ")
 
 
+_NOISY_LOGGERS = (
+    "torchrec.distributed.utils",  # "Sharding Type is data_parallel, caching params will be ignored", once per table
+    "torchrec.distributed.planner.storage_reservations",  # "known issue with ... dense tensor size ... dry run"
+    "torch.fx._symbolic_trace",  # "is_fx_tracing will return true for both ...", once per rank
+)
+
+
 def quiet_third_party() -> None:
+    """Hides third-party warnings that say nothing to a user of this program (all of them
+    with ``iat-rec --verbose``)."""
+    if os.environ.get(VERBOSE_ENV):
+        return
     for pattern in _NOISE:
         warnings.filterwarnings("ignore", message=f".*{pattern}")
-    # "Sharding Type is data_parallel, caching params will be ignored", once per table
-    logging.getLogger("torchrec.distributed.utils").setLevel(logging.ERROR)
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(torch|torchrec|fbgemm_gpu|torchmetrics|torchx)(\.|$)")
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     root = logging.getLogger()
     if not any(isinstance(f, _RootNoise) for f in root.filters):
         root.addFilter(_RootNoise())

@@ -561,3 +561,16 @@ def test_every_training_flag_has_help_with_its_default_and_the_version_prints(ca
                     assert "(default: " in action.help, (parser.prog, action.option_strings, action.help)
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"iat-rec {__version__}"
+
+
+def test_third_party_warnings_are_hidden_unless_verbose(tiny_log, tmp_path):
+    def stderr(*flags: str) -> str:
+        argv = [str(BIN / "iat-rec"), *flags, "compress", "--data", str(tiny_log), "--out", str(tmp_path / "r"), *ONE_RANK, "--overwrite"]
+        done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stderr
+
+    quiet, verbose = stderr(), stderr("--verbose")
+    noise = [line for line in quiet.splitlines() if "warn" in line.lower()]
+    assert noise == [], noise
+    assert any("warn" in line.lower() for line in verbose.splitlines()), verbose[-2000:]
