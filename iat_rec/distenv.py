@@ -227,3 +227,37 @@ def launch(module: str, argv: list[str], nproc: int) -> int:
         os.environ.pop(ERRORS_ENV, None)
         shutil.rmtree(logs, ignore_errors=True)
     return 0
+
+
+def provenance() -> dict:
+    """What made a run, for its run.json: the command line, the code's git commit (and whether
+    the tree had changes), the package versions and the host."""
+    import importlib.metadata as md
+    import subprocess
+
+    def version(*names: str) -> str | None:
+        for name in names:
+            try:
+                return md.version(name)
+            except md.PackageNotFoundError:
+                continue
+        return None
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    return {
+        "argv": list(sys.argv),
+        "git_commit": commit,
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None,
+        "versions": {"iat-rec": version("iat-rec"), "torch": torch.__version__, "torchrec": version("torchrec"),
+                     "fbgemm_gpu": version("fbgemm-gpu", "fbgemm-gpu-cpu", "fbgemm_gpu"), "python": sys.version.split()[0]},
+        "host": socket.gethostname(),
+    }  # fmt: skip

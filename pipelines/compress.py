@@ -19,7 +19,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from iat_rec.atomic import check_out, write_json
 from iat_rec.batch import StreamBatch, extend, make_batch, make_window_batch
 from iat_rec.config import CompressConfig, check_values, from_dict, to_dict
-from iat_rec.distenv import DistEnv, init_distributed, rank_main
+from iat_rec.distenv import DistEnv, init_distributed, provenance, rank_main
 from iat_rec.errors import IatError
 from iat_rec.history import expand_ranges
 from iat_rec.instance_log import InstanceLog, check_split, time_split
@@ -179,6 +179,7 @@ def train(cfg: CompressConfig) -> dict:
         "log_fingerprint": log.fingerprint,
         "world_size": env.world_size,
         "backend": env.backend,
+        "provenance": provenance(),
     }
     snapshots = slice_steps(len(train_ds), cfg.slices, total_steps(cfg, len(train_ds)))
     trainer = Trainer(

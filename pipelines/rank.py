@@ -27,7 +27,7 @@ from torchrec.distributed.types import ShardingPlan
 from iat_rec import checkpoint as ckpt
 from iat_rec.atomic import write_json
 from iat_rec.config import TrainConfig, check_values, from_dict, to_dict
-from iat_rec.distenv import DistEnv, init_distributed, rank_main
+from iat_rec.distenv import DistEnv, init_distributed, provenance, rank_main
 from iat_rec.errors import IatError
 from iat_rec.instance_log import InstanceLog, check_split, time_split
 from iat_rec.loaders import BatchDataset, SelectTasks, select_tasks, time_order
@@ -173,7 +173,8 @@ def train(cfg: RankConfig) -> dict:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     built = build(cfg, env, plan_out=out / "plan.json")
-    info = {"format": RUN_FORMAT, "stage": "rank", "config": to_dict(cfg), "world_size": env.world_size, "log_fingerprint": built.log.fingerprint}
+    info = {"format": RUN_FORMAT, "stage": "rank", "config": to_dict(cfg), "world_size": env.world_size, "log_fingerprint": built.log.fingerprint,
+            "provenance": provenance()}  # fmt: skip
     trainer = Trainer(
         env, cfg, built.model, make_optimizer(built.model, cfg.dense_lr), dataset(built, cfg, "train"),
         dataset(built, cfg, "valid"), built.tasks, cfg.batch_size, info,

@@ -574,3 +574,10 @@ def test_third_party_warnings_are_hidden_unless_verbose(tiny_log, tmp_path):
     noise = [line for line in quiet.splitlines() if "warn" in line.lower()]
     assert noise == [], noise
     assert any("warn" in line.lower() for line in verbose.splitlines()), verbose[-2000:]
+
+
+def test_run_json_records_what_made_the_run(one_rank_run):
+    p = json.loads((one_rank_run / "run.json").read_text())["provenance"]
+    assert p["argv"] and p["host"] and p["versions"]["torch"] == torch.__version__
+    assert p["versions"]["torchrec"] and p["versions"]["fbgemm_gpu"]
+    assert p["git_commit"] is None or len(p["git_commit"]) == 40  # a clone has one; an installed wheel has none
