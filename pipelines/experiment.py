@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> Path | None:
     env = init_distributed(args.device)
     variants = parse_variants(args.variants, args.readers.split(","))
     stages = Stages(args.data, Path(args.work), load_yaml(args.compress_config), load_yaml(args.rank_config), args.dtype, args.device,
-                    report_only=args.report_only)  # fmt: skip
+                    report_only=args.report_only, progress=args.progress)  # fmt: skip
     seeds = [args.only_seed] if args.only_seed is not None else range(args.seeds)
     results = [stages.rank(v, seed) for seed in seeds for v in variants]
     dist.barrier()
@@ -88,6 +88,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="dataset name in the results (default: the log directory's name)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--nproc", type=int, default=None, help="local ranks to launch (default: GPUs, else 2)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars in every stage")
     return p
 
 

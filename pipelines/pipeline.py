@@ -80,8 +80,12 @@ class Stages:
     so re-running an interrupted experiment continues where it stopped.
     """
 
-    def __init__(self, data: str, work: Path, c1: dict, c2: dict, dtype: str, device: str, report_only: bool = False):
+    def __init__(self, data: str, work: Path, c1: dict, c2: dict, dtype: str, device: str, report_only: bool = False,
+                 progress: bool = True):
+        # --no-progress reaches every stage (the YAML files may say so too)
+        c1, c2 = ({**c, "progress": c.get("progress", True) and progress} for c in (c1, c2))
         self.data, self.work, self.c1, self.c2, self.dtype, self.device = data, work, c1, c2, dtype, device
+        self.progress = progress
         self.report_only = report_only  # reuse finished stages only: a missing one is an error
         self.stage1: dict[str, dict] = {}  # per stage-1 run: its valid metrics and each table's token health
         # one file per stage: experiments of different seeds may run at once in one work dir
@@ -112,7 +116,8 @@ class Stages:
         manifest = json.loads((table / "manifest.json").read_text()) if (table / "manifest.json").is_file() else {}
         if (manifest.get("source_checkpoint"), manifest.get("tokens_from")) != (last.name, tokens_from):
             self._missing(table)
-            self._timed(f"export-{scheme}-{tokens_from}-s{seed}", lambda: export(str(run1), str(table), self.dtype, device=self.device, tokens_from=tokens_from))
+            self._timed(f"export-{scheme}-{tokens_from}-s{seed}", lambda: export(str(run1), str(table), self.dtype, device=self.device,
+                                                                                         progress=self.progress, tokens_from=tokens_from))
         entry = self.stage1.setdefault(f"{scheme}-s{seed}", {})
         entry["valid"] = json.loads((run1 / "result.json").read_text()).get("valid")
         entry[tokens_from] = json.loads((table / "manifest.json").read_text()).get("health")
@@ -136,7 +141,10 @@ def _done(run: Path, final_file: str, cfg) -> bool:
     info = run / "run.json"
     if not ((run / final_file).is_file() and info.is_file()):
         return False
-    return json.loads(info.read_text())["config"] == json.loads(json.dumps(to_dict(cfg)))  # tuples -> lists
+    def how(config: dict) -> dict:  # showing progress or not changes no result
+        return {k: v for k, v in config.items() if k != "progress"}
+
+    return how(json.loads(info.read_text())["config"]) == how(json.loads(json.dumps(to_dict(cfg))))  # tuples -> lists
 
 
 def parser() -> argparse.ArgumentParser:
@@ -153,6 +161,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rank-config", help="YAML of iat-rec rank options")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--nproc", type=int, default=None, help="local ranks to launch (default: GPUs, else 2)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars in every stage")
     return p
 
 
@@ -162,7 +171,7 @@ def cli(argv: list[str]) -> int:
 
     def body() -> None:
         init_distributed(args.device)
-        stages = Stages(args.data, Path(args.work), c1, c2, args.dtype, args.device)
+        stages = Stages(args.data, Path(args.work), c1, c2, args.dtype, args.device, progress=args.progress)
         stages.rank(Variant(args.history, args.scheme, args.reader, args.tokens_from), args.seed)
 
     if not Path(args.data).exists():

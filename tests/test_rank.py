@@ -38,9 +38,18 @@ def experiment(tiny_log, tmp_path_factory):
     run_cli(
         "experiment", "--data", str(tiny_log), "--work", str(work), "--seeds", "1", "--nproc", "2",
         "--variants", "none,labels-only,handcrafted,iat-temporal,both-user", "--readers", "transformer,din,longer",
-        "--compress-config", str(work / "c1.yaml"), "--rank-config", str(work / "c2.yaml"),
+        "--compress-config", str(work / "c1.yaml"), "--rank-config", str(work / "c2.yaml"), "--no-progress",
     )  # fmt: skip
     return work
+
+
+def test_no_progress_reaches_every_stage_and_changes_no_result(experiment, tiny_log):
+    runs = sorted(experiment.glob("*/run.json"))
+    assert runs and all(json.loads(r.read_text())["config"]["progress"] is False for r in runs)
+    # the same experiment with progress bars is the same experiment: every finished stage is reused
+    run_cli("experiment", "--data", str(tiny_log), "--work", str(experiment), "--seeds", "1", "--nproc", "1", "--report-only",
+            "--variants", "none,labels-only,handcrafted,iat-temporal,both-user", "--readers", "transformer,din,longer",
+            "--compress-config", str(experiment / "c1.yaml"), "--rank-config", str(experiment / "c2.yaml"), "--progress")  # fmt: skip
 
 
 def test_every_history_mode_and_reader_trains_and_reports(experiment, tiny_log):
