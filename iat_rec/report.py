@@ -71,15 +71,20 @@ def plot(rows: list[dict], results: list[dict], task: str, out: Path) -> list[st
     files = []
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.6))
     names = [r["variant"] for r in rows]
+    seeds = max(r["seeds"] for r in rows)
     for ax, m in zip(axes, METRICS):
         means = [r[m]["mean"] for r in rows]
         stds = [r[m]["std"] for r in rows]
-        ax.bar(range(len(rows)), means, yerr=stds, capsize=3, color=plt.cm.tab10(np.arange(len(rows))))
-        lo, hi = min(means) - 2 * max(stds + [1e-3]), max(means) + 2 * max(stds + [1e-3])
-        ax.set_ylim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
+        # points, not bars: a bar's length reads as the value from zero, and an axis cut to show
+        # differences of 0.001 would make them look large; points with error bars read true
+        for i, (mean, std) in enumerate(zip(means, stds)):
+            ax.errorbar(i, mean, yerr=std, fmt="o", capsize=4, color=plt.cm.tab10(i % 10))
         ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
-        ax.set_title(f"test {LABELS[m]} ({task})", fontsize=10)
+        ax.set_xlim(-0.5, len(rows) - 0.5)
+        ax.set_ylabel(f"test {LABELS[m]}")
+        ax.set_title(f"{LABELS[m]} of {task} ({'higher' if m in ('auc', 'gauc') else 'lower'} is better)", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"mean over {seeds} seed(s); error bars: std over seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "metrics_per_variant.png", dpi=110)
     plt.close(fig)
