@@ -11,7 +11,9 @@ order; rows equal in every column the schema reads are refused as duplicates.
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
+import urllib.parse
 from pathlib import Path
 from typing import Iterator
 
@@ -279,8 +281,37 @@ def _check_columns(path: Path, present: list[str], needed: list[str]) -> None:
         raise IatError(f"{path}: missing columns {missing} (file has {present})")
 
 
+def input_files(spec: str | Path) -> list[Path]:
+    """The files an ``--input`` names: a .csv or .parquet file, a directory of them, a glob
+    (``logs/day-*.parquet``) or a ``file://`` URL of any of these; sorted by name, all of one
+    kind."""
+    text = str(spec)
+    if "://" in text:
+        url = urllib.parse.urlparse(text)
+        if url.scheme != "file":
+            raise IatError(f"--input {text}: only local paths and file:// URLs are read, not {url.scheme}://")
+        text = urllib.parse.unquote(url.path)
+    path = Path(text)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".csv", ".parquet") and p.is_file())
+        where = f"directory {path}"
+    elif glob.has_magic(text):
+        files = sorted(Path(p) for p in glob.glob(text) if Path(p).is_file())
+        where = f"pattern {text}"
+    else:
+        return [path]
+    if not files:
+        raise IatError(f"--input {spec}: no .csv or .parquet files in the {where}")
+    kinds = {p.suffix.lower() for p in files}
+    if len(kinds) > 1:
+        raise IatError(f"--input {spec}: mixes {sorted(kinds)} files; give one kind")
+    return files
+
+
 def ingest(input_path: str | Path, schema: Schema, out: str | Path) -> InstanceLog:
-    path = Path(input_path)
+    """Reads every file of ``input_path`` (``input_files``) in order into one instance log."""
+    files = input_files(input_path)
+    path = Path(str(input_path)) if len(files) > 1 else files[0]
     users: dict[str, int] = {}
     vocab_index = {f.name: {v: i for i, v in enumerate(f.vocab)} for f in schema.sparse if f.vocab is not None}
     parts: dict[str, list] = {}
@@ -288,7 +319,8 @@ def ingest(input_path: str | Path, schema: Schema, out: str | Path) -> InstanceL
     def add(key: str, value) -> None:
         parts.setdefault(key, []).append(value)
 
-    for chunk in _read_chunks(path, schema.input_columns()):
+    chunks = (chunk for f in files for chunk in _read_chunks(f, schema.input_columns()))
+    for chunk in chunks:
         n = chunk.table.num_rows
         if n == 0:
             continue
@@ -339,7 +371,7 @@ def ingest(input_path: str | Path, schema: Schema, out: str | Path) -> InstanceL
         },
     )
     _refuse_duplicates(path, cols)
-    return write_instance_log(out, schema, cols, source=str(path))
+    return write_instance_log(out, schema, cols, source=str(input_path))
 
 
 def _refuse_duplicates(path: Path, cols: Columns) -> None:

@@ -11,6 +11,7 @@ import csv
 import datetime as dt
 import hashlib
 import math
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -210,6 +211,24 @@ def test_chunked_reads_give_the_same_log(tmp_path, schema, monkeypatch):
     monkeypatch.setattr(ingest_mod, "CSV_BLOCK_BYTES", 160)
     assert ingest(tmp_path / "in.parquet", schema, tmp_path / "c2").fingerprint == whole_pq
     assert ingest(tmp_path / "in.csv", schema, tmp_path / "c1").fingerprint == whole_csv
+
+
+def test_a_directory_a_glob_and_a_file_url_of_parts_give_the_log_of_the_whole(tmp_path, schema, capsys):
+    whole = ingest(write_csv(tmp_path / "whole.csv"), schema, tmp_path / "w").fingerprint
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    write_csv(parts / "day-1.csv", ROWS[:3])
+    write_csv(parts / "day-2.csv", ROWS[3:])
+    for spec in (parts, f"{parts}/day-*.csv", f"file://{parts}", f"file://{parts}/day-2.csv"):
+        log = ingest(spec, schema, tmp_path / "out")
+        assert log.fingerprint == whole or spec == f"file://{parts}/day-2.csv", spec
+    assert ingest(f"file://{parts}/day-2.csv", schema, tmp_path / "o2").rows == len(ROWS) - 3
+    write_parquet(parts / "day-3.parquet")
+    for spec, message in ((parts, "mixes ['.csv', '.parquet'] files"), (f"{tmp_path}/none-*.csv", "no .csv or .parquet files"),
+                          ("s3://bucket/log.parquet", "only local paths and file:// URLs")):  # fmt: skip
+        with pytest.raises(IatError, match=re.escape(message)):
+            ingest(spec, schema, tmp_path / "bad")
+        assert not (tmp_path / "bad").exists()
 
 
 def test_stable_hash_is_pinned():
