@@ -51,11 +51,7 @@ def cli(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # argparse: --help or a usage error, already printed
         return int(e.code or 0)
-    try:
-        report = run(args)
-    except IatError as e:
-        print(f"iat-rec plan: error: {e}", file=sys.stderr)
-        return 1
+    report = run(args)  # an IatError is the command line's one error line, exit 2
     if args.json:
         json.dump(report, sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
@@ -69,8 +65,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="iat-rec plan",
         description="Plan the sharding of the feature tables and the token table for hypothetical GPUs.",
     )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--schema", help="schema YAML")
+    src = p.add_mutually_exclusive_group()  # neither: the token table alone (--token-rows)
+    src.add_argument("--schema", help="schema YAML (the demo's: iat_rec/configs/demo_schema.yaml)")
     src.add_argument("--data", help="instance-log directory (its manifest.json has the schema and row count)")
     p.add_argument("--world-size", type=int, required=True, help="number of GPUs (ranks)")
     p.add_argument("--local-world-size", type=int, required=True, help="GPUs per host")
@@ -112,7 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.dim < 1 or args.batch_size < 1 or args.history_len < 1:
         raise IatError("--dim, --batch-size and --history-len must be >= 1")
     token_rows = args.token_rows if args.token_rows is not None else log_rows
-    features = planning.feature_table_configs(schema, args.dim)
+    features = planning.feature_table_configs(schema, args.dim) if schema is not None else []
     token = planning.token_table_config(token_rows, args.token_dim, args.token_dtype) if token_rows else None
     spec = _constraints_spec(args.constraints)
     if token is not None and isinstance(spec.get(planning.TOKEN_TABLE, {}), dict):
@@ -149,8 +145,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _load_inputs(args: argparse.Namespace) -> tuple[Schema, str, int]:
-    """The schema, where it came from, and the instance count (0 without --data)."""
+def _load_inputs(args: argparse.Namespace) -> tuple[Schema | None, str | None, int]:
+    """The schema, where it came from, and the instance count (0 without --data); no schema
+    without --schema and --data (the token table alone)."""
+    if not args.schema and not args.data:
+        if args.token_rows is None:
+            raise IatError("without --schema or --data only the token table is planned: give its --token-rows")
+        return None, None, 0
     if args.schema:
         return load_schema(args.schema), str(args.schema), 0
     mf = Path(args.data) / "manifest.json"

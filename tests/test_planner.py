@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from iat_rec import plan_cli, planning
+from iat_rec.cli import main
 from iat_rec.errors import IatError
 from iat_rec.schema import Schema
 
@@ -258,8 +260,8 @@ def test_cli_data_dir_and_text(tmp_path, capsys):
     assert plan_cli.cli([*args, "--no-stats"]) == 0
     out = capsys.readouterr().out
     assert "t_item_id" in out and "row_wise" in out and "estimated sparse time per step" in out
-    assert plan_cli.cli([*args[:-2], "--constraints", '{"t_item_id": {"kernel": "x"}}']) == 1
-    assert "unknown keys ['kernel']" in capsys.readouterr().err
+    assert main(["plan", *args[:-2], "--constraints", '{"t_item_id": {"kernel": "x"}}']) == 2  # like every command
+    assert "iat-rec: error: " in (err := capsys.readouterr().err) and "unknown keys ['kernel']" in err
     assert plan_cli.cli(["--world-size", "8"]) == 2  # usage error
     capsys.readouterr()
 
@@ -276,3 +278,18 @@ def test_quick_sweep_runs(tmp_path):
     (tmp_path / "planner_sweep.md").unlink()
     assert planner_sweep.main(["--render-only", "--out", str(tmp_path)]) == 0  # redraws from the JSON
     assert "| world |" in (tmp_path / "planner_sweep.md").read_text()
+
+
+def test_the_token_table_alone_plans_without_a_schema(capsys):
+    r = _cli_json(capsys, "--token-rows", "1e9", "--world-size", "8", "--local-world-size", "8", "--hbm-gb", "80")
+    assert [t["name"] for t in r["tables"]] == [planning.TOKEN_TABLE] and r["inputs"]["schema_source"] is None
+    assert main(["plan", "--world-size", "8", "--local-world-size", "8", "--hbm-gb", "80"]) == 2
+    assert "give its --token-rows" in capsys.readouterr().err
+
+
+def test_the_shipped_demo_schema_is_the_demo_logs():
+    from iat_rec.schema import load_schema
+    from iat_rec.synth import SynthConfig, synth_schema
+
+    shipped = load_schema(Path(__file__).resolve().parents[1] / "iat_rec" / "configs" / "demo_schema.yaml")
+    assert shipped == synth_schema(SynthConfig(users=2000, mean_instances=100.0, seed=0))
