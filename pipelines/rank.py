@@ -184,8 +184,29 @@ def train(cfg: RankConfig) -> dict:
     if env.is_main:
         write_json(out / "metrics.json", metrics)
         write_json(out / "result.json", {**result, "test": metrics})
+        log_hparams(out / "tb", cfg, metrics)
         print(f"stage 2 done: {out}: test auc {metrics['auc']:.4f} gauc {metrics['gauc']:.4f} logloss {metrics['logloss']:.4f} nats ne {metrics['ne']:.4f}", flush=True)
     return metrics
+
+
+def log_hparams(tb: Path, cfg: RankConfig, metrics: dict) -> None:
+    """The run's options and its test metrics in TensorBoard's HPARAMS tab, to compare runs."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            elif isinstance(v, (int, float, str, bool)):
+                out[prefix + k] = v
+            else:
+                out[prefix + k] = str(v)
+        return out
+
+    with SummaryWriter(str(tb)) as writer:
+        scores = {f"test/{k}": float(v) for k, v in metrics.items() if k in ("auc", "gauc", "logloss", "ne")}
+        writer.add_hparams(flat(to_dict(cfg)), scores, run_name="hparams")
 
 
 def load_rank_config(run: str | Path) -> RankConfig:

@@ -133,3 +133,13 @@ def test_stage2_resume_continues_exactly_with_loader_workers(tiny_log, tokens, t
     saved = FileSystemReader(str(part / "checkpoints" / "step_00000008")).read_metadata().state_dict_metadata
     assert any(k.startswith("model.base.sparse.") for k in saved)
     assert not any("tokens" in k for k in saved), "the frozen token table stays out of checkpoints"
+
+
+def test_tensorboard_gets_each_runs_options_and_test_metrics(experiment):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = next(experiment.glob("rank-handcrafted-transformer-s*"))
+    acc = EventAccumulator(str(run / "tb" / "hparams"))
+    acc.Reload()
+    assert {"test/auc", "test/logloss"} <= set(acc.Tags()["scalars"])
+    assert acc.Scalars("test/auc")[0].value == pytest.approx(json.loads((run / "metrics.json").read_text())["auc"])
