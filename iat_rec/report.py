@@ -17,12 +17,24 @@ METRICS = ("auc", "gauc", "logloss", "ne")
 LABELS = {"auc": "AUC", "gauc": "GAUC", "logloss": "LogLoss (nats)", "ne": "NE"}
 
 
-def summarise(results: list[dict]) -> list[dict]:
-    """Per variant (in first-seen order): mean and std over seeds of each test metric."""
+def task_metrics(metrics: dict, task: str | None) -> dict:
+    """A run's test metrics of ``task`` (None: the first task, also at the top level)."""
+    return metrics if task is None or task == metrics["task"] else metrics["tasks"][task]
+
+
+def tasks_of(results: list[dict]) -> list[str]:
+    first = results[0]["metrics"]
+    return list(first.get("tasks") or [first["task"]])
+
+
+def summarise(results: list[dict], task: str | None = None) -> list[dict]:
+    """Per variant (in first-seen order): mean and std over seeds of each test metric of
+    ``task`` (default: the first task)."""
     by: dict[str, list[dict]] = defaultdict(list)
     several = len({r["reader"] for r in results if r["variant"] != "none"}) > 1
     for r in results:
-        by[f"{r['variant']} ({r['reader']})" if several and r["variant"] != "none" else r["variant"]].append(r["metrics"])
+        name = f"{r['variant']} ({r['reader']})" if several and r["variant"] != "none" else r["variant"]
+        by[name].append(task_metrics(r["metrics"], task))
     rows = []
     for name, ms in by.items():
         row = {"variant": name, "seeds": len(ms)}
@@ -62,28 +74,32 @@ def _valid_curves(results: list[dict], task: str) -> dict[str, list[tuple[np.nda
     return curves
 
 
-def plot(rows: list[dict], results: list[dict], task: str, out: Path) -> list[str]:
+def plot(results: list[dict], task: str, out: Path) -> list[str]:
+    """metrics_per_variant.png (one row of metrics per task) and valid_auc_over_steps.png (``task``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     files = []
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.6))
-    names = [r["variant"] for r in rows]
-    seeds = max(r["seeds"] for r in rows)
-    for ax, m in zip(axes, METRICS):
-        means = [r[m]["mean"] for r in rows]
-        stds = [r[m]["std"] for r in rows]
-        # points, not bars: a bar's length reads as the value from zero, and an axis cut to show
-        # differences of 0.001 would make them look large; points with error bars read true
-        for i, (mean, std) in enumerate(zip(means, stds)):
-            ax.errorbar(i, mean, yerr=std, fmt="o", capsize=4, color=plt.cm.tab10(i % 10))
-        ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
-        ax.set_xlim(-0.5, len(rows) - 0.5)
-        ax.set_ylabel(f"test {LABELS[m]}")
-        ax.set_title(f"{LABELS[m]} of {task} ({'higher' if m in ('auc', 'gauc') else 'lower'} is better)", fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
+    tasks = tasks_of(results)
+    fig, grid = plt.subplots(len(tasks), len(METRICS), figsize=(4 * len(METRICS), 3.6 * len(tasks)), squeeze=False)
+    for t, axes in zip(tasks, grid):
+        rows = summarise(results, t)
+        names = [r["variant"] for r in rows]
+        seeds = max(r["seeds"] for r in rows)
+        for ax, m in zip(axes, METRICS):
+            means = [r[m]["mean"] for r in rows]
+            stds = [r[m]["std"] for r in rows]
+            # points, not bars: a bar's length reads as the value from zero, and an axis cut to show
+            # differences of 0.001 would make them look large; points with error bars read true
+            for i, (mean, std) in enumerate(zip(means, stds)):
+                ax.errorbar(i, mean, yerr=std, fmt="o", capsize=4, color=plt.cm.tab10(i % 10))
+            ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
+            ax.set_xlim(-0.5, len(rows) - 0.5)
+            ax.set_ylabel(f"test {LABELS[m]}")
+            ax.set_title(f"{LABELS[m]} of {t} ({'higher' if m in ('auc', 'gauc') else 'lower'} is better)", fontsize=9)
+            ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"mean over {seeds} seed(s); error bars: std over seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "metrics_per_variant.png", dpi=110)
@@ -145,12 +161,16 @@ def write_report(out: str | Path, title: str, results: list[dict], seconds: dict
     task = results[0]["metrics"]["task"]
     rows = summarise(results)
     data = results_json(title, dataset, command, task, rows, results, stage1 or {}, seconds)
+    others = [t for t in tasks_of(results) if t != task]
+    data["variants_by_task"] = {t: {r["variant"]: {m: r[m] for m in METRICS} for r in summarise(results, t)} for t in [task, *others]}
     with atomic_dir(out) as tmp:
-        files = plot(rows, results, task, tmp)
+        files = plot(results, task, tmp)
         (tmp / "results.json").write_text(json.dumps(data, indent=2))
         md = [f"# {title}", "", f"Command: `{command}`", "", f"Device: {data['device']}", "",
               f"Test metrics of task `{task}` (mean ± std over seeds {data['seeds']}; LogLoss in nats):", "",
               markdown_table(rows), ""]  # fmt: skip
+        for t in others:
+            md += [f"Task `{t}`:", "", markdown_table(summarise(results, t)), ""]
         if notes:
             md += [notes, ""]
         if stage1:

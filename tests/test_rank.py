@@ -67,6 +67,7 @@ def test_every_history_mode_and_reader_trains_and_reports(experiment, tiny_log):
     report = (experiment / "report" / "report.md").read_text()
     assert "| variant | seeds | AUC | GAUC | LogLoss (nats) | NE |" in report and "both-user (longer)" in report
     assert "Stage 1: own validation AUC and token health" in report
+    assert "Task `conversion`:" in report and set(results["variants_by_task"]) == {"click", "conversion"}  # every task reported
     assert results["logloss_unit"] == "nats" and set(results["variants"]) >= {"none", "labels-only (transformer)"}
     assert {"valid", "time-consistent"} <= set(results["stage1"]["user-s0"])
     assert (experiment / "report" / "metrics_per_variant.png").stat().st_size > 10_000
