@@ -183,7 +183,7 @@ def train(cfg: RankConfig) -> dict:
     metrics = test_metrics(built, cfg)
     if env.is_main:
         write_json(out / "metrics.json", metrics)
-        write_json(out / "result.json", {**result, "test": metrics})
+        write_json(out / "result.json", result)  # training and validation; the test split's figures: metrics.json
         log_hparams(out / "tb", cfg, metrics)
         print(f"stage 2 done: {out}: test auc {metrics['auc']:.4f} gauc {metrics['gauc']:.4f} logloss {metrics['logloss']:.4f} nats ne {metrics['ne']:.4f}", flush=True)
     return metrics

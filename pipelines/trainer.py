@@ -279,8 +279,7 @@ class Trainer:
         if self.env.is_main:
             log_file.close()
             writer.close()
-            write_json(self.out / "eval_history.json", history)
-            write_json(self.out / "config.json", to_dict(self.cfg))
+            write_json(self.out / "eval_history.json", history)  # the config is in run.json, once
         return result
 
     def _log_eval(self, step: int, metrics: dict, writer) -> dict:

@@ -144,3 +144,10 @@ def test_tensorboard_gets_each_runs_options_and_test_metrics(experiment):
     acc.Reload()
     assert {"test/auc", "test/logloss"} <= set(acc.Tags()["scalars"])
     assert acc.Scalars("test/auc")[0].value == pytest.approx(json.loads((run / "metrics.json").read_text())["auc"])
+
+
+def test_each_result_is_written_once(experiment):
+    run = next(experiment.glob("rank-none-transformer-s*"))
+    assert not (run / "config.json").exists()  # the config is run.json's
+    assert "test" not in json.loads((run / "result.json").read_text())  # the test figures are metrics.json's
+    assert json.loads((run / "run.json").read_text())["config"]["out"] == str(run)
