@@ -16,7 +16,7 @@ case $name in
   synthetic) title="Synthetic 1M (drifting hidden state)"
     [ -f "$W/log/manifest.json" ] || $B data synth --out "$W/log" --users 10000 --mean-instances 100 --seed 0 ;;
   seen_before) title="Seen-before check: the label is 'the item is among the user's last 128 items'"
-    variants=none,handcrafted,iat-user,both-user
+    variants=none,handcrafted,iat-user,both-user,iat-untrained
     [ -f "$W/log/manifest.json" ] || $B data synth --out "$W/log" --users 5000 --mean-instances 100 --seed 0 --label seen-before --history-len 128 ;;
   movielens) title="MovieLens-1M (like = rating >= 4, 80/10/10 time split)"
     [ -f "$W/log/manifest.json" ] || $B data movielens --out "$W/log" ${ML_SOURCE:+--source "$ML_SOURCE"} ;;
