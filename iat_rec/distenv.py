@@ -159,6 +159,10 @@ def rank_main(cli: Callable[[list[str]], int]) -> None:
     and they would go on training and writing to --out."""
     if launched():
         _die_with_parent()
+    # Ctrl-C reaches every rank at once. A rank unwinding a KeyboardInterrupt breaks the
+    # collective its peers wait in, and they print that error: leave at once instead, with
+    # nothing to unwind (artifacts are renamed into place only when complete)
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
     try:
         sys.exit(cli(sys.argv[1:]))
     except IatError as e:
@@ -168,8 +172,6 @@ def rank_main(cli: Callable[[list[str]], int]) -> None:
         else:
             print(f"iat-rec: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
 
 
 ERRORS_ENV = "IAT_REC_RANK_ERRORS"
