@@ -13,7 +13,9 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -56,7 +58,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists")
     _remove_orphans(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{_HOST}-{os.getpid()}-", dir=path.parent))
     os.chmod(tmp, _by_umask(0o777))  # mkdtemp makes it 0700 whatever the umask
     try:
         yield tmp
@@ -66,11 +68,15 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
     _put_dir(tmp, path, path.parent / f".{path.name}.old-{os.getpid()}")
 
 
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())  # no '-': it separates the name's fields
+
+
 def _remove_orphans(path: Path) -> None:
-    """Removes the temporary siblings of ``path`` left by writers that were killed (their
-    process is gone); a live writer's are kept."""
-    for sibling in path.parent.glob(f".{glob.escape(path.name)}.tmp-*-*"):
-        pid = sibling.name[len(path.name) + 6 :].split("-", 1)[0]
+    """Removes the temporary siblings of ``path`` left by writers of this host that were
+    killed (their process is gone); a live writer's are kept, and so is every other host's
+    (on a shared filesystem this host cannot tell whether that writer lives)."""
+    for sibling in path.parent.glob(f".{glob.escape(path.name)}.tmp-{glob.escape(_HOST)}-*-*"):
+        pid = sibling.name[len(path.name) + 6 + len(_HOST) + 1 :].split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(sibling, ignore_errors=True)
 
@@ -162,21 +168,30 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, obj) -> None:
     """Writes JSON through a temporary file and an atomic rename. A float that is NaN or
     infinite (an AUC of one class only) is written as null: NaN is not JSON."""
-    write_text(path, json.dumps(_finite_or_null(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    write_text(path, json.dumps(finite_or_null(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
-def _finite_or_null(obj):
+def finite_or_null(obj):
+    """``obj`` with every NaN or infinite float as None (JSON null)."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite_or_null(v) for k, v in obj.items()}
+        return {k: finite_or_null(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite_or_null(v) for v in obj]
+        return [finite_or_null(v) for v in obj]
     return obj
 
 
 def _by_umask(mode: int) -> int:
-    """``mode`` less the process umask: what open() and mkdir() would have made."""
-    mask = os.umask(0)
+    """``mode`` less the process umask: what open() and mkdir() would have made. Read from
+    /proc where it can be: setting the umask to read it would let another thread create a
+    file under umask 0 meanwhile."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return mode & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mode & ~mask

@@ -25,15 +25,23 @@ def digests(folder: Path, names: list[str]) -> dict[str, dict]:
     return {name: digest(folder / name) for name in sorted(names)}
 
 
+_verified: set[tuple] = set()  # (path, inode, size, mtime, digest) checked in this process
+
+
 def check(path: Path, manifest: dict) -> None:
-    """Refuses ``path`` unless its size and checksum are those of the manifest's ``files``."""
+    """Refuses ``path`` unless its size and checksum are those of the manifest's ``files``.
+    A file is hashed once per process while it stays the same file (inode, size, mtime)."""
     expected = manifest.get("files", {}).get(path.name)
     if expected is None:
         raise IatError(f"{path}: not listed in its manifest's files")
     if not path.is_file():
         raise IatError(f"{path}: missing")
-    size = path.stat().st_size
-    if size != expected["bytes"]:
-        raise IatError(f"{path}: {size} bytes, its manifest says {expected['bytes']}: the file is truncated or was replaced")
+    st = path.stat()
+    if st.st_size != expected["bytes"]:
+        raise IatError(f"{path}: {st.st_size} bytes, its manifest says {expected['bytes']}: the file is truncated or was replaced")
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, expected["blake2b"])
+    if key in _verified:
+        return
     if digest(path)["blake2b"] != expected["blake2b"]:
         raise IatError(f"{path}: checksum differs from its manifest: the file is damaged or was edited")
+    _verified.add(key)

@@ -182,9 +182,12 @@ def _die_with_parent() -> None:
     """SIGKILL this process when its parent (the launcher's agent) dies (Linux prctl)."""
     if sys.platform != "linux":
         return
+    parent = os.getppid()
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # the launcher died before the prctl: nothing would stop this rank
+        os._exit(1)
 
 
 def launched() -> bool:

@@ -290,6 +290,8 @@ def input_files(spec: str | Path) -> list[Path]:
         url = urllib.parse.urlparse(text)
         if url.scheme != "file":
             raise IatError(f"--input {text}: only local paths and file:// URLs are read, not {url.scheme}://")
+        if url.netloc not in ("", "localhost"):
+            raise IatError(f"--input {text}: a file:// URL names a local path (file:///abs/path), not host '{url.netloc}'")
         text = urllib.parse.unquote(url.path)
     path = Path(text)
     if path.is_dir():

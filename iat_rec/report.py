@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iat_rec.atomic import atomic_dir
+from iat_rec.atomic import atomic_dir, finite_or_null
 
 METRICS = ("auc", "gauc", "logloss", "ne")
 LABELS = {"auc": "AUC", "gauc": "GAUC", "logloss": "LogLoss (nats)", "ne": "NE"}
@@ -165,7 +165,7 @@ def write_report(out: str | Path, title: str, results: list[dict], seconds: dict
     data["variants_by_task"] = {t: {r["variant"]: {m: r[m] for m in METRICS} for r in summarise(results, t)} for t in [task, *others]}
     with atomic_dir(out) as tmp:
         files = plot(results, task, tmp)
-        (tmp / "results.json").write_text(json.dumps(data, indent=2))
+        (tmp / "results.json").write_text(json.dumps(finite_or_null(data), indent=2, allow_nan=False))  # undefined: null
         md = [f"# {title}", "", f"Command: `{command}`", "", f"Device: {data['device']}", "",
               f"Test metrics of task `{task}` (mean ± std over seeds {data['seeds']}; LogLoss in nats):", "",
               markdown_table(rows), ""]  # fmt: skip

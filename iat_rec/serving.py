@@ -97,20 +97,32 @@ class TokenStore:
         return cols
 
 
+ROWS_FORMAT = "iat-token-rows"  # export.json of an npy export directory
+
+
 def export_rows(tokens: str | Path, out: str | Path, fmt: str, overwrite: bool = False) -> Path:
-    """Writes every row of a token table as Parquet (one file) or npy (a directory), atomically."""
-    from iat_rec.atomic import atomic_dir
+    """Writes every row of a token table as Parquet (one file) or npy (a directory), atomically.
+    An existing ``--out`` is replaced only with ``overwrite`` and only if it is an export of the
+    same format (a Parquet file, or a directory with this export's ``export.json``)."""
+    from iat_rec.atomic import atomic_dir, check_out, write_json
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise IatError(f"--out {out} exists: pass --overwrite to replace it")
-    if out.resolve() == Path(tokens).resolve() or Path(tokens).resolve() in out.resolve().parents:
-        raise IatError(f"--out {out} would write into the token table {tokens}")
+    if fmt == "npy":
+        check_out(out, "an npy export of token rows", {ROWS_FORMAT}, "export.json", overwrite, (tokens,))
+    elif out.is_file():
+        with open(out, "rb") as fh:
+            if fh.read(4) != b"PAR1":
+                raise IatError(f"--out {out} exists and is not a Parquet file: refusing to replace it")
+        if not overwrite:
+            raise IatError(f"--out {out} exists: pass --overwrite to replace it")
+    else:  # a directory (never replaced by a file) or nothing yet; never inside the table
+        check_out(out, "a Parquet export", set(), "", False, (tokens,))
     cols = TokenStore(tokens).columns()
     if fmt == "npy":
         with atomic_dir(out) as tmp:
             for name, values in cols.items():
                 np.save(tmp / f"{name}.npy", values)
+            write_json(tmp / "export.json", {"format": ROWS_FORMAT, "tokens": str(Path(tokens).resolve()), "columns": list(cols)})
         return out
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -134,13 +134,15 @@ class InstanceReconstruction(nn.Module):
     not the tables. At most ``negatives`` rows of the batch are the candidates.
     """
 
-    def __init__(self, dim: int, features: int, emb_dim: int, temp: float = 0.1, negatives: int = 1024):
+    def __init__(self, dim: int, features: int, emb_dim: int, temp: float = 0.1, negatives: int = 1024, anchors: int = 8192):
         super().__init__()
         self.read = nn.Linear(dim, features * emb_dim)
-        self.features, self.emb_dim, self.temp, self.negatives = features, emb_dim, temp, negatives
+        self.features, self.emb_dim, self.temp, self.negatives, self.anchors = features, emb_dim, temp, negatives, anchors
 
     def forward(self, token: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """token [N, d], targets [N, F * emb_dim] (detached), weights [N] (0: padding) -> scalar."""
+        """token [N, d], targets [N, F * emb_dim] (detached), weights [N] (0: padding) -> scalar.
+        At most ``anchors`` rows are scored (the [F, rows, candidates] logits bound the memory)."""
+        token, targets, weights = token[: self.anchors], targets[: self.anchors], weights[: self.anchors]
         n, f, e = token.shape[0], self.features, self.emb_dim
         pred = nn.functional.normalize(self.read(token.float()).view(n, f, e), dim=-1).transpose(0, 1)  # [F, N, e]
         target = nn.functional.normalize(targets.float().view(n, f, e), dim=-1).transpose(0, 1)

@@ -209,7 +209,8 @@ def load_stage1(run: str | Path) -> tuple[CompressConfig, dict, InstanceLog]:
     info = json.loads(path.read_text())
     if info.get("format") != RUN_FORMAT or info.get("stage") != "compress":
         raise IatError(f"{path}: not a stage-1 (compress) run")
-    cfg = from_dict(CompressConfig, info["config"], where=str(path))
+    # runs made before the reconstruction loss existed trained without it
+    cfg = from_dict(CompressConfig, {"reconstruct": 0.0, **info["config"]}, where=str(path))
     log = InstanceLog(cfg.data)
     if log.fingerprint != info["log_fingerprint"]:
         raise IatError(f"{cfg.data} changed since {run} was trained (fingerprint {log.fingerprint} != {info['log_fingerprint']})")

@@ -23,7 +23,7 @@ from iat_rec.config import load_yaml
 from iat_rec.distenv import init_distributed, rank_main, run_ranks
 from iat_rec.errors import IatError
 from iat_rec.report import markdown_table, summarise, write_report
-from pipelines.pipeline import Stages, Variant
+from pipelines.pipeline import Stages, Variant, check_stage_yaml
 
 DEFAULT_VARIANTS = "none,labels-only,handcrafted,iat-temporal,iat-user,both-user,iat-untrained"
 ALIASES = {"labels-only": "labels", "iat-untrained": "iat-user@initial"}
@@ -100,6 +100,7 @@ def cli(argv: list[str]) -> int:
         raise IatError("--seeds must be >= 1")
     if not Path(args.data).exists():
         raise IatError(f"--data {args.data} does not exist")
+    check_stage_yaml(load_yaml(args.compress_config), load_yaml(args.rank_config))
     return run_ranks("pipelines.experiment", argv, args.nproc, lambda: run(args))
 
 

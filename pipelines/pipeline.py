@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from iat_rec import checkpoint as ckpt
 from iat_rec.atomic import write_json
-from iat_rec.config import CompressConfig, from_dict, load_yaml, to_dict
+from iat_rec.config import CompressConfig, check_values, from_dict, load_yaml, to_dict
 from iat_rec.distenv import init_distributed, rank_main, run_ranks
 from iat_rec.errors import IatError
 from pipelines import compress, rank
@@ -48,6 +48,12 @@ class Variant:
             return "iat-untrained"
         suffix = "" if self.tokens_from == "time-consistent" else f"@{self.tokens_from}"
         return f"{self.history}-{self.scheme}{suffix}"
+
+
+def check_stage_yaml(c1: dict, c2: dict) -> None:
+    """The stage configs' values (type, range, choices), before any rank starts."""
+    check_values(from_dict(CompressConfig, c1, where="--compress-config"))
+    check_values(from_dict(RankConfig, c2, where="--rank-config"))
 
 
 def stage1_config(base: dict, data: str, out: Path, scheme: str, seed: int, device: str) -> CompressConfig:
@@ -176,6 +182,7 @@ def cli(argv: list[str]) -> int:
 
     if not Path(args.data).exists():
         raise IatError(f"--data {args.data} does not exist")
+    check_stage_yaml(c1, c2)
     return run_ranks("pipelines.pipeline", argv, args.nproc, body)
 
 

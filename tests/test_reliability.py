@@ -516,12 +516,15 @@ def test_ctrl_c_stops_every_rank_says_interrupted_and_leaves_no_launcher_files(t
 def test_a_killed_writers_temporary_directory_is_removed_by_the_next_write(tmp_path):
     dead = subprocess.run(["true"]).returncode or subprocess.Popen(["true"])
     dead.wait()  # a pid that is no longer alive
-    orphan, live = tmp_path / f".log.tmp-{dead.pid}-x1", tmp_path / f".log.tmp-{os.getpid()}-x2"
-    for d in (orphan, live):
+    from iat_rec.atomic import _HOST
+
+    orphan, live = tmp_path / f".log.tmp-{_HOST}-{dead.pid}-x1", tmp_path / f".log.tmp-{_HOST}-{os.getpid()}-x2"
+    elsewhere = tmp_path / f".log.tmp-otherhost-{dead.pid}-x3"  # another host's writer: this host cannot tell
+    for d in (orphan, live, elsewhere):
         d.mkdir()
         (d / "ts.npy").write_bytes(b"half")
     run_cli("data", "synth", "--out", str(tmp_path / "log"), "--users", "4", "--mean-instances", "3", "--no-progress")
-    assert not orphan.exists() and live.exists()  # a live writer's directory is never touched
+    assert not orphan.exists() and live.exists() and elsewhere.exists()  # a live writer's directory is never touched
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a failure inside the ranks: --device cuda without CUDA")
@@ -581,3 +584,23 @@ def test_run_json_records_what_made_the_run(one_rank_run):
     assert p["argv"] and p["host"] and p["versions"]["torch"] == torch.__version__
     assert p["versions"]["torchrec"] and p["versions"]["fbgemm_gpu"]
     assert p["git_commit"] is None or len(p["git_commit"]) == 40  # a clone has one; an installed wheel has none
+
+
+def test_experiment_stage_yaml_is_checked_before_any_rank_starts(tiny_log, tmp_path, capsys):
+    (tmp_path / "c2.yaml").write_text("batch_size: 0\n")
+    work = tmp_path / "work"
+    assert main(["experiment", "--data", str(tiny_log), "--work", str(work), "--rank-config", str(tmp_path / "c2.yaml"), "--nproc", "2"]) == 2
+    assert "--batch-size must be >= 1" in one_error_line(capsys)
+    assert not work.exists()
+
+
+def test_checksums_are_computed_once_per_file_and_process(tiny_log, monkeypatch):
+    from iat_rec import checksums
+    from iat_rec.instance_log import InstanceLog
+
+    InstanceLog(tiny_log).check_files()
+    calls = []
+    monkeypatch.setattr(checksums, "digest", lambda path: calls.append(path) or {"blake2b": "x", "bytes": 0})
+    InstanceLog(tiny_log).check_files()
+    _ = InstanceLog(tiny_log).labels
+    assert calls == []

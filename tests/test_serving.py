@@ -56,4 +56,10 @@ def test_tokens_export_writes_every_row_as_parquet_or_npy(tiny_log, tokens, tmp_
     assert main(["tokens", "export", str(tokens), "--out", str(tmp_path / "npy"), "--format", "npy"]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "npy" / "token.npy"), every)
     assert main(["tokens", "export", str(tokens), "--out", str(tmp_path / "t.parquet")]) == 2  # exists: --overwrite
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["npy", "t.parquet"]
+    assert main(["tokens", "export", str(tokens), "--out", str(tmp_path / "npy"), "--format", "npy", "--overwrite"]) == 0
+    other = tmp_path / "runs"
+    (other / "keep").mkdir(parents=True)
+    for fmt in ("npy", "parquet"):  # never replaces what is not an export of its own
+        assert main(["tokens", "export", str(tokens), "--out", str(other), "--format", fmt, "--overwrite"]) == 2
+    assert "is not an npy export" in capsys.readouterr().err and (other / "keep").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["npy", "runs", "t.parquet"]
