@@ -138,6 +138,9 @@ class InstanceReconstruction(nn.Module):
         super().__init__()
         self.read = nn.Linear(dim, features * emb_dim)
         self.features, self.emb_dim, self.temp, self.negatives, self.anchors = features, emb_dim, temp, negatives, anchors
+        # a fixed generic direction: equal embeddings, and only they, project equally
+        probe = torch.randn(emb_dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        self.register_buffer("probe", probe, persistent=False)
 
     def forward(self, token: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """token [N, d], targets [N, F * emb_dim] (detached), weights [N] (0: padding) -> scalar.
@@ -145,10 +148,14 @@ class InstanceReconstruction(nn.Module):
         token, targets, weights = token[: self.anchors], targets[: self.anchors], weights[: self.anchors]
         n, f, e = token.shape[0], self.features, self.emb_dim
         pred = nn.functional.normalize(self.read(token.float()).view(n, f, e), dim=-1).transpose(0, 1)  # [F, N, e]
-        target = nn.functional.normalize(targets.float().view(n, f, e), dim=-1).transpose(0, 1)
+        raw = targets.view(n, f, e).transpose(0, 1)
+        target = nn.functional.normalize(raw.float(), dim=-1)
         m = min(n, self.negatives)
         cand, cand_ok = target[:, :m], weights[:m] > 0
-        same = (target @ cand.transpose(1, 2)) > 1 - 1e-5  # [F, N, M]: candidates holding the row's own value
+        # the rows holding the row's own value: equal embeddings, compared exactly through a
+        # float64 projection (a cosine threshold would depend on the matmul's precision, TF32 or bf16)
+        key = (raw.double() * self.probe.to(raw.device)).sum(-1)  # [F, N]
+        same = key[:, :, None] == key[:, None, :m]  # [F, N, M]
         logits = (pred @ cand.transpose(1, 2) / self.temp).masked_fill(~cand_ok, float("-inf"))
         pos = logits.masked_fill(~same, float("-inf")).logsumexp(-1)
         has = torch.isfinite(pos) & (weights > 0)  # real rows whose value is among the candidates
