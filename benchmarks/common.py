@@ -37,6 +37,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
+from iat_rec.distenv import versions
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULT_KEYS = ("benchmark", "created", "tiny", "device", "versions", "config", "limits", "rows", "summary", "seconds")
 ROW_KEYS = ("case", "ms_per_step", "samples_per_s", "peak_mem_bytes")
@@ -196,40 +198,6 @@ def device_info(device: torch.device) -> dict[str, Any]:
             capability=f"{props.major}.{props.minor}",
         )
     return info
-
-
-def versions() -> dict[str, str | None]:
-    import importlib.metadata as md
-
-    import numpy
-
-    def dist_version(*names: str) -> str | None:
-        for n in names:
-            try:
-                return md.version(n)
-            except md.PackageNotFoundError:
-                continue
-        return None
-
-    fbgemm = None
-    try:
-        import fbgemm_gpu
-
-        fbgemm = getattr(fbgemm_gpu, "__version__", None)
-    except Exception:  # noqa: BLE001 - a missing or broken fbgemm is a fact to record
-        pass
-    import torchrec
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchrec": getattr(torchrec, "__version__", None) or dist_version("torchrec"),
-        "fbgemm_gpu": fbgemm or dist_version("fbgemm-gpu", "fbgemm-gpu-cpu", "fbgemm-gpu-nightly"),
-        "fbgemm_package": "fbgemm-gpu-cpu" if dist_version("fbgemm-gpu-cpu") else "fbgemm-gpu",
-        "numpy": numpy.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": str(torch.backends.cudnn.version()) if torch.cuda.is_available() else None,
-    }
 
 
 # ---------------------------------------------------------------------------------------

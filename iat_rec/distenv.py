@@ -234,19 +234,47 @@ def launch(module: str, argv: list[str], nproc: int) -> int:
     return 0
 
 
-def provenance() -> dict:
-    """What made a run, for its run.json: the command line, the code's git commit (and whether
-    the tree had changes), the package versions and the host."""
+def versions() -> dict[str, str | None]:
+    """The stack's versions: python, torch, torchrec, fbgemm-gpu (and which package), numpy,
+    CUDA and cuDNN."""
     import importlib.metadata as md
-    import subprocess
+    import platform
 
-    def version(*names: str) -> str | None:
-        for name in names:
+    import numpy
+    import torchrec
+
+    def dist_version(*names: str) -> str | None:
+        for n in names:
             try:
-                return md.version(name)
+                return md.version(n)
             except md.PackageNotFoundError:
                 continue
         return None
+
+    fbgemm = None
+    try:
+        import fbgemm_gpu
+
+        fbgemm = getattr(fbgemm_gpu, "__version__", None)
+    except Exception:  # noqa: BLE001 - a missing or broken fbgemm is a fact to record
+        pass
+    return {
+        "python": platform.python_version(),
+        "iat-rec": dist_version("iat-rec"),
+        "torch": torch.__version__,
+        "torchrec": getattr(torchrec, "__version__", None) or dist_version("torchrec"),
+        "fbgemm_gpu": fbgemm or dist_version("fbgemm-gpu", "fbgemm-gpu-cpu", "fbgemm-gpu-nightly"),
+        "fbgemm_package": "fbgemm-gpu-cpu" if dist_version("fbgemm-gpu-cpu") else "fbgemm-gpu",
+        "numpy": numpy.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": str(torch.backends.cudnn.version()) if torch.cuda.is_available() else None,
+    }
+
+
+def provenance() -> dict:
+    """What made a run, for its run.json: the command line, the code's git commit (and whether
+    the tree had changes), the versions and the host."""
+    import subprocess
 
     repo = Path(__file__).resolve().parents[1]
 
@@ -262,7 +290,6 @@ def provenance() -> dict:
         "argv": list(sys.argv),
         "git_commit": commit,
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None,
-        "versions": {"iat-rec": version("iat-rec"), "torch": torch.__version__, "torchrec": version("torchrec"),
-                     "fbgemm_gpu": version("fbgemm-gpu", "fbgemm-gpu-cpu", "fbgemm_gpu"), "python": sys.version.split()[0]},
+        "versions": versions(),
         "host": socket.gethostname(),
-    }  # fmt: skip
+    }

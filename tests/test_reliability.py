@@ -5,6 +5,7 @@ SIGKILLs one rank after a checkpoint and checks that the restarted job ends exac
 uninterrupted run with the same seed ends (marked ``slow``, ~25 s on 2 cores).
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -483,29 +484,32 @@ def _gone(pids: list[int]) -> bool:
     return not any(p in procs and "zombie" not in (Path("/proc") / str(p) / "status").read_text() for p in pids if p in procs)
 
 
-@pytest.mark.slow
-def test_ranks_die_with_their_launcher(tiny_log, tmp_path):
+@contextlib.contextmanager
+def two_ranks_training(tiny_log: Path, tmp_path: Path):
+    """(launcher, rank pids) of a 2-rank run once it trains; whatever is left is killed after."""
     launcher = start_two_ranks(tiny_log, tmp_path / "run", tmp_path)
     try:
         ranks = wait_for(lambda: len(launched_ranks(launcher.pid)) == 2 and launched_ranks(launcher.pid), 60, "two ranks")
         wait_for(lambda: (tmp_path / "run" / "train_log.jsonl").is_file(), 60, "training")
+        yield launcher, ranks
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_ranks_die_with_their_launcher(tiny_log, tmp_path):
+    with two_ranks_training(tiny_log, tmp_path) as (launcher, ranks):
         launcher.kill()  # SIGKILL: its agent cannot stop the ranks
         launcher.wait()
         wait_for(lambda: _gone(ranks), 20, "the ranks to die with their launcher")
-    finally:
-        os.killpg(launcher.pid, signal.SIGKILL) if launcher.poll() is None else None
 
 
 @pytest.mark.slow
 def test_ctrl_c_stops_every_rank_says_interrupted_and_leaves_no_launcher_files(tiny_log, tmp_path):
-    launcher = start_two_ranks(tiny_log, tmp_path / "run", tmp_path)
-    try:
-        ranks = wait_for(lambda: len(launched_ranks(launcher.pid)) == 2 and launched_ranks(launcher.pid), 60, "two ranks")
-        wait_for(lambda: (tmp_path / "run" / "train_log.jsonl").is_file(), 60, "training")
+    with two_ranks_training(tiny_log, tmp_path) as (launcher, ranks):
         os.killpg(launcher.pid, signal.SIGINT)  # what Ctrl-C sends to the foreground job
         _, err = launcher.communicate(timeout=60)
-    finally:
-        os.killpg(launcher.pid, signal.SIGKILL) if launcher.poll() is None else None
     assert launcher.returncode == 130, err[-3000:]
     assert [line for line in err.splitlines() if line.startswith("iat-rec:")] == ["iat-rec: interrupted"], err[-3000:]
     assert "Traceback" not in err, err[-3000:]
@@ -514,7 +518,7 @@ def test_ctrl_c_stops_every_rank_says_interrupted_and_leaves_no_launcher_files(t
 
 
 def test_a_killed_writers_temporary_directory_is_removed_by_the_next_write(tmp_path):
-    dead = subprocess.run(["true"]).returncode or subprocess.Popen(["true"])
+    dead = subprocess.Popen(["true"])
     dead.wait()  # a pid that is no longer alive
     from iat_rec.atomic import _HOST
 
