@@ -15,12 +15,14 @@ if [ -f .mldata/ml-1m.tar.xz ] && [ ! -d /tmp/ml/ml-1m ]; then tar -C /tmp/ml -x
 export ML_SOURCE=/tmp/ml/ml-1m
 nvidia-smi -L
 i=0
-declare -A logs
+declare -A logs ran  # per WORK: its dataset, and the variants its jobs ran ("all" where a job named none)
 for job in $JOBS; do
   IFS=: read -r -a parts <<< "$job"
   if [[ ${parts[0]} == /* ]]; then work=${parts[0]}; parts=("${parts[@]:1}"); else work=$Q/${parts[0]}; fi
   name=${parts[0]}
   if [ -z "${logs[$work]:-}" ]; then PREPARE_ONLY=1 benchmarks/quality.sh "$name" "$work"; logs[$work]=$name; fi
+  v=all; for ((k = 1; k < ${#parts[@]} - 1; k++)); do [ "${parts[k]}" = --variants ] && v=${parts[k + 1]}; done
+  if [ "$v" = all ] || [ "${ran[$work]:-}" = all ]; then ran[$work]=all; else ran[$work]=${ran[$work]:+${ran[$work]},}$v; fi
   i=$((i + 1))
   (time benchmarks/quality.sh "$name" "$work" "${parts[@]:1}") > "$Q/job$i-$name.log" 2>&1 &
 done
@@ -28,8 +30,9 @@ deadline=$(( $(date +%s) + ${DEADLINE:-540} ))
 while [ -n "$(jobs -rp)" ] && [ "$(date +%s)" -lt "$deadline" ]; do sleep 5; done
 kill $(jobs -rp) 2>/dev/null
 sleep 2
-for work in "${!logs[@]}"; do  # every seed's report, where every stage finished
-  timeout 120 benchmarks/quality.sh "${logs[$work]}" "$work" --report-only > "$work.report.log" 2>&1 || tail -2 "$work.report.log"
+for work in "${!logs[@]}"; do  # every seed's report of the variants that ran, where every stage finished
+  [ "${ran[$work]}" = all ] && v="" || v=$(tr , '\n' <<< "${ran[$work]}" | awk '!seen[$0]++' | paste -sd,)
+  VARIANTS=${v:-${VARIANTS:-}} timeout 120 benchmarks/quality.sh "${logs[$work]}" "$work" --report-only > "$work.report.log" 2>&1 || tail -2 "$work.report.log"
 done
 cd "$Q" && find . \( -name report.md -o -name results.json -o -name '*.png' -o -name '*.log' -o -name result.json \
   -o -name metrics.json -o -name eval_history.json -o -name run.json -o -name manifest.json -o -path '*/seconds/*' \) -print0 \
