@@ -12,6 +12,7 @@ from iat_rec.errors import IatError
 # command words -> (module[:function], one-line help); the function (default cli) takes argv, returns the exit code
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("data", "ingest"): ("iat_rec.ingest_cli", "ingest a CSV/Parquet file into an instance log"),
+    ("data", "append"): ("iat_rec.ingest_cli:append_cli", "write the next version of an instance log with a later segment"),
     ("data", "synth"): ("iat_rec.synth", "generate a synthetic instance log"),
     ("data", "movielens"): ("iat_rec.movielens", "build the MovieLens-1M instance log"),
     ("data", "stats"): ("iat_rec.stats", "summarise an instance log"),

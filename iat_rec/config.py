@@ -61,6 +61,7 @@ class TrainConfig:
     hbm_gb: float = 0.0  # 0: the device's real memory
     constraints: str = ""  # JSON file of per-table planner constraints
     resume: bool = False  # continue the run at --out from its latest checkpoint (same config but the budget)
+    resume_from: str = ""  # a finished run of this stage on an earlier version of --data (iat-rec data append): start from its weights and optimizer state and train on the rows appended since
     overwrite: bool = False  # replace an existing run at --out (without it, or --resume, an existing run is refused)
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True  # a progress bar on rank 0

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from iat_rec.errors import IatError
-from iat_rec.instance_log import Columns, InstanceLog, write_instance_log
+from iat_rec.instance_log import Columns, InstanceLog, normalise_dense, write_instance_log
 from iat_rec.schema import Schema, SparseFeature
 
 CHUNK_ROWS = 1 << 20  # Parquet rows per chunk
@@ -312,6 +312,47 @@ def input_files(spec: str | Path) -> list[Path]:
 
 def ingest(input_path: str | Path, schema: Schema, out: str | Path) -> InstanceLog:
     """Reads every file of ``input_path`` (``input_files``) in order into one instance log."""
+    path, cols = read_input(input_path, schema)
+    _refuse_duplicates(path, cols)
+    return write_instance_log(out, schema, cols, source=str(input_path))
+
+
+def append(log: InstanceLog, input_path: str | Path, out: str | Path) -> InstanceLog:
+    """A new version of ``log`` with the rows of ``input_path`` (a later segment: no timestamp
+    before the log's last) merged in, encoded and normalised as the log was. Old rows keep
+    their relative order (``InstanceLog.rows_of_version``)."""
+    path, new = read_input(input_path, log.schema)
+    _refuse_duplicates(path, new)
+    return append_columns(log, new, out, str(input_path))
+
+
+def append_columns(log: InstanceLog, new: Columns, out: str | Path, source: str) -> InstanceLog:
+    """``append`` of already encoded columns (raw dense values)."""
+    last = int(log.manifest["time_range"][1])
+    early = new.ts < last
+    if early.any():
+        row = int(np.argmax(early))
+        raise IatError(f"{source}: data row {row + 1} has timestamp {int(new.ts[row])}, before the last of {log.path} ({last}): "
+                       "append takes a later segment only (ingest the whole log again to insert earlier rows)")
+    keys = np.union1d(np.asarray(log.user_keys), new.user_keys)  # sorted: user index = rank of the key, as ingest
+    dense, _ = normalise_dense(new.dense, log.schema, log.manifest["dense_stats"])
+    old_multi = {name: (np.asarray(v[0]), np.diff(np.asarray(v[1]))) for name, v in log.sparse.items() if isinstance(v, tuple)}
+    cols = Columns(
+        user=np.concatenate([np.searchsorted(keys, log.user_keys)[np.asarray(log.user)], np.searchsorted(keys, new.user_keys)[new.user]]),
+        user_keys=keys,
+        ts=np.concatenate([log.ts, new.ts]),
+        labels=np.concatenate([log.labels, new.labels]),
+        label_time=np.concatenate([log.label_time, new.label_time]),
+        dense=np.concatenate([log.dense, dense]),
+        sparse={name: np.concatenate([log.sparse[name], ids]) for name, ids in new.sparse.items()},
+        multi={name: tuple(np.concatenate([a, b]) for a, b in zip(old_multi[name], vl)) for name, vl in new.multi.items()},
+        segment=np.concatenate([log.segment, np.full(new.rows, len(log.segments), dtype=np.int32)]),
+    )
+    return write_instance_log(out, log.schema, cols, source=source, dense_stats=log.manifest["dense_stats"], segments=log.segments)
+
+
+def read_input(input_path: str | Path, schema: Schema) -> tuple[Path, Columns]:
+    """Every file of ``input_path`` encoded with ``schema``: (the path named in errors, columns)."""
     files = input_files(input_path)
     path = Path(str(input_path)) if len(files) > 1 else files[0]
     users: dict[str, int] = {}
@@ -372,8 +413,7 @@ def ingest(input_path: str | Path, schema: Schema, out: str | Path) -> InstanceL
             if f.multi
         },
     )
-    _refuse_duplicates(path, cols)
-    return write_instance_log(out, schema, cols, source=str(input_path))
+    return path, cols
 
 
 def _refuse_duplicates(path: Path, cols: Columns) -> None:

@@ -13,9 +13,17 @@ Layout of a log directory::
     dense.npy              float32 [N, D]  normalised dense features
     sparse.<name>.npy      int64 [N]       single-valued feature ids in [0, num_embeddings)
     sparse.<name>.values.npy / .offsets.npy   multi-valued: CSR values and [N + 1] offsets
+    segment.npy            int32 [N]       appended logs only: the segment each row came in with
 
 The instance id of a row is its row number. Because rows are sorted by (user, timestamp)
 with a stable tie order, a user's history is a contiguous block of rows (DESIGN.md).
+
+Day-by-day operation: ``iat-rec data append`` writes a new version of a log with a later
+segment (timestamps >= the log's last) merged in. Each user's new rows go after their old
+ones, so old rows keep their relative order: the rows of an earlier version are exactly
+``rows_of_version(its fingerprint)`` (``segment <=`` its index), in order. That is the row-id
+map from any earlier version to this one, and the manifest's ``segments`` lists every
+version (source, rows, time range, fingerprint).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from iat_rec.errors import IatError
 from iat_rec.schema import Schema
 
 FORMAT = "iat-instance-log"
+SEGMENT_FILE = "segment.npy"
 VERSION = 2  # 2: the size and checksum of every file in the manifest
 
 
@@ -49,28 +58,39 @@ class Columns:
     dense: np.ndarray  # float32 [N, D], raw (normalised by the writer)
     sparse: dict[str, np.ndarray]  # single-valued: int64 [N]
     multi: dict[str, tuple[np.ndarray, np.ndarray]]  # multi-valued: (values int64, lengths int64 [N])
+    segment: np.ndarray | None = None  # int32 [N]: appended logs only
 
     @property
     def rows(self) -> int:
         return int(self.ts.shape[0])
 
+    def take(self, keep: np.ndarray) -> "Columns":
+        """The rows where the mask ``keep`` is true (e.g. one time segment of a log)."""
+        multi = {name: (values[np.repeat(keep, lengths)], lengths[keep]) for name, (values, lengths) in self.multi.items()}
+        return Columns(user=self.user[keep], user_keys=self.user_keys, ts=self.ts[keep], labels=self.labels[keep],
+                       label_time=self.label_time[keep], dense=self.dense[keep], sparse={k: v[keep] for k, v in self.sparse.items()},
+                       multi=multi, segment=None if self.segment is None else self.segment[keep])  # fmt: skip
 
-def _normalise_dense(dense: np.ndarray, schema: Schema) -> tuple[np.ndarray, list[dict]]:
+
+def normalise_dense(dense: np.ndarray, schema: Schema, stats: list[dict] | None = None) -> tuple[np.ndarray, list[dict]]:
+    """Raw dense features -> normalised float32 and the statistics used: computed from
+    ``dense``, or the given ``stats`` (an appended segment is normalised as its log was)."""
     out = np.empty(dense.shape, dtype=np.float32)
+    given = stats
     stats = []
     for j, f in enumerate(schema.dense):
         x = dense[:, j].astype(np.float64)
         if f.norm == "log":
             x = np.sign(x) * np.log1p(np.abs(x))
-        st = {"name": f.name, "norm": f.norm}
+        st = dict(given[j]) if given is not None else {"name": f.name, "norm": f.norm}
         if f.norm in ("standard", "log"):
-            mean, std = float(x.mean()), float(x.std()) or 1.0
-            x = (x - mean) / std
-            st.update(mean=mean, std=std)
+            if given is None:
+                st.update(mean=float(x.mean()), std=float(x.std()) or 1.0)
+            x = (x - st["mean"]) / st["std"]
         elif f.norm == "minmax":
-            lo, hi = float(x.min()), float(x.max())
-            x = (x - lo) / ((hi - lo) or 1.0)
-            st.update(min=lo, max=hi)
+            if given is None:
+                st.update(min=float(x.min()), max=float(x.max()))
+            x = (x - st["min"]) / ((st["max"] - st["min"]) or 1.0)
         out[:, j] = x
         stats.append(st)
     return out, stats
@@ -81,8 +101,13 @@ def check_log_out(out: str | Path, overwrite: bool, inputs: tuple[str | Path, ..
     check_out(out, "an instance log", {FORMAT}, "manifest.json", overwrite, inputs)
 
 
-def write_instance_log(out: str | Path, schema: Schema, cols: Columns, source: str) -> "InstanceLog":
-    """Sorts by (user, ts) with a stable tie order and writes the log atomically."""
+def write_instance_log(out: str | Path, schema: Schema, cols: Columns, source: str,
+                       dense_stats: list[dict] | None = None, segments: list[dict] | None = None) -> "InstanceLog":
+    """Sorts by (user, ts) with a stable tie order and writes the log atomically.
+
+    ``dense_stats``: ``cols.dense`` is already normalised with them (an append). ``segments``:
+    the earlier versions' entries of an appended log (``cols.segment`` then says which row came
+    with which); this version's entry is added."""
     n = cols.rows
     if n == 0:
         raise IatError(f"{source}: no rows")
@@ -98,8 +123,13 @@ def write_instance_log(out: str | Path, schema: Schema, cols: Columns, source: s
         np.save(tmp / "user_keys.npy", np.asarray(cols.user_keys).astype(str))
         np.save(tmp / "labels.npy", cols.labels[perm].astype(np.float32))
         np.save(tmp / "label_time.npy", cols.label_time[perm].astype(np.int64))
-        dense, dense_stats = _normalise_dense(cols.dense[perm], schema)
+        if dense_stats is None:
+            dense, dense_stats = normalise_dense(cols.dense[perm], schema)
+        else:
+            dense = cols.dense[perm].astype(np.float32)
         np.save(tmp / "dense.npy", dense)
+        if cols.segment is not None:
+            np.save(tmp / SEGMENT_FILE, cols.segment[perm].astype(np.int32))
         for f in schema.sparse:
             if f.multi:
                 values, lengths = cols.multi[f.name]
@@ -125,12 +155,20 @@ def write_instance_log(out: str | Path, schema: Schema, cols: Columns, source: s
             "source": source,
             "schema": schema.to_dict(),
             "dense_stats": dense_stats,
-            "time_range": [int(cols.ts.min()), int(cols.ts.max())],
+            "time_range": _time_range(cols.ts),
         }
         manifest["fingerprint"] = _fingerprint(tmp, manifest)
+        if segments is not None:
+            manifest["segments"] = [*segments, {"source": source, "rows": int((cols.segment == len(segments)).sum()),
+                                                "time_range": _time_range(cols.ts[cols.segment == len(segments)]),
+                                                "fingerprint": manifest["fingerprint"]}]  # fmt: skip
         manifest["files"] = checksums.digests(tmp, [f.name for f in tmp.glob("*.npy")])
         write_json(tmp / "manifest.json", manifest)
     return InstanceLog(out)
+
+
+def _time_range(ts: np.ndarray) -> list[int]:
+    return [int(ts.min()), int(ts.max())]
 
 
 def _fingerprint(path: Path, manifest: dict) -> str:
@@ -216,6 +254,32 @@ class InstanceLog:
             else:
                 out[f.name] = self._load(f"sparse.{f.name}.npy")
         return out
+
+    @cached_property
+    def segment(self) -> np.ndarray:
+        """int32 [N]: the segment (version) each row came with; all 0 for a log never appended to."""
+        if "segments" not in self.manifest:
+            return np.zeros(self.rows, dtype=np.int32)
+        return self._load(SEGMENT_FILE)
+
+    @property
+    def segments(self) -> list[dict]:
+        """Every version of this log, oldest first: source, rows added, time range, fingerprint."""
+        return self.manifest.get("segments") or [
+            {"source": self.manifest.get("source"), "rows": self.rows, "time_range": self.manifest["time_range"], "fingerprint": self.fingerprint}
+        ]
+
+    def version_index(self, fingerprint: str) -> int:
+        """Which segment ends the version with ``fingerprint``; refuses a log that is not a version of this one."""
+        found = [k for k, seg in enumerate(self.segments) if seg["fingerprint"] == fingerprint]
+        if not found:
+            raise IatError(f"instance log {fingerprint} is not a version of {self.path} (its versions: "
+                           f"{[seg['fingerprint'] for seg in self.segments]}): append to that log with iat-rec data append")
+        return found[0]
+
+    def rows_of_version(self, fingerprint: str) -> np.ndarray:
+        """The rows of an earlier version, in its row order: row i there is row ``[i]`` here."""
+        return np.flatnonzero(np.asarray(self.segment) <= self.version_index(fingerprint))
 
     def check_files(self) -> None:
         """Every file against the manifest (size, checksum): the programs call it before any rank starts."""

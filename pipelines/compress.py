@@ -27,7 +27,8 @@ from iat_rec.loaders import BatchDataset, SelectTasks, select_tasks, time_order,
 from iat_rec.planning import TOKEN_FEATURE, model_tables, token_table_config
 from iat_rec.token_table import TokenTable, token_constraints
 from modules.compressor import BOTTLENECK_ACTS, Compressor
-from pipelines.trainer import Trainer, check_resume, embedding_params, make_optimizer, program_cli, program_parser, shard, total_steps
+from pipelines.trainer import (Trainer, check_resume, check_resume_from, embedding_params, make_optimizer, program_cli, program_parser, shard,
+                               total_steps, training_rows)
 
 RUN_FORMAT = "iat-rec-run"
 
@@ -107,7 +108,7 @@ def first_train_step(log: InstanceLog, cfg: CompressConfig, world_size: int) -> 
     ranks) at which it was first trained on, or -1 if it never was (valid/test rows, rows
     past a partial epoch). Global batch g (rank g % world at step g // world) holds units
     ``[g * batch, (g + 1) * batch)`` of the first epoch's order."""
-    ds = make_dataset(log, time_split(log, cfg.split)["train"], cfg, 0, world_size)
+    ds = make_dataset(log, training_rows(cfg, log, time_split(log, cfg.split)["train"]), cfg, 0, world_size)
     unit_step = np.arange(len(ds.units)) // (cfg.batch_size * world_size)
     step = np.full(log.rows, -1, dtype=np.int64)
     if ds.window is None:
@@ -143,6 +144,7 @@ def check_config(cfg: CompressConfig) -> None:
     check_run_out(cfg, (cfg.data, cfg.tokens))
     select_tasks(log.schema, cfg.tasks)
     check_split(log, cfg.split)
+    check_resume_from(cfg, "compress", log)
     unknown = sorted(set(cfg.reconstruct_features) - {f.name for f in log.schema.sparse})
     if unknown:
         raise IatError(f"--reconstruct-features {unknown}: not sparse features of {cfg.data} ({[f.name for f in log.schema.sparse]})")
@@ -161,7 +163,7 @@ def train(cfg: CompressConfig) -> dict:
     torch.manual_seed(cfg.seed)
     log = InstanceLog(cfg.data)
     splits = time_split(log, cfg.split)
-    train_ds = make_dataset(log, splits["train"], cfg, env.rank, env.world_size)
+    train_ds = make_dataset(log, training_rows(cfg, log, splits["train"]), cfg, env.rank, env.world_size)
     valid_ds = make_dataset(log, splits["valid"], cfg, env.rank, env.world_size)
     out = Path(cfg.out)
     table = TokenTable(cfg.tokens) if cfg.stream else None
@@ -177,6 +179,7 @@ def train(cfg: CompressConfig) -> dict:
         "config": to_dict(cfg),
         "data": str(Path(cfg.data).resolve()),
         "log_fingerprint": log.fingerprint,
+        "resume_from": check_resume_from(cfg, "compress", log),
         "world_size": env.world_size,
         "backend": env.backend,
         "provenance": provenance(),

@@ -1,12 +1,18 @@
 """Export: run the trained compressor over every instance and write the sharded token table.
 
     iat-rec export --stage1 RUN --out TOKENS [--dtype fp32|fp16] [--nproc N]
+    iat-rec export --stage1 RUN --append OLD_TOKENS --out TOKENS   (day-by-day refresh)
 
 The compressor is sharded with the plan of its stage-1 run (re-planned when the world size
 differs) and loaded from the run's latest checkpoint. The token table is planned by
 TorchRec (row-wise on GPU, table- or column-wise on CPU where row-wise is unavailable);
 each rank computes the tokens of the rows its shards own and writes them in place, then
 the table is saved with torch.distributed.checkpoint.
+
+With ``--append OLD_TOKENS`` (a table of an earlier version of the run's log, see ``iat-rec data
+append``) only the rows appended since are encoded; every old row keeps its bytes, moved to its
+row in the new version. The manifest's ``segments`` names the model that encoded each segment's
+rows and ``table_version`` counts the refreshes. Each rank reads the old table whole.
 """
 
 from __future__ import annotations
@@ -94,6 +100,16 @@ def token_sources(run: str | Path, cfg, info: dict, log, mode: str) -> tuple[lis
     return snaps + [final], source
 
 
+def copy_rows(old: TokenTable, kept: np.ndarray, blocks) -> None:
+    """Writes row i of ``old`` into row ``kept[i]`` of this rank's shards, bytes unchanged."""
+    src = old.read_rows(0, old.rows)
+    for r0, n, cols in blocks:
+        lo, hi = np.searchsorted(kept, [r0, r0 + n])  # kept is ascending
+        at = torch.from_numpy(kept[lo:hi] - r0)
+        for c0, shard_t in cols:
+            shard_t[at.to(shard_t.device)] = src[lo:hi, c0 : c0 + shard_t.shape[1]].to(shard_t.device)
+
+
 def local_stats(weight, dim: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """Per-dimension mean and std over every row of a (sharded) table: collective."""
     acc = torch.zeros(3, dim, dtype=torch.float64, device=device)  # count, sum, sum of squares
@@ -122,10 +138,27 @@ def gather_rows(weight, rows: np.ndarray, dim: int, device: torch.device) -> np.
     return out.cpu().numpy()
 
 
+def check_append(old: TokenTable, log, dim: int, dtype: str) -> np.ndarray:
+    """The rows of ``log`` that ``old`` (a table of an earlier version of it) already holds, in
+    its row order; refuses a table of another log, dim or dtype."""
+    fingerprint = old.manifest["log_fingerprint"]
+    version = log.version_index(fingerprint)
+    if version == len(log.segments) - 1:
+        raise IatError(f"--append {old.path} is a table of {log.path} itself: nothing was appended since")
+    if (old.dim, old.dtype) != (dim, dtype):
+        raise IatError(f"--append {old.path} holds dim {old.dim} {old.dtype} tokens; this export writes dim {dim} {dtype}")
+    rows = log.rows_of_version(fingerprint)
+    if len(rows) != old.rows:
+        raise IatError(f"--append {old.path}: {old.rows} rows, but version {fingerprint} of {log.path} has {len(rows)}")
+    return rows
+
+
 def export(run: str, out: str, dtype: str = "fp32", batch_size: int = 4096, device: str = "auto", progress: bool = True,
-           tokens_from: str = "time-consistent") -> Path:
+           tokens_from: str = "time-consistent", append: str = "") -> Path:
     env = init_distributed(device)
     cfg, info, log = load_stage1(run)
+    old = TokenTable(append) if append else None
+    kept = check_append(old, log, cfg.model.iat_dim, dtype) if old else np.zeros(0, dtype=np.int64)
     model = build_compressor(log, cfg)  # no streaming prefix table: export needs the tokens only
     plan = None
     if info["world_size"] == env.world_size:
@@ -134,12 +167,15 @@ def export(run: str, out: str, dtype: str = "fp32", batch_size: int = 4096, devi
     cfg.device = env.device.type
     dmp, _ = shard(model, env, cfg, plan_out=None, plan=plan)
     sources, source_of_row = token_sources(run, cfg, info, log, tokens_from)
+    source_of_row[kept] = -1  # rows the old table holds: copied, never encoded
     dmp.eval()
     compressor = dmp.module
 
     table = shard_token_table(log.rows, cfg.model.iat_dim, dtype, env, batch_size)
     weight = table.module.tokens.state_dict()[WEIGHT_KEY]
     blocks = local_row_blocks(weight)
+    if old is not None:
+        copy_rows(old, kept, blocks)
     # per source: (rows, their offsets inside the shard, column shards) per batch
     plans = []
     for k in range(len(sources)):
@@ -169,13 +205,18 @@ def export(run: str, out: str, dtype: str = "fp32", batch_size: int = 4096, devi
     mean, std = local_stats(weight, cfg.model.iat_dim, env.device)
     final = ckpt.latest(run)
     source = hashlib.blake2b((Path(run) / "run.json").read_bytes() + final.name.encode() + tokens_from.encode(), digest_size=16).hexdigest()
+    segment = {"rows": int((source_of_row >= 0).sum()), "source_run": str(Path(run).resolve()), "source_checkpoint": final.name,
+               "tokens_from": tokens_from, "log_fingerprint": log.fingerprint}  # fmt: skip
+    earlier = (old.manifest.get("segments") or [{k: old.manifest.get(k) for k in segment} | {"rows": old.rows}]) if old else []
     manifest = {
         "dim": cfg.model.iat_dim,
+        "table_version": (old.manifest.get("table_version", 1) + 1) if old else 1,
+        "segments": [*earlier, segment],  # per segment of rows: the model that encoded them
         "dtype": dtype,
         "rows": log.rows,
         "scheme": cfg.scheme,
         "tokens_from": tokens_from,
-        "sources": {p.parent.name + "/" + p.name: int((source_of_row == k).sum()) for k, p in enumerate(sources)},
+        "sources": {p.parent.name + "/" + p.name: int((source_of_row == k).sum()) for k, p in enumerate(sources)},  # rows encoded here
         "split": list(cfg.split),
         "tasks": log.schema.task_names,
         "token_stats": {"mean": mean.tolist(), "std": std.tolist()},
@@ -189,6 +230,8 @@ def export(run: str, out: str, dtype: str = "fp32", batch_size: int = 4096, devi
     health = table_health(TokenTable(path), read=lambda rows: gather_rows(weight, rows, cfg.model.iat_dim, env.device))
     if env.is_main:
         write_json(path / "manifest.json", {**TokenTable(path).manifest, "health": health})
+        if old is not None:
+            print(f"appended {segment['rows']} rows to {len(kept)} rows of {old.path} (table version {manifest['table_version']})", flush=True)
         print(f"token table {path}: {log.rows} rows x {cfg.model.iat_dim} {dtype}, tokens from {tokens_from} "
               f"({len(sources)} model(s), final {final.name})\n{format_health(health)}", flush=True)  # fmt: skip
     dist.barrier()
@@ -205,6 +248,9 @@ def parser() -> argparse.ArgumentParser:
                    help="which model encodes each row (default time-consistent: a training row's token comes from "
                         "the last snapshot before its training step; final: the last checkpoint for every row; "
                         "initial: the untrained model)")  # fmt: skip
+    p.add_argument("--append", default="", metavar="OLD_TOKENS",
+                   help="a token table of an earlier version of the run's log (iat-rec data append): encode only the rows "
+                        "appended since and keep every old row's bytes")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--nproc", type=int, default=None, help="local ranks to launch (default: GPUs, else 2)")
@@ -217,10 +263,14 @@ def cli(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     cfg, _, log = load_stage1(args.run)  # clear errors before any rank starts
     log.check_files()
-    check_out(args.out, "a token table", {TABLE_FORMAT}, "manifest.json", args.overwrite, (args.run, log.path))
+    check_out(args.out, "a token table", {TABLE_FORMAT}, "manifest.json", args.overwrite, (args.run, log.path, *([args.append] if args.append else [])))
+    if args.append:
+        old = TokenTable(args.append)
+        old.check_files()
+        check_append(old, log, cfg.model.iat_dim, args.dtype)
     return run_ranks(
         "pipelines.export", argv, args.nproc,
-        lambda: export(args.run, args.out, args.dtype, args.batch_size, args.device, args.progress, args.tokens_from),
+        lambda: export(args.run, args.out, args.dtype, args.batch_size, args.device, args.progress, args.tokens_from, args.append),
     )  # fmt: skip
 
 

@@ -36,7 +36,8 @@ from iat_rec.rank_data import HistorySource, RankBatchMaker
 from iat_rec.token_table import TokenTable, token_constraints
 from modules.ranker import HISTORY_MODES, QUERIES, READERS, Ranker, RankerConfig, build_ranker
 from pipelines.compress import RUN_FORMAT, check_run_out, load_stage1
-from pipelines.trainer import Trainer, check_resume, embedding_params, evaluate, make_optimizer, program_cli, program_parser, shard
+from pipelines.trainer import (Trainer, check_resume, check_resume_from, embedding_params, evaluate, make_optimizer, program_cli, program_parser,
+                               shard, training_rows)
 
 
 @dataclasses.dataclass
@@ -70,6 +71,7 @@ def check_config(cfg: RankConfig) -> None:
     check_run_out(cfg, (cfg.data, cfg.tokens, cfg.stage1))
     select_tasks(log.schema, cfg.tasks)
     check_split(log, cfg.split)
+    check_resume_from(cfg, "rank", log)
     if cfg.tokens:
         table = TokenTable(cfg.tokens)
         table.check_files()
@@ -138,7 +140,9 @@ def build(cfg: RankConfig, env: DistEnv, plan_out: Path | None) -> Built:
             if any(k.startswith(prefix) for k in dmp.state_dict()):
                 ckpt.load_weights(ckpt.latest(cfg.stage1), dmp, prefix=prefix)
     maker = SelectTasks(RankBatchMaker(source, r.max_len, same_log, candidate=model.token_query), task_index)
-    return Built(env, log, dmp, maker, time_split(log, cfg.split), tasks)
+    splits = time_split(log, cfg.split)
+    splits["train"] = training_rows(cfg, log, splits["train"])
+    return Built(env, log, dmp, maker, splits, tasks)
 
 
 def _plan(model: Ranker, env: DistEnv, cfg: RankConfig, stage1_plan: ShardingPlan | None) -> ShardingPlan:
@@ -174,7 +178,7 @@ def train(cfg: RankConfig) -> dict:
     out = Path(cfg.out)
     built = build(cfg, env, plan_out=out / "plan.json")
     info = {"format": RUN_FORMAT, "stage": "rank", "config": to_dict(cfg), "world_size": env.world_size, "log_fingerprint": built.log.fingerprint,
-            "provenance": provenance()}  # fmt: skip
+            "resume_from": check_resume_from(cfg, "rank", built.log), "provenance": provenance()}  # fmt: skip
     trainer = Trainer(
         env, cfg, built.model, make_optimizer(built.model, cfg.dense_lr), dataset(built, cfg, "train"),
         dataset(built, cfg, "valid"), built.tasks, cfg.batch_size, info,

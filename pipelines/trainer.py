@@ -165,6 +165,18 @@ class Trainer:
         if self.env.is_main:
             print(f"checkpoint {path}", flush=True)
 
+    def _start_from(self, run: str) -> None:
+        """--resume-from: the weights and optimizer state of another run's latest checkpoint
+        (any world size: DCP reshards); the frozen token table stays this run's."""
+        path = ckpt.latest(run)
+        self.optimizer.init_state()
+        state = {"model": self._weights(), "optim": self.optimizer.state_dict()}
+        ckpt.dcp_load(state, path)
+        self.model.load_state_dict({**self.model.state_dict(), **state["model"]})
+        self.optimizer.load_state_dict(state["optim"])
+        if self.env.is_main:
+            print(f"started from {path}", flush=True)
+
     def _history(self) -> list[dict]:
         path = self.out / "eval_history.json"
         return json.loads(path.read_text()) if self.cfg.resume and path.is_file() else []
@@ -208,6 +220,8 @@ class Trainer:
         if start == 0 and self.env.is_main:  # a fresh run (--overwrite) keeps nothing of an earlier one
             for stale in (BEST, "checkpoints", "snapshots", "tb"):
                 shutil.rmtree(self.out / stale, ignore_errors=True)
+        if start == 0 and self.cfg.resume_from:
+            self._start_from(self.cfg.resume_from)
         if self.env.is_main and self.run_info is not None:
             write_json(self.out / "run.json", self.run_info)
         steps = self.total_steps()
@@ -360,6 +374,51 @@ def check_resume(cfg: TrainConfig, env: DistEnv, log_fingerprint: str) -> None:
     if changed:
         raise IatError(f"--resume: {cfg.out} was trained with other {', '.join(changed)} "
                        f"(only {', '.join(sorted(RESUMABLE - {'resume', 'overwrite', 'out', 'data'}))} may change): start a new run")
+
+
+# what --resume-from may change from the earlier run: the data (a later version), the budget and
+# how it is run, the tables it reads, seed, split and learning rates; never the model
+CONTINUABLE = RESUMABLE | {"resume_from", "tokens", "stage1", "seed", "split", "dense_lr", "sparse_lr", "early_stop", "slices", "warm_start"}
+
+
+def check_resume_from(cfg: TrainConfig, stage: str, log) -> dict:
+    """Refuses, before any rank starts, a --resume-from run that is not a finished run of this
+    stage, with this model, on an earlier version of ``log``; returns what run.json records."""
+    if not cfg.resume_from:
+        return {}
+    if cfg.resume:
+        raise IatError("--resume continues this run, --resume-from starts it from another: give one")
+    run = Path(cfg.resume_from)
+    path = run / "run.json"
+    if not path.is_file():
+        raise IatError(f"--resume-from {run}: not a run (no run.json)")
+    info = json.loads(path.read_text())
+    if info.get("stage") != stage:
+        raise IatError(f"--resume-from {run}: a {info.get('stage')} run, not {stage}")
+    last = ckpt.latest(run)
+    if last is None:
+        raise IatError(f"--resume-from {run}: no checkpoint (it has not finished)")
+    version = log.version_index(info["log_fingerprint"])
+    if version == len(log.segments) - 1:
+        raise IatError(f"--resume-from {run} was trained on {cfg.data} itself: nothing was appended since (iat-rec data append)")
+    was = {k: v for k, v in info["config"].items() if k not in CONTINUABLE}
+    now = {k: v for k, v in json.loads(json.dumps(to_dict(cfg))).items() if k not in CONTINUABLE}
+    changed = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
+    if changed:
+        raise IatError(f"--resume-from {run} was trained with other {', '.join(changed)}: its weights do not fit this model")
+    return {"run": str(run.resolve()), "checkpoint": last.name, "log_fingerprint": info["log_fingerprint"]}
+
+
+def training_rows(cfg: TrainConfig, log, train_rows: np.ndarray) -> np.ndarray:
+    """The training split's rows, and with --resume-from only those appended since its run's log."""
+    if not cfg.resume_from:
+        return train_rows
+    info = json.loads((Path(cfg.resume_from) / "run.json").read_text())
+    rows = train_rows[np.asarray(log.segment)[train_rows] > log.version_index(info["log_fingerprint"])]
+    if not len(rows):
+        raise IatError(f"--resume-from: none of the rows appended since {cfg.resume_from} is in the training split "
+                       f"(--split {list(cfg.split)}): choose quantiles that put the new segment in training")
+    return rows
 
 
 def program_parser(prog: str, doc: str, cls) -> argparse.ArgumentParser:

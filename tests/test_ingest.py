@@ -527,7 +527,7 @@ def test_failure_while_writing_leaves_existing_log_intact(tmp_path, schema, monk
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("iat_rec.instance_log._normalise_dense", boom)
+    monkeypatch.setattr("iat_rec.instance_log.normalise_dense", boom)
     with pytest.raises(OSError, match="disk full"):
         ingest(tmp_path / "in.csv", schema, out)
     assert InstanceLog(out).fingerprint == before
