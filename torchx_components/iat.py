@@ -8,8 +8,12 @@ TorchRec planner sees the job's real topology of nodes x processes per node). On
 changes between a laptop and a cluster::
 
     torchx run -s local_cwd  torchx_components/iat.py:compress -j 1x2 --data LOG --out RUN
-    torchx run -s slurm      torchx_components/iat.py:compress -j 2x8 -h gpu.xlarge --data LOG --out RUN
-    torchx run -s kubernetes torchx_components/iat.py:compress -j 2x8 -h gpu.xlarge --image REPO/iat-rec:TAG ...
+    torchx run -s slurm      torchx_components/iat.py:compress -j 2x8 -h iat.gpu.8 --data LOG --out RUN
+    torchx run -s kubernetes torchx_components/iat.py:compress -j 2x8 -h iat.gpu.8 --image REPO/iat-rec:cuda ...
+
+What each node gets is a named resource, ``-h NAME`` (torchx_components/resources.py, registered
+with torchx in setup.py): ``iat.cpu`` (the default: 2 CPUs, 8 GiB) or ``iat.gpu.{1,2,4,8}``, or any
+other name registered with torchx. With GPUs, ``-j``'s processes per node must not exceed them.
 
 Program options that a component does not name go after ``--`` and reach the program unchanged
 (``... --out RUN -- --emb-dim 32 --eval-every 500``); they come last, so they win over the named ones.
@@ -24,11 +28,25 @@ abbreviates two of its options (``--run``: --run-path/--run_path; likewise ``--n
 from typing import Dict, List, Optional
 
 import torchx.specs as specs
-from torchx.components.dist import ddp
+from torchx.components.dist import ddp, parse_nnodes
 
-# The image that runs the programs on container schedulers (kubernetes): the pinned stack of
-# the Makefile plus this repository. local_cwd and slurm ignore it (they run in the working dir).
-IMAGE = "iat-rec:latest"
+# absolute: torchx loads this file by its path, not as part of the package
+from torchx_components import resources
+
+# The images that run the programs on container schedulers (kubernetes), built by docker/Dockerfile:
+# the Makefile's pinned stack (CPU: torch's CPU build + fbgemm-gpu-cpu; CUDA: PyPI's CUDA torch +
+# fbgemm-gpu) plus this repository, in the image's working directory. local_cwd and slurm ignore
+# the image (they run in the working dir). Push them to your registry and pass --image REGISTRY/...
+#   docker build -f docker/Dockerfile --build-arg VARIANT=cpu  -t iat-rec:cpu  .
+#   docker build -f docker/Dockerfile --build-arg VARIANT=cuda -t iat-rec:cuda .
+IMAGE_CPU = "iat-rec:cpu"
+IMAGE_CUDA = "iat-rec:cuda"
+
+
+def default_image(resource: specs.Resource) -> str:
+    """The CUDA image for a named resource with GPUs, else the CPU one: a CPU-only torch on a GPU
+    node would train on the CPU and leave the GPUs idle."""
+    return IMAGE_CUDA if resource.gpu > 0 else IMAGE_CPU
 
 
 def _flags(**options: object) -> List[str]:
@@ -47,13 +65,10 @@ def _job(
     module: str,
     program_args: List[str],
     extra: List[str],
-    image: str,
+    image: Optional[str],
     name: str,
     j: str,
-    h: Optional[str],
-    cpu: int,
-    gpu: int,
-    memMB: int,
+    h: str,
     env: Optional[Dict[str, str]],
     max_retries: int,
     max_restarts: int,
@@ -61,17 +76,22 @@ def _job(
     rdzv_port: int,
     mounts: Optional[List[str]],
 ) -> specs.AppDef:
+    resource = resources.resolve(h)
+    _, _, nproc_per_node, _ = parse_nnodes(j)
+    if resource.gpu > 0 and nproc_per_node > resource.gpu:
+        gpus = f"{resource.gpu} GPU{'s' if resource.gpu > 1 else ''}"
+        raise ValueError(
+            f"-j {j} starts {nproc_per_node} ranks per node, but -h {h} gives each node {gpus} and each "
+            f"rank takes the GPU of its LOCAL_RANK: use -j <nnodes>x{resource.gpu} or a larger -h"
+        )
     app = ddp(
         *program_args,
         *extra,
         m=module,
-        image=image,
+        image=image or default_image(resource),
         name=name,
         j=j,
         h=h,
-        cpu=cpu,
-        gpu=gpu,
-        memMB=memMB,
         env=dict(env or {}),
         max_retries=max_retries,
         rdzv_backend=rdzv_backend,
@@ -108,13 +128,10 @@ def compress(
     batch_size: Optional[int] = None,
     config: Optional[str] = None,
     resume: bool = False,
-    image: str = IMAGE,
+    image: Optional[str] = None,
     name: str = "/",
     j: str = "1x2",
-    h: Optional[str] = None,
-    cpu: int = 2,
-    gpu: int = 0,
-    memMB: int = 8192,
+    h: str = resources.DEFAULT,
     env: Optional[Dict[str, str]] = None,
     max_retries: int = 0,
     max_restarts: int = 0,
@@ -137,13 +154,10 @@ def compress(
         batch_size: per rank: instances (temporal) or windows (user)
         config: YAML with any pipelines.compress option (flags override it)
         resume: continue from the latest checkpoint in out (none yet: start fresh); set it with max_restarts or max_retries, so that a restarted job resumes
-        image: container image with iat-rec installed (kubernetes); ignored by local_cwd and slurm
+        image: container image (kubernetes): default iat-rec:cuda if -h has GPUs, else iat-rec:cpu (docker/Dockerfile); ignored by local_cwd and slurm
         name: job name: {experimentname}/{runname}, {experimentname}/, /{runname} or {runname}
-        j: {nnodes}x{nproc_per_node}, e.g. 1x2 on a CPU host, 2x8 for two 8-GPU nodes
-        h: named resource per node (e.g. gpu.xlarge); takes precedence over cpu, gpu and memMB
-        cpu: CPUs per node
-        gpu: GPUs per node (set to nproc_per_node on GPU hosts)
-        memMB: host memory per node, in MB
+        j: {nnodes}x{nproc_per_node}, e.g. 1x2 on a CPU host, 2x8 for two 8-GPU nodes (with -h iat.gpu.8)
+        h: named resource per node: iat.cpu (2 CPUs, 8 GiB), iat.gpu.N for N = 1, 2, 4, 8 (11 CPUs, 64 GiB per GPU), or any name registered with torchx
         env: environment variables for every rank (e.g. NCCL_DEBUG=INFO,OMP_NUM_THREADS=4)
         max_retries: scheduler retries of the whole job (slurm, kubernetes; local_cwd has none)
         max_restarts: torchrun restarts inside the job, on every scheduler: when a rank fails, every rank of the node stops and starts again
@@ -156,7 +170,7 @@ def compress(
         batch_size=batch_size, config=config, resume=resume,
     )  # fmt: skip
     return _job(
-        "pipelines.compress", args, list(extra), image, name, j, h, cpu, gpu, memMB,
+        "pipelines.compress", args, list(extra), image, name, j, h,
         env, max_retries, max_restarts, rdzv_backend, rdzv_port, mounts,
     )  # fmt: skip
 
@@ -167,13 +181,10 @@ def export(
     out: str,
     dtype: Optional[str] = None,
     batch_size: Optional[int] = None,
-    image: str = IMAGE,
+    image: Optional[str] = None,
     name: str = "/",
     j: str = "1x2",
-    h: Optional[str] = None,
-    cpu: int = 2,
-    gpu: int = 0,
-    memMB: int = 8192,
+    h: str = resources.DEFAULT,
     env: Optional[Dict[str, str]] = None,
     max_retries: int = 0,
     max_restarts: int = 0,
@@ -193,13 +204,10 @@ def export(
         out: token table directory to write, as seen by every node
         dtype: fp32 | fp16 (default: the program's)
         batch_size: instances per rank per forward pass
-        image: container image with iat-rec installed (kubernetes); ignored by local_cwd and slurm
+        image: container image (kubernetes): default iat-rec:cuda if -h has GPUs, else iat-rec:cpu (docker/Dockerfile); ignored by local_cwd and slurm
         name: job name: {experimentname}/{runname}, {experimentname}/, /{runname} or {runname}
-        j: {nnodes}x{nproc_per_node}, e.g. 1x2 on a CPU host, 2x8 for two 8-GPU nodes
-        h: named resource per node (e.g. gpu.xlarge); takes precedence over cpu, gpu and memMB
-        cpu: CPUs per node
-        gpu: GPUs per node (set to nproc_per_node on GPU hosts)
-        memMB: host memory per node, in MB
+        j: {nnodes}x{nproc_per_node}, e.g. 1x2 on a CPU host, 2x8 for two 8-GPU nodes (with -h iat.gpu.8)
+        h: named resource per node: iat.cpu (2 CPUs, 8 GiB), iat.gpu.N for N = 1, 2, 4, 8 (11 CPUs, 64 GiB per GPU), or any name registered with torchx
         env: environment variables for every rank (e.g. NCCL_DEBUG=INFO,OMP_NUM_THREADS=4)
         max_retries: scheduler retries of the whole job (slurm, kubernetes; local_cwd has none)
         max_restarts: torchrun restarts inside the job, on every scheduler: when a rank fails, every rank of the node stops and starts again
@@ -209,7 +217,7 @@ def export(
     """
     args = _flags(stage1=stage1, out=out, dtype=dtype, batch_size=batch_size)
     return _job(
-        "pipelines.export", args, list(extra), image, name, j, h, cpu, gpu, memMB,
+        "pipelines.export", args, list(extra), image, name, j, h,
         env, max_retries, max_restarts, rdzv_backend, rdzv_port, mounts,
     )  # fmt: skip
 
@@ -228,13 +236,10 @@ def rank(
     batch_size: Optional[int] = None,
     config: Optional[str] = None,
     resume: bool = False,
-    image: str = IMAGE,
+    image: Optional[str] = None,
     name: str = "/",
     j: str = "1x2",
-    h: Optional[str] = None,
-    cpu: int = 2,
-    gpu: int = 0,
-    memMB: int = 8192,
+    h: str = resources.DEFAULT,
     env: Optional[Dict[str, str]] = None,
     max_retries: int = 0,
     max_restarts: int = 0,
@@ -259,13 +264,10 @@ def rank(
         batch_size: requests per rank per step
         config: YAML with any pipelines.rank option (flags override it)
         resume: continue from the latest checkpoint in out (none yet: start fresh); set it with max_restarts or max_retries, so that a restarted job resumes
-        image: container image with iat-rec installed (kubernetes); ignored by local_cwd and slurm
+        image: container image (kubernetes): default iat-rec:cuda if -h has GPUs, else iat-rec:cpu (docker/Dockerfile); ignored by local_cwd and slurm
         name: job name: {experimentname}/{runname}, {experimentname}/, /{runname} or {runname}
-        j: {nnodes}x{nproc_per_node}, e.g. 1x2 on a CPU host, 2x8 for two 8-GPU nodes
-        h: named resource per node (e.g. gpu.xlarge); takes precedence over cpu, gpu and memMB
-        cpu: CPUs per node
-        gpu: GPUs per node (set to nproc_per_node on GPU hosts)
-        memMB: host memory per node, in MB
+        j: {nnodes}x{nproc_per_node}, e.g. 1x2 on a CPU host, 2x8 for two 8-GPU nodes (with -h iat.gpu.8)
+        h: named resource per node: iat.cpu (2 CPUs, 8 GiB), iat.gpu.N for N = 1, 2, 4, 8 (11 CPUs, 64 GiB per GPU), or any name registered with torchx
         env: environment variables for every rank (e.g. NCCL_DEBUG=INFO,OMP_NUM_THREADS=4)
         max_retries: scheduler retries of the whole job (slurm, kubernetes; local_cwd has none)
         max_restarts: torchrun restarts inside the job, on every scheduler: when a rank fails, every rank of the node stops and starts again
@@ -279,7 +281,7 @@ def rank(
         resume=resume,
     )  # fmt: skip
     return _job(
-        "pipelines.rank", args, list(extra), image, name, j, h, cpu, gpu, memMB,
+        "pipelines.rank", args, list(extra), image, name, j, h,
         env, max_retries, max_restarts, rdzv_backend, rdzv_port, mounts,
     )  # fmt: skip
 
@@ -295,13 +297,10 @@ def pipeline(
     dtype: Optional[str] = None,
     compress_config: Optional[str] = None,
     rank_config: Optional[str] = None,
-    image: str = IMAGE,
+    image: Optional[str] = None,
     name: str = "/",
     j: str = "1x2",
-    h: Optional[str] = None,
-    cpu: int = 2,
-    gpu: int = 0,
-    memMB: int = 8192,
+    h: str = resources.DEFAULT,
     env: Optional[Dict[str, str]] = None,
     max_retries: int = 0,
     max_restarts: int = 0,
@@ -325,13 +324,10 @@ def pipeline(
         dtype: token table dtype: fp32 | fp16
         compress_config: YAML of pipelines.compress options for stage 1 (e.g. steps, batch_size)
         rank_config: YAML of pipelines.rank options for stage 2
-        image: container image with iat-rec installed (kubernetes); ignored by local_cwd and slurm
+        image: container image (kubernetes): default iat-rec:cuda if -h has GPUs, else iat-rec:cpu (docker/Dockerfile); ignored by local_cwd and slurm
         name: job name: {experimentname}/{runname}, {experimentname}/, /{runname} or {runname}
-        j: {nnodes}x{nproc_per_node}, e.g. 1x2 on a CPU host, 2x8 for two 8-GPU nodes
-        h: named resource per node (e.g. gpu.xlarge); takes precedence over cpu, gpu and memMB
-        cpu: CPUs per node
-        gpu: GPUs per node (set to nproc_per_node on GPU hosts)
-        memMB: host memory per node, in MB
+        j: {nnodes}x{nproc_per_node}, e.g. 1x2 on a CPU host, 2x8 for two 8-GPU nodes (with -h iat.gpu.8)
+        h: named resource per node: iat.cpu (2 CPUs, 8 GiB), iat.gpu.N for N = 1, 2, 4, 8 (11 CPUs, 64 GiB per GPU), or any name registered with torchx
         env: environment variables for every rank (e.g. NCCL_DEBUG=INFO,OMP_NUM_THREADS=4)
         max_retries: scheduler retries of the whole job (slurm, kubernetes; local_cwd has none)
         max_restarts: torchrun restarts inside the job, on every scheduler: when a rank fails, every rank of the node stops and starts again
@@ -344,6 +340,6 @@ def pipeline(
         compress_config=compress_config, rank_config=rank_config,
     )  # fmt: skip
     return _job(
-        "pipelines.pipeline", args, list(extra), image, name, j, h, cpu, gpu, memMB,
+        "pipelines.pipeline", args, list(extra), image, name, j, h,
         env, max_retries, max_restarts, rdzv_backend, rdzv_port, mounts,
     )  # fmt: skip
