@@ -21,6 +21,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("tokens", "show"): ("iat_rec.token_table", "print rows of a token table"),
     ("tokens", "lookup"): ("iat_rec.serving", "the history of one request: tokens and labels known before t"),
     ("tokens", "export"): ("iat_rec.serving:export_cli", "every row of a token table as Parquet or npy, for a feature store"),
+    ("tokens", "compressor"): ("iat_rec.serving:compressor_cli", "the compressor's token part as a standalone module for online inference"),
     ("rank",): ("pipelines.rank", "stage 2: train the downstream ranker"),
     ("evaluate",): ("pipelines.evaluate", "evaluate a stage-2 run on the test split"),
     ("pipeline",): ("pipelines.pipeline", "all stages in order, in one job"),

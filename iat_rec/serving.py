@@ -10,10 +10,15 @@
 
     iat-rec tokens lookup TOKENS --user user_42 --time 1704153600 [--last 128] [--json]
     iat-rec tokens export TOKENS --out FILE.parquet | --out DIR --format npy
+    iat-rec tokens compressor --stage1 RUN --out DIR [--checkpoint NAME]
 
 ``tokens export`` writes every row for a feature store: row id, user key, timestamp, each
 task's label and the time it became known, and the token (Parquet: a fixed-size list column;
 npy: one array per column in DIR).
+
+``tokens compressor`` writes the stage-1 compressor's token part as a standalone module for
+online inference (``iat_rec.online``): plain tensors in, the token of each new instance out,
+without TorchRec at serving time.
 
 Exactly the fetch of stage 2 (``iat_rec.history``): rows of the user with a timestamp strictly
 before t, the last ``last`` of them, each label shown only if it became known strictly before t.
@@ -148,6 +153,24 @@ def export_cli(argv: list[str]) -> int:
     a = p.parse_args(argv)
     out = export_rows(a.tokens, a.out, a.format, a.overwrite)
     print(f"{a.format}: {TokenTable(a.tokens).rows:,} rows -> {out}")
+    return 0
+
+
+def compressor_cli(argv: list[str]) -> int:
+    from iat_rec import online  # torch.export and the stage-1 code: only for this subcommand
+
+    p = argparse.ArgumentParser(prog="iat-rec tokens compressor", description=online.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--stage1", "--run", dest="run", required=True, help="stage-1 run directory")
+    p.add_argument("--out", required=True, help="directory to write: the artifact and compressor.json (the input contract)")
+    p.add_argument("--checkpoint", default=None,
+                   help="which weights: the run's latest checkpoint (default), or a checkpoint's name under RUN/checkpoints, "
+                        "RUN/snapshots or RUN (step_00000012, snapshots/step_00000000, best)")  # fmt: skip
+    p.add_argument("--format", choices=online.FORMATS, default="auto",
+                   help="auto (default): torch.export (.pt2), TorchScript (.ts) where export fails; export or torchscript: that one only")
+    p.add_argument("--overwrite", action="store_true", help="replace an online compressor already at --out")
+    a = p.parse_args(argv)
+    online.write_online(a.run, a.out, a.checkpoint, a.format, a.overwrite)
     return 0
 
 

@@ -218,8 +218,12 @@ class Compressor(nn.Module):
     def _encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens [N, iat_dim], the pooled feature embeddings they were made from)."""
         pooled, _ = self.base.embed(batch)
-        h = self.base.interaction(self.base.feature_tokens(pooled, batch.dense))
-        return self.bottleneck(h), pooled
+        return self.token(pooled, batch.dense), pooled
+
+    def token(self, pooled: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """The instance token from the pooled feature embeddings (bag-then-shared feature order)
+        and the dense features: everything after the lookups, also served by ``iat_rec.online``."""
+        return self.bottleneck(self.base.interaction(self.base.feature_tokens(pooled, dense)))
 
     def logits(self, batch: Batch, token: torch.Tensor) -> torch.Tensor:
         if self.sit is not None:
