@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from iat_rec.distenv import versions
+from iat_rec.dist.env import versions
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULT_KEYS = ("benchmark", "created", "tiny", "device", "versions", "config", "limits", "rows", "summary", "seconds")
@@ -123,7 +123,7 @@ def bench_run(name: str, args: argparse.Namespace, warmup: tuple[int, int] = (1,
     """Device, tiny mode, a work directory and the limits; cleans the work directory up."""
     import tempfile
 
-    from iat_rec.distenv import quiet_third_party
+    from iat_rec.dist.env import quiet_third_party
 
     quiet_third_party()
     device = resolve_device(args.device)
@@ -152,7 +152,7 @@ def bench_run(name: str, args: argparse.Namespace, warmup: tuple[int, int] = (1,
 def dist_env(device: torch.device):
     """The default process group (a private one-rank group when not launched); torn down
     at the end only if this call created it."""
-    from iat_rec.distenv import init_distributed
+    from iat_rec.dist.env import init_distributed
 
     created = not dist.is_initialized()
     env = init_distributed(device.type)
@@ -405,7 +405,7 @@ def finish(run: Run, config: dict[str, Any], rows: list[dict[str, Any]], summary
         "seconds": time.perf_counter() - run.started,
     }
     path = out_path(run.name, run.args.out, run.device)
-    from iat_rec.atomic import write_json
+    from iat_rec.dist.atomic import write_json
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, _jsonable(result))
@@ -481,8 +481,8 @@ def _print_grid(lines: list[list[str]]) -> None:
 
 def synth_log(run: Run, name: str, users: int, mean_instances: float):
     """A synthetic instance log under the work directory (made once per work dir and size)."""
-    from iat_rec.instance_log import InstanceLog
-    from iat_rec.synth import generate
+    from iat_rec.data.instance_log import InstanceLog
+    from iat_rec.data.synth import generate
 
     path = run.work / f"{name}-u{users}-m{mean_instances:g}-s{run.args.seed}"
     if (path / "manifest.json").is_file():

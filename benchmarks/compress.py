@@ -3,7 +3,7 @@
     iat-rec bench compress [--batch 8192] [--window 64] [--users 2000]
 
 The model is the project's: ``build_compressor`` on a synthetic log, planned and sharded by
-``pipelines.trainer.shard`` (fused row-wise Adagrad on the EBC), Adam on the dense part
+``iat_rec.train.trainer.shard`` (fused row-wise Adagrad on the EBC), Adam on the dense part
 (``make_optimizer``), stepped by ``TrainPipelineSparseDist`` exactly as the trainer does.
 Batches come from the real datasets (``pipelines.compress.make_dataset``) and are built
 before timing (pinned on CUDA) and cycled, so the figure is the GPU step, not the loader
@@ -21,10 +21,10 @@ from typing import Any
 
 
 from benchmarks import common
-from iat_rec.config import CompressConfig, ModelConfig
-from iat_rec.instance_log import time_split
+from iat_rec.train.config import CompressConfig, ModelConfig
+from iat_rec.data.instance_log import time_split
 from pipelines.compress import build_compressor, make_dataset
-from pipelines.trainer import make_optimizer, shard
+from iat_rec.train.trainer import make_optimizer, shard
 
 
 def measure_scheme(run: common.Run, env, log, scheme: str, instances: int, window: int,

@@ -13,7 +13,7 @@ B=${IAT_REC:-.venv/bin/iat-rec}
 PY=${PYTHON:-.venv/bin/python}
 mkdir -p "$W"
 [ -f "$W/log/manifest.json" ] || $B data synth --out "$W/log" --users 2000 --mean-instances 100 --seed 0
-SPARSE=$($PY -c "from iat_rec.instance_log import InstanceLog; print(*(f.name for f in InstanceLog('$W/log').schema.sparse))")
+SPARSE=$($PY -c "from iat_rec.data.instance_log import InstanceLog; print(*(f.name for f in InstanceLog('$W/log').schema.sparse))")
 S1="--data $W/log --nproc 1 --scheme user --window 32 --batch-size 16 --epochs 1 --eval-batches 40 --no-progress --overwrite"
 $B compress $S1 --sit-labels --out "$W/s1" | grep "valid click" | tail -1
 $B compress $S1 --no-sit-labels --out "$W/s1-nolabels" | grep "valid click" | tail -1

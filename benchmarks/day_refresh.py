@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from iat_rec.distenv import versions
-from iat_rec.ingest import append_columns
-from iat_rec.instance_log import write_instance_log
-from iat_rec.synth import SynthConfig, build_columns, synth_schema
+from iat_rec.dist.env import versions
+from iat_rec.data.ingest import append_columns
+from iat_rec.data.instance_log import write_instance_log
+from iat_rec.data.synth import SynthConfig, build_columns, synth_schema
 
 DAY = 86_400
 

@@ -44,10 +44,10 @@ from torchrec.modules.embedding_configs import DataType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from benchmarks import common, range_gather
-from iat_rec.history import HistoryIndex, expand_ranges
-from iat_rec.instance_log import time_split
-from iat_rec.planning import TOKEN_FEATURE, TOKEN_TABLE
-from iat_rec.token_table import token_constraints
+from iat_rec.batching.history import HistoryIndex, expand_ranges
+from iat_rec.data.instance_log import time_split
+from iat_rec.tables import TOKEN_FEATURE, TOKEN_TABLE
+from iat_rec.tokens.table import token_constraints
 from pipelines.export import shard_token_table
 
 

@@ -15,7 +15,7 @@ cons=()
 if [ "${ROW_WISE:-0}" = 1 ]; then  # every stage-1 feature table row-wise (the planner would pick table-wise)
   python3 - "$W/log" "$W/row_wise.json" <<'PY'
 import json, sys
-from iat_rec.instance_log import InstanceLog
+from iat_rec.data.instance_log import InstanceLog
 log = InstanceLog(sys.argv[1])
 json.dump({f"t_{f.name}": {"sharding_types": ["row_wise"]} for f in log.schema.sparse}, open(sys.argv[2], "w"))
 PY

@@ -31,8 +31,8 @@ import torch
 from benchmarks import common
 from benchmarks import compress as compress_bench
 from benchmarks import rank as rank_bench
-from iat_rec.instance_log import time_split
-from iat_rec.loaders import BatchDataset, EpochLoader, time_order
+from iat_rec.data.instance_log import time_split
+from iat_rec.batching.loaders import BatchDataset, EpochLoader, time_order
 
 
 def time_loader(ds, batches: int, warmup: int, workers: int = 0, pin: bool = False) -> dict[str, float]:

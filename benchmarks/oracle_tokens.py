@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from iat_rec import synth
+from iat_rec.data import synth
 from iat_rec.errors import IatError
-from iat_rec.instance_log import InstanceLog
-from iat_rec.token_table import SIDE_ARRAYS, WEIGHT_KEY, TokenTable, save_table, token_collection
+from iat_rec.data.instance_log import InstanceLog
+from iat_rec.tokens.table import SIDE_ARRAYS, WEIGHT_KEY, TokenTable, save_table, token_collection
 
 
 def shuffled_copy(tokens: str | Path, out: str | Path, seed: int = 0) -> Path:

@@ -24,10 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from iat_rec import planning
-from iat_rec.atomic import write_json
+from iat_rec.sharding import planning
+from iat_rec.tables import TOKEN_TABLE, build_tables_module, feature_table_configs, token_table_config
+from iat_rec.dist.atomic import write_json
 from iat_rec.errors import IatError
-from iat_rec.schema import Schema
+from iat_rec.data.schema import Schema
 
 CONSTRAINT_MODES: dict[str, dict[str, Any]] = {
     "auto": {},
@@ -81,11 +82,11 @@ QUICK = SweepConfig(world_sizes=(8, 16), token_rows=(10**8,), dims=(64,), modes=
 
 def plan_one(cfg: SweepConfig, world_size: int, rows: int, dim: int, mode: str) -> dict[str, Any]:
     """Plans one point; an infeasible point is a result too (feasible=False and why)."""
-    features = planning.feature_table_configs(FEATURES, cfg.feature_dim)
-    token = planning.token_table_config(rows, dim, cfg.token_dtype)
-    spec = {planning.TOKEN_TABLE: {**CONSTRAINT_MODES[mode], "pooling_factors": [float(cfg.history_len)]}}
+    features = feature_table_configs(FEATURES, cfg.feature_dim)
+    token = token_table_config(rows, dim, cfg.token_dtype)
+    spec = {TOKEN_TABLE: {**CONSTRAINT_MODES[mode], "pooling_factors": [float(cfg.history_len)]}}
     topology = planning.build_topology(world_size, cfg.local_world_size, "cuda", cfg.hbm_gb, cfg.ddr_gb)
-    module = planning.build_tables_module(features, token)
+    module = build_tables_module(features, token)
     point: dict[str, Any] = {"world_size": world_size, "token_rows": rows, "dim": dim, "mode": mode}
     start = time.perf_counter()
     try:
@@ -99,7 +100,7 @@ def plan_one(cfg: SweepConfig, world_size: int, rows: int, dim: int, mode: str) 
         return {**point, "feasible": False, "reason": reason, "message": str(e),
                 "planning_seconds": time.perf_counter() - start}
     d = planning.describe_plan(result.plan, topology, features + [token], result)
-    tok = next(t for t in d["tables"] if t["name"] == planning.TOKEN_TABLE)
+    tok = next(t for t in d["tables"] if t["name"] == TOKEN_TABLE)
     est = d["estimate"] or {}
     return {
         **point,

@@ -31,15 +31,15 @@ from torch import nn
 from torchrec.distributed.planner.types import ParameterConstraints
 
 from benchmarks import common
-from iat_rec.config import ModelConfig, TrainConfig
-from iat_rec.instance_log import time_split
-from iat_rec.loaders import BatchDataset
-from iat_rec.planning import build_topology, make_plan
-from iat_rec.rank_data import HistorySource, RankBatchMaker
+from iat_rec.train.config import ModelConfig, TrainConfig
+from iat_rec.data.instance_log import time_split
+from iat_rec.batching.loaders import BatchDataset
+from iat_rec.sharding.planning import build_topology, make_plan
+from iat_rec.batching.rank_data import HistorySource, RankBatchMaker
 from modules.ranker import Ranker, RankerConfig, build_ranker
 from modules.readers import make_reader, reader_flops
 from pipelines.export import token_constraints
-from pipelines.trainer import embedding_params, make_optimizer, shard
+from iat_rec.train.trainer import embedding_params, make_optimizer, shard
 
 
 def reader_kwargs(r: RankerConfig) -> dict[str, Any]:

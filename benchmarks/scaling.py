@@ -3,7 +3,7 @@ ranks: samples/s, speedup over 1 rank and scaling efficiency per rank count.
 
     iat-rec bench scaling [--ranks 1,2,4,8] [--stages 1,2] [--batch 8192] [--max-len 256] [--feature-sharding row_wise]
 
-The benchmark launches itself through the elastic agent (``iat_rec.distenv.launch``, as
+The benchmark launches itself through the elastic agent (``iat_rec.dist.env.launch``, as
 ``--nproc`` does for the training programs) once per rank count: NCCL on GPUs (rank counts
 above the visible GPUs are an error), gloo on CPU. Weak scaling: every rank trains ``--batch``
 samples per step (stage 1: instances; stage 2: requests), so the ideal n-rank figure is n x.
@@ -35,11 +35,12 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from benchmarks import common
 from benchmarks import compress as compress_bench
 from benchmarks import rank as rank_bench
-from iat_rec.distenv import drop_flag, init_distributed, launch
+from iat_rec.dist.env import drop_flag, init_distributed, launch
 from iat_rec.errors import IatError
-from iat_rec.instance_log import InstanceLog
-from iat_rec.config import CompressConfig
-from iat_rec.planning import TOKEN_TABLE, build_topology, make_plan_with_stats, quiet_planner_logs
+from iat_rec.data.instance_log import InstanceLog
+from iat_rec.train.config import CompressConfig
+from iat_rec.sharding.planning import build_topology, make_plan_with_stats, quiet_planner_logs
+from iat_rec.tables import TOKEN_TABLE
 from pipelines.compress import build_compressor
 
 STAGES = {1: "stage1_compress_temporal", 2: "stage2_rank_iat"}

@@ -4,7 +4,7 @@ its ratio to the device's copy bandwidth measured in the same run.
 
     iat-rec bench tbe [--tables 16] [--rows 1000000] [--dim 128] [--pooling 16] [--batch 8192]
 
-Two table sets, both sharded by the project's ``pipelines.trainer.shard`` (TorchRec planner,
+Two table sets, both sharded by the project's ``iat_rec.train.trainer.shard`` (TorchRec planner,
 ``apply_optimizer_in_backward``, DistributedModelParallel), table-wise with the fused kernel:
 
 * ``stage1``: exactly the compressor's EBC on a synthetic log (one table per pooled sparse
@@ -34,12 +34,12 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from benchmarks import common
-from iat_rec.config import TrainConfig
-from iat_rec.instance_log import time_split
-from iat_rec.loaders import BatchDataset, time_order
-from iat_rec.planning import model_tables
-from iat_rec.synth import synth_schema
-from pipelines.trainer import shard
+from iat_rec.train.config import TrainConfig
+from iat_rec.data.instance_log import time_split
+from iat_rec.batching.loaders import BatchDataset, time_order
+from iat_rec.tables import model_tables
+from iat_rec.data.synth import synth_schema
+from iat_rec.train.trainer import shard
 
 
 class SparseArch(nn.Module):

@@ -21,10 +21,10 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConf
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedTensor
 
-from iat_rec.batch import Batch
-from iat_rec.config import ModelConfig
-from iat_rec.history import LABEL_UNKNOWN
-from iat_rec.planning import TOKEN_FEATURE
+from iat_rec.batching.batch import Batch
+from iat_rec.train.config import ModelConfig
+from iat_rec.batching.history import LABEL_UNKNOWN
+from iat_rec.tables import TOKEN_FEATURE
 from modules.interaction import make_interaction
 from modules.mlp import MLP
 from modules.sit import RELEVANCE as SIT_RELEVANCE, SourceInstanceTransformer
@@ -81,7 +81,7 @@ class BaseRanker(nn.Module):
 
     Features that no history reads go through a pooled EmbeddingBagCollection (``sparse``);
     the schema's sequence features through an EmbeddingCollection (``shared``) whose tables
-    stage 2 also uses for the hand-crafted history (``iat_rec.planning.model_tables``).
+    stage 2 also uses for the hand-crafted history (``iat_rec.tables.model_tables``).
     """
 
     def __init__(
@@ -222,7 +222,7 @@ class Compressor(nn.Module):
 
     def token(self, pooled: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         """The instance token from the pooled feature embeddings (bag-then-shared feature order)
-        and the dense features: everything after the lookups, also served by ``iat_rec.online``."""
+        and the dense features: everything after the lookups, also served by ``iat_rec.tokens.online``."""
         return self.bottleneck(self.base.interaction(self.base.feature_tokens(pooled, dense)))
 
     def logits(self, batch: Batch, token: torch.Tensor) -> torch.Tensor:

@@ -35,9 +35,9 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 
-from iat_rec.config import ModelConfig
-from iat_rec.history import GAP_BUCKETS, LABEL_UNKNOWN
-from iat_rec.planning import CANDIDATE_FEATURE, TOKEN_FEATURE, history_feature, model_tables, token_table_config
+from iat_rec.train.config import ModelConfig
+from iat_rec.batching.history import GAP_BUCKETS, LABEL_UNKNOWN
+from iat_rec.tables import CANDIDATE_FEATURE, TOKEN_FEATURE, history_feature, model_tables, token_table_config
 from modules.attention import small_table_lookup
 from modules.compressor import BaseRanker, weighted_bce
 from modules.mlp import MLP

@@ -16,19 +16,19 @@ import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from iat_rec.atomic import check_out, write_json
-from iat_rec.batch import StreamBatch, extend, make_batch, make_window_batch
-from iat_rec.config import CompressConfig, check_values, from_dict, to_dict
-from iat_rec.distenv import DistEnv, init_distributed, provenance, rank_main
+from iat_rec.dist.atomic import check_out, write_json
+from iat_rec.batching.batch import StreamBatch, extend, make_batch, make_window_batch
+from iat_rec.train.config import CompressConfig, check_values, from_dict, to_dict
+from iat_rec.dist.env import DistEnv, init_distributed, provenance, rank_main
 from iat_rec.errors import IatError
-from iat_rec.history import expand_ranges
-from iat_rec.instance_log import InstanceLog, check_split, time_split
-from iat_rec.loaders import BatchDataset, SelectTasks, select_tasks, time_order, user_windows
-from iat_rec.planning import TOKEN_FEATURE, model_tables, token_table_config
-from iat_rec.token_table import TokenTable, token_constraints
+from iat_rec.batching.history import expand_ranges
+from iat_rec.data.instance_log import InstanceLog, check_split, time_split
+from iat_rec.batching.loaders import BatchDataset, SelectTasks, select_tasks, time_order, user_windows
+from iat_rec.tables import TOKEN_FEATURE, model_tables, token_table_config
+from iat_rec.tokens.table import TokenTable, token_constraints
 from modules.compressor import BOTTLENECK_ACTS, Compressor
-from pipelines.trainer import (Trainer, check_resume, check_resume_from, embedding_params, make_optimizer, program_cli, program_parser, shard,
-                               total_steps, training_rows)
+from iat_rec.train.trainer import (Trainer, check_resume, check_resume_from, embedding_params, make_optimizer, program_cli, program_parser, shard,
+                               total_steps, train_until)
 
 RUN_FORMAT = "iat-rec-run"
 
@@ -103,12 +103,13 @@ def slice_steps(steps_per_epoch: int, slices: int, total_steps: int) -> tuple[in
     return tuple(sorted({k * steps_per_epoch // slices for k in range(slices)} & set(range(total_steps))))
 
 
-def first_train_step(log: InstanceLog, cfg: CompressConfig, world_size: int) -> np.ndarray:
+def first_train_step(log: InstanceLog, cfg: CompressConfig, world_size: int, after: int | None = None) -> np.ndarray:
     """For every row of the log: the 0-based step of a stage-1 run (``cfg``, ``world_size``
     ranks) at which it was first trained on, or -1 if it never was (valid/test rows, rows
-    past a partial epoch). Global batch g (rank g % world at step g // world) holds units
+    past a partial epoch; with ``after``, a --resume-from run's, every row up to that time).
+    Global batch g (rank g % world at step g // world) holds units
     ``[g * batch, (g + 1) * batch)`` of the first epoch's order."""
-    ds = make_dataset(log, training_rows(cfg, log, time_split(log, cfg.split)["train"]), cfg, 0, world_size)
+    ds = make_dataset(log, time_split(log, cfg.split, after)["train"], cfg, 0, world_size)
     unit_step = np.arange(len(ds.units)) // (cfg.batch_size * world_size)
     step = np.full(log.rows, -1, dtype=np.int64)
     if ds.window is None:
@@ -141,10 +142,9 @@ def check_config(cfg: CompressConfig) -> None:
         raise IatError("--stream needs --scheme user")
     log = InstanceLog(cfg.data)  # fails early, with a clear message, on a missing or foreign directory
     log.check_files()  # a damaged or edited column is refused before any rank starts
-    check_run_out(cfg, (cfg.data, cfg.tokens))
+    check_run_out(cfg, (cfg.data, cfg.tokens, cfg.resume_from))
     select_tasks(log.schema, cfg.tasks)
-    check_split(log, cfg.split)
-    check_resume_from(cfg, "compress", log)
+    check_split(log, cfg.split, check_resume_from(cfg, "compress", log).get("train_until"))
     unknown = sorted(set(cfg.reconstruct_features) - {f.name for f in log.schema.sparse})
     if unknown:
         raise IatError(f"--reconstruct-features {unknown}: not sparse features of {cfg.data} ({[f.name for f in log.schema.sparse]})")
@@ -162,8 +162,9 @@ def train(cfg: CompressConfig) -> dict:
     check_resume(cfg, env, InstanceLog(cfg.data).fingerprint)
     torch.manual_seed(cfg.seed)
     log = InstanceLog(cfg.data)
-    splits = time_split(log, cfg.split)
-    train_ds = make_dataset(log, training_rows(cfg, log, splits["train"]), cfg, env.rank, env.world_size)
+    resumed = check_resume_from(cfg, "compress", log)
+    splits = time_split(log, cfg.split, resumed.get("train_until"))
+    train_ds = make_dataset(log, splits["train"], cfg, env.rank, env.world_size)
     valid_ds = make_dataset(log, splits["valid"], cfg, env.rank, env.world_size)
     out = Path(cfg.out)
     table = TokenTable(cfg.tokens) if cfg.stream else None
@@ -179,7 +180,8 @@ def train(cfg: CompressConfig) -> dict:
         "config": to_dict(cfg),
         "data": str(Path(cfg.data).resolve()),
         "log_fingerprint": log.fingerprint,
-        "resume_from": check_resume_from(cfg, "compress", log),
+        "resume_from": resumed,
+        "train_until": train_until(log, splits["train"]),
         "world_size": env.world_size,
         "backend": env.backend,
         "provenance": provenance(),

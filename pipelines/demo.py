@@ -11,8 +11,8 @@ import argparse
 from importlib.resources import files
 from pathlib import Path
 
-from iat_rec.instance_log import InstanceLog
-from iat_rec.synth import generate
+from iat_rec.data.instance_log import InstanceLog
+from iat_rec.data.synth import generate
 from pipelines import experiment
 
 DEMO_VARIANTS = "none,labels-only,handcrafted,iat-user,both-user"

@@ -10,14 +10,16 @@ an early-stopped run, else its latest checkpoint), and writes
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-from iat_rec import checkpoint as ckpt
-from iat_rec.atomic import write_json
-from iat_rec.distenv import init_distributed, rank_main, run_ranks
+from iat_rec.dist import checkpoint as ckpt
+from iat_rec.dist.atomic import write_json
+from iat_rec.dist.env import init_distributed, rank_main, run_ranks
 from iat_rec.errors import IatError
 from pipelines.rank import build, load_rank_config, test_metrics
-from pipelines.trainer import BEST, FROZEN
+from iat_rec.tables import TOKENS_PATH
+from iat_rec.train.trainer import BEST
 
 
 def evaluate_run(run: str) -> dict:
@@ -27,8 +29,9 @@ def evaluate_run(run: str) -> dict:
     last = Path(run) / BEST if cfg.early_stop and (Path(run) / BEST / ".metadata").is_file() else ckpt.latest(run)
     if last is None:
         raise IatError(f"{run}: no checkpoint to evaluate")
-    built = build(cfg, env, plan_out=None)
-    ckpt.load_weights(last, built.model, skip=FROZEN + ".")  # build() loaded the token table
+    resumed = json.loads((Path(run) / "run.json").read_text()).get("resume_from") or {}
+    built = build(cfg, env, plan_out=None, after=resumed.get("train_until"))  # the run's own test split
+    ckpt.load_weights(last, built.model, skip=TOKENS_PATH + ".")  # build() loaded the token table
     metrics = test_metrics(built, cfg)
     if env.is_main:
         write_json(Path(run) / "metrics.json", metrics)

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from iat_rec.config import load_yaml
-from iat_rec.distenv import init_distributed, rank_main, run_ranks
+from iat_rec.train.config import load_yaml
+from iat_rec.dist.env import init_distributed, rank_main, run_ranks
 from iat_rec.errors import IatError
-from iat_rec.report import markdown_table, summarise, write_report
+from iat_rec.eval.report import markdown_table, summarise, write_report
 from pipelines.pipeline import Stages, Variant, check_stage_yaml
 
 DEFAULT_VARIANTS = "none,labels-only,handcrafted,iat-temporal,iat-user,both-user,iat-untrained"

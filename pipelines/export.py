@@ -28,17 +28,18 @@ from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner.types import ParameterConstraints
 
-from iat_rec import checkpoint as ckpt
-from iat_rec.atomic import check_out, write_json
-from iat_rec.batch import make_batch
-from iat_rec.distenv import init_distributed, rank_main, run_ranks
+from iat_rec.dist import checkpoint as ckpt
+from iat_rec.dist.atomic import check_out, write_json
+from iat_rec.batching.batch import make_batch
+from iat_rec.dist.env import init_distributed, rank_main, run_ranks
 from iat_rec.errors import IatError
-from iat_rec.planning import build_topology, load_plan, make_plan
-from iat_rec.token_health import format_health, table_health
-from iat_rec.token_table import FORMAT as TABLE_FORMAT
-from iat_rec.token_table import SIDE_ARRAYS, WEIGHT_KEY, TokenTable, save_table, token_collection, token_constraints
+from iat_rec.sharding.planning import build_topology, load_plan, make_plan
+from iat_rec.tables import TOKENS_PATH
+from iat_rec.tokens.health import format_health, table_health
+from iat_rec.tokens.table import FORMAT as TABLE_FORMAT
+from iat_rec.tokens.table import SIDE_ARRAYS, WEIGHT_KEY, TokenTable, save_table, token_collection, token_constraints
 from pipelines.compress import build_compressor, first_train_step, load_stage1
-from pipelines.trainer import progress_bar, shard
+from iat_rec.train.trainer import progress_bar, shard
 
 
 def shard_token_table(rows: int, dim: int, dtype: str, env, batch_size: int, hbm_gb: float = 0.0,
@@ -92,7 +93,7 @@ def token_sources(run: str | Path, cfg, info: dict, log, mode: str) -> tuple[lis
         raise IatError(f"{run}: no model snapshots (stage 1 ran with --slices 0?): --tokens-from {mode} needs them; use --tokens-from final")
     if mode == "initial":
         return [snaps[0]], np.zeros(log.rows, dtype=np.int64)
-    first = first_train_step(log, cfg, info["world_size"])
+    first = first_train_step(log, cfg, info["world_size"], (info.get("resume_from") or {}).get("train_until"))
     source = np.full(log.rows, len(snaps), dtype=np.int64)  # the final model
     trained = first >= 0
     # the snapshot at step c has trained on steps 0..c-1: the last one with c <= the row's step
@@ -138,6 +139,28 @@ def gather_rows(weight, rows: np.ndarray, dim: int, device: torch.device) -> np.
     return out.cpu().numpy()
 
 
+def check_resumed(run: str, info: dict, tokens_from: str, append: str) -> None:
+    """A stage-1 run continued from another (--resume-from) starts from a model that trained on
+    the earlier rows' labels: only the rows appended since get time-consistent tokens from it
+    (--append to the table of the run it continued), and it has no untrained model."""
+    resumed = info.get("resume_from") or {}
+    if not resumed:
+        if append:
+            raise IatError(f"--append needs a stage-1 run continued (compress --resume-from) from the run that made {append}; {run} was not")
+        return
+    if tokens_from == "initial":
+        raise IatError(f"--tokens-from initial: {run} continued {resumed['run']}, so its first model is trained; export from a fresh run")
+    if tokens_from == "time-consistent" and not append:
+        raise IatError(f"{run} continued {resumed['run']}: its models trained on the earlier rows' labels, so only the rows appended "
+                       f"since get time-consistent tokens: --append the table exported from {resumed['run']} (or --tokens-from final)")
+    if append:
+        m = TokenTable(append).manifest
+        made = (m.get("source_run"), m.get("source_checkpoint"), m.get("log_fingerprint"))
+        if made != (resumed["run"], resumed["checkpoint"], resumed["log_fingerprint"]):
+            raise IatError(f"--append {append} was made by {made[0]} ({made[1]}) on log {made[2]}, but {run} continued {resumed['run']} "
+                           f"({resumed['checkpoint']}) on log {resumed['log_fingerprint']}: append to the table of the run it continued")
+
+
 def check_append(old: TokenTable, log, dim: int, dtype: str) -> np.ndarray:
     """The rows of ``log`` that ``old`` (a table of an earlier version of it) already holds, in
     its row order; refuses a table of another log, dim or dtype."""
@@ -157,13 +180,14 @@ def export(run: str, out: str, dtype: str = "fp32", batch_size: int = 4096, devi
            tokens_from: str = "time-consistent", append: str = "") -> Path:
     env = init_distributed(device)
     cfg, info, log = load_stage1(run)
+    check_resumed(run, info, tokens_from, append)
     old = TokenTable(append) if append else None
     kept = check_append(old, log, cfg.model.iat_dim, dtype) if old else np.zeros(0, dtype=np.int64)
     model = build_compressor(log, cfg)  # no streaming prefix table: export needs the tokens only
     plan = None
     if info["world_size"] == env.world_size:
         plan = load_plan(Path(run) / "plan.json")
-        plan.plan.pop("tokens", None)
+        plan.plan.pop(TOKENS_PATH, None)
     cfg.device = env.device.type
     dmp, _ = shard(model, env, cfg, plan_out=None, plan=plan)
     sources, source_of_row = token_sources(run, cfg, info, log, tokens_from)
@@ -261,8 +285,9 @@ def parser() -> argparse.ArgumentParser:
 
 def cli(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    cfg, _, log = load_stage1(args.run)  # clear errors before any rank starts
+    cfg, info, log = load_stage1(args.run)  # clear errors before any rank starts
     log.check_files()
+    check_resumed(args.run, info, args.tokens_from, args.append)
     check_out(args.out, "a token table", {TABLE_FORMAT}, "manifest.json", args.overwrite, (args.run, log.path, *([args.append] if args.append else [])))
     if args.append:
         old = TokenTable(args.append)

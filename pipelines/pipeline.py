@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from iat_rec import checkpoint as ckpt
-from iat_rec.atomic import write_json
-from iat_rec.config import CompressConfig, check_values, from_dict, load_yaml, to_dict
-from iat_rec.distenv import init_distributed, rank_main, run_ranks
+from iat_rec.dist import checkpoint as ckpt
+from iat_rec.dist.atomic import write_json
+from iat_rec.train.config import CompressConfig, check_values, from_dict, load_yaml, to_dict
+from iat_rec.dist.env import init_distributed, rank_main, run_ranks
 from iat_rec.errors import IatError
 from pipelines import compress, rank
 from pipelines.export import export

@@ -24,20 +24,21 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.types import ShardingPlan
 
-from iat_rec import checkpoint as ckpt
-from iat_rec.atomic import write_json
-from iat_rec.config import TrainConfig, check_values, from_dict, to_dict
-from iat_rec.distenv import DistEnv, init_distributed, provenance, rank_main
+from iat_rec.dist import checkpoint as ckpt
+from iat_rec.dist.atomic import write_json
+from iat_rec.train.config import TrainConfig, check_values, from_dict, to_dict
+from iat_rec.dist.env import DistEnv, init_distributed, provenance, rank_main
 from iat_rec.errors import IatError
-from iat_rec.instance_log import InstanceLog, check_split, time_split
-from iat_rec.loaders import BatchDataset, SelectTasks, select_tasks, time_order
-from iat_rec.planning import build_topology, load_plan, make_plan
-from iat_rec.rank_data import HistorySource, RankBatchMaker
-from iat_rec.token_table import TokenTable, token_constraints
+from iat_rec.data.instance_log import InstanceLog, check_split, time_split
+from iat_rec.batching.loaders import BatchDataset, SelectTasks, select_tasks, time_order
+from iat_rec.sharding.planning import build_topology, load_plan, make_plan
+from iat_rec.tables import TOKENS_PATH
+from iat_rec.batching.rank_data import HistorySource, RankBatchMaker
+from iat_rec.tokens.table import TokenTable, token_constraints
 from modules.ranker import HISTORY_MODES, QUERIES, READERS, Ranker, RankerConfig, build_ranker
 from pipelines.compress import RUN_FORMAT, check_run_out, load_stage1
-from pipelines.trainer import (Trainer, check_resume, check_resume_from, embedding_params, evaluate, make_optimizer, program_cli, program_parser,
-                               shard, training_rows)
+from iat_rec.train.trainer import (Trainer, check_resume, check_resume_from, embedding_params, evaluate, make_optimizer, program_cli, program_parser,
+                               shard, train_until)
 
 
 @dataclasses.dataclass
@@ -68,10 +69,10 @@ def check_config(cfg: RankConfig) -> None:
         raise IatError("--warm-start needs --stage1 RUN")
     log = InstanceLog(cfg.data)
     log.check_files()  # a damaged or edited column is refused before any rank starts
-    check_run_out(cfg, (cfg.data, cfg.tokens, cfg.stage1))
+    check_run_out(cfg, (cfg.data, cfg.tokens, cfg.stage1, cfg.resume_from))
     select_tasks(log.schema, cfg.tasks)
-    check_split(log, cfg.split)
-    check_resume_from(cfg, "rank", log)
+    take_stage1_shape(cfg)  # as train() will: --resume-from compares the model it will build
+    check_split(log, cfg.split, check_resume_from(cfg, "rank", log).get("train_until"))
     if cfg.tokens:
         table = TokenTable(cfg.tokens)
         table.check_files()
@@ -102,8 +103,9 @@ def take_stage1_shape(cfg: RankConfig) -> None:
         cfg.model.emb_dim = load_stage1(cfg.stage1)[0].model.emb_dim
 
 
-def build(cfg: RankConfig, env: DistEnv, plan_out: Path | None) -> Built:
-    """The sharded ranker with its token table loaded, and the batch maker."""
+def build(cfg: RankConfig, env: DistEnv, plan_out: Path | None, after: int | None = None) -> Built:
+    """The sharded ranker with its token table loaded, the batch maker and the splits
+    (``after``: a --resume-from run's split of the rows after what its earlier runs trained on)."""
     log = InstanceLog(cfg.data)
     r = cfg.ranker
     stage1_plan = None
@@ -131,7 +133,7 @@ def build(cfg: RankConfig, env: DistEnv, plan_out: Path | None) -> Built:
         **({"token_rows": table.rows, "token_dim": table.dim, "token_dtype": table.dtype, "token_stats": table.stats()} if table else {}),
     )  # fmt: skip
     plan = _plan(model, env, cfg, stage1_plan)
-    trainable = [p for name, m in model.named_children() if name != "tokens" for p in embedding_params(m)]
+    trainable = [p for name, m in model.named_children() if name != TOKENS_PATH for p in embedding_params(m)]
     dmp, _ = shard(model, env, cfg, plan_out=plan_out, plan=plan, trainable=trainable)
     if table is not None:
         table.load_into(dmp.module.tokens)
@@ -140,20 +142,18 @@ def build(cfg: RankConfig, env: DistEnv, plan_out: Path | None) -> Built:
             if any(k.startswith(prefix) for k in dmp.state_dict()):
                 ckpt.load_weights(ckpt.latest(cfg.stage1), dmp, prefix=prefix)
     maker = SelectTasks(RankBatchMaker(source, r.max_len, same_log, candidate=model.token_query), task_index)
-    splits = time_split(log, cfg.split)
-    splits["train"] = training_rows(cfg, log, splits["train"])
-    return Built(env, log, dmp, maker, splits, tasks)
+    return Built(env, log, dmp, maker, time_split(log, cfg.split, after), tasks)
 
 
 def _plan(model: Ranker, env: DistEnv, cfg: RankConfig, stage1_plan: ShardingPlan | None) -> ShardingPlan:
     """Stage-1 plan for the shared feature tables, plus a fresh plan for the new tables."""
     topology = build_topology(env.world_size, env.local_world_size, env.device.type, hbm_gb=cfg.hbm_gb or None)
-    constraints = token_constraints(env.device.type) if hasattr(model, "tokens") else None
+    constraints = token_constraints(env.device.type) if hasattr(model, TOKENS_PATH) else None
     if stage1_plan is None:
         return make_plan(model, topology, cfg.batch_size, constraints, pg=dist.group.WORLD)
     holder = nn.Module()
-    if hasattr(model, "tokens"):
-        holder.add_module("tokens", model.tokens)
+    if hasattr(model, TOKENS_PATH):
+        holder.add_module(TOKENS_PATH, model.tokens)
     new = make_plan(holder, topology, cfg.batch_size, constraints, pg=dist.group.WORLD) if len(holder._modules) else ShardingPlan({})
     return ShardingPlan({**stage1_plan.plan, **new.plan})
 
@@ -176,9 +176,10 @@ def train(cfg: RankConfig) -> dict:
     check_resume(cfg, env, InstanceLog(cfg.data).fingerprint)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    built = build(cfg, env, plan_out=out / "plan.json")
+    resumed = check_resume_from(cfg, "rank", InstanceLog(cfg.data))
+    built = build(cfg, env, plan_out=out / "plan.json", after=resumed.get("train_until"))
     info = {"format": RUN_FORMAT, "stage": "rank", "config": to_dict(cfg), "world_size": env.world_size, "log_fingerprint": built.log.fingerprint,
-            "resume_from": check_resume_from(cfg, "rank", built.log), "provenance": provenance()}  # fmt: skip
+            "resume_from": resumed, "train_until": train_until(built.log, built.splits["train"]), "provenance": provenance()}  # fmt: skip
     trainer = Trainer(
         env, cfg, built.model, make_optimizer(built.model, cfg.dense_lr), dataset(built, cfg, "train"),
         dataset(built, cfg, "valid"), built.tasks, cfg.batch_size, info,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from iat_rec.cli import main
-from iat_rec.synth import generate
+from iat_rec.data.synth import generate
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

@@ -6,12 +6,12 @@ import sys
 
 import torch
 
-from iat_rec import checkpoint as ckpt
-from iat_rec.distenv import init_distributed
-from iat_rec.planning import load_plan
+from iat_rec.dist import checkpoint as ckpt
+from iat_rec.dist.env import init_distributed
+from iat_rec.sharding.planning import load_plan
 from pipelines.compress import build_compressor, load_stage1
 from pipelines.rank import RankConfig, build, dataset
-from pipelines.trainer import DistributedModelParallel, Trainer, make_optimizer
+from iat_rec.train.trainer import DistributedModelParallel, Trainer, make_optimizer
 
 
 def local(state: dict, prefix: str) -> dict[str, torch.Tensor]:

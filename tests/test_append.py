@@ -16,14 +16,14 @@ import torch
 import yaml
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from iat_rec import checkpoint as ckpt
+from iat_rec.dist import checkpoint as ckpt
 from iat_rec.cli import main
 from iat_rec.errors import IatError
-from iat_rec.ingest import append, append_columns, ingest
-from iat_rec.instance_log import InstanceLog, write_instance_log
-from iat_rec.schema import Schema
-from iat_rec.synth import SynthConfig, build_columns, synth_schema
-from iat_rec.token_table import TokenTable
+from iat_rec.data.ingest import append, append_columns, ingest
+from iat_rec.data.instance_log import InstanceLog, write_instance_log
+from iat_rec.data.schema import Schema
+from iat_rec.data.synth import SynthConfig, build_columns, synth_schema
+from iat_rec.tokens.table import TokenTable
 from tests.conftest import STAGE1, TINY, run_cli
 from tests.test_ingest import ROWS, SCHEMA_YAML, write_csv
 
@@ -62,12 +62,15 @@ def test_appended_log_equals_one_ingest_of_both_segments(two_days):
     assert sorted(set(v2.segment[np.setdiff1d(np.arange(v2.rows), old)])) == [1]
 
 
-def test_append_refuses_earlier_rows_and_keeps_the_log(two_days, capsys):
+def test_append_refuses_earlier_rows_and_duplicates_and_keeps_the_log(two_days, capsys):
     schema, d = two_days
     day1 = ingest(d / "day1.csv", schema, d / "v1")
     write_csv(d / "late.csv", [dict(ROWS[0], ts=20, conv_time=20)])  # earlier than day 1's last (30)
     assert main(["data", "append", "--log", str(day1.path), "--input", str(d / "late.csv"), "--out", str(d / "v2")]) == 2
     assert "before the last of" in capsys.readouterr().err and not (d / "v2").exists()
+    write_csv(d / "again.csv", [ROWS[2], dict(ROWS[2], click=0)])  # ROWS[2] is day 1's last instance (ts 30), logged again
+    assert main(["data", "append", "--log", str(day1.path), "--input", str(d / "again.csv"), "--out", str(d / "v2")]) == 2
+    assert "data row 1 duplicates an instance of" in capsys.readouterr().err and not (d / "v2").exists()
     assert main(["data", "append", "--log", str(day1.path), "--input", str(d / "day2.csv"), "--out", str(day1.path)]) == 2
     InstanceLog(day1.path).verify()
     with pytest.raises(IatError, match="not a version of"):
@@ -77,7 +80,7 @@ def test_append_refuses_earlier_rows_and_keeps_the_log(two_days, capsys):
 def _weights(path, scratch) -> dict:
     out = scratch / f"{path.parent.parent.name}-{path.name}.pt"
     dcp_to_torch_save(str(path), str(out))
-    return torch.load(out, weights_only=False)["model"]
+    return torch.load(out, weights_only=True)["model"]
 
 
 @pytest.mark.slow
@@ -96,23 +99,30 @@ def test_day_by_day_refresh_matches_a_full_export(tmp_path):
     run_cli("compress", "--data", str(v1.path), "--out", str(run1), "--nproc", "2", *STAGE1)
     run_cli("export", "--stage1", str(run1), "--out", str(tmp_path / "tok1"), "--nproc", "2", "--no-progress")
     run_cli("compress", "--data", str(v2.path), "--out", str(run2), "--resume-from", str(run1), "--nproc", "2", *STAGE1)
-    info = json.loads((run2 / "run.json").read_text())
+    info, before = json.loads((run2 / "run.json").read_text()), json.loads((run1 / "run.json").read_text())
     assert info["resume_from"]["checkpoint"] == ckpt.latest(run1).name
+    assert info["resume_from"]["train_until"] == before["train_until"] < info["train_until"]  # it trained on later rows only
     # stage 1 went on from run 1's weights (its step-0 snapshot) and trained on day 2 alone
     start, before = _weights(run2 / "snapshots" / "step_00000000", tmp_path), _weights(ckpt.latest(run1), tmp_path)
     assert start.keys() == before.keys() and all(torch.equal(start[k], before[k]) for k in start)
 
-    run_cli("export", "--stage1", str(run2), "--append", str(tmp_path / "tok1"), "--out", str(tmp_path / "tok2"), "--nproc", "2", "--no-progress")
-    run_cli("export", "--stage1", str(run2), "--out", str(tmp_path / "full"), "--nproc", "2", "--no-progress")
-    tok1, tok2, full = (TokenTable(tmp_path / n) for n in ("tok1", "tok2", "full"))
-    t1, t2, tf = (t.read_rows(0, t.rows) for t in (tok1, tok2, full))
+    export = ["--nproc", "2", "--no-progress"]
+    run_cli("export", "--stage1", str(run2), "--append", str(tmp_path / "tok1"), "--out", str(tmp_path / "tok2"), *export)
+    run_cli("export", "--stage1", str(run2), "--append", str(tmp_path / "tok1"), "--out", str(tmp_path / "tok2f"), "--tokens-from", "final", *export)
+    run_cli("export", "--stage1", str(run2), "--out", str(tmp_path / "full"), "--tokens-from", "final", *export)
+    tok1, tok2, tok2f, full = (TokenTable(tmp_path / n) for n in ("tok1", "tok2", "tok2f", "full"))
+    t1, t2, t2f, tf = (t.read_rows(0, t.rows) for t in (tok1, tok2, tok2f, full))
     old = v2.rows_of_version(v1.fingerprint)
-    assert torch.equal(t2[old], t1)  # old rows: the old table's bytes
-    torch.testing.assert_close(t2[new], tf[new], rtol=1e-5, atol=1e-6)  # new rows: as a full export from run 2
-    assert not torch.allclose(t2[old], tf[old])  # (the full export re-encoded the old rows with the newer model)
+    assert torch.equal(t2[old], t1) and torch.equal(t2f[old], t1)  # old rows: the old table's bytes
+    torch.testing.assert_close(t2f[new], tf[new], rtol=1e-5, atol=1e-6)  # new rows: as a full export of run 2
     m = tok2.manifest
     assert m["table_version"] == 2 and [s["rows"] for s in m["segments"]] == [v1.rows, len(new)]
     assert [s["source_run"] for s in m["segments"]] == [str(run1.resolve()), str(run2.resolve())]
+    # run 2 began from a model trained on the old rows' labels: no time-consistent or untrained tokens for them
+    for refused in (["--tokens-from", "time-consistent"], ["--tokens-from", "initial", "--append", str(tmp_path / "tok1")],
+                    ["--append", str(tmp_path / "full")]):  # full: not the table of the run that run 2 continued
+        assert main(["export", "--stage1", str(run2), "--out", str(tmp_path / "no"), *refused]) == 2
+    assert main(["export", "--stage1", str(run1), "--append", str(tmp_path / "tok1"), "--out", str(tmp_path / "no")]) == 2  # run 1 continued nothing
 
     rank = ["--history", "iat", "--batch-size", "32", "--steps", "6", "--eval-batches", "2", "--max-len", "8", "--no-progress",
             "--emb-dim", "8", "--hidden", "32", "--nproc", "2"]  # fmt: skip

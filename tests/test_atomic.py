@@ -16,16 +16,16 @@ from pathlib import Path
 
 import torch
 
-from iat_rec import checkpoint as ckpt
-from iat_rec.atomic import write_json
-from iat_rec.ingest import ingest
-from iat_rec.instance_log import InstanceLog
-from iat_rec.schema import load_schema
-from iat_rec.token_table import TokenTable
+from iat_rec.dist import checkpoint as ckpt
+from iat_rec.dist.atomic import write_json
+from iat_rec.data.ingest import ingest
+from iat_rec.data.instance_log import InstanceLog
+from iat_rec.data.schema import load_schema
+from iat_rec.tokens.table import TokenTable
 from tests.test_ingest import ROWS, SCHEMA_YAML, write_csv
 
 REPO = Path(__file__).resolve().parents[1]
-SWAP = "iat_rec.atomic._put_dir"  # the rename of a finished directory into place
+SWAP = "iat_rec.dist.atomic._put_dir"  # the rename of a finished directory into place
 
 
 def run_killed_at(target: str, setup: str, write: str) -> None:
@@ -48,8 +48,8 @@ def test_ingest_killed_before_the_rename_leaves_the_previous_log(tmp_path):
     before = ingest(write_csv(tmp_path / "all.csv"), load_schema(tmp_path / "schema.yaml"), out)
     write_csv(tmp_path / "half.csv", ROWS[:4])
     run_killed_at(SWAP, """
-        from iat_rec.ingest import ingest
-        from iat_rec.schema import load_schema
+        from iat_rec.data.ingest import ingest
+        from iat_rec.data.schema import load_schema
     """, f"ingest({str(tmp_path / 'half.csv')!r}, load_schema({str(tmp_path / 'schema.yaml')!r}), {str(out)!r})")
     log = InstanceLog(out)
     assert (log.rows, log.fingerprint) == (len(ROWS), before.fingerprint)
@@ -61,8 +61,8 @@ def test_checkpoint_killed_before_the_rename_leaves_the_previous_one_latest(tmp_
     run = tmp_path / "run"
     run_killed_at(SWAP, f"""
         import torch
-        from iat_rec import checkpoint as ckpt
-        from iat_rec.distenv import init_distributed
+        from iat_rec.dist import checkpoint as ckpt
+        from iat_rec.dist.env import init_distributed
         init_distributed("cpu")
         torch.manual_seed(0)
         model = torch.nn.Linear(3, 2)
@@ -86,7 +86,7 @@ def test_token_table_killed_before_the_rename_leaves_the_previous_table(tokens, 
     before = TokenTable(table).read_rows(0, 8)
     run_killed_at(SWAP, f"""
         import torch
-        from iat_rec.token_table import SIDE_ARRAYS, WEIGHT_KEY, TokenTable, save_table, token_collection
+        from iat_rec.tokens.table import SIDE_ARRAYS, WEIGHT_KEY, TokenTable, save_table, token_collection
         old = TokenTable({str(table)!r})
         ones = token_collection(old.rows, old.dim, old.dtype, device="cpu")
         ones.state_dict()[WEIGHT_KEY].fill_(1.0)
@@ -102,12 +102,12 @@ RESULTS = [{"variant": "iat-user", "reader": "transformer", "seed": 0, "metrics"
 
 
 def test_report_killed_before_the_rename_leaves_the_previous_report(tmp_path):
-    from iat_rec.report import write_report
+    from iat_rec.eval.report import write_report
 
     out = tmp_path / "report"
     write_report(out, "first", RESULTS, {"rank": 1.0}, "iat-rec experiment ...")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    run_killed_at(SWAP, f"from iat_rec.report import write_report\nresults = {RESULTS!r}",
+    run_killed_at(SWAP, f"from iat_rec.eval.report import write_report\nresults = {RESULTS!r}",
                   f"write_report({str(out)!r}, 'second', results, {{}}, 'iat-rec experiment ...')")  # fmt: skip
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert json.loads((out / "results.json").read_text())["title"] == "first"
@@ -116,7 +116,7 @@ def test_report_killed_before_the_rename_leaves_the_previous_report(tmp_path):
 def test_result_json_killed_before_the_rename_keeps_the_previous_result(tmp_path):
     path = tmp_path / "run" / "result.json"
     write_json(path, {"steps": 12, "valid": {"click": {"auc": 0.6}}})
-    run_killed_at("os.replace", "from iat_rec.atomic import write_json",
+    run_killed_at("os.replace", "from iat_rec.dist.atomic import write_json",
                   f"write_json({str(path)!r}, {{'steps': 24, 'valid': {{'click': {{'auc': 0.7}}}}}})")  # fmt: skip
     assert json.loads(path.read_text()) == {"steps": 12, "valid": {"click": {"auc": 0.6}}}
     leftover = [p for p in path.parent.iterdir() if p != path]

@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
-from iat_rec.batch import Batch, gather_jagged, make_batch, sparse_kjt
-from iat_rec.instance_log import Columns, write_instance_log
-from iat_rec.schema import Schema
+from iat_rec.batching.batch import Batch, gather_jagged, make_batch, sparse_kjt
+from iat_rec.data.instance_log import Columns, write_instance_log
+from iat_rec.data.schema import Schema
 
 # single- and multi-valued features interleaved, so "schema order" is not "singles first"
 SCHEMA = Schema.from_dict(

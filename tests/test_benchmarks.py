@@ -131,8 +131,8 @@ def test_profile_writes_the_top_ops_of_each_case(tmp_path):
 
 def test_oracle_tokens_hold_the_generators_hidden_state(tmp_path):
     from benchmarks.oracle_tokens import main as oracle
-    from iat_rec import synth
-    from iat_rec.token_table import TokenTable
+    from iat_rec.data import synth
+    from iat_rec.tokens.table import TokenTable
 
     args = dict(users=40, mean_instances=10, seed=2)
     synth.generate(tmp_path / "log", **args)
@@ -149,8 +149,8 @@ def test_oracle_tokens_hold_the_generators_hidden_state(tmp_path):
 
 def test_shuffled_copy_permutes_rows_and_keeps_side_info(tmp_path):
     from benchmarks.oracle_tokens import main as tables
-    from iat_rec import synth
-    from iat_rec.token_table import TokenTable
+    from iat_rec.data import synth
+    from iat_rec.tokens.table import TokenTable
 
     synth.generate(tmp_path / "log", users=40, mean_instances=10, seed=2)
     tables(["--data", str(tmp_path / "log"), "--out", str(tmp_path / "tok"), "--users", "40", "--mean-instances", "10", "--seed", "2"])

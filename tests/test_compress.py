@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from iat_rec.config import CompressConfig, from_dict
-from iat_rec.instance_log import InstanceLog, time_split
-from iat_rec.planning import load_plan, plan_to_json
+from iat_rec.train.config import CompressConfig, from_dict
+from iat_rec.data.instance_log import InstanceLog, time_split
+from iat_rec.sharding.planning import load_plan, plan_to_json
 from pipelines.compress import make_dataset
 from tests.conftest import STAGE1, run_cli
 
@@ -94,7 +94,7 @@ def test_streaming_prefixes_windows_with_frozen_earlier_tokens(tiny_log, tokens,
 
 def test_streaming_refuses_a_table_of_another_log(tiny_log, tokens, tmp_path, capsys):
     from iat_rec.cli import main
-    from iat_rec.synth import generate
+    from iat_rec.data.synth import generate
 
     other = generate(tmp_path / "other", users=10, mean_instances=5, seed=3)
     assert main(["compress", "--data", str(other.path), "--out", str(tmp_path / "r"), "--scheme", "user", "--stream",

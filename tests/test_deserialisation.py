@@ -1,7 +1,7 @@
 """No unsafe deserialisation: nothing read from disk can run code.
 
 Checkpoints and token tables load through DCP, which unpickles ``.metadata`` and its
-non-tensor entries with no restriction; ``iat_rec.checkpoint`` vets both first. Every other
+non-tensor entries with no restriction; ``iat_rec.dist.checkpoint`` vets both first. Every other
 loader in the source tree is checked by reading the source.
 """
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from iat_rec.checkpoint import dcp_load, read_metadata
+from iat_rec.dist.checkpoint import dcp_load, read_metadata
 from iat_rec.errors import IatError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from iat_rec.instance_log import InstanceLog
+from iat_rec.data.instance_log import InstanceLog
 from tests.conftest import run_cli
 
 ADS = Path(__file__).resolve().parents[1] / "examples" / "ads"

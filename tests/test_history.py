@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iat_rec.history import LABEL_UNKNOWN, HistoryIndex, expand_ranges, side_info
+from iat_rec.batching.history import LABEL_UNKNOWN, HistoryIndex, expand_ranges, side_info
 
 
 def random_log(rng, users, max_rows):

@@ -18,12 +18,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from iat_rec import ingest as ingest_mod
+from iat_rec.data import ingest as ingest_mod
 from iat_rec.cli import main
 from iat_rec.errors import IatError
-from iat_rec.ingest import ingest, stable_hash
-from iat_rec.instance_log import InstanceLog
-from iat_rec.schema import Schema, load_schema
+from iat_rec.data.ingest import ingest, stable_hash
+from iat_rec.data.instance_log import InstanceLog
+from iat_rec.data.schema import Schema, load_schema
 
 SCHEMA_YAML = """\
 user: uid
@@ -527,7 +527,7 @@ def test_failure_while_writing_leaves_existing_log_intact(tmp_path, schema, monk
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("iat_rec.instance_log.normalise_dense", boom)
+    monkeypatch.setattr("iat_rec.data.instance_log.normalise_dense", boom)
     with pytest.raises(OSError, match="disk full"):
         ingest(tmp_path / "in.csv", schema, out)
     assert InstanceLog(out).fingerprint == before

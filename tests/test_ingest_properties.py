@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from iat_rec.errors import IatError
-from iat_rec.ingest import ingest, stable_hash
-from iat_rec.instance_log import InstanceLog
-from iat_rec.schema import Schema
+from iat_rec.data.ingest import ingest, stable_hash
+from iat_rec.data.instance_log import InstanceLog
+from iat_rec.data.schema import Schema
 
 VOCAB = ("a", "b", "c")
 HASH = 97

@@ -15,10 +15,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iat_rec.config import ModelConfig
-from iat_rec.instance_log import InstanceLog
-from iat_rec.planning import CANDIDATE_FEATURE
-from iat_rec.rank_data import HistorySource, RankBatchMaker
+from iat_rec.train.config import ModelConfig
+from iat_rec.data.instance_log import InstanceLog
+from iat_rec.tables import CANDIDATE_FEATURE
+from iat_rec.batching.rank_data import HistorySource, RankBatchMaker
 from modules.ranker import RankerConfig, build_ranker
 
 T = 16

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.oracle_tokens import shuffled_copy
-from iat_rec.synth import generate
-from iat_rec.token_table import TokenTable
+from iat_rec.data.synth import generate
+from iat_rec.tokens.table import TokenTable
 from tests.conftest import run_cli
 
 BUDGET = ["--nproc", "1", "--steps", "300", "--eval-every", "300", "--eval-batches", "40", "--no-progress"]

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from iat_rec.errors import IatError
-from iat_rec.instance_log import Columns, time_split, write_instance_log
-from iat_rec.loaders import BatchDataset, EpochLoader, time_order, user_windows
-from iat_rec.schema import Schema
+from iat_rec.data.instance_log import Columns, time_split, write_instance_log
+from iat_rec.batching.loaders import BatchDataset, EpochLoader, time_order, user_windows
+from iat_rec.data.schema import Schema
 
 SCHEMA = Schema.from_dict(
     {

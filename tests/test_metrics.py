@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from iat_rec.metrics import EvalMetrics, auc, gauc, logloss_ne
+from iat_rec.eval.metrics import EvalMetrics, auc, gauc, logloss_ne
 
 TASKS = ["click", "like"]
 KEYS = {"auc", "ne", "logloss", "gauc", "n"}

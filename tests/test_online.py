@@ -1,4 +1,4 @@
-"""The stage-1 compressor's token part exported for online inference (iat_rec.online): the
+"""The stage-1 compressor's token part exported for online inference (iat_rec.tokens.online): the
 saved artifact, fed plain tensors built from the log's own columns, gives the token table's
 rows; it runs without TorchRec; bad runs, outputs and requests are clear errors.
 
@@ -20,10 +20,10 @@ import torch
 
 from iat_rec.cli import main
 from iat_rec.errors import IatError
-from iat_rec.instance_log import Columns, InstanceLog, write_instance_log
-from iat_rec.online import OnlineTokens
-from iat_rec.schema import DenseFeature, Label, Schema, SparseFeature
-from iat_rec.token_table import TokenTable
+from iat_rec.data.instance_log import Columns, InstanceLog, write_instance_log
+from iat_rec.tokens.online import OnlineTokens
+from iat_rec.data.schema import DenseFeature, Label, Schema, SparseFeature
+from iat_rec.tokens.table import TokenTable
 from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,6 +142,7 @@ def test_the_artifact_runs_without_torchrec_or_fbgemm(run, final_table, online, 
     rows = np.arange(0, log.rows, 5)
     dense, ids, lengths = inputs(log, rows)
     torch.save({"dense": dense, "ids": ids, "lengths": lengths}, tmp_path / "request.pt")
+    request = str(tmp_path / "request.pt")
     code = f"""
 import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
@@ -150,8 +151,8 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError("blocked: " + name)
 sys.meta_path.insert(0, Block())
 import torch
-from iat_rec.online import OnlineTokens
-req = torch.load({str(tmp_path / "request.pt")!r}, weights_only=True)
+from iat_rec.tokens.online import OnlineTokens
+req = torch.load({request!r}, weights_only=True)
 torch.save(OnlineTokens({str(online)!r})(req["dense"], req["ids"], req["lengths"]), {str(tmp_path / "tokens.pt")!r})
 print(sorted(m for m in sys.modules if m.split(".")[0] in ("torchrec", "fbgemm_gpu")))
 """

@@ -10,10 +10,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from iat_rec import plan_cli, planning
+from iat_rec.sharding import plan_cli
+
+from iat_rec.sharding import planning
+from iat_rec import tables as T
 from iat_rec.cli import main
 from iat_rec.errors import IatError
-from iat_rec.schema import Schema
+from iat_rec.data.schema import Schema
 
 SCHEMA = {
     "user": "user_id",
@@ -30,8 +33,8 @@ TWO_NODES = dict(world_size=16, local_world_size=8, compute_device="cuda", hbm_g
 
 @pytest.fixture(scope="module")
 def tables():
-    features = planning.feature_table_configs(Schema.from_dict(SCHEMA), 32)
-    token = planning.token_table_config(10**9, 64, "fp16")
+    features = T.feature_table_configs(Schema.from_dict(SCHEMA), 32)
+    token = T.token_table_config(10**9, 64, "fp16")
     return features, token
 
 
@@ -39,8 +42,8 @@ def tables():
 def two_node_plan(tables):
     features, token = tables
     topology = planning.build_topology(**TWO_NODES)
-    module = planning.build_tables_module(features, token)
-    constraints = planning.parse_constraints({planning.TOKEN_TABLE: {"pooling_factors": [256]}})
+    module = T.build_tables_module(features, token)
+    constraints = planning.parse_constraints({T.TOKEN_TABLE: {"pooling_factors": [256]}})
     with planning.quiet_planner_logs():
         result = planning.make_plan_with_stats(module, topology, 1024, constraints)
     return result, topology
@@ -52,19 +55,19 @@ def test_table_configs(tables):
     assert [t.feature_names for t in features] == [["user_id"], ["item_id"], ["genre"]]
     assert [t.num_embeddings for t in features] == [1_000_000, 5_000_000, 3]
     assert {t.embedding_dim for t in features} == {32}
-    assert (token.name, token.feature_names, token.num_embeddings) == (planning.TOKEN_TABLE, [planning.TOKEN_FEATURE], 10**9)
+    assert (token.name, token.feature_names, token.num_embeddings) == (T.TOKEN_TABLE, [T.TOKEN_FEATURE], 10**9)
     assert token.data_type == planning.DataType.FP16
     with pytest.raises(IatError, match="token dtype"):
-        planning.token_table_config(10, 8, "int8")
+        T.token_table_config(10, 8, "int8")
 
 
 def test_two_node_plan_places_every_table(two_node_plan, tables):
     result, topology = two_node_plan
     features, token = tables
     plan = result.plan.plan
-    assert set(plan) == {planning.FEATURES_PATH, planning.TOKENS_PATH}
-    assert set(plan[planning.FEATURES_PATH]) == {t.name for t in features}
-    tok = plan[planning.TOKENS_PATH][planning.TOKEN_TABLE]
+    assert set(plan) == {T.FEATURES_PATH, T.TOKENS_PATH}
+    assert set(plan[T.FEATURES_PATH]) == {t.name for t in features}
+    tok = plan[T.TOKENS_PATH][T.TOKEN_TABLE]
     assert tok.sharding_type == "row_wise" and len(tok.ranks) == 16
     # Row-wise shards tile the table's rows exactly, one per rank of both hosts.
     shards = sorted(tok.sharding_spec.shards, key=lambda s: s.shard_offsets[0])
@@ -95,12 +98,12 @@ def test_describe_plan_counts_every_weight(two_node_plan, tables):
 
 
 def test_uvm_caching_when_hbm_is_short():
-    token = planning.token_table_config(10**10, 64, "fp16")  # 1.19 TB
+    token = T.token_table_config(10**10, 64, "fp16")  # 1.19 TB
     topology = planning.build_topology(16, 8, "cuda", hbm_gb=80, ddr_gb=256)
-    module = planning.build_tables_module([], token)
+    module = T.build_tables_module([], token)
     with planning.quiet_planner_logs():
         plan = planning.make_plan(module, topology, 1024, {})
-    ps = plan.plan[planning.TOKENS_PATH][planning.TOKEN_TABLE]
+    ps = plan.plan[T.TOKENS_PATH][T.TOKEN_TABLE]
     assert ps.sharding_type == "row_wise" and ps.compute_kernel in ("fused_uvm_caching", "fused_uvm")
     d = planning.describe_plan(plan, topology, [token])
     # 74.5 GB of rows per rank exceed the 68 GB of HBM left after the 15% reservation.
@@ -110,8 +113,8 @@ def test_uvm_caching_when_hbm_is_short():
 
 def test_too_big_is_one_clear_error(tables):
     features, _ = tables
-    token = planning.token_table_config(10**12, 64, "fp16")  # 119 TB on 16 GPUs
-    module = planning.build_tables_module(features, token)
+    token = T.token_table_config(10**12, 64, "fp16")  # 119 TB on 16 GPUs
+    module = T.build_tables_module(features, token)
     topology = planning.build_topology(**TWO_NODES)
     with planning.quiet_planner_logs(), pytest.raises(IatError) as err:
         planning.make_plan(module, topology, 1024, {})
@@ -147,11 +150,11 @@ def test_constraints_parsing():
 
 def test_constraints_must_name_known_tables(tables):
     features, token = tables
-    module = planning.build_tables_module(features, token)
+    module = T.build_tables_module(features, token)
     topology = planning.build_topology(**TWO_NODES)
     with pytest.raises(IatError, match="unknown tables \\['t_nope'\\]"):
         planning.make_plan(module, topology, 1024, planning.parse_constraints({"t_nope": {}}))
-    twrw = {planning.TOKEN_TABLE: {"sharding_types": ["table_row_wise"]}}  # unpooled tables lack it
+    twrw = {T.TOKEN_TABLE: {"sharding_types": ["table_row_wise"]}}  # unpooled tables lack it
     with pytest.raises(IatError, match="not supported by EmbeddingCollectionSharder"):
         planning.make_plan(module, topology, 1024, planning.parse_constraints(twrw))
     impossible = {"t_genre": {"sharding_types": ["data_parallel"], "compute_kernels": ["fused"]}}
@@ -174,7 +177,7 @@ def test_plan_json_round_trip(two_node_plan, tmp_path):
     plan = two_node_plan[0].plan
     d = json.loads(json.dumps(planning.plan_to_json(plan)))
     assert d["format"] == planning.PLAN_FORMAT and d["version"] == planning.PLAN_VERSION
-    tok = d["plan"][planning.TOKENS_PATH][planning.TOKEN_TABLE]
+    tok = d["plan"][T.TOKENS_PATH][T.TOKEN_TABLE]
     assert set(tok) >= {"sharding_type", "compute_kernel", "ranks", "shards"}
     assert set(tok["shards"][0]) == {"offsets", "sizes", "placement"}
     assert planning.plan_from_json(d) == plan
@@ -195,12 +198,12 @@ def test_loaded_plan_drives_distributed_model_parallel(tmp_path):
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    features = planning.feature_table_configs(Schema.from_dict(SCHEMA), 8)
-    token = planning.token_table_config(1000, 8)
+    features = T.feature_table_configs(Schema.from_dict(SCHEMA), 8)
+    token = T.token_table_config(1000, 8)
     cfg = {"cache_load_factor": 0.5}  # exercises cache_params in the JSON
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rdzv", rank=0, world_size=1)
     try:
-        module = planning.build_tables_module(features, token)
+        module = T.build_tables_module(features, token)
         topology = planning.build_topology(1, 1, "cpu", ddr_gb=4)
         with planning.quiet_planner_logs():
             plan = planning.make_plan(module, topology, 16, planning.parse_constraints({"t_user_id": cfg}),
@@ -210,9 +213,9 @@ def test_loaded_plan_drives_distributed_model_parallel(tmp_path):
         assert loaded == plan
         dmp = DistributedModelParallel(module, device=torch.device("cpu"), plan=loaded)
         ids = KeyedJaggedTensor.from_lengths_sync(
-            keys=[planning.TOKEN_FEATURE], values=torch.tensor([1, 2, 999]), lengths=torch.tensor([2, 1])
+            keys=[T.TOKEN_FEATURE], values=torch.tensor([1, 2, 999]), lengths=torch.tensor([2, 1])
         )
-        assert dmp.module.tokens(ids)[planning.TOKEN_FEATURE].values().shape == (3, 8)
+        assert dmp.module.tokens(ids)[T.TOKEN_FEATURE].values().shape == (3, 8)
     finally:
         dist.destroy_process_group()
 
@@ -243,10 +246,10 @@ def test_cli_json_schema(tmp_path, capsys):
     assert set(r["summary"]["hbm_bytes"]) == {"min", "max", "mean"}
     assert set(r["estimate"]) == {"perf_ms", "rank_perf_ms", "table_perf_ms", "hbm_bytes", "ddr_bytes",
                                   "num_proposals", "num_plans", "planning_seconds"}
-    assert r["inputs"]["constraints"] == {planning.TOKEN_TABLE: {"pooling_factors": [256.0]}}
-    tok = next(t for t in r["tables"] if t["name"] == planning.TOKEN_TABLE)
+    assert r["inputs"]["constraints"] == {T.TOKEN_TABLE: {"pooling_factors": [256.0]}}
+    tok = next(t for t in r["tables"] if t["name"] == T.TOKEN_TABLE)
     assert (tok["rows"], tok["dtype"]) == (10**9, "fp16")
-    assert planning.load_plan(tmp_path / "plan.json").plan[planning.TOKENS_PATH][planning.TOKEN_TABLE]
+    assert planning.load_plan(tmp_path / "plan.json").plan[T.TOKENS_PATH][T.TOKEN_TABLE]
 
 
 def test_cli_data_dir_and_text(tmp_path, capsys):
@@ -255,7 +258,7 @@ def test_cli_data_dir_and_text(tmp_path, capsys):
             "--constraints", '{"t_item_id": {"sharding_types": ["row_wise"]}}']
     r = _cli_json(capsys, *args)
     by_name = {t["name"]: t for t in r["tables"]}
-    assert by_name[planning.TOKEN_TABLE]["rows"] == 123_456  # from the manifest
+    assert by_name[T.TOKEN_TABLE]["rows"] == 123_456  # from the manifest
     assert by_name["t_item_id"]["sharding_type"] == "row_wise"
     assert plan_cli.cli([*args, "--no-stats"]) == 0
     out = capsys.readouterr().out
@@ -282,14 +285,14 @@ def test_quick_sweep_runs(tmp_path):
 
 def test_the_token_table_alone_plans_without_a_schema(capsys):
     r = _cli_json(capsys, "--token-rows", "1e9", "--world-size", "8", "--local-world-size", "8", "--hbm-gb", "80")
-    assert [t["name"] for t in r["tables"]] == [planning.TOKEN_TABLE] and r["inputs"]["schema_source"] is None
+    assert [t["name"] for t in r["tables"]] == [T.TOKEN_TABLE] and r["inputs"]["schema_source"] is None
     assert main(["plan", "--world-size", "8", "--local-world-size", "8", "--hbm-gb", "80"]) == 2
     assert "give its --token-rows" in capsys.readouterr().err
 
 
 def test_the_shipped_demo_schema_is_the_demo_logs():
-    from iat_rec.schema import load_schema
-    from iat_rec.synth import SynthConfig, synth_schema
+    from iat_rec.data.schema import load_schema
+    from iat_rec.data.synth import SynthConfig, synth_schema
 
     shipped = load_schema(Path(__file__).resolve().parents[1] / "iat_rec" / "configs" / "demo_schema.yaml")
     assert shipped == synth_schema(SynthConfig(users=2000, mean_instances=100.0, seed=0))

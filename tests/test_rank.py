@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from iat_rec.cli import main
-from iat_rec.instance_log import InstanceLog, time_split
+from iat_rec.data.instance_log import InstanceLog, time_split
 from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def test_warm_start_loads_stage1_weights_and_tokens_stay_frozen(tiny_log, stage1
 
 def test_cross_domain_requests_read_the_source_token_table(tiny_log, tokens, tmp_path):
     """Requests from another log (same user ids, other instances) fetch from the source table."""
-    from iat_rec.synth import generate
+    from iat_rec.data.synth import generate
 
     other = generate(tmp_path / "other", users=120, mean_instances=20, seed=5)  # same user keys, new events
     args = ["rank", "--data", str(other.path), "--tokens", str(tokens), "--history", "iat", "--out", str(tmp_path / "x"),

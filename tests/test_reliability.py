@@ -20,7 +20,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from iat_rec.checkpoint import dcp_load
+from iat_rec.dist.checkpoint import dcp_load
 from iat_rec.cli import main
 from tests.conftest import STAGE1, run_cli
 from tests.test_ingest import ROWS, SCHEMA_YAML, write_csv
@@ -432,7 +432,7 @@ def test_resume_with_another_config_is_refused_before_anything_is_written(tiny_l
 
 
 def test_resume_on_another_log_is_refused(one_rank_run, tmp_path, capsys):
-    from iat_rec.synth import generate
+    from iat_rec.data.synth import generate
 
     other = generate(tmp_path / "other", users=120, mean_instances=50, seed=7)  # same schema, other events
     run = tmp_path / "copy"
@@ -520,7 +520,7 @@ def test_ctrl_c_stops_every_rank_says_interrupted_and_leaves_no_launcher_files(t
 def test_a_killed_writers_temporary_directory_is_removed_by_the_next_write(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()  # a pid that is no longer alive
-    from iat_rec.atomic import _HOST
+    from iat_rec.dist.atomic import _HOST
 
     orphan, live = tmp_path / f".log.tmp-{_HOST}-{dead.pid}-x1", tmp_path / f".log.tmp-{_HOST}-{os.getpid()}-x2"
     elsewhere = tmp_path / f".log.tmp-otherhost-{dead.pid}-x3"  # another host's writer: this host cannot tell
@@ -599,8 +599,8 @@ def test_experiment_stage_yaml_is_checked_before_any_rank_starts(tiny_log, tmp_p
 
 
 def test_checksums_are_computed_once_per_file_and_process(tiny_log, monkeypatch):
-    from iat_rec import checksums
-    from iat_rec.instance_log import InstanceLog
+    from iat_rec.dist import checksums
+    from iat_rec.data.instance_log import InstanceLog
 
     InstanceLog(tiny_log).check_files()
     calls = []

@@ -1,14 +1,14 @@
-"""Token lookup for serving (iat_rec.serving) against a brute-force reading of the log."""
+"""Token lookup for serving (iat_rec.tokens.serving) against a brute-force reading of the log."""
 
 import json
 
 import numpy as np
 
 from iat_rec.cli import main
-from iat_rec.history import LABEL_UNKNOWN
-from iat_rec.instance_log import InstanceLog
-from iat_rec.serving import TokenStore
-from iat_rec.token_table import TokenTable
+from iat_rec.batching.history import LABEL_UNKNOWN
+from iat_rec.data.instance_log import InstanceLog
+from iat_rec.tokens.serving import TokenStore
+from iat_rec.tokens.table import TokenTable
 
 
 def test_histories_are_the_users_last_instances_before_t_with_only_known_labels(tiny_log, tokens):

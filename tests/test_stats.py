@@ -5,7 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from iat_rec import stats, synth
+from iat_rec.data import stats
+
+from iat_rec.data import synth
 
 
 @pytest.fixture(scope="module")

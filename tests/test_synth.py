@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from iat_rec import synth
+from iat_rec.data import synth
 from iat_rec.errors import IatError
-from iat_rec.instance_log import InstanceLog
+from iat_rec.data.instance_log import InstanceLog
 
 SMALL = dict(users=300, mean_instances=40, seed=0)
 
@@ -237,7 +237,7 @@ def test_seen_before_schema_and_source(seen_log, log):
 
 def test_seen_before_label_matches_definition(seen_log):
     """Brute force from the definition, through the history index (not the generator's code)."""
-    from iat_rec.history import HistoryIndex
+    from iat_rec.batching.history import HistoryIndex
 
     T = SEEN["history_len"]
     user, ts = np.asarray(seen_log.user), np.asarray(seen_log.ts)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from iat_rec.cli import main
-from iat_rec.token_health import effective_rank, format_health, stored_health, table_health, token_health
-from iat_rec.token_table import WEIGHT_KEY, TokenTable, save_table, token_collection
+from iat_rec.tokens.health import effective_rank, format_health, stored_health, table_health, token_health
+from iat_rec.tokens.table import WEIGHT_KEY, TokenTable, save_table, token_collection
 
 
 def split_mask(n: int, train_frac: float = 0.8) -> np.ndarray:

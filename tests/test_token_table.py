@@ -11,8 +11,8 @@ import pytest
 
 from iat_rec.cli import main
 from iat_rec.errors import IatError
-from iat_rec.instance_log import InstanceLog
-from iat_rec.token_table import TokenTable
+from iat_rec.data.instance_log import InstanceLog
+from iat_rec.tokens.table import TokenTable
 from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,10 +22,10 @@ def two_rank_rows(tokens: Path, rows: list[int]) -> np.ndarray:
     """The rows as seen through a token table loaded into a 2-rank sharded EmbeddingCollection."""
     code = f"""
 import json, sys, torch, numpy as np
-from iat_rec.distenv import init_distributed
-from iat_rec.token_table import TokenTable, WEIGHT_KEY
+from iat_rec.dist.env import init_distributed
+from iat_rec.tokens.table import TokenTable, WEIGHT_KEY
 from pipelines.export import shard_token_table
-from iat_rec.planning import TOKEN_FEATURE
+from iat_rec.tables import TOKEN_FEATURE
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 env = init_distributed("cpu")
 t = TokenTable({str(tokens)!r})
@@ -83,7 +83,7 @@ def test_side_info_and_history_index_travel_with_the_table(tokens):
 
 
 def test_a_table_of_another_log_is_refused(tokens, tmp_path):
-    from iat_rec.synth import generate
+    from iat_rec.data.synth import generate
 
     other = generate(tmp_path / "other", users=10, mean_instances=5, seed=7)
     with pytest.raises(IatError, match="exported from instance log"):

@@ -32,7 +32,7 @@ from torch.distributed.run import get_args_parser as torchrun_parser
 from torchx.components.component_test_base import ComponentTestCase
 from torchx.schedulers import get_scheduler_factories
 
-from iat_rec.instance_log import InstanceLog, time_split
+from iat_rec.data.instance_log import InstanceLog, time_split
 from torchx_components import iat, resources
 
 REPO = Path(__file__).resolve().parents[1]
@@ -456,7 +456,7 @@ def test_dockerignore_keeps_data_runs_and_environments_out():
 @pytest.mark.slow
 def test_local_cwd_run_pipeline_2_ranks(tmp_path):
     """``torchx run -s local_cwd ...:pipeline -j 1x2``: every stage on two gloo ranks under torchrun."""
-    from iat_rec.synth import generate
+    from iat_rec.data.synth import generate
 
     log, work = tmp_path / "log", tmp_path / "work"
     generate(log, users=100, mean_instances=30, seed=0)

@@ -9,14 +9,14 @@ import sys
 import numpy as np
 import torch
 
-from iat_rec import checkpoint as ckpt
-from iat_rec.batch import make_batch
-from iat_rec.distenv import init_distributed
-from iat_rec.loaders import user_windows
-from iat_rec.token_table import TokenTable
+from iat_rec.dist import checkpoint as ckpt
+from iat_rec.batching.batch import make_batch
+from iat_rec.dist.env import init_distributed
+from iat_rec.batching.loaders import user_windows
+from iat_rec.tokens.table import TokenTable
 from pipelines.compress import build_compressor, first_train_step, load_stage1
 from pipelines.export import token_sources
-from pipelines.trainer import shard
+from iat_rec.train.trainer import shard
 
 
 def main(run: str, tokens: str) -> None:

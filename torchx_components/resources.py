@@ -8,7 +8,7 @@ run ``make install`` or ``pip install --no-deps -e .`` again). Every torchx comm
 them, builtin components included (``torchx run dist.ddp -h iat.gpu.8 ...``).
 
 - ``iat.cpu``: 2 CPUs, 8 GiB, no GPU. Laptops and CI: the components' default ``-j 1x2`` runs two
-  gloo ranks, each with one intra-op thread (iat_rec.distenv sets OMP_NUM_THREADS=1).
+  gloo ranks, each with one intra-op thread (iat_rec.dist.env sets OMP_NUM_THREADS=1).
 - ``iat.gpu.N`` (N = 1, 2, 4, 8): N GPUs, 11 CPUs and 64 GiB per GPU, i.e. one eighth of an
   8 x H100/H200 host per GPU, so that eight ``iat.gpu.1`` jobs, or one ``iat.gpu.8``, fill a host.
   88 CPUs and 512 GiB fit every 8-GPU Hopper host we know of, after the share the OS and the

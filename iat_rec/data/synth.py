@@ -65,7 +65,7 @@ Seen-before mode (``--label seen-before [--history-len T]``)
 -----------------------------------------------------------
 A public check that a stage-2 ranker really reads its history. The log has one task,
 ``seen_before`` = "item_id is among the items of the user's last T strictly-earlier
-instances", with exactly the history fetch of :mod:`iat_rec.history`: rows
+instances", with exactly the history fetch of :mod:`iat_rec.batching.history`: rows
 ``[max(start_u, p - T), p)``, p the user's first row with ts >= the row's ts, so rows of the
 same request (shared ts) are never history of each other. T = ``history_len`` (default 128)
 should match the ranker's max_len. The label is known at ts + 1. Timeline, contexts, ads
@@ -110,9 +110,9 @@ from pathlib import Path
 
 import numpy as np
 
-from iat_rec.instance_log import Columns, InstanceLog, check_log_out, write_instance_log
+from iat_rec.data.instance_log import Columns, InstanceLog, check_log_out, write_instance_log
 from iat_rec.errors import IatError
-from iat_rec.schema import DenseFeature, Label, Schema, SparseFeature
+from iat_rec.data.schema import DenseFeature, Label, Schema, SparseFeature
 
 T0 = 1_704_067_200  # 2024-01-01 00:00:00 UTC
 DAY = 86_400

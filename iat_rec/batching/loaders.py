@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from iat_rec.batch import Batch, make_batch
+from iat_rec.batching.batch import Batch, make_batch
 from iat_rec.errors import IatError
-from iat_rec.instance_log import InstanceLog
+from iat_rec.data.instance_log import InstanceLog
 
 
 def time_order(log: InstanceLog, rows: np.ndarray) -> np.ndarray:

@@ -31,12 +31,12 @@ from torch import nn
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.modules.embedding_modules import EmbeddingCollection
 
-from iat_rec import checksums
-from iat_rec.atomic import collective_atomic_dir, write_json
-from iat_rec.checkpoint import dcp_load, read_metadata
+from iat_rec.dist import checksums
+from iat_rec.dist.atomic import collective_atomic_dir, write_json
+from iat_rec.dist.checkpoint import dcp_load, read_metadata
 from iat_rec.errors import IatError
-from iat_rec.history import HistoryIndex
-from iat_rec.planning import TOKEN_TABLE, token_table_config
+from iat_rec.batching.history import HistoryIndex
+from iat_rec.tables import TOKEN_TABLE, token_table_config
 
 FORMAT = "iat-token-table"
 VERSION = 3  # 2: token_stats, tokens_from and health in the manifest; 3: side arrays' sizes and checksums
@@ -179,7 +179,7 @@ def cli(argv: list[str]) -> int:
         for i, r in zip(range(start, stop), rows):
             print(f"row {i}: {r.tolist()[:8]}{' ...' if table.dim > 8 else ''}  |norm| {r.norm():.4f}")
     if args.health:
-        from iat_rec.token_health import format_health, stored_health, table_health
+        from iat_rec.tokens.health import format_health, stored_health, table_health
 
         task = args.task if args.task is not None else 0
         h = stored_health(table, task=task)

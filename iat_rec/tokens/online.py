@@ -48,13 +48,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from iat_rec import checkpoint as ckpt
-from iat_rec import checksums
-from iat_rec.atomic import atomic_dir, check_out, write_json
+from iat_rec.dist import checkpoint as ckpt
+from iat_rec.dist import checksums
+from iat_rec.dist.atomic import atomic_dir, check_out, write_json
 from iat_rec.errors import IatError
 
 if TYPE_CHECKING:
-    from iat_rec.instance_log import InstanceLog
+    from iat_rec.data.instance_log import InstanceLog
     from modules.compressor import Compressor
 
 FORMAT = "iat-online-compressor"
@@ -178,7 +178,7 @@ def build_online(run: str | Path, checkpoint: str | None = None) -> tuple[Online
     ckpt.load_weights(path, online.compressor)  # as export loads it: DCP, any world size, checked
     online.eval().requires_grad_(False)
     run_json = (Path(run) / "run.json").read_bytes()
-    from iat_rec.distenv import versions
+    from iat_rec.dist.env import versions
 
     pooling = dict(zip(online.features, online.modes))
     meta = {
@@ -207,8 +207,8 @@ def build_online(run: str | Path, checkpoint: str | None = None) -> tuple[Online
 
 def log_inputs(log: "InstanceLog", rows: np.ndarray, features: list[str]) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """(dense, ids, lengths) of instance-log rows, in the contract's layout (for checks and
-    offline use: it reads the log through ``iat_rec.batch``, which imports TorchRec)."""
-    from iat_rec.batch import gather_jagged
+    offline use: it reads the log through ``iat_rec.batching.batch``, which imports TorchRec)."""
+    from iat_rec.batching.batch import gather_jagged
 
     rows = np.asarray(rows, dtype=np.int64)
     ids, lengths = [], []

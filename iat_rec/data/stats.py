@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from iat_rec.instance_log import InstanceLog
+from iat_rec.data.instance_log import InstanceLog
 
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
 

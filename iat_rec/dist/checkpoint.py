@@ -28,7 +28,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 
-from iat_rec.atomic import collective_atomic_dir, write_json
+from iat_rec.dist.atomic import collective_atomic_dir, write_json
 from iat_rec.errors import IatError
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from iat_rec import VERBOSE_ENV
-from iat_rec.atomic import write_text
+from iat_rec.dist.atomic import write_text
 from iat_rec.errors import IatError
 
 
@@ -276,7 +276,7 @@ def provenance() -> dict:
     the tree had changes), the versions and the host."""
     import subprocess
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
 
     def git(*args: str) -> str | None:
         try:

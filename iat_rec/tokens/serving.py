@@ -1,6 +1,6 @@
 """Token lookup for serving: the history a stage-2 ranker reads, from a token table alone.
 
-    from iat_rec.serving import TokenStore
+    from iat_rec.tokens.serving import TokenStore
     store = TokenStore("runs/tokens")
     h = store.history("user_42", t=1_704_153_600, last=128)
     h.tokens        # float32 [n, d], oldest first: the user's last n <= 128 instances before t
@@ -17,10 +17,10 @@ task's label and the time it became known, and the token (Parquet: a fixed-size 
 npy: one array per column in DIR).
 
 ``tokens compressor`` writes the stage-1 compressor's token part as a standalone module for
-online inference (``iat_rec.online``): plain tensors in, the token of each new instance out,
+online inference (``iat_rec.tokens.online``): plain tensors in, the token of each new instance out,
 without TorchRec at serving time.
 
-Exactly the fetch of stage 2 (``iat_rec.history``): rows of the user with a timestamp strictly
+Exactly the fetch of stage 2 (``iat_rec.batching.history``): rows of the user with a timestamp strictly
 before t, the last ``last`` of them, each label shown only if it became known strictly before t.
 An unknown user has an empty history. The whole table is loaded once into memory (rows x dim x 4
 bytes).
@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from iat_rec.errors import IatError
-from iat_rec.history import LABEL_UNKNOWN, expand_ranges, side_info
-from iat_rec.token_table import TokenTable
+from iat_rec.batching.history import LABEL_UNKNOWN, expand_ranges, side_info
+from iat_rec.tokens.table import TokenTable
 
 
 @dataclasses.dataclass
@@ -109,7 +109,7 @@ def export_rows(tokens: str | Path, out: str | Path, fmt: str, overwrite: bool =
     """Writes every row of a token table as Parquet (one file) or npy (a directory), atomically.
     An existing ``--out`` is replaced only with ``overwrite`` and only if it is an export of the
     same format (a Parquet file, or a directory with this export's ``export.json``)."""
-    from iat_rec.atomic import atomic_dir, check_out, write_json
+    from iat_rec.dist.atomic import atomic_dir, check_out, write_json
 
     out = Path(out)
     if fmt == "npy":

@@ -1,0 +1,1 @@
+"""Batches (KJT) of both stages: the history index, the loaders and the batch makers."""

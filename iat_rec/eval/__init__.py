@@ -1,0 +1,1 @@
+"""Metrics (AUC, GAUC, LogLoss in nats, NE) and the comparison report."""

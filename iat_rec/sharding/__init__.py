@@ -1,0 +1,1 @@
+"""TorchRec's planner: topology, constraints, plans and their JSON and description."""

@@ -1,0 +1,1 @@
+"""Run configuration and the training loop both stages share."""
