@@ -5,7 +5,7 @@
 The model is the project's: ``build_compressor`` on a synthetic log, planned and sharded by
 ``iat_rec.train.trainer.shard`` (fused row-wise Adagrad on the EBC), Adam on the dense part
 (``make_optimizer``), stepped by ``TrainPipelineSparseDist`` exactly as the trainer does.
-Batches come from the real datasets (``pipelines.compress.make_dataset``) and are built
+Batches come from the real datasets (``iat_rec.train.stage1.make_dataset``) and are built
 before timing (pinned on CUDA) and cycled, so the figure is the GPU step, not the loader
 (``iat-rec bench loader`` measures that). Both schemes see the same instances per step:
 temporal ``--batch`` instances, user order ``--batch / --window`` windows of ``--window``
@@ -23,7 +23,7 @@ from typing import Any
 from benchmarks import common
 from iat_rec.train.config import CompressConfig, ModelConfig
 from iat_rec.data.instance_log import time_split
-from pipelines.compress import build_compressor, make_dataset
+from iat_rec.train.stage1 import build_compressor, make_dataset
 from iat_rec.train.trainer import make_optimizer, shard
 
 

@@ -48,7 +48,7 @@ from iat_rec.batching.history import HistoryIndex, expand_ranges
 from iat_rec.data.instance_log import time_split
 from iat_rec.tables import TOKEN_FEATURE, TOKEN_TABLE
 from iat_rec.tokens.table import token_constraints
-from pipelines.export import shard_token_table
+from iat_rec.tokens.export import shard_token_table
 
 
 def complete_cumsum(lengths: torch.Tensor) -> torch.Tensor:

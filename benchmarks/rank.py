@@ -38,7 +38,7 @@ from iat_rec.sharding.planning import build_topology, make_plan
 from iat_rec.batching.rank_data import HistorySource, RankBatchMaker
 from modules.ranker import Ranker, RankerConfig, build_ranker
 from modules.readers import make_reader, reader_flops
-from pipelines.export import token_constraints
+from iat_rec.tokens.table import token_constraints
 from iat_rec.train.trainer import embedding_params, make_optimizer, shard
 
 

@@ -41,7 +41,7 @@ from iat_rec.data.instance_log import InstanceLog
 from iat_rec.train.config import CompressConfig
 from iat_rec.sharding.planning import build_topology, make_plan_with_stats, quiet_planner_logs
 from iat_rec.tables import TOKEN_TABLE
-from pipelines.compress import build_compressor
+from iat_rec.train.stage1 import build_compressor
 
 STAGES = {1: "stage1_compress_temporal", 2: "stage2_rank_iat"}
 

@@ -36,7 +36,7 @@ from iat_rec.tables import TOKENS_PATH
 from iat_rec.batching.rank_data import HistorySource, RankBatchMaker
 from iat_rec.tokens.table import TokenTable, token_constraints
 from modules.ranker import HISTORY_MODES, QUERIES, READERS, Ranker, RankerConfig, build_ranker
-from pipelines.compress import RUN_FORMAT, check_run_out, load_stage1
+from iat_rec.train.stage1 import RUN_FORMAT, check_run_out, load_stage1
 from iat_rec.train.trainer import (Trainer, check_resume, check_resume_from, embedding_params, evaluate, make_optimizer, program_cli, program_parser,
                                shard, train_until)
 

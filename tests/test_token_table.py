@@ -24,7 +24,7 @@ def two_rank_rows(tokens: Path, rows: list[int]) -> np.ndarray:
 import json, sys, torch, numpy as np
 from iat_rec.dist.env import init_distributed
 from iat_rec.tokens.table import TokenTable, WEIGHT_KEY
-from pipelines.export import shard_token_table
+from iat_rec.tokens.export import shard_token_table
 from iat_rec.tables import TOKEN_FEATURE
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 env = init_distributed("cpu")

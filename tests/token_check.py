@@ -14,8 +14,8 @@ from iat_rec.batching.batch import make_batch
 from iat_rec.dist.env import init_distributed
 from iat_rec.batching.loaders import user_windows
 from iat_rec.tokens.table import TokenTable
-from pipelines.compress import build_compressor, first_train_step, load_stage1
-from pipelines.export import token_sources
+from iat_rec.train.stage1 import build_compressor, first_train_step, load_stage1
+from iat_rec.tokens.export import token_sources
 from iat_rec.train.trainer import shard
 
 

@@ -169,7 +169,7 @@ def resolve_checkpoint(run: str | Path, name: str | None = None) -> Path:
 
 def build_online(run: str | Path, checkpoint: str | None = None) -> tuple[OnlineCompressor, dict, "InstanceLog"]:
     """(the module with the checkpoint's weights, in eval mode; its metadata; the run's log)."""
-    from pipelines.compress import build_compressor, load_stage1  # the stage-1 code: only to build
+    from iat_rec.train.stage1 import build_compressor, load_stage1  # the stage-1 code: only to build
 
     cfg, info, log = load_stage1(run)
     path = resolve_checkpoint(run, checkpoint)
@@ -271,7 +271,7 @@ def _check_saved(path: Path, serialization: str, online: OnlineCompressor, sampl
 def write_online(run: str | Path, out: str | Path, checkpoint: str | None = None, fmt: str = "auto",
                  overwrite: bool = False, verbose: bool = True) -> Path:  # fmt: skip
     """Builds the online compressor of ``run`` and writes it to ``out`` atomically; returns ``out``."""
-    from pipelines.compress import load_stage1
+    from iat_rec.train.stage1 import load_stage1
 
     if fmt not in FORMATS:
         raise IatError(f"--format must be one of {list(FORMATS)}, not '{fmt}'")

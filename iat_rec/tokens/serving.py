@@ -157,7 +157,7 @@ def export_cli(argv: list[str]) -> int:
 
 
 def compressor_cli(argv: list[str]) -> int:
-    from iat_rec import online  # torch.export and the stage-1 code: only for this subcommand
+    from iat_rec.tokens import online  # torch.export and the stage-1 code: only for this subcommand
 
     p = argparse.ArgumentParser(prog="iat-rec tokens compressor", description=online.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
