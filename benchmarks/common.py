@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from iat_rec.dist.env import versions
+from iat_rec.train.config import DEVICES
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULT_KEYS = ("benchmark", "created", "tiny", "device", "versions", "config", "limits", "rows", "summary", "seconds")
@@ -66,7 +67,7 @@ def base_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default=None,
                    help=f"JSON file, or a directory for {name}-<device>.json (default benchmarks/results/)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=None,
                    help="CI-sized run (default: on for CPU, off for CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per case")

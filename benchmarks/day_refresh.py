@@ -29,6 +29,7 @@ from iat_rec.dist.env import versions
 from iat_rec.data.ingest import append_columns
 from iat_rec.data.instance_log import write_instance_log
 from iat_rec.data.synth import SynthConfig, build_columns, synth_schema
+from iat_rec.tables import TOKEN_DTYPES
 
 DAY = 86_400
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results", help="directory of the JSON result")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--stage1-steps", type=int, default=50)
-    p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16"])
+    p.add_argument("--dtype", default="fp16", choices=sorted(TOKEN_DTYPES))
     args = p.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from iat_rec.dist.atomic import write_json
 from iat_rec.dist.env import init_distributed, provenance, rank_main
 from iat_rec.errors import IatError
 from iat_rec.tokens.table import TokenTable, token_constraints
-from iat_rec.train.config import CompressConfig, check_values, to_dict
+from iat_rec.train.config import CompressConfig, SCHEMES, check_values, to_dict
 from iat_rec.train.stage1 import RUN_FORMAT, build_compressor, check_run_out, make_dataset, slice_steps
 from iat_rec.train.trainer import (Trainer, check_resume, check_resume_from, embedding_params, make_optimizer, program_cli, program_parser, shard,
                                    total_steps, train_until)
@@ -30,8 +30,8 @@ def check_config(cfg: CompressConfig) -> None:
     check_values(cfg)
     if not cfg.data or not cfg.out:
         raise IatError("--data and --out are required")
-    if cfg.scheme not in ("temporal", "user"):
-        raise IatError(f"--scheme must be 'temporal' or 'user', not '{cfg.scheme}'")
+    if cfg.scheme not in SCHEMES:
+        raise IatError(f"--scheme must be one of {list(SCHEMES)}, not '{cfg.scheme}'")
     if cfg.model.bottleneck_act not in BOTTLENECK_ACTS:
         raise IatError(f"--bottleneck-act must be one of {list(BOTTLENECK_ACTS)}, not '{cfg.model.bottleneck_act}'")
     if cfg.slices < 0:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from iat_rec.data.instance_log import InstanceLog
 from iat_rec.data.synth import generate
+from iat_rec.train.config import DEVICES
 from pipelines import experiment
 
 DEMO_VARIANTS = "none,labels-only,handcrafted,iat-user,both-user"
@@ -25,7 +26,7 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--mean-instances", type=float, default=100.0)
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     args = p.parse_args(argv)
     work = Path(args.work)
     data = work / "data"

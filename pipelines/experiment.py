@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from iat_rec.train.config import load_yaml
+from iat_rec.train.config import DEVICES, SCHEMES, load_yaml
 from iat_rec.dist.env import init_distributed, rank_main, run_ranks
 from iat_rec.errors import IatError
 from iat_rec.eval.report import markdown_table, summarise, write_report
+from iat_rec.tables import TOKEN_DTYPES
 from pipelines.pipeline import Stages, Variant, check_stage_yaml
 
 DEFAULT_VARIANTS = "none,labels-only,handcrafted,iat-temporal,iat-user,both-user,iat-untrained"
@@ -41,7 +42,7 @@ def parse_variants(spec: str, readers: list[str]) -> list[Variant]:
         history, _, scheme = body.partition("-")
         if history not in ("none", "labels", "handcrafted", "iat", "both"):
             raise IatError(f"unknown variant '{item}' (history must be none, labels-only, handcrafted, iat or both)")
-        if history in ("iat", "both") and scheme not in ("temporal", "user"):
+        if history in ("iat", "both") and scheme not in SCHEMES:
             raise IatError(f"variant '{item}' needs a scheme: {history}-temporal or {history}-user")
         if history not in ("iat", "both") and (scheme or tokens_from):
             raise IatError(f"variant '{item}': {history} reads no tokens, so it takes no scheme")
@@ -82,11 +83,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compress-config", help="YAML of iat-rec compress options (budget of stage 1)")
     p.add_argument("--rank-config", help="YAML of iat-rec rank options (budget of stage 2)")
     p.add_argument("--report-only", action="store_true", help="write the report of finished stages; train nothing")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="token table dtype")
+    p.add_argument("--dtype", default="fp32", choices=sorted(TOKEN_DTYPES), help="token table dtype")
     p.add_argument("--report", help="report directory (default WORK/report)")
     p.add_argument("--title", default="IAT history variants")
     p.add_argument("--dataset", help="dataset name in the results (default: the log directory's name)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--nproc", type=int, default=None, help="local ranks to launch (default: GPUs, else 2)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars in every stage")
     return p

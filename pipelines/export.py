@@ -30,7 +30,7 @@ from iat_rec.dist import checkpoint as ckpt
 from iat_rec.dist.atomic import check_out, write_json
 from iat_rec.dist.env import init_distributed, rank_main, run_ranks
 from iat_rec.sharding.planning import load_plan
-from iat_rec.tables import TOKENS_PATH
+from iat_rec.tables import TOKENS_PATH, TOKEN_DTYPES
 from iat_rec.tokens.export import (TOKENS_FROM, check_append, check_resumed, copy_rows, gather_rows, local_row_blocks, local_stats,
                                    shard_token_table, token_sources)
 from iat_rec.tokens.health import format_health, table_health
@@ -38,6 +38,7 @@ from iat_rec.tokens.table import FORMAT as TABLE_FORMAT
 from iat_rec.tokens.table import SIDE_ARRAYS, WEIGHT_KEY, TokenTable, save_table
 from iat_rec.train.stage1 import build_compressor, load_stage1
 from iat_rec.train.trainer import progress_bar, shard
+from iat_rec.train.config import DEVICES
 
 
 def export(run: str, out: str, dtype: str = "fp32", batch_size: int = 4096, device: str = "auto", progress: bool = True,
@@ -131,7 +132,7 @@ def parser() -> argparse.ArgumentParser:
     # --stage1 first: torchrun's parser (torchx jobs) refuses --run as an abbreviation of its --run-path
     p.add_argument("--stage1", "--run", dest="run", required=True, help="stage-1 run directory")
     p.add_argument("--out", required=True, help="token table directory to write")
-    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--dtype", choices=sorted(TOKEN_DTYPES), default="fp32")
     p.add_argument("--tokens-from", choices=TOKENS_FROM, default="time-consistent",
                    help="which model encodes each row (default time-consistent: a training row's token comes from "
                         "the last snapshot before its training step; final: the last checkpoint for every row; "
@@ -140,7 +141,7 @@ def parser() -> argparse.ArgumentParser:
                    help="a token table of an earlier version of the run's log (iat-rec data append): encode only the rows "
                         "appended since and keep every old row's bytes")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--nproc", type=int, default=None, help="local ranks to launch (default: GPUs, else 2)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing token table at --out")
     p.add_argument("--no-progress", dest="progress", action="store_false")

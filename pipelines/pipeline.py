@@ -20,9 +20,10 @@ import torch.distributed as dist
 
 from iat_rec.dist import checkpoint as ckpt
 from iat_rec.dist.atomic import write_json
-from iat_rec.train.config import CompressConfig, check_values, from_dict, load_yaml, to_dict
+from iat_rec.train.config import CompressConfig, DEVICES, SCHEMES, check_values, from_dict, load_yaml, to_dict
 from iat_rec.dist.env import init_distributed, rank_main, run_ranks
 from iat_rec.errors import IatError
+from iat_rec.tables import TOKEN_DTYPES
 from pipelines import compress, rank
 from pipelines.export import export
 from pipelines.rank import RankConfig
@@ -157,15 +158,15 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="iat-rec pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="instance log")
     p.add_argument("--work", required=True, help="directory for every stage's output")
-    p.add_argument("--scheme", default="user", choices=["temporal", "user"])
+    p.add_argument("--scheme", default="user", choices=SCHEMES)
     p.add_argument("--history", default="iat", choices=["iat", "both"])
     p.add_argument("--tokens-from", default="time-consistent", choices=["time-consistent", "final", "initial"])
     p.add_argument("--reader", default="transformer", choices=["transformer", "din", "longer"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+    p.add_argument("--dtype", default="fp32", choices=sorted(TOKEN_DTYPES))
     p.add_argument("--compress-config", help="YAML of iat-rec compress options")
     p.add_argument("--rank-config", help="YAML of iat-rec rank options")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--nproc", type=int, default=None, help="local ranks to launch (default: GPUs, else 2)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars in every stage")
     return p

@@ -181,7 +181,9 @@ _AT_LEAST_1 = ("batch_size", "window", "keep_checkpoints", "emb_dim", "num_token
                "decompress", "head")  # fmt: skip
 _AT_LEAST_0 = ("steps", "eval_every", "eval_batches", "early_stop", "ckpt_every", "num_workers", "hbm_gb", "slices", "reconstruct")
 _POSITIVE = ("epochs", "dense_lr", "sparse_lr")
-_CHOICES = {"device": ("auto", "cpu", "cuda"), "interaction": ("rankmixer", "dcnv2"), "sparse_optimizer": ("rowwise_adagrad", "adagrad", "sgd", "adam")}
+DEVICES = ("auto", "cpu", "cuda")  # --device of every program
+SCHEMES = ("temporal", "user")  # stage-1 training orders
+_CHOICES = {"device": DEVICES, "scheme": SCHEMES, "interaction": ("rankmixer", "dcnv2"), "sparse_optimizer": ("rowwise_adagrad", "adagrad", "sgd", "adam")}
 
 
 def _type_ok(value, typ) -> bool:
