@@ -24,7 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from iat_rec.sharding import planning
+from iat_rec.sharding.constraints import parse_constraints
+from iat_rec.sharding.describe import describe_plan
+from iat_rec.sharding.planning import make_plan_with_stats, quiet_planner_logs
+from iat_rec.sharding.topology import GB, build_topology
 from iat_rec.tables import TOKEN_TABLE, build_tables_module, feature_table_configs, token_table_config
 from iat_rec.dist.atomic import write_json
 from iat_rec.errors import IatError
@@ -85,21 +88,21 @@ def plan_one(cfg: SweepConfig, world_size: int, rows: int, dim: int, mode: str) 
     features = feature_table_configs(FEATURES, cfg.feature_dim)
     token = token_table_config(rows, dim, cfg.token_dtype)
     spec = {TOKEN_TABLE: {**CONSTRAINT_MODES[mode], "pooling_factors": [float(cfg.history_len)]}}
-    topology = planning.build_topology(world_size, cfg.local_world_size, "cuda", cfg.hbm_gb, cfg.ddr_gb)
+    topology = build_topology(world_size, cfg.local_world_size, "cuda", cfg.hbm_gb, cfg.ddr_gb)
     module = build_tables_module(features, token)
     point: dict[str, Any] = {"world_size": world_size, "token_rows": rows, "dim": dim, "mode": mode}
     start = time.perf_counter()
     try:
-        with planning.quiet_planner_logs():
-            result = planning.make_plan_with_stats(
-                module, topology, cfg.batch_size, planning.parse_constraints(spec), debug=False
+        with quiet_planner_logs():
+            result = make_plan_with_stats(
+                module, topology, cfg.batch_size, parse_constraints(spec), debug=False
             )
     except IatError as e:
         kind = re.search(r"\[(\w+)\]", str(e))
         reason = kind.group(1) if kind else "unsupported" if "not supported" in str(e) else "error"
         return {**point, "feasible": False, "reason": reason, "message": str(e),
                 "planning_seconds": time.perf_counter() - start}
-    d = planning.describe_plan(result.plan, topology, features + [token], result)
+    d = describe_plan(result.plan, topology, features + [token], result)
     tok = next(t for t in d["tables"] if t["name"] == TOKEN_TABLE)
     est = d["estimate"] or {}
     return {
@@ -137,7 +140,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> list[dict[str, Any]]:
 def write_markdown(
     path: Path, cfg: SweepConfig, results: list[dict[str, Any]], env: dict[str, Any] | None = None
 ) -> None:
-    gb = planning.GB
+    gb = GB
     lines = [
         "# Planner sweep",
         "",
@@ -261,7 +264,7 @@ def write_plots(out: Path, cfg: SweepConfig, results: list[dict[str, Any]]) -> l
             for mode in modes:
                 pts = feasible(rows, mode)
                 if pts:
-                    draw(ax, mode, pts, [max(r[key] / planning.GB, 0.01) if i == 0 else r[key] / planning.GB for r in pts])
+                    draw(ax, mode, pts, [max(r[key] / GB, 0.01) if i == 0 else r[key] / GB for r in pts])
             ax.axhline(cap, color="k", ls="--", lw=0.8)
             ax.annotate(f"{tier} per rank ({cap:g} GB)", (0.02, cap), xycoords=("axes fraction", "data"),
                         xytext=(0, 3), textcoords="offset points", fontsize=7)

@@ -34,7 +34,8 @@ from benchmarks import common
 from iat_rec.train.config import ModelConfig, TrainConfig
 from iat_rec.data.instance_log import time_split
 from iat_rec.batching.loaders import BatchDataset
-from iat_rec.sharding.planning import build_topology, make_plan
+from iat_rec.sharding.topology import build_topology
+from iat_rec.sharding.planning import make_plan
 from iat_rec.batching.rank_data import HistorySource, RankBatchMaker
 from modules.ranker import Ranker, RankerConfig, build_ranker
 from modules.readers import make_reader, reader_flops

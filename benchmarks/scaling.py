@@ -39,7 +39,8 @@ from iat_rec.dist.env import drop_flag, init_distributed, launch
 from iat_rec.errors import IatError
 from iat_rec.data.instance_log import InstanceLog
 from iat_rec.train.config import CompressConfig
-from iat_rec.sharding.planning import build_topology, make_plan_with_stats, quiet_planner_logs
+from iat_rec.sharding.topology import build_topology
+from iat_rec.sharding.planning import make_plan_with_stats, quiet_planner_logs
 from iat_rec.tables import TOKEN_TABLE
 from iat_rec.train.stage1 import build_compressor
 

@@ -29,7 +29,7 @@ from iat_rec.batching.batch import make_batch
 from iat_rec.dist import checkpoint as ckpt
 from iat_rec.dist.atomic import check_out, write_json
 from iat_rec.dist.env import init_distributed, rank_main, run_ranks
-from iat_rec.sharding.planning import load_plan
+from iat_rec.sharding.plan_json import load_plan
 from iat_rec.tables import TOKENS_PATH, TOKEN_DTYPES
 from iat_rec.tokens.export import (TOKENS_FROM, check_append, check_resumed, copy_rows, gather_rows, local_row_blocks, local_stats,
                                    shard_token_table, token_sources)

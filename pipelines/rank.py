@@ -31,7 +31,9 @@ from iat_rec.dist.env import DistEnv, init_distributed, provenance, rank_main
 from iat_rec.errors import IatError
 from iat_rec.data.instance_log import InstanceLog, check_split, time_split
 from iat_rec.batching.loaders import BatchDataset, SelectTasks, select_tasks, time_order
-from iat_rec.sharding.planning import build_topology, load_plan, make_plan
+from iat_rec.sharding.topology import build_topology
+from iat_rec.sharding.plan_json import load_plan
+from iat_rec.sharding.planning import make_plan
 from iat_rec.tables import TOKENS_PATH
 from iat_rec.batching.rank_data import HistorySource, RankBatchMaker
 from iat_rec.tokens.table import TokenTable, token_constraints

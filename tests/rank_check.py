@@ -8,7 +8,7 @@ import torch
 
 from iat_rec.dist import checkpoint as ckpt
 from iat_rec.dist.env import init_distributed
-from iat_rec.sharding.planning import load_plan
+from iat_rec.sharding.plan_json import load_plan
 from iat_rec.train.stage1 import build_compressor, load_stage1
 from pipelines.rank import RankConfig, build, dataset
 from iat_rec.train.trainer import DistributedModelParallel, Trainer, make_optimizer

@@ -9,7 +9,7 @@ import numpy as np
 
 from iat_rec.train.config import CompressConfig, from_dict
 from iat_rec.data.instance_log import InstanceLog, time_split
-from iat_rec.sharding.planning import load_plan, plan_to_json
+from iat_rec.sharding.plan_json import load_plan, plan_to_json
 from iat_rec.train.stage1 import make_dataset
 from tests.conftest import STAGE1, run_cli
 

@@ -7,12 +7,17 @@ import math
 from pathlib import Path
 
 import pytest
+from torchrec.modules.embedding_configs import DataType
 import torch
 import torch.distributed as dist
 
 from iat_rec.sharding import plan_cli
 
-from iat_rec.sharding import planning
+from iat_rec.sharding.constraints import parse_constraints
+from iat_rec.sharding.describe import describe_plan
+from iat_rec.sharding.plan_json import PLAN_FORMAT, PLAN_VERSION, load_plan, plan_from_json, plan_to_json, save_plan
+from iat_rec.sharding.planning import make_plan, make_plan_with_stats, quiet_planner_logs
+from iat_rec.sharding.topology import GB, build_topology
 from iat_rec import tables as T
 from iat_rec.cli import main
 from iat_rec.errors import IatError
@@ -41,11 +46,11 @@ def tables():
 @pytest.fixture(scope="module")
 def two_node_plan(tables):
     features, token = tables
-    topology = planning.build_topology(**TWO_NODES)
+    topology = build_topology(**TWO_NODES)
     module = T.build_tables_module(features, token)
-    constraints = planning.parse_constraints({T.TOKEN_TABLE: {"pooling_factors": [256]}})
-    with planning.quiet_planner_logs():
-        result = planning.make_plan_with_stats(module, topology, 1024, constraints)
+    constraints = parse_constraints({T.TOKEN_TABLE: {"pooling_factors": [256]}})
+    with quiet_planner_logs():
+        result = make_plan_with_stats(module, topology, 1024, constraints)
     return result, topology
 
 
@@ -56,7 +61,7 @@ def test_table_configs(tables):
     assert [t.num_embeddings for t in features] == [1_000_000, 5_000_000, 3]
     assert {t.embedding_dim for t in features} == {32}
     assert (token.name, token.feature_names, token.num_embeddings) == (T.TOKEN_TABLE, [T.TOKEN_FEATURE], 10**9)
-    assert token.data_type == planning.DataType.FP16
+    assert token.data_type == DataType.FP16
     with pytest.raises(IatError, match="token dtype"):
         T.token_table_config(10, 8, "int8")
 
@@ -83,7 +88,7 @@ def test_two_node_plan_places_every_table(two_node_plan, tables):
 def test_describe_plan_counts_every_weight(two_node_plan, tables):
     result, topology = two_node_plan
     features, token = tables
-    d = planning.describe_plan(result.plan, topology, features + [token], result)
+    d = describe_plan(result.plan, topology, features + [token], result)
     assert {t["name"] for t in d["tables"]} == {t.name for t in features + [token]}
     assert len(d["per_rank"]["hbm_bytes"]) == 16
     expected = 0
@@ -99,25 +104,25 @@ def test_describe_plan_counts_every_weight(two_node_plan, tables):
 
 def test_uvm_caching_when_hbm_is_short():
     token = T.token_table_config(10**10, 64, "fp16")  # 1.19 TB
-    topology = planning.build_topology(16, 8, "cuda", hbm_gb=80, ddr_gb=256)
+    topology = build_topology(16, 8, "cuda", hbm_gb=80, ddr_gb=256)
     module = T.build_tables_module([], token)
-    with planning.quiet_planner_logs():
-        plan = planning.make_plan(module, topology, 1024, {})
+    with quiet_planner_logs():
+        plan = make_plan(module, topology, 1024, {})
     ps = plan.plan[T.TOKENS_PATH][T.TOKEN_TABLE]
     assert ps.sharding_type == "row_wise" and ps.compute_kernel in ("fused_uvm_caching", "fused_uvm")
-    d = planning.describe_plan(plan, topology, [token])
+    d = describe_plan(plan, topology, [token])
     # 74.5 GB of rows per rank exceed the 68 GB of HBM left after the 15% reservation.
     assert d["summary"]["ddr_bytes"]["max"] == 10**10 // 16 * 64 * 2
-    assert d["summary"]["hbm_bytes"]["max"] < 0.85 * 80 * planning.GB < d["summary"]["ddr_bytes"]["max"]
+    assert d["summary"]["hbm_bytes"]["max"] < 0.85 * 80 * GB < d["summary"]["ddr_bytes"]["max"]
 
 
 def test_too_big_is_one_clear_error(tables):
     features, _ = tables
     token = T.token_table_config(10**12, 64, "fp16")  # 119 TB on 16 GPUs
     module = T.build_tables_module(features, token)
-    topology = planning.build_topology(**TWO_NODES)
-    with planning.quiet_planner_logs(), pytest.raises(IatError) as err:
-        planning.make_plan(module, topology, 1024, {})
+    topology = build_topology(**TWO_NODES)
+    with quiet_planner_logs(), pytest.raises(IatError) as err:
+        make_plan(module, topology, 1024, {})
     msg = str(err.value)
     assert "\n" not in msg
     for part in ("no sharding plan fits", "iat_tokens (1000000000000x64 fp16", "per rank HBM 80.0 GB",
@@ -126,13 +131,13 @@ def test_too_big_is_one_clear_error(tables):
 
 
 def test_constraints_parsing():
-    c = planning.parse_constraints(
+    c = parse_constraints(
         {"t_a": {"sharding_types": "row_wise", "compute_kernels": ["fused_uvm_caching"], "cache_load_factor": 0.3,
                  "pooling_factors": [2.5]}}
     )
     assert c["t_a"].sharding_types == ["row_wise"] and c["t_a"].compute_kernels == ["fused_uvm_caching"]
     assert c["t_a"].cache_params.load_factor == 0.3 and c["t_a"].pooling_factors == [2.5]
-    assert planning.parse_constraints(None) == {}
+    assert parse_constraints(None) == {}
     bad = [
         ({"t": {"sharding": ["row_wise"]}}, "unknown keys \\['sharding'\\]"),
         ({"t": {"sharding_types": ["rowwise"]}}, "unknown values \\['rowwise'\\]"),
@@ -145,53 +150,53 @@ def test_constraints_parsing():
     ]
     for spec, match in bad:
         with pytest.raises(IatError, match=match):
-            planning.parse_constraints(spec)
+            parse_constraints(spec)
 
 
 def test_constraints_must_name_known_tables(tables):
     features, token = tables
     module = T.build_tables_module(features, token)
-    topology = planning.build_topology(**TWO_NODES)
+    topology = build_topology(**TWO_NODES)
     with pytest.raises(IatError, match="unknown tables \\['t_nope'\\]"):
-        planning.make_plan(module, topology, 1024, planning.parse_constraints({"t_nope": {}}))
+        make_plan(module, topology, 1024, parse_constraints({"t_nope": {}}))
     twrw = {T.TOKEN_TABLE: {"sharding_types": ["table_row_wise"]}}  # unpooled tables lack it
     with pytest.raises(IatError, match="not supported by EmbeddingCollectionSharder"):
-        planning.make_plan(module, topology, 1024, planning.parse_constraints(twrw))
+        make_plan(module, topology, 1024, parse_constraints(twrw))
     impossible = {"t_genre": {"sharding_types": ["data_parallel"], "compute_kernels": ["fused"]}}
-    with planning.quiet_planner_logs(), pytest.raises(IatError, match="no \\(sharding type, compute kernel\\) pair"):
-        planning.make_plan(module, topology, 1024, planning.parse_constraints(impossible))
+    with quiet_planner_logs(), pytest.raises(IatError, match="no \\(sharding type, compute kernel\\) pair"):
+        make_plan(module, topology, 1024, parse_constraints(impossible))
 
 
 def test_topology_memory():
-    topo = planning.build_topology(16, 8, "cuda", hbm_gb=141, ddr_gb=64)
-    assert topo.devices[5].storage.hbm == 141 * planning.GB and topo.devices[5].storage.ddr == 64 * planning.GB
+    topo = build_topology(16, 8, "cuda", hbm_gb=141, ddr_gb=64)
+    assert topo.devices[5].storage.hbm == 141 * GB and topo.devices[5].storage.ddr == 64 * GB
     assert topo.local_world_size == 8
     with pytest.raises(IatError, match="multiple of local world size"):
-        planning.build_topology(12, 8, "cuda", hbm_gb=80)
+        build_topology(12, 8, "cuda", hbm_gb=80)
     if not torch.cuda.is_available():
         with pytest.raises(IatError, match="32 GB"):
-            planning.build_topology(8, 8, "cuda")
+            build_topology(8, 8, "cuda")
 
 
 def test_plan_json_round_trip(two_node_plan, tmp_path):
     plan = two_node_plan[0].plan
-    d = json.loads(json.dumps(planning.plan_to_json(plan)))
-    assert d["format"] == planning.PLAN_FORMAT and d["version"] == planning.PLAN_VERSION
+    d = json.loads(json.dumps(plan_to_json(plan)))
+    assert d["format"] == PLAN_FORMAT and d["version"] == PLAN_VERSION
     tok = d["plan"][T.TOKENS_PATH][T.TOKEN_TABLE]
     assert set(tok) >= {"sharding_type", "compute_kernel", "ranks", "shards"}
     assert set(tok["shards"][0]) == {"offsets", "sizes", "placement"}
-    assert planning.plan_from_json(d) == plan
+    assert plan_from_json(d) == plan
     path = tmp_path / "plan.json"
-    planning.save_plan(plan, path)
-    assert planning.load_plan(path) == plan
+    save_plan(plan, path)
+    assert load_plan(path) == plan
     assert not list(tmp_path.glob(".plan.json.*"))  # no temporary left behind
     tok["shards"][0]["placement"] = "rank:5/cuda:5"
-    assert planning.plan_from_json(d) != plan
+    assert plan_from_json(d) != plan
     tok["shards"][0]["sizes"][0] += 1
     with pytest.raises(IatError, match="overlap"):
-        planning.plan_from_json(d)
+        plan_from_json(d)
     with pytest.raises(IatError, match="not a sharding plan"):
-        planning.plan_from_json({"plan": {}})
+        plan_from_json({"plan": {}})
 
 
 def test_loaded_plan_drives_distributed_model_parallel(tmp_path):
@@ -204,12 +209,12 @@ def test_loaded_plan_drives_distributed_model_parallel(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rdzv", rank=0, world_size=1)
     try:
         module = T.build_tables_module(features, token)
-        topology = planning.build_topology(1, 1, "cpu", ddr_gb=4)
-        with planning.quiet_planner_logs():
-            plan = planning.make_plan(module, topology, 16, planning.parse_constraints({"t_user_id": cfg}),
+        topology = build_topology(1, 1, "cpu", ddr_gb=4)
+        with quiet_planner_logs():
+            plan = make_plan(module, topology, 16, parse_constraints({"t_user_id": cfg}),
                                       pg=dist.group.WORLD)
-        planning.save_plan(plan, tmp_path / "plan.json")
-        loaded = planning.load_plan(tmp_path / "plan.json")
+        save_plan(plan, tmp_path / "plan.json")
+        loaded = load_plan(tmp_path / "plan.json")
         assert loaded == plan
         dmp = DistributedModelParallel(module, device=torch.device("cpu"), plan=loaded)
         ids = KeyedJaggedTensor.from_lengths_sync(
@@ -249,7 +254,7 @@ def test_cli_json_schema(tmp_path, capsys):
     assert r["inputs"]["constraints"] == {T.TOKEN_TABLE: {"pooling_factors": [256.0]}}
     tok = next(t for t in r["tables"] if t["name"] == T.TOKEN_TABLE)
     assert (tok["rows"], tok["dtype"]) == (10**9, "fp16")
-    assert planning.load_plan(tmp_path / "plan.json").plan[T.TOKENS_PATH][T.TOKEN_TABLE]
+    assert load_plan(tmp_path / "plan.json").plan[T.TOKENS_PATH][T.TOKEN_TABLE]
 
 
 def test_cli_data_dir_and_text(tmp_path, capsys):

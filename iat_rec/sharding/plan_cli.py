@@ -38,7 +38,11 @@ from typing import Any
 import yaml
 from torchrec.distributed.planner.constants import DDR_CAP
 
-from iat_rec.sharding import planning
+from iat_rec.sharding.constraints import parse_constraints
+from iat_rec.sharding.describe import describe_plan
+from iat_rec.sharding.plan_json import save_plan
+from iat_rec.sharding.planning import make_plan_with_stats, quiet_planner_logs
+from iat_rec.sharding.topology import GB, build_topology
 from iat_rec.tables import TOKEN_DTYPES, TOKEN_TABLE, build_tables_module, feature_table_configs, token_table_config
 from iat_rec.errors import IatError
 from iat_rec.data.schema import Schema, load_schema
@@ -86,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=8192, help="batch size per rank (default 8192)")
     p.add_argument("--constraints", help="JSON object or a JSON/YAML file: table -> {sharding_types, compute_kernels, ...}")
-    p.add_argument("--save", metavar="PLAN.json", help="also write the plan as JSON (load with planning.load_plan)")
+    p.add_argument("--save", metavar="PLAN.json", help="also write the plan as JSON (load with iat_rec.sharding.plan_json.load_plan)")
     p.add_argument("--json", action="store_true", help="print the report as JSON (schema in the module docstring)")
     p.add_argument("--no-stats", action="store_true", help="leave the planner's stats table out of the text report")
     return p
@@ -115,17 +119,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if token is not None and isinstance(spec.get(TOKEN_TABLE, {}), dict):
         # The estimates should see T lookups per sample, not TorchRec's default of 1.
         spec.setdefault(TOKEN_TABLE, {}).setdefault("pooling_factors", [float(args.history_len)])
-    constraints = planning.parse_constraints(spec)
+    constraints = parse_constraints(spec)
     # Hypothetical hosts: never this machine's memory; TorchRec's 128 GB unless told.
-    ddr_gb = args.ddr_gb if args.ddr_gb is not None else DDR_CAP / planning.GB
-    topology = planning.build_topology(args.world_size, args.local_world_size, "cuda", args.hbm_gb, ddr_gb)
+    ddr_gb = args.ddr_gb if args.ddr_gb is not None else DDR_CAP / GB
+    topology = build_topology(args.world_size, args.local_world_size, "cuda", args.hbm_gb, ddr_gb)
     module = build_tables_module(features, token, device="meta")
-    with planning.quiet_planner_logs():
-        result = planning.make_plan_with_stats(module, topology, args.batch_size, constraints)
+    with quiet_planner_logs():
+        result = make_plan_with_stats(module, topology, args.batch_size, constraints)
     if args.save:
-        planning.save_plan(result.plan, args.save)
+        save_plan(result.plan, args.save)
     tables = features + ([token] if token is not None else [])
-    report = planning.describe_plan(result.plan, topology, tables, result)
+    report = describe_plan(result.plan, topology, tables, result)
     report["topology"]["ddr_source"] = "given" if args.ddr_gb is not None else "torchrec_default"
     return {
         "format": REPORT_FORMAT,
@@ -257,7 +261,7 @@ def _ranges(ranks: list[int]) -> str:
 
 
 def _gb(n: float) -> str:
-    return f"{n / planning.GB:,.1f} GB"
+    return f"{n / GB:,.1f} GB"
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ from torchrec.distributed.planner.types import ParameterConstraints
 
 from iat_rec.dist import checkpoint as ckpt
 from iat_rec.errors import IatError
-from iat_rec.sharding.planning import build_topology, make_plan
+from iat_rec.sharding.topology import build_topology
+from iat_rec.sharding.planning import make_plan
 from iat_rec.tokens.table import TokenTable, token_collection, token_constraints
 from iat_rec.train.stage1 import first_train_step
 

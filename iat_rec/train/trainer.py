@@ -38,7 +38,10 @@ from iat_rec.dist.env import DistEnv, run_ranks
 from iat_rec.errors import IatError
 from iat_rec.batching.loaders import BatchDataset, EpochLoader
 from iat_rec.eval.metrics import EvalMetrics
-from iat_rec.sharding.planning import build_topology, load_plan, make_plan, parse_constraints, plan_to_json, save_plan
+from iat_rec.sharding.topology import build_topology
+from iat_rec.sharding.plan_json import load_plan, plan_to_json, save_plan
+from iat_rec.sharding.planning import make_plan
+from iat_rec.sharding.constraints import parse_constraints
 from iat_rec.tables import TOKENS_PATH
 
 def _sparse_optimizer(name: str, lr: float) -> tuple[type, dict[str, Any]]:
