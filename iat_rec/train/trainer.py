@@ -145,16 +145,22 @@ class Trainer:
     def _app_state(self, step: int) -> dict[str, Any]:
         return {"model": self._weights(), "optim": self.optimizer.state_dict(), "step": step}
 
+    def _load_trained_state(self, load) -> Any:
+        """Model weights (the frozen token table aside) and optimizer state, read by
+        ``load(state)`` from a checkpoint; returns what ``load`` returns."""
+        self.optimizer.init_state()  # materialise lazy optimizer state so DCP can load into it
+        state = {"model": self._weights(), "optim": self.optimizer.state_dict()}
+        out = load(state)
+        # a full dict: TorchRec's sharded modules refuse a partial load_state_dict
+        self.model.load_state_dict({**self.model.state_dict(), **state["model"]})
+        self.optimizer.load_state_dict(state["optim"])
+        return out
+
     def _restore(self, loader: EpochLoader) -> int:
         path = ckpt.latest(self.out)
         if path is None:
             return 0
-        self.optimizer.init_state()  # materialise lazy optimizer state so DCP can load into it
-        state = self._app_state(0)
-        rank_state = ckpt.load(path, state)
-        # a full dict: TorchRec's sharded modules refuse a partial load_state_dict
-        self.model.load_state_dict({**self.model.state_dict(), **state["model"]})
-        self.optimizer.load_state_dict(state["optim"])
+        rank_state = self._load_trained_state(lambda state: ckpt.load(path, state))  # with this rank's loader state
         loader.load_state_dict(rank_state["loader"])
         ckpt.set_rng_state(rank_state["rng"])
         step = int(rank_state["step"])
@@ -174,11 +180,7 @@ class Trainer:
         optimizer state has the shape of its plan: a table sharded otherwise is refused."""
         check_same_sharding(self.model.plan, load_plan(Path(run) / "plan.json"), run)
         path = ckpt.latest(run)
-        self.optimizer.init_state()
-        state = {"model": self._weights(), "optim": self.optimizer.state_dict()}
-        ckpt.dcp_load(state, path)
-        self.model.load_state_dict({**self.model.state_dict(), **state["model"]})
-        self.optimizer.load_state_dict(state["optim"])
+        self._load_trained_state(lambda state: ckpt.dcp_load(state, path))  # any world size
         if self.env.is_main:
             print(f"started from {path}", flush=True)
 
@@ -362,6 +364,13 @@ RESUMABLE = {"steps", "epochs", "eval_every", "eval_batches", "ckpt_every", "kee
              "progress", "resume", "overwrite", "device", "hbm_gb", "constraints", "out", "data"}
 
 
+def changed_options(recorded: dict, cfg: TrainConfig, allowed: set[str]) -> list[str]:
+    """The options outside ``allowed`` whose value in ``cfg`` differs from a run.json's ``config``."""
+    was = {k: v for k, v in recorded.items() if k not in allowed}
+    now = {k: v for k, v in json.loads(json.dumps(to_dict(cfg))).items() if k not in allowed}  # tuples -> lists
+    return sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
+
+
 def check_resume(cfg: TrainConfig, env: DistEnv, log_fingerprint: str) -> None:
     """Refuses, before the run's files are rewritten, a resume on another world size, of
     another instance log, or with any option but the budget changed (``RESUMABLE``)."""
@@ -373,9 +382,7 @@ def check_resume(cfg: TrainConfig, env: DistEnv, log_fingerprint: str) -> None:
     if info.get("log_fingerprint") != log_fingerprint:
         raise IatError(f"--resume: {cfg.out} was trained on instance log {info.get('log_fingerprint')}, "
                        f"{cfg.data} is {log_fingerprint}: start a new run")
-    was = {k: v for k, v in info["config"].items() if k not in RESUMABLE}
-    now = {k: v for k, v in json.loads(json.dumps(to_dict(cfg))).items() if k not in RESUMABLE}
-    changed = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
+    changed = changed_options(info["config"], cfg, RESUMABLE)
     if changed:
         raise IatError(f"--resume: {cfg.out} was trained with other {', '.join(changed)} "
                        f"(only {', '.join(sorted(RESUMABLE - {'resume', 'overwrite', 'out', 'data'}))} may change): start a new run")
@@ -404,9 +411,7 @@ def check_resume_from(cfg: TrainConfig, stage: str, log) -> dict:
     version = log.version_index(info["log_fingerprint"])
     if version == len(log.segments) - 1:
         raise IatError(f"--resume-from {run} was trained on {cfg.data} itself: nothing was appended since (iat-rec data append)")
-    was = {k: v for k, v in info["config"].items() if k not in CONTINUABLE}
-    now = {k: v for k, v in json.loads(json.dumps(to_dict(cfg))).items() if k not in CONTINUABLE}
-    changed = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
+    changed = changed_options(info["config"], cfg, CONTINUABLE)
     if changed:
         raise IatError(f"--resume-from {run} was trained with other {', '.join(changed)}: its weights do not fit this model")
     if info.get("train_until") is None:
