@@ -1,6 +1,6 @@
 # make install: .venv with the pinned stack (CPU or CUDA, by nvidia-smi); idempotent.
 # make demo:    install, then the whole pipeline on the default synthetic data.
-# make test:    install, then the test suite.
+# make test:    install, then lint (ruff check, ruff format --check) and the test suite.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,7 +12,7 @@ PIN_FBGEMM := $(if $(HAS_GPU),fbgemm-gpu==1.8.0,fbgemm-gpu-cpu==1.8.0)
 PIN_TORCHREC := torchrec==1.8.0
 # torchrec's own dependencies, minus fbgemm-gpu (see setup.py)
 TORCHREC_DEPS := torchmetrics==1.0.3 tensordict pyre-extensions iopath tqdm
-STACK := torchx==0.7.0 torchdata==0.11.0 tensorboard pyarrow pyyaml matplotlib pytest hypothesis kubernetes
+STACK := torchx==0.7.0 torchdata==0.11.0 tensorboard pyarrow pyyaml matplotlib pytest hypothesis kubernetes ruff==0.17.6
 
 .PHONY: install demo test clean
 install: $(STAMP)
@@ -35,6 +35,8 @@ demo: install
 	$(BIN)/iat-rec demo
 
 test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q tests
 
 clean:

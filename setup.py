@@ -5,11 +5,17 @@ with --no-deps so that its dependency on the CUDA fbgemm-gpu wheel never lands b
 fbgemm-gpu-cpu. install_requires therefore lists only what pip may resolve freely.
 """
 
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# the one version: iat_rec/__init__.py (read, not imported: torch may not be installed yet)
+VERSION = re.search(r'__version__ = "([^"]+)"', (Path(__file__).parent / "iat_rec" / "__init__.py").read_text())[1]
 
 setup(
     name="iat-rec",
-    version="0.1.0",
+    version=VERSION,
     description="Instance-As-Token compression of long user histories, trained on TorchRec",
     python_requires=">=3.10",
     packages=find_packages(include=["iat_rec*", "modules*", "pipelines*", "torchx_components*", "benchmarks*"]),

@@ -19,21 +19,37 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-
 from benchmarks import common
-from iat_rec.train.config import CompressConfig, ModelConfig
 from iat_rec.data.instance_log import time_split
+from iat_rec.train.config import CompressConfig, ModelConfig
 from iat_rec.train.stage1 import build_compressor, make_dataset
 from iat_rec.train.trainer import make_optimizer, shard
 
 
-def measure_scheme(run: common.Run, env, log, scheme: str, instances: int, window: int,
-                   model_cfg: ModelConfig, batches: int = 8, bf16: bool = False, constraints: str = "") -> dict[str, Any]:
+def measure_scheme(
+    run: common.Run,
+    env,
+    log,
+    scheme: str,
+    instances: int,
+    window: int,
+    model_cfg: ModelConfig,
+    batches: int = 8,
+    bf16: bool = False,
+    constraints: str = "",
+) -> dict[str, Any]:
     """``constraints``: a planner constraints JSON file (TrainConfig.constraints), "" for the planner's choice."""
     per = window if scheme == "user" else 1
-    cfg = CompressConfig(data=str(log.path), out=str(run.work / f"run-{scheme}"), scheme=scheme, window=window,
-                         batch_size=max(1, instances // per), model=model_cfg, device=run.device.type,
-                         constraints=constraints)
+    cfg = CompressConfig(
+        data=str(log.path),
+        out=str(run.work / f"run-{scheme}"),
+        scheme=scheme,
+        window=window,
+        batch_size=max(1, instances // per),
+        model=model_cfg,
+        device=run.device.type,
+        constraints=constraints,
+    )
     ds = make_dataset(log, time_split(log, cfg.split)["train"], cfg, env.rank, env.world_size)
     cached = common.cached_batches(ds, batches, run.device)
     valid = sum(float(b.weights.sum()) for b in cached) / sum(b.weights.numel() for b in cached)
@@ -48,13 +64,22 @@ def measure_scheme(run: common.Run, env, log, scheme: str, instances: int, windo
     samples = cfg.batch_size * per
     dense_tflops = 3 * flops / (timing.median_ms * 1e-3) / 1e12
     out = common.row(
-        scheme, timing, samples, common.peak_memory_bytes(run.device),
-        batch_size=cfg.batch_size, window=window if scheme == "user" else None, valid_fraction=valid,
-        valid_samples_per_s=samples * valid / (timing.median_ms * 1e-3), bf16=bf16,
-        dense_flops_fwd=flops, dense_tflops=dense_tflops, dense_mfu=common.ratio(dense_tflops, run.limits.get("bf16_tflops")),
+        scheme,
+        timing,
+        samples,
+        common.peak_memory_bytes(run.device),
+        batch_size=cfg.batch_size,
+        window=window if scheme == "user" else None,
+        valid_fraction=valid,
+        valid_samples_per_s=samples * valid / (timing.median_ms * 1e-3),
+        bf16=bf16,
+        dense_flops_fwd=flops,
+        dense_tflops=dense_tflops,
+        dense_mfu=common.ratio(dense_tflops, run.limits.get("bf16_tflops")),
         pipelined_modules=pipelined,
-        plan=sorted(set(common.plan_summary(plan).values())), distinct_batches=len(cached),
-    )  # fmt: skip
+        plan=sorted(set(common.plan_summary(plan).values())),
+        distinct_batches=len(cached),
+    )
     del dmp, opt, model, cached
     common.free(run.device)
     return out
@@ -88,16 +113,44 @@ def main(argv: list[str] | None = None) -> int:
         model_cfg = model_config(args)
         schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
         rows = [measure_scheme(run, env, log, s, instances, window, model_cfg, bf16=args.bf16) for s in schemes]
-        config = {"instances_per_step": instances, "window": window, "users": users, "log_rows": log.rows,
-                  "model": vars(model_cfg), "schemes": schemes, "bf16": args.bf16, "batches": "cached, pinned, cycled"}
+        config = {
+            "instances_per_step": instances,
+            "window": window,
+            "users": users,
+            "log_rows": log.rows,
+            "model": vars(model_cfg),
+            "schemes": schemes,
+            "bf16": args.bf16,
+            "batches": "cached, pinned, cycled",
+        }
         by = {r["case"]: r for r in rows}
-        summary = [common.summary_item(run, f"stage-1 {r['case']} samples/s", r["samples_per_s"], "samples/s",
-                                       "bf16 matmul peak (dense MFU)", r["dense_mfu"]) for r in rows]
+        summary = [
+            common.summary_item(
+                run,
+                f"stage-1 {r['case']} samples/s",
+                r["samples_per_s"],
+                "samples/s",
+                "bf16 matmul peak (dense MFU)",
+                r["dense_mfu"],
+            )
+            for r in rows
+        ]
         if "temporal" in by and "user" in by:
-            summary.append(common.summary_item(run, "user / temporal samples/s", by["user"]["samples_per_s"], "samples/s",
-                                               "temporal", common.ratio(by["user"]["samples_per_s"], by["temporal"]["samples_per_s"])))
-        columns = common.DEFAULT_COLUMNS + (("valid frac", "valid_fraction", ""), ("dense TFLOP/s", "dense_tflops", ""),
-                                            ("dense MFU", "dense_mfu", "pct"))
+            summary.append(
+                common.summary_item(
+                    run,
+                    "user / temporal samples/s",
+                    by["user"]["samples_per_s"],
+                    "samples/s",
+                    "temporal",
+                    common.ratio(by["user"]["samples_per_s"], by["temporal"]["samples_per_s"]),
+                )
+            )
+        columns = common.DEFAULT_COLUMNS + (
+            ("valid frac", "valid_fraction", ""),
+            ("dense TFLOP/s", "dense_tflops", ""),
+            ("dense MFU", "dense_mfu", "pct"),
+        )
         common.finish(run, config, rows, summary, columns)
     return 0
 

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from iat_rec.dist.env import versions
 from iat_rec.data.ingest import append_columns
 from iat_rec.data.instance_log import write_instance_log
 from iat_rec.data.synth import SynthConfig, build_columns, synth_schema
+from iat_rec.dist.env import versions
 from iat_rec.tables import TOKEN_DTYPES
 
 DAY = 86_400
@@ -41,7 +41,9 @@ def timed(argv: list[str]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="benchmarks.day_refresh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="benchmarks.day_refresh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--users", type=int, default=10_000)
     p.add_argument("--mean-instances", type=float, default=100.0)
     p.add_argument("--work", required=True, help="scratch directory (logs, runs, tables)")
@@ -62,17 +64,52 @@ def main(argv: list[str] | None = None) -> int:
     new = int((np.asarray(v2.segment) == 1).sum())
     # the last day must reach stage 1's training split: train on all but the last 0.2% of time
     split = ["--split", "0.998", "0.999"]
-    stage1 = ["--scheme", "user", "--steps", str(args.stage1_steps), "--eval-batches", "2", "--no-progress", "--nproc", str(args.nproc), *split]
+    stage1 = [
+        "--scheme",
+        "user",
+        "--steps",
+        str(args.stage1_steps),
+        "--eval-batches",
+        "2",
+        "--no-progress",
+        "--nproc",
+        str(args.nproc),
+        *split,
+    ]
     # both exports from the final checkpoint: a like-for-like timing (a continued run's full export
     # may not be time-consistent, as its first model trained on the old rows' labels)
     export = ["--dtype", args.dtype, "--tokens-from", "final", "--no-progress", "--nproc", str(args.nproc)]
     timed(["compress", "--data", str(v1.path), "--out", str(work / "run1"), "--overwrite", *stage1])
     timed(["export", "--stage1", str(work / "run1"), "--out", str(work / "tok1"), "--overwrite", *export])
-    seconds["compress_resume_from"] = timed(["compress", "--data", str(v2.path), "--out", str(work / "run2"), "--overwrite",
-                                             "--resume-from", str(work / "run1"), *stage1])  # fmt: skip
-    seconds["export_append"] = timed(["export", "--stage1", str(work / "run2"), "--append", str(work / "tok1"), "--out", str(work / "tok2"),
-                                      "--overwrite", *export])  # fmt: skip
-    seconds["export_full"] = timed(["export", "--stage1", str(work / "run2"), "--out", str(work / "full"), "--overwrite", *export])
+    seconds["compress_resume_from"] = timed(
+        [
+            "compress",
+            "--data",
+            str(v2.path),
+            "--out",
+            str(work / "run2"),
+            "--overwrite",
+            "--resume-from",
+            str(work / "run1"),
+            *stage1,
+        ]
+    )
+    seconds["export_append"] = timed(
+        [
+            "export",
+            "--stage1",
+            str(work / "run2"),
+            "--append",
+            str(work / "tok1"),
+            "--out",
+            str(work / "tok2"),
+            "--overwrite",
+            *export,
+        ]
+    )
+    seconds["export_full"] = timed(
+        ["export", "--stage1", str(work / "run2"), "--out", str(work / "full"), "--overwrite", *export]
+    )
     result = {
         "benchmark": "day_refresh",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -85,8 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) / "day_refresh-cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["seconds"], indent=2), f"\nappended {new:,} of {v2.rows:,} rows; export --append / full export: "
-          f"{result['refresh_vs_full_export']:.3f}\n{out}")  # fmt: skip
+    print(
+        json.dumps(result["seconds"], indent=2),
+        f"\nappended {new:,} of {v2.rows:,} rows; export --append / full export: "
+        f"{result['refresh_vs_full_export']:.3f}\n{out}",
+    )
     return 0
 
 

@@ -31,8 +31,8 @@ import torch
 from benchmarks import common
 from benchmarks import compress as compress_bench
 from benchmarks import rank as rank_bench
-from iat_rec.data.instance_log import time_split
 from iat_rec.batching.loaders import BatchDataset, EpochLoader, time_order
+from iat_rec.data.instance_log import time_split
 
 
 def time_loader(ds, batches: int, warmup: int, workers: int = 0, pin: bool = False) -> dict[str, float]:
@@ -58,7 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(bf16=None)
     p.add_argument("--loader-batches", type=int, default=None, help="timed batches per loader case (default 6; tiny 3)")
     p.add_argument("--cores", type=int, default=None, help="cores per GPU for the ratio (default: cores / GPUs)")
-    p.add_argument("--workers", type=int, default=None, help="worker processes for the workers case (default min(8, cores); tiny 0 = skip)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes for the workers case (default min(8, cores); tiny 0 = skip)",
+    )
     p.add_argument("--no-gpu-step", dest="gpu_step", action="store_false", help="skip measuring the GPU step")
     args = p.parse_args(argv)
     with common.bench_run("loader", args, warmup=(1, 5), iters=(3, 20)) as run, common.dist_env(run.device) as env:
@@ -82,15 +87,32 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for name, ds in datasets.items():
                 t = time_loader(ds, n, warmup=1)
-                rows.append(common.row(name, _timing(t), batch, common.peak_memory_bytes(run.device),
-                                       processes=1, per_core_samples_per_s=batch / t["median_s"]))
+                rows.append(
+                    common.row(
+                        name,
+                        _timing(t),
+                        batch,
+                        common.peak_memory_bytes(run.device),
+                        processes=1,
+                        per_core_samples_per_s=batch / t["median_s"],
+                    )
+                )
         finally:
             torch.set_num_threads(threads)
         if workers > 0:
             t = time_loader(datasets["stage2_iat"], max(n, 2 * workers), warmup=workers, workers=workers, pin=run.cuda)
             agg = batch / t["mean_s"]
-            rows.append(common.row(f"workers_{workers}", _timing(t, use_mean=True), batch, common.peak_memory_bytes(run.device),
-                                   processes=workers, per_core_samples_per_s=agg / workers, loader="stage2_iat"))
+            rows.append(
+                common.row(
+                    f"workers_{workers}",
+                    _timing(t, use_mean=True),
+                    batch,
+                    common.peak_memory_bytes(run.device),
+                    processes=workers,
+                    per_core_samples_per_s=agg / workers,
+                    loader="stage2_iat",
+                )
+            )
 
         gpu: dict[str, float | None] = {"stage1_temporal": None, "stage2_iat": None}
         if args.gpu_step:
@@ -113,19 +135,57 @@ def main(argv: list[str] | None = None) -> int:
         summary = []
         for name in ("stage1_temporal", "stage2_iat"):
             x = by[name]
-            summary.append(common.summary_item(run, f"loader {name} x {cores} cores", x["per_core_samples_per_s"] * cores,
-                                               "samples/s", "GPU step", x["ratio_cores"], "loader_vs_gpu"))
-        summary.append(common.summary_item(run, "loader stage2_iat per core", by["stage2_iat"]["per_core_samples_per_s"],
-                                           "samples/s", "GPU step", by["stage2_iat"]["ratio_per_core"]))
+            summary.append(
+                common.summary_item(
+                    run,
+                    f"loader {name} x {cores} cores",
+                    x["per_core_samples_per_s"] * cores,
+                    "samples/s",
+                    "GPU step",
+                    x["ratio_cores"],
+                    "loader_vs_gpu",
+                )
+            )
+        summary.append(
+            common.summary_item(
+                run,
+                "loader stage2_iat per core",
+                by["stage2_iat"]["per_core_samples_per_s"],
+                "samples/s",
+                "GPU step",
+                by["stage2_iat"]["ratio_per_core"],
+            )
+        )
         if f"workers_{workers}" in by:
             w = by[f"workers_{workers}"]
-            summary.append(common.summary_item(run, f"loader stage2_iat, {workers} workers", w["samples_per_s"], "samples/s",
-                                               f"{workers} x one core", common.ratio(w["samples_per_s"], workers * by["stage2_iat"]["per_core_samples_per_s"])))
-        config = {"batch": batch, "max_len": r.max_len, "cores": cores, "gpus": gpus, "workers": workers,
-                  "loader_batches": n, "bf16_gpu_step": bf16, "log_rows": log.rows, "reader": r.reader}
-        columns = common.DEFAULT_COLUMNS + (("per core", "per_core_samples_per_s", ""), ("GPU step", "gpu_samples_per_s", ""),
-                                            ("ratio/core", "ratio_per_core", "x"), (f"x{cores} cores", "ratio_cores", "x"),
-                                            ("cores for 2x", "cores_for_2x", ""))
+            summary.append(
+                common.summary_item(
+                    run,
+                    f"loader stage2_iat, {workers} workers",
+                    w["samples_per_s"],
+                    "samples/s",
+                    f"{workers} x one core",
+                    common.ratio(w["samples_per_s"], workers * by["stage2_iat"]["per_core_samples_per_s"]),
+                )
+            )
+        config = {
+            "batch": batch,
+            "max_len": r.max_len,
+            "cores": cores,
+            "gpus": gpus,
+            "workers": workers,
+            "loader_batches": n,
+            "bf16_gpu_step": bf16,
+            "log_rows": log.rows,
+            "reader": r.reader,
+        }
+        columns = common.DEFAULT_COLUMNS + (
+            ("per core", "per_core_samples_per_s", ""),
+            ("GPU step", "gpu_samples_per_s", ""),
+            ("ratio/core", "ratio_per_core", "x"),
+            (f"x{cores} cores", "ratio_cores", "x"),
+            ("cores for 2x", "cores_for_2x", ""),
+        )
         common.finish(run, config, rows, summary, columns)
     return 0
 

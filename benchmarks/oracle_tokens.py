@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from iat_rec.data import synth
-from iat_rec.errors import IatError
 from iat_rec.data.instance_log import InstanceLog
+from iat_rec.errors import IatError
 from iat_rec.tokens.table import SIDE_ARRAYS, WEIGHT_KEY, TokenTable, save_table, token_collection
 
 
@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> None:
         p.error("the oracle table needs --data, --users, --mean-instances and --seed")
     log = InstanceLog(a.data)
     hidden: dict = {}
-    cols = synth.build_columns(synth.SynthConfig(users=a.users, mean_instances=a.mean_instances, seed=a.seed), hidden=hidden)
+    cols = synth.build_columns(
+        synth.SynthConfig(users=a.users, mean_instances=a.mean_instances, seed=a.seed), hidden=hidden
+    )
     if not (np.array_equal(cols.ts, np.asarray(log.ts)) and np.array_equal(cols.user, np.asarray(log.user))):
         raise IatError(f"{a.data} is not the log of these generator arguments")
     z = hidden["z"].astype(np.float32)
@@ -66,13 +68,21 @@ def main(argv: list[str] | None = None) -> None:
     table = token_collection(log.rows, a.dim, "fp32", device="cpu")
     table.state_dict()[WEIGHT_KEY].copy_(torch.from_numpy(tokens))
     manifest = {
-        "dim": a.dim, "dtype": "fp32", "rows": log.rows, "scheme": "oracle", "tokens_from": "oracle", "sources": {},
-        "split": [0.8, 0.9], "tasks": log.schema.task_names,
+        "dim": a.dim,
+        "dtype": "fp32",
+        "rows": log.rows,
+        "scheme": "oracle",
+        "tokens_from": "oracle",
+        "sources": {},
+        "split": [0.8, 0.9],
+        "tasks": log.schema.task_names,
         "token_stats": {"mean": tokens.mean(0).tolist(), "std": np.maximum(tokens.std(0), 1e-6).tolist()},
-        "source_run": "oracle: the generator's hidden state", "source_checkpoint": "none",
-        "source_fingerprint": f"oracle-{a.users}-{a.mean_instances}-{a.seed}", "log_fingerprint": log.fingerprint,
+        "source_run": "oracle: the generator's hidden state",
+        "source_checkpoint": "none",
+        "source_fingerprint": f"oracle-{a.users}-{a.mean_instances}-{a.seed}",
+        "log_fingerprint": log.fingerprint,
         "log_path": str(log.path.resolve()),
-    }  # fmt: skip
+    }
     save_table(a.out, table, manifest, {name: getattr(log, name) for name in SIDE_ARRAYS})
     print(f"oracle token table {a.out}: {log.rows} rows x {a.dim}")
 

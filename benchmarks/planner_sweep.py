@@ -24,14 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from iat_rec.data.schema import Schema
+from iat_rec.dist.atomic import write_json
+from iat_rec.errors import IatError
 from iat_rec.sharding.constraints import parse_constraints
 from iat_rec.sharding.describe import describe_plan
 from iat_rec.sharding.planning import make_plan_with_stats, quiet_planner_logs
 from iat_rec.sharding.topology import GB, build_topology
 from iat_rec.tables import TOKEN_TABLE, build_tables_module, feature_table_configs, token_table_config
-from iat_rec.dist.atomic import write_json
-from iat_rec.errors import IatError
-from iat_rec.data.schema import Schema
 
 CONSTRAINT_MODES: dict[str, dict[str, Any]] = {
     "auto": {},
@@ -94,14 +94,17 @@ def plan_one(cfg: SweepConfig, world_size: int, rows: int, dim: int, mode: str) 
     start = time.perf_counter()
     try:
         with quiet_planner_logs():
-            result = make_plan_with_stats(
-                module, topology, cfg.batch_size, parse_constraints(spec), debug=False
-            )
+            result = make_plan_with_stats(module, topology, cfg.batch_size, parse_constraints(spec), debug=False)
     except IatError as e:
         kind = re.search(r"\[(\w+)\]", str(e))
         reason = kind.group(1) if kind else "unsupported" if "not supported" in str(e) else "error"
-        return {**point, "feasible": False, "reason": reason, "message": str(e),
-                "planning_seconds": time.perf_counter() - start}
+        return {
+            **point,
+            "feasible": False,
+            "reason": reason,
+            "message": str(e),
+            "planning_seconds": time.perf_counter() - start,
+        }
     d = describe_plan(result.plan, topology, features + [token], result)
     tok = next(t for t in d["tables"] if t["name"] == TOKEN_TABLE)
     est = d["estimate"] or {}
@@ -154,7 +157,8 @@ def write_markdown(
         + (
             f" (torchrec {env['torchrec']}, torch {env['torch']}, {env['cpu_count']} CPUs, load average "
             f"{env['load_average_1m']:.1f} at the start and {env['load_average_1m_after']:.1f} at the end)."
-            if env else "."
+            if env
+            else "."
         ),
         "",
     ]
@@ -166,9 +170,12 @@ def write_markdown(
     ]
     lines += _summary_table(cfg, results)
     for dim in cfg.dims:
-        lines += [f"## Token dim {dim}", "",
-                  "| world | rows | mode | token sharding | kernel | HBM max | DDR max | step ms | plan s |",
-                  "|---:|---:|---|---|---|---:|---:|---:|---:|"]
+        lines += [
+            f"## Token dim {dim}",
+            "",
+            "| world | rows | mode | token sharding | kernel | HBM max | DDR max | step ms | plan s |",
+            "|---:|---:|---|---|---|---:|---:|---:|---:|",
+        ]
         for r in (r for r in results if r["dim"] == dim):
             head = f"| {r['world_size']} | {r['token_rows']:.0e} | {r['mode']} |"
             if r["feasible"]:
@@ -177,22 +184,35 @@ def write_markdown(
                     f"{r['ddr_max'] / gb:.1f} GB | {r['perf_ms']:.1f} | {r['planning_seconds']:.2f} |"
                 )
             else:
-                lines.append(f"{head} no plan ({r['reason'].replace('_', ' ')}) | | | | | {r['planning_seconds']:.2f} |")
+                lines.append(
+                    f"{head} no plan ({r['reason'].replace('_', ' ')}) | | | | | {r['planning_seconds']:.2f} |"
+                )
         lines.append("")
     path.write_text("\n".join(lines))
 
 
-_ABBR = {"row_wise": "RW", "table_wise": "TW", "column_wise": "CW", "table_row_wise": "TWRW", "data_parallel": "DP",
-         "fused": "HBM", "fused_uvm_caching": "UVM cache", "fused_uvm": "UVM"}
+_ABBR = {
+    "row_wise": "RW",
+    "table_wise": "TW",
+    "column_wise": "CW",
+    "table_row_wise": "TWRW",
+    "data_parallel": "DP",
+    "fused": "HBM",
+    "fused_uvm_caching": "UVM cache",
+    "fused_uvm": "UVM",
+}
 
 
 def _summary_table(cfg: SweepConfig, results: list[dict[str, Any]]) -> list[str]:
     """The planner's free choice at the middle dim: token rows x world size."""
     dim = 64 if 64 in cfg.dims else cfg.dims[0]
     cell = {(r["token_rows"], r["world_size"]): r for r in results if r["mode"] == "auto" and r["dim"] == dim}
-    lines = [f"## Summary: auto plan of the token table (dim {dim}), placement and estimated ms per step", "",
-             "| rows | " + " | ".join(str(w) for w in cfg.world_sizes) + " |",
-             "|---:|" + "---|" * len(cfg.world_sizes)]
+    lines = [
+        f"## Summary: auto plan of the token table (dim {dim}), placement and estimated ms per step",
+        "",
+        "| rows | " + " | ".join(str(w) for w in cfg.world_sizes) + " |",
+        "|---:|" + "---|" * len(cfg.world_sizes),
+    ]
     for rows in cfg.token_rows:
         cells = []
         for ws in cfg.world_sizes:
@@ -202,14 +222,21 @@ def _summary_table(cfg: SweepConfig, results: list[dict[str, Any]]) -> list[str]
             elif not r["feasible"]:
                 cells.append("no plan")
             else:
-                cells.append(f"{_ABBR.get(r['token_sharding'], r['token_sharding'])} "
-                             f"{_ABBR.get(r['token_kernel'], r['token_kernel'])}, {r['perf_ms']:.0f} ms")
+                cells.append(
+                    f"{_ABBR.get(r['token_sharding'], r['token_sharding'])} "
+                    f"{_ABBR.get(r['token_kernel'], r['token_kernel'])}, {r['perf_ms']:.0f} ms"
+                )
         lines.append(f"| {rows:.0e} | " + " | ".join(cells) + " |")
     planning_s: dict[int, float] = {}
     for r in results:
         planning_s[r["world_size"]] = max(planning_s.get(r["world_size"], 0.0), r["planning_seconds"])
-    lines += ["", "Planning time, max per world size: "
-              + ", ".join(f"{ws}: {planning_s[ws]:.1f} s" for ws in sorted(planning_s)) + ".", ""]
+    lines += [
+        "",
+        "Planning time, max per world size: "
+        + ", ".join(f"{ws}: {planning_s[ws]:.1f} s" for ws in sorted(planning_s))
+        + ".",
+        "",
+    ]
     return lines
 
 
@@ -238,8 +265,15 @@ def write_plots(out: Path, cfg: SweepConfig, results: list[dict[str, Any]]) -> l
         ax.plot(x, y, color=colors[mode], lw=max(1.0, 7.0 - 1.2 * k), alpha=0.8, label=mode, zorder=2 + k)
         for xi, yi, r in zip(x, y, pts):  # hollow marker: the token table runs from UVM (DDR)
             uvm = r["token_kernel"] in ("fused_uvm_caching", "fused_uvm")
-            ax.plot([xi], [yi], marker=markers[mode], ms=5, color=colors[mode], zorder=10 + k,
-                    markerfacecolor="white" if uvm else colors[mode])
+            ax.plot(
+                [xi],
+                [yi],
+                marker=markers[mode],
+                ms=5,
+                color=colors[mode],
+                zorder=10 + k,
+                markerfacecolor="white" if uvm else colors[mode],
+            )
 
     def style(ax, title: str, ylabel: str, log_y: bool = True) -> None:
         ax.set_xscale("log", base=2)
@@ -266,15 +300,23 @@ def write_plots(out: Path, cfg: SweepConfig, results: list[dict[str, Any]]) -> l
                 if pts:
                     draw(ax, mode, pts, [max(r[key] / GB, 0.01) if i == 0 else r[key] / GB for r in pts])
             ax.axhline(cap, color="k", ls="--", lw=0.8)
-            ax.annotate(f"{tier} per rank ({cap:g} GB)", (0.02, cap), xycoords=("axes fraction", "data"),
-                        xytext=(0, 3), textcoords="offset points", fontsize=7)
+            ax.annotate(
+                f"{tier} per rank ({cap:g} GB)",
+                (0.02, cap),
+                xycoords=("axes fraction", "data"),
+                xytext=(0, 3),
+                textcoords="offset points",
+                fontsize=7,
+            )
             style(ax, f"{rows:.0e} tokens x {dim} fp16: {tier}", f"{tier} per rank, max (GB)", log_y=i == 0)
             if i == 1:
                 ax.set_ylim(bottom=-0.04 * cap, top=cap * 1.15)
                 ax.set_xlabel("world size (GPUs)", fontsize=9)
     _figure_legend(fig, axes[0][0])
-    fig.suptitle("Per-rank table memory vs world size (hollow marker: token table in DDR via UVM; "
-                 "missing: no plan fits)", fontsize=10)
+    fig.suptitle(
+        "Per-rank table memory vs world size (hollow marker: token table in DDR via UVM; missing: no plan fits)",
+        fontsize=10,
+    )
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     paths.append(_save(fig, out / "planner_memory.png"))
 
@@ -294,13 +336,21 @@ def write_plots(out: Path, cfg: SweepConfig, results: list[dict[str, Any]]) -> l
     for k, d in enumerate(cfg.dims):
         pts = feasible(rows, "auto", d)
         if pts:
-            ax.plot([r["world_size"] for r in pts], [r["perf_ms"] for r in pts], marker="os^"[k % 3], ms=4,
-                    lw=1.3, label=f"dim {d}")
+            ax.plot(
+                [r["world_size"] for r in pts],
+                [r["perf_ms"] for r in pts],
+                marker="os^"[k % 3],
+                ms=4,
+                lw=1.3,
+                label=f"dim {d}",
+            )
     style(ax, f"{rows:.0e} tokens, auto, by token dim", "estimated ms per step")
     ax.set_xlabel("world size (GPUs)", fontsize=9)
     ax.legend(fontsize=7)
-    fig.suptitle("TorchRec planner estimate of the sparse step time, slowest rank "
-                 "(hollow marker: token table via UVM)", fontsize=10)
+    fig.suptitle(
+        "TorchRec planner estimate of the sparse step time, slowest rank (hollow marker: token table via UVM)",
+        fontsize=10,
+    )
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     paths.append(_save(fig, out / "planner_step_time.png"))
 
@@ -325,8 +375,16 @@ def write_plots(out: Path, cfg: SweepConfig, results: list[dict[str, Any]]) -> l
 
 def _figure_legend(fig, ax) -> None:
     handles, labels = ax.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False,
-               title="constraint on the token table", title_fontsize=8)
+    fig.legend(
+        handles,
+        labels,
+        loc="lower center",
+        ncol=len(labels),
+        fontsize=8,
+        frameon=False,
+        title="constraint on the token table",
+        title_fontsize=8,
+    )
 
 
 def _save(fig, path: Path) -> Path:
@@ -352,8 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.planner_sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="benchmarks/results", help="output directory (default benchmarks/results)")
     p.add_argument("--quick", action="store_true", help="a tiny sweep (for CI)")
-    p.add_argument("--render-only", action="store_true",
-                   help="redraw the table and plots from OUT/planner_sweep.json without planning again")
+    p.add_argument(
+        "--render-only",
+        action="store_true",
+        help="redraw the table and plots from OUT/planner_sweep.json without planning again",
+    )
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

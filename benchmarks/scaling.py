@@ -35,13 +35,13 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from benchmarks import common
 from benchmarks import compress as compress_bench
 from benchmarks import rank as rank_bench
+from iat_rec.data.instance_log import InstanceLog
 from iat_rec.dist.env import drop_flag, init_distributed, launch
 from iat_rec.errors import IatError
-from iat_rec.data.instance_log import InstanceLog
-from iat_rec.train.config import CompressConfig
-from iat_rec.sharding.topology import build_topology
 from iat_rec.sharding.planning import make_plan_with_stats, quiet_planner_logs
+from iat_rec.sharding.topology import build_topology
 from iat_rec.tables import TOKEN_TABLE
+from iat_rec.train.config import CompressConfig
 from iat_rec.train.stage1 import build_compressor
 
 STAGES = {1: "stage1_compress_temporal", 2: "stage2_rank_iat"}
@@ -57,9 +57,14 @@ def feature_sharding(log, device_type: str, choice: str) -> dict[str, list[str]]
 
 def scaling_constraints(log, device_type: str, choice: str, stage: int = 2) -> dict[str, ParameterConstraints]:
     """Every job's constraints: the feature tables', and for stage 2 the token table row-wise."""
-    out = {name: ParameterConstraints(sharding_types=types) for name, types in feature_sharding(log, device_type, choice).items()}
+    out = {
+        name: ParameterConstraints(sharding_types=types)
+        for name, types in feature_sharding(log, device_type, choice).items()
+    }
     if stage == 2:
-        out[TOKEN_TABLE] = ParameterConstraints(sharding_types=["row_wise"] if device_type == "cuda" else ["table_wise"])
+        out[TOKEN_TABLE] = ParameterConstraints(
+            sharding_types=["row_wise"] if device_type == "cuda" else ["table_wise"]
+        )
     return out
 
 
@@ -70,7 +75,9 @@ def measure_stage(run: common.Run, env, log, stage: int, args) -> dict[str, Any]
         features = feature_sharding(log, env.device.type, args.feature_sharding)
         spec = {name: {"sharding_types": types} for name, types in features.items()}
         constraints = common.write_constraints(run, f"stage1-rank{env.rank}", spec) if spec else ""
-        row = compress_bench.measure_scheme(run, env, log, "temporal", batch, 1, m, bf16=bool(args.bf16), constraints=constraints)
+        row = compress_bench.measure_scheme(
+            run, env, log, "temporal", batch, 1, m, bf16=bool(args.bf16), constraints=constraints
+        )
         return {**row, "plan_types": row["plan"]}
     cons = scaling_constraints(log, env.device.type, args.feature_sharding)
     case = rank_bench.build_case(run, env, log, "iat", r, m, batch, bool(args.bf16), constraints=cons)
@@ -87,8 +94,15 @@ def worker(args) -> int:
         tiny = (env.device.type == "cpu") if args.tiny is None else bool(args.tiny)
         if args.threads or (tiny and env.device.type == "cpu"):
             torch.set_num_threads(args.threads or 1)
-        run = common.Run("scaling", args, env.device, tiny, common.pick(args.warmup, tiny, 2, 10),
-                         common.pick(args.iters, tiny, 3, 40), Path(args.result).parent)
+        run = common.Run(
+            "scaling",
+            args,
+            env.device,
+            tiny,
+            common.pick(args.warmup, tiny, 2, 10),
+            common.pick(args.iters, tiny, 3, 40),
+            Path(args.result).parent,
+        )
         if args.bf16 is None:
             args.bf16 = env.device.type == "cuda"
         log = InstanceLog(args.data)
@@ -96,20 +110,32 @@ def worker(args) -> int:
         for stage in stages(args):
             torch.manual_seed(args.seed)
             row = measure_stage(run, env, log, stage, args)
-            stats = torch.tensor([row["ms_per_step"], float(row["peak_mem_bytes"])], dtype=torch.float64, device=env.device)
+            stats = torch.tensor(
+                [row["ms_per_step"], float(row["peak_mem_bytes"])], dtype=torch.float64, device=env.device
+            )
             per_rank = [torch.zeros_like(stats) for _ in range(env.world_size)]
             dist.all_gather(per_rank, stats)
             per_rank = [t.cpu().tolist() for t in per_rank]
             step_ms = max(p[0] for p in per_rank)
             batch = row["samples_per_step"]
-            results.append({
-                "case": f"{STAGES[stage]}/{env.world_size}", "stage": stage, "world_size": env.world_size,
-                "backend": env.backend, "ms_per_step": step_ms, "samples_per_s": batch * env.world_size / (step_ms * 1e-3),
-                "samples_per_step": batch * env.world_size, "per_rank_batch": batch,
-                "peak_mem_bytes": int(max(p[1] for p in per_rank)), "rank_ms_per_step": [p[0] for p in per_rank],
-                "timing": row["timing"], "plan_types": row["plan_types"],
-                "pipelined_modules": row["pipelined_modules"], "bf16": bool(args.bf16),
-            })  # fmt: skip
+            results.append(
+                {
+                    "case": f"{STAGES[stage]}/{env.world_size}",
+                    "stage": stage,
+                    "world_size": env.world_size,
+                    "backend": env.backend,
+                    "ms_per_step": step_ms,
+                    "samples_per_s": batch * env.world_size / (step_ms * 1e-3),
+                    "samples_per_step": batch * env.world_size,
+                    "per_rank_batch": batch,
+                    "peak_mem_bytes": int(max(p[1] for p in per_rank)),
+                    "rank_ms_per_step": [p[0] for p in per_rank],
+                    "timing": row["timing"],
+                    "plan_types": row["plan_types"],
+                    "pipelined_modules": row["pipelined_modules"],
+                    "bf16": bool(args.bf16),
+                }
+            )
         if env.is_main:
             Path(args.result).write_text(json.dumps(results))
         dist.barrier()
@@ -143,9 +169,17 @@ def planner_rows(run: common.Run, log, measured: list[dict[str, Any]], worlds: l
         for world in worlds:
             est = planner_sparse_ms(run, log, stage, world, hbm_gb)
             step = one["ms_per_step"] - base + est
-            out.append({"case": f"{STAGES[stage]}/{world} (planner)", "stage": stage, "world_size": world,
-                        "planner_sparse_ms": est, "planner_sparse_ms_1_rank": base, "estimated_step_ms": step,
-                        "estimated_efficiency": common.ratio(one["ms_per_step"], step)})
+            out.append(
+                {
+                    "case": f"{STAGES[stage]}/{world} (planner)",
+                    "stage": stage,
+                    "world_size": world,
+                    "planner_sparse_ms": est,
+                    "planner_sparse_ms_1_rank": base,
+                    "estimated_step_ms": step,
+                    "estimated_efficiency": common.ratio(one["ms_per_step"], step),
+                }
+            )
     return out
 
 
@@ -161,7 +195,9 @@ def rank_counts(args, cuda: bool) -> list[int]:
     if not counts or counts[0] < 1:
         raise IatError(f"--ranks: a comma list of positive rank counts, not {args.ranks!r}")
     if cuda and counts[-1] > torch.cuda.device_count():
-        raise IatError(f"--ranks {args.ranks}: {counts[-1]} ranks need {counts[-1]} GPUs; torch sees {torch.cuda.device_count()}")
+        raise IatError(
+            f"--ranks {args.ranks}: {counts[-1]} ranks need {counts[-1]} GPUs; torch sees {torch.cuda.device_count()}"
+        )
     return counts
 
 
@@ -171,12 +207,18 @@ def main(argv: list[str] | None = None) -> int:
     rank_bench.add_model_flags(p)
     p.set_defaults(bf16=None)
     p.add_argument("--ranks", default="1,2", help="comma list of rank counts (default 1,2); 1 is the baseline")
-    p.add_argument("--stages", default="1,2", help="comma list: 1 = stage-1 compress (temporal), 2 = stage-2 rank (IAT)")
-    p.add_argument("--feature-sharding", default="default",
-                   choices=["default", "auto", "row_wise", "table_wise", "data_parallel"],
-                   help="feature tables' sharding in every job (default: row_wise on GPU, table_wise on CPU; auto: planner)")
-    p.add_argument("--plan-ranks", default="8,64",
-                   help="rank counts for the planner's estimate only (default 8,64; '' for none)")
+    p.add_argument(
+        "--stages", default="1,2", help="comma list: 1 = stage-1 compress (temporal), 2 = stage-2 rank (IAT)"
+    )
+    p.add_argument(
+        "--feature-sharding",
+        default="default",
+        choices=["default", "auto", "row_wise", "table_wise", "data_parallel"],
+        help="feature tables' sharding in every job (default: row_wise on GPU, table_wise on CPU; auto: planner)",
+    )
+    p.add_argument(
+        "--plan-ranks", default="8,64", help="rank counts for the planner's estimate only (default 8,64; '' for none)"
+    )
     p.add_argument("--worker", action="store_true", help=argparse_hidden())
     p.add_argument("--data", help=argparse_hidden())
     p.add_argument("--result", help=argparse_hidden())
@@ -210,25 +252,58 @@ def main(argv: list[str] | None = None) -> int:
             same_plan &= all(x["plan_types"] == mine[0]["plan_types"] for x in mine)
             for x in mine[1:]:
                 n = x["world_size"]
-                key = "scaling_2gpu" if (stage == 2 and n == 2) else ("scaling_eff_8gpu" if (stage == 2 and n == 8) else None)
-                summary.append(common.summary_item(
-                    run, f"stage {stage}: {n} / 1 rank samples/s", x["samples_per_s"], "samples/s", "1 rank",
-                    x["speedup_vs_1"] if key != "scaling_eff_8gpu" else x["efficiency"], key,
-                ))  # fmt: skip
+                key = (
+                    "scaling_2gpu"
+                    if (stage == 2 and n == 2)
+                    else ("scaling_eff_8gpu" if (stage == 2 and n == 8) else None)
+                )
+                summary.append(
+                    common.summary_item(
+                        run,
+                        f"stage {stage}: {n} / 1 rank samples/s",
+                        x["samples_per_s"],
+                        "samples/s",
+                        "1 rank",
+                        x["speedup_vs_1"] if key != "scaling_eff_8gpu" else x["efficiency"],
+                        key,
+                    )
+                )
         worlds = [int(x) for x in str(args.plan_ranks).split(",") if x.strip()]
         estimates = planner_rows(run, log, rows, worlds) if worlds else []
         for x in estimates:
             if x["stage"] == 2 and x["world_size"] == 8:
-                summary.append(common.summary_item(run, "stage 2: 8 ranks, planner-estimated efficiency", x["estimated_step_ms"],
-                                                   "ms/step", "1 rank (measured)", x["estimated_efficiency"]))
+                summary.append(
+                    common.summary_item(
+                        run,
+                        "stage 2: 8 ranks, planner-estimated efficiency",
+                        x["estimated_step_ms"],
+                        "ms/step",
+                        "1 rank (measured)",
+                        x["estimated_efficiency"],
+                    )
+                )
         r, _, batch = rank_bench.configs(args, run.tiny)
-        config = {"ranks": counts, "plan_ranks": worlds, "planner_estimates": estimates, "stages": wanted, "per_rank_batch": batch, "max_len": r.max_len, "reader": r.reader,
-                  "stage2_history": "iat", "stage1_scheme": "temporal", "feature_sharding": args.feature_sharding,
-                  "backend": rows[0]["backend"], "bf16": rows[0]["bf16"], "same_plan_types": same_plan,
-                  "log_rows": log.rows, "scaling": "weak (fixed per-rank batch)"}
+        config = {
+            "ranks": counts,
+            "plan_ranks": worlds,
+            "planner_estimates": estimates,
+            "stages": wanted,
+            "per_rank_batch": batch,
+            "max_len": r.max_len,
+            "reader": r.reader,
+            "stage2_history": "iat",
+            "stage1_scheme": "temporal",
+            "feature_sharding": args.feature_sharding,
+            "backend": rows[0]["backend"],
+            "bf16": rows[0]["bf16"],
+            "same_plan_types": same_plan,
+            "log_rows": log.rows,
+            "scaling": "weak (fixed per-rank batch)",
+        }
         columns = common.DEFAULT_COLUMNS + (("speedup", "speedup_vs_1", "x"), ("efficiency", "efficiency", "pct"))
-        common.finish(run, config, rows, summary, columns,
-                      notes=[] if same_plan else ["the jobs' plans differ in sharding types"])
+        common.finish(
+            run, config, rows, summary, columns, notes=[] if same_plan else ["the jobs' plans differ in sharding types"]
+        )
     return 0
 
 

@@ -34,11 +34,11 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from benchmarks import common
-from iat_rec.train.config import TrainConfig
-from iat_rec.data.instance_log import time_split
 from iat_rec.batching.loaders import BatchDataset, time_order
-from iat_rec.tables import model_tables
+from iat_rec.data.instance_log import time_split
 from iat_rec.data.synth import synth_schema
+from iat_rec.tables import model_tables
+from iat_rec.train.config import TrainConfig
 from iat_rec.train.trainer import shard
 
 
@@ -77,8 +77,12 @@ def random_kjt(tables: list[EmbeddingBagConfig], batch: int, pooling: int, gen: 
 def measure(run: common.Run, env, ts: TableSet, optimizer: str) -> list[dict[str, Any]]:
     # table-wise with the fused kernel (data-parallel tables have no fused update)
     spec = {t.name: {"sharding_types": ["table_wise"], "compute_kernels": ["fused"]} for t in ts.tables}
-    cfg = TrainConfig(batch_size=ts.batch, sparse_optimizer=optimizer, sparse_lr=0.01,
-                      constraints=common.write_constraints(run, ts.name, spec))
+    cfg = TrainConfig(
+        batch_size=ts.batch,
+        sparse_optimizer=optimizer,
+        sparse_lr=0.01,
+        constraints=common.write_constraints(run, ts.name, spec),
+    )
     model, plan = shard(SparseArch(ts.tables), env, cfg, plan_out=None)
     kjts = ts.kjts
     lookups = sum(int(k.values().numel()) for k in kjts) / len(kjts)
@@ -107,14 +111,23 @@ def measure(run: common.Run, env, ts: TableSet, optimizer: str) -> list[dict[str
         t = common.time_fn(fn, run.device, run.warmup, run.iters)
         common.profile_case(run, f"{ts.name}/{case}", fn)
         gbs = nbytes / (t.median_ms * 1e-3) / 1e9
-        out.append(common.row(
-            f"{ts.name}/{case}", t, ts.batch, common.peak_memory_bytes(run.device),
-            tables=len(ts.tables), dim=dim, rows_total=sum(t_.num_embeddings for t_ in ts.tables),
-            lookups_per_step=lookups, bytes_per_step=nbytes, gbs=gbs,
-            copy_ratio=common.ratio(gbs, run.limits["copy_gbs"]),
-            plan=sorted(set(common.plan_summary(plan).values())),
-        ))  # fmt: skip
-    del model
+        out.append(
+            common.row(
+                f"{ts.name}/{case}",
+                t,
+                ts.batch,
+                common.peak_memory_bytes(run.device),
+                tables=len(ts.tables),
+                dim=dim,
+                rows_total=sum(t_.num_embeddings for t_ in ts.tables),
+                lookups_per_step=lookups,
+                bytes_per_step=nbytes,
+                gbs=gbs,
+                copy_ratio=common.ratio(gbs, run.limits["copy_gbs"]),
+                plan=sorted(set(common.plan_summary(plan).values())),
+            )
+        )
+    model = None  # the cases hold it: release before free()
     common.free(run.device)
     return out
 
@@ -124,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tables", type=int, default=None, help="wide set: tables (default 16; tiny 4)")
     p.add_argument("--rows", type=int, default=None, help="wide set: rows per table (default 1e6; tiny 2000)")
     p.add_argument("--dim", type=int, default=None, help="wide set: embedding dim (default 128; tiny 16)")
-    p.add_argument("--pooling", type=int, default=None, help="wide set: ids per feature and sample (default 16; tiny 2)")
+    p.add_argument(
+        "--pooling", type=int, default=None, help="wide set: ids per feature and sample (default 16; tiny 2)"
+    )
     p.add_argument("--batch", type=int, default=None, help="samples per step (default 8192; tiny 64)")
     p.add_argument("--emb-dim", type=int, default=None, help="stage1 set: embedding dim (default 16, ModelConfig's)")
     p.add_argument("--users", type=int, default=None, help="stage1 set: synthetic users (default 2000; tiny 60)")
@@ -151,24 +166,47 @@ def main(argv: list[str] | None = None) -> int:
             kjts = [b.sparse.to(run.device) for b in common.cached_batches(ds, 4, run.device)]
             tables = model_tables(log.schema, emb_dim)[0]
             results += measure(run, env, TableSet("stage1", tables, kjts, batch), args.optimizer)
-            config["stage1"] = {"log_rows": log.rows, "users": users, "emb_dim": emb_dim, "tables": len(tables),
-                                "rows_per_table": {t.name: t.num_embeddings for t in tables}}
+            config["stage1"] = {
+                "log_rows": log.rows,
+                "users": users,
+                "emb_dim": emb_dim,
+                "tables": len(tables),
+                "rows_per_table": {t.name: t.num_embeddings for t in tables},
+            }
         if "wide" in sets:
             tables = wide_tables(n_tables, rows, dim)
             kjts = [random_kjt(tables, batch, pooling, gen).to(run.device) for _ in range(4)]
             results += measure(run, env, TableSet("wide", tables, kjts, batch), args.optimizer)
-            config["wide"] = {"tables": n_tables, "rows": rows, "dim": dim, "pooling": pooling,
-                              "table_bytes": n_tables * rows * dim * 4}
+            config["wide"] = {
+                "tables": n_tables,
+                "rows": rows,
+                "dim": dim,
+                "pooling": pooling,
+                "table_bytes": n_tables * rows * dim * 4,
+            }
         summary = []
         for r in results:
             if r["case"].endswith("forward_backward"):
-                summary.append(common.summary_item(
-                    run, f"tbe {r['case']}", r["gbs"], "GB/s", "copy bandwidth", r["copy_ratio"],
-                    "tbe_copy_ratio" if r["case"].startswith("wide") else None,
-                ))  # fmt: skip
+                summary.append(
+                    common.summary_item(
+                        run,
+                        f"tbe {r['case']}",
+                        r["gbs"],
+                        "GB/s",
+                        "copy bandwidth",
+                        r["copy_ratio"],
+                        "tbe_copy_ratio" if r["case"].startswith("wide") else None,
+                    )
+                )
         columns = common.DEFAULT_COLUMNS + (("GB/s", "gbs", ""), ("vs copy", "copy_ratio", "x"))
-        common.finish(run, config, results, summary, columns,
-                      notes=["stage1 tables fit in L2 (synthetic vocabularies); wide is the roofline case"])
+        common.finish(
+            run,
+            config,
+            results,
+            summary,
+            columns,
+            notes=["stage1 tables fit in L2 (synthetic vocabularies); wide is the roofline case"],
+        )
     return 0
 
 

@@ -1,4 +1,5 @@
 """iat-rec: Instance-As-Token recommendation rankers on TorchRec."""
 
 __version__ = "0.1.0"
-VERBOSE_ENV = "IAT_REC_VERBOSE"  # set by ``iat-rec --verbose``: every third-party warning shown; launched ranks inherit it
+# set by ``iat-rec --verbose``: every third-party warning shown; launched ranks inherit it
+VERBOSE_ENV = "IAT_REC_VERBOSE"

@@ -12,7 +12,10 @@ from iat_rec.errors import IatError
 # command words -> (module[:function], one-line help); the function (default cli) takes argv, returns the exit code
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("data", "ingest"): ("iat_rec.data.ingest_cli", "ingest a CSV/Parquet file into an instance log"),
-    ("data", "append"): ("iat_rec.data.ingest_cli:append_cli", "write the next version of an instance log with a later segment"),
+    ("data", "append"): (
+        "iat_rec.data.ingest_cli:append_cli",
+        "write the next version of an instance log with a later segment",
+    ),
     ("data", "synth"): ("iat_rec.data.synth", "generate a synthetic instance log"),
     ("data", "movielens"): ("iat_rec.data.movielens", "build the MovieLens-1M instance log"),
     ("data", "stats"): ("iat_rec.data.stats", "summarise an instance log"),
@@ -20,8 +23,14 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("export",): ("pipelines.export", "write every instance's token into the token table"),
     ("tokens", "show"): ("iat_rec.tokens.table", "print rows of a token table"),
     ("tokens", "lookup"): ("iat_rec.tokens.serving", "the history of one request: tokens and labels known before t"),
-    ("tokens", "export"): ("iat_rec.tokens.serving:export_cli", "every row of a token table as Parquet or npy, for a feature store"),
-    ("tokens", "compressor"): ("iat_rec.tokens.serving:compressor_cli", "the compressor's token part as a standalone module for online inference"),
+    ("tokens", "export"): (
+        "iat_rec.tokens.serving:export_cli",
+        "every row of a token table as Parquet or npy, for a feature store",
+    ),
+    ("tokens", "compressor"): (
+        "iat_rec.tokens.serving:compressor_cli",
+        "the compressor's token part as a standalone module for online inference",
+    ),
     ("rank",): ("pipelines.rank", "stage 2: train the downstream ranker"),
     ("evaluate",): ("pipelines.evaluate", "evaluate a stage-2 run on the test split"),
     ("pipeline",): ("pipelines.pipeline", "all stages in order, in one job"),
@@ -33,8 +42,14 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
 
 
 def _usage() -> str:
-    lines = ["usage: iat-rec [--verbose] COMMAND [ARGS...]", "       iat-rec --version", "",
-             "--verbose shows every third-party warning (hidden by default).", "", "commands:"]
+    lines = [
+        "usage: iat-rec [--verbose] COMMAND [ARGS...]",
+        "       iat-rec --version",
+        "",
+        "--verbose shows every third-party warning (hidden by default).",
+        "",
+        "commands:",
+    ]
     for words, (_, text) in COMMANDS.items():
         lines.append(f"  {' '.join(words):<16} {text}")
     lines.append("\n'iat-rec COMMAND --help' for a command's options.")

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, BaseEmbeddingConfig, DataType, EmbeddingBagConfig, EmbeddingConfig
+from torchrec.modules.embedding_configs import (
+    DATA_TYPE_NUM_BITS,
+    BaseEmbeddingConfig,
+    DataType,
+    EmbeddingBagConfig,
+    EmbeddingConfig,
+)
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from iat_rec.data.schema import Schema
@@ -47,7 +53,9 @@ def history_feature(feature: str) -> str:
     return f"seq_{feature}"
 
 
-def model_tables(schema: Schema, dim: int, history: bool = False) -> tuple[list[EmbeddingBagConfig], list[EmbeddingConfig]]:
+def model_tables(
+    schema: Schema, dim: int, history: bool = False
+) -> tuple[list[EmbeddingBagConfig], list[EmbeddingConfig]]:
     """The base ranker's tables, named ``t_<feature>`` in both stages (one sharding plan).
 
     Pooled tables (an EmbeddingBagCollection) hold the features that no history reads. The
@@ -58,7 +66,9 @@ def model_tables(schema: Schema, dim: int, history: bool = False) -> tuple[list[
     """
     shared = set(schema.sequence)
     bags = [
-        EmbeddingBagConfig(name=f"t_{f.name}", feature_names=[f.name], num_embeddings=f.num_embeddings, embedding_dim=dim)
+        EmbeddingBagConfig(
+            name=f"t_{f.name}", feature_names=[f.name], num_embeddings=f.num_embeddings, embedding_dim=dim
+        )
         for f in schema.sparse
         if f.name not in shared
     ]
@@ -74,7 +84,9 @@ def model_tables(schema: Schema, dim: int, history: bool = False) -> tuple[list[
     return bags, ids
 
 
-def token_table_config(rows: int, dim: int = 64, dtype: str = "fp32", features: tuple[str, ...] = (TOKEN_FEATURE,)) -> EmbeddingConfig:
+def token_table_config(
+    rows: int, dim: int = 64, dtype: str = "fp32", features: tuple[str, ...] = (TOKEN_FEATURE,)
+) -> EmbeddingConfig:
     """The token table: row i is the token of instance i, looked up unpooled by ``features``
     (TOKEN_FEATURE for histories; stage 2 adds CANDIDATE_FEATURE for the candidate's own token)."""
     if dtype not in TOKEN_DTYPES:

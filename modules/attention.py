@@ -36,9 +36,7 @@ class MultiHeadAttention(nn.Module):
         h = self.heads
         q = self.q(x).view(b, lq, h, d // h).transpose(1, 2)
         k, v = self.kv(kv).view(b, lk, 2, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.out(o.transpose(1, 2).reshape(b, lq, d))
 
 
@@ -104,9 +102,7 @@ def small_table_lookup(table: nn.Embedding, index: torch.Tensor) -> torch.Tensor
 def sinusoidal(pos: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embeddings (Vaswani et al. 2017) of integer positions: [..] -> [.., dim]."""
     half = dim // 2
-    freq = torch.exp(
-        torch.arange(half, device=pos.device, dtype=torch.float32) * (-math.log(10000.0) / max(half, 1))
-    )
+    freq = torch.exp(torch.arange(half, device=pos.device, dtype=torch.float32) * (-math.log(10000.0) / max(half, 1)))
     ang = pos.float()[..., None] * freq
     emb = torch.cat([ang.sin(), ang.cos()], -1)
     return F.pad(emb, (0, dim - 2 * half))

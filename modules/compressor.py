@@ -22,12 +22,13 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedTensor
 
 from iat_rec.batching.batch import Batch
-from iat_rec.train.config import ModelConfig
 from iat_rec.batching.history import LABEL_UNKNOWN
 from iat_rec.tables import TOKEN_FEATURE
+from iat_rec.train.config import ModelConfig
 from modules.interaction import make_interaction
 from modules.mlp import MLP
-from modules.sit import RELEVANCE as SIT_RELEVANCE, SourceInstanceTransformer
+from modules.sit import RELEVANCE as SIT_RELEVANCE
+from modules.sit import SourceInstanceTransformer
 from modules.tokenizer import FeatureTokenizer
 
 BOTTLENECK_ACTS = ("tanh", "identity")
@@ -72,7 +73,9 @@ def pool_jagged(jt: JaggedTensor, rows: int) -> torch.Tensor:
     """Sum of each row's embeddings of an unpooled lookup: [rows, dim] (the EBC's SUM pooling).
     fx-wrapped: TorchRec's pipeline tracer keeps it a leaf (its sizes depend on the data)."""
     values = jt.values()
-    segment = torch.repeat_interleave(torch.arange(rows, device=values.device), jt.lengths().long(), output_size=values.shape[0])
+    segment = torch.repeat_interleave(
+        torch.arange(rows, device=values.device), jt.lengths().long(), output_size=values.shape[0]
+    )
     return torch.zeros(rows, values.shape[1], dtype=values.dtype, device=values.device).index_add_(0, segment, values)
 
 
@@ -98,7 +101,9 @@ class BaseRanker(nn.Module):
         self.shared = EmbeddingCollection(tables=shared, device=torch.device("meta")) if shared else None
         self.bag_names = [n for t in bags for n in t.feature_names]
         self.shared_names = [t.feature_names[0] for t in shared]  # the candidate's own features
-        self.tokenizer = FeatureTokenizer(len(self.bag_names) + len(self.shared_names), cfg.emb_dim, dense_in, cfg.num_tokens, cfg.token_dim)
+        self.tokenizer = FeatureTokenizer(
+            len(self.bag_names) + len(self.shared_names), cfg.emb_dim, dense_in, cfg.num_tokens, cfg.token_dim
+        )
         self.interaction = make_interaction(
             cfg.interaction, cfg.num_tokens + extra_tokens, cfg.token_dim, cfg.hidden, layers=cfg.interaction_layers
         )
@@ -134,10 +139,18 @@ class InstanceReconstruction(nn.Module):
     not the tables. At most ``negatives`` rows of the batch are the candidates.
     """
 
-    def __init__(self, dim: int, features: int, emb_dim: int, temp: float = 0.1, negatives: int = 1024, anchors: int = 8192):
+    def __init__(
+        self, dim: int, features: int, emb_dim: int, temp: float = 0.1, negatives: int = 1024, anchors: int = 8192
+    ):
         super().__init__()
         self.read = nn.Linear(dim, features * emb_dim)
-        self.features, self.emb_dim, self.temp, self.negatives, self.anchors = features, emb_dim, temp, negatives, anchors
+        self.features, self.emb_dim, self.temp, self.negatives, self.anchors = (
+            features,
+            emb_dim,
+            temp,
+            negatives,
+            anchors,
+        )
         # a fixed generic direction: equal embeddings, and only they, project equally
         probe = torch.randn(emb_dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         self.register_buffer("probe", probe, persistent=False)
@@ -185,8 +198,13 @@ class Compressor(nn.Module):
         if self.stream:  # frozen: its lookup is detached and it gets no optimizer
             self.tokens = EmbeddingCollection(tables=[prefix_table], device=torch.device("meta"))
         self.sit = (
-            SourceInstanceTransformer(cfg.iat_dim, layers=cfg.sit_layers, heads=cfg.sit_heads, max_len=4096,
-                                      relevance=SIT_RELEVANCE if cfg.sit_relevance else None)
+            SourceInstanceTransformer(
+                cfg.iat_dim,
+                layers=cfg.sit_layers,
+                heads=cfg.sit_heads,
+                max_len=4096,
+                relevance=SIT_RELEVANCE if cfg.sit_relevance else None,
+            )
             if window
             else None
         )
@@ -205,10 +223,15 @@ class Compressor(nn.Module):
             names = self.base.bag_names + self.base.shared_names
             missing = sorted(set(reconstruct_features) - set(names))
             if missing or not reconstruct_features:
-                raise ValueError(f"reconstruct_features must be sparse features of the model ({names}), not {list(reconstruct_features)}")
+                raise ValueError(
+                    f"reconstruct_features must be sparse features of the model ({names}), "
+                    f"not {list(reconstruct_features)}"
+                )
             cols = torch.arange(len(names) * cfg.emb_dim).view(len(names), cfg.emb_dim)
             picked = cols[[names.index(n) for n in reconstruct_features]].flatten()
-            self.register_buffer("reconstruct_cols", picked, persistent=False)  # derived from the config: not checkpointed
+            self.register_buffer(
+                "reconstruct_cols", picked, persistent=False
+            )  # derived from the config: not checkpointed
             self.reconstruction = InstanceReconstruction(cfg.iat_dim, len(reconstruct_features), cfg.emb_dim)
 
     def encode(self, batch: Batch) -> torch.Tensor:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -141,7 +142,9 @@ class DCNv2(nn.Module):
         return 2.0 * batch * cross + self.deep.flops(batch)
 
 
-def make_interaction(kind: str, num_tokens: int, dim: int, out_dim: int | None, layers: int = 2, **kw: Any) -> nn.Module:
+def make_interaction(
+    kind: str, num_tokens: int, dim: int, out_dim: int | None, layers: int = 2, **kw: Any
+) -> nn.Module:
     """Interaction block by name: "rankmixer" | "dcnv2"; `kw` go to its constructor."""
     if kind == "rankmixer":
         return RankMixer(num_tokens, dim, layers=layers, out_dim=out_dim, **kw)

@@ -3,7 +3,7 @@ request's own features into one vector in the token space that the readers atten
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -9,19 +9,20 @@ per history step (stage 2 computes it from the candidate-history target products
 added to every attention score toward that step, so a reader can attend to an exact match
 with the candidate from the first steps of training instead of first aligning its query and
 key projections (measured: a Transformer reader without it stayed at chance on the
-seen-before check after 600 steps, where DIN, whose scorer reads q * k, reached 0.99). `flops(batch, T)` counts forward matmul FLOPs
-(2 x multiply-adds) for MFU; `reader_flops` gives the same without building weights.
+seen-before check after 600 steps, where DIN, whose scorer reads q * k, reached 0.99). `flops(batch, T)` counts
+forward matmul FLOPs (2 x multiply-adds) for MFU; `reader_flops` gives the same without building weights.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.attention import TransformerBlock, block_flops, small_table_lookup, recency_positions
+from modules.attention import TransformerBlock, block_flops, recency_positions, small_table_lookup
 from modules.mlp import MLP, make_act
 
 
@@ -74,9 +75,13 @@ class TransformerReader(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, out_dim)
 
-    def forward(self, seq: torch.Tensor, valid: torch.Tensor, query: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, seq: torch.Tensor, valid: torch.Tensor, query: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         valid = valid.bool()
-        seq = _zero_padding(seq, valid) + small_table_lookup(self.pos, recency_positions(valid, self.max_len)).to(seq.dtype)
+        seq = _zero_padding(seq, valid) + small_table_lookup(self.pos, recency_positions(valid, self.max_len)).to(
+            seq.dtype
+        )
         x = torch.cat([query[:, None].to(seq.dtype), seq], 1)  # [B, 1 + T, d]
         ones = valid.new_ones(valid.shape[0], 1)
         mask = attention_mask(torch.cat([ones, valid], 1), None if bias is None else F.pad(bias, (1, 0)), x.dtype)
@@ -127,7 +132,9 @@ class DINReader(nn.Module):
         self.score = MLP(hidden[0], hidden[1:], 1, act=act)
         self.out = nn.Linear(dim, out_dim)
 
-    def forward(self, seq: torch.Tensor, valid: torch.Tensor, query: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, seq: torch.Tensor, valid: torch.Tensor, query: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         valid = valid.bool()
         seq = _zero_padding(seq, valid)
         query = query.to(seq.dtype)
@@ -191,7 +198,9 @@ class LongerReader(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear((num_global + 1) * dim, out_dim)
 
-    def forward(self, seq: torch.Tensor, valid: torch.Tensor, query: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, seq: torch.Tensor, valid: torch.Tensor, query: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         valid = valid.bool()
         b, t, d = seq.shape
         m = self.merge
@@ -205,7 +214,9 @@ class LongerReader(nn.Module):
         merged = self.merge_proj(seq.reshape(b, s, m * d))  # [B, S, d]
         mvalid = valid.view(b, s, m).any(-1)
         if bias is not None:  # a merged group is as relevant as its most relevant step
-            bias = bias.masked_fill(~valid, torch.finfo(bias.dtype).min).view(b, s, m).amax(-1).masked_fill(~mvalid, 0.0)
+            bias = (
+                bias.masked_fill(~valid, torch.finfo(bias.dtype).min).view(b, s, m).amax(-1).masked_fill(~mvalid, 0.0)
+            )
         merged = merged + small_table_lookup(self.pos, recency_positions(mvalid, self.max_len)).to(merged.dtype)
 
         g = torch.cat([self.globals.to(merged.dtype).expand(b, -1, -1), query[:, None].to(merged.dtype)], 1)

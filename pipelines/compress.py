@@ -19,10 +19,20 @@ from iat_rec.dist.atomic import write_json
 from iat_rec.dist.env import init_distributed, provenance, rank_main
 from iat_rec.errors import IatError
 from iat_rec.tokens.table import TokenTable, token_constraints
-from iat_rec.train.config import CompressConfig, SCHEMES, check_values, to_dict
+from iat_rec.train.config import SCHEMES, CompressConfig, check_values, to_dict
 from iat_rec.train.stage1 import RUN_FORMAT, build_compressor, check_run_out, make_dataset, slice_steps
-from iat_rec.train.trainer import (Trainer, check_resume, check_resume_from, embedding_params, make_optimizer, program_cli, program_parser, shard,
-                                   total_steps, train_until)
+from iat_rec.train.trainer import (
+    Trainer,
+    check_resume,
+    check_resume_from,
+    embedding_params,
+    make_optimizer,
+    program_cli,
+    program_parser,
+    shard,
+    total_steps,
+    train_until,
+)
 from modules.compressor import BOTTLENECK_ACTS
 
 
@@ -47,7 +57,10 @@ def check_config(cfg: CompressConfig) -> None:
     check_split(log, cfg.split, check_resume_from(cfg, "compress", log).get("train_until"))
     unknown = sorted(set(cfg.reconstruct_features) - {f.name for f in log.schema.sparse})
     if unknown:
-        raise IatError(f"--reconstruct-features {unknown}: not sparse features of {cfg.data} ({[f.name for f in log.schema.sparse]})")
+        raise IatError(
+            f"--reconstruct-features {unknown}: not sparse features of {cfg.data} "
+            f"({[f.name for f in log.schema.sparse]})"
+        )
     if cfg.stream:
         if not cfg.tokens:
             raise IatError("--stream needs --tokens: a token table of this log (iat-rec export)")
@@ -70,7 +83,14 @@ def train(cfg: CompressConfig) -> dict:
     table = TokenTable(cfg.tokens) if cfg.stream else None
     model = build_compressor(log, cfg, table)
     constraints = token_constraints(env.device.type) if table else None
-    dmp, _ = shard(model, env, cfg, plan_out=out / "plan.json", trainable=embedding_params(model.base), extra_constraints=constraints)
+    dmp, _ = shard(
+        model,
+        env,
+        cfg,
+        plan_out=out / "plan.json",
+        trainable=embedding_params(model.base),
+        extra_constraints=constraints,
+    )
     if table is not None:
         table.load_into(dmp.module.tokens)
     per_batch = cfg.batch_size * (cfg.window if cfg.scheme == "user" else 1)
@@ -88,9 +108,17 @@ def train(cfg: CompressConfig) -> dict:
     }
     snapshots = slice_steps(len(train_ds), cfg.slices, total_steps(cfg, len(train_ds)))
     trainer = Trainer(
-        env, cfg, dmp, make_optimizer(dmp, cfg.dense_lr), train_ds, valid_ds, select_tasks(log.schema, cfg.tasks)[0], per_batch, info,
+        env,
+        cfg,
+        dmp,
+        make_optimizer(dmp, cfg.dense_lr),
+        train_ds,
+        valid_ds,
+        select_tasks(log.schema, cfg.tasks)[0],
+        per_batch,
+        info,
         snapshots=snapshots,
-    )  # fmt: skip
+    )
     result = trainer.fit()
     if env.is_main:
         write_json(out / "result.json", result)
@@ -104,8 +132,6 @@ def parser() -> argparse.ArgumentParser:
 
 def cli(argv: list[str]) -> int:
     return program_cli(argv, "pipelines.compress", parser(), CompressConfig, check_config, train)
-
-
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ DEMO_VARIANTS = "none,labels-only,handcrafted,iat-user,both-user"
 
 
 def cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="iat-rec demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="iat-rec demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--work", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--users", type=int, default=2000, help="synthetic users (default 2000)")
     p.add_argument("--mean-instances", type=float, default=100.0)
@@ -36,9 +38,27 @@ def cli(argv: list[str]) -> int:
         log = generate(data, users=args.users, mean_instances=args.mean_instances, seed=0)
         print(f"wrote the synthetic log {data}: {log.rows} instances, {log.users} users")
     configs = files("iat_rec") / "configs"
-    return experiment.cli([
-        "--data", str(data), "--work", str(work / "runs"), "--seeds", str(args.seeds), "--variants", DEMO_VARIANTS,
-        "--compress-config", str(configs / "demo_compress.yaml"), "--rank-config", str(configs / "demo_rank.yaml"),
-        "--report", str(work / "report"), "--title", "iat-rec demo: history variants on synthetic data",
-        "--nproc", str(args.nproc), "--device", args.device,
-    ])  # fmt: skip
+    return experiment.cli(
+        [
+            "--data",
+            str(data),
+            "--work",
+            str(work / "runs"),
+            "--seeds",
+            str(args.seeds),
+            "--variants",
+            DEMO_VARIANTS,
+            "--compress-config",
+            str(configs / "demo_compress.yaml"),
+            "--rank-config",
+            str(configs / "demo_rank.yaml"),
+            "--report",
+            str(work / "report"),
+            "--title",
+            "iat-rec demo: history variants on synthetic data",
+            "--nproc",
+            str(args.nproc),
+            "--device",
+            args.device,
+        ]
+    )

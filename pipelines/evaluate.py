@@ -17,9 +17,9 @@ from iat_rec.dist import checkpoint as ckpt
 from iat_rec.dist.atomic import write_json
 from iat_rec.dist.env import init_distributed, rank_main, run_ranks
 from iat_rec.errors import IatError
-from pipelines.rank import build, load_rank_config, test_metrics
 from iat_rec.tables import TOKENS_PATH
 from iat_rec.train.trainer import BEST
+from pipelines.rank import build, load_rank_config, test_metrics
 
 
 def evaluate_run(run: str) -> dict:
@@ -35,12 +35,17 @@ def evaluate_run(run: str) -> dict:
     metrics = test_metrics(built, cfg)
     if env.is_main:
         write_json(Path(run) / "metrics.json", metrics)
-        print(f"{run} ({last.name}): test auc {metrics['auc']:.4f} gauc {metrics['gauc']:.4f} logloss {metrics['logloss']:.4f} nats n {metrics['n']}")
+        print(
+            f"{run} ({last.name}): test auc {metrics['auc']:.4f} gauc {metrics['gauc']:.4f} "
+            f"logloss {metrics['logloss']:.4f} nats n {metrics['n']}"
+        )
     return metrics
 
 
 def cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="iat-rec evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="iat-rec evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--run", required=True, help="stage-2 run directory")
     p.add_argument("--nproc", type=int, default=None, help="local ranks to launch (default: GPUs, else 2)")
     args = p.parse_args(argv)

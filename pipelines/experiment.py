@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from iat_rec.train.config import DEVICES, SCHEMES, load_yaml
 from iat_rec.dist.env import init_distributed, rank_main, run_ranks
 from iat_rec.errors import IatError
 from iat_rec.eval.report import markdown_table, summarise, write_report
 from iat_rec.tables import TOKEN_DTYPES
+from iat_rec.train.config import DEVICES, SCHEMES, load_yaml
 from pipelines.pipeline import Stages, Variant, check_stage_yaml
 
 DEFAULT_VARIANTS = "none,labels-only,handcrafted,iat-temporal,iat-user,both-user,iat-untrained"
@@ -56,28 +56,49 @@ def parse_variants(spec: str, readers: list[str]) -> list[Variant]:
 def run(args: argparse.Namespace) -> Path | None:
     env = init_distributed(args.device)
     variants = parse_variants(args.variants, args.readers.split(","))
-    stages = Stages(args.data, Path(args.work), load_yaml(args.compress_config), load_yaml(args.rank_config), args.dtype, args.device,
-                    report_only=args.report_only, progress=args.progress)  # fmt: skip
+    stages = Stages(
+        args.data,
+        Path(args.work),
+        load_yaml(args.compress_config),
+        load_yaml(args.rank_config),
+        args.dtype,
+        args.device,
+        report_only=args.report_only,
+        progress=args.progress,
+    )
     seeds = [args.only_seed] if args.only_seed is not None else range(args.seeds)
     results = [stages.rank(v, seed) for seed in seeds for v in variants]
     dist.barrier()
     if not env.is_main or args.only_seed is not None:  # one seed of several: the full run reports
         return None
     command = "iat-rec experiment " + " ".join(shlex.quote(a) for a in args.argv)
-    report = write_report(args.report or Path(args.work) / "report", args.title, results, stages.seconds, command,
-                          dataset=args.dataset or Path(args.data).name, stage1=stages.stage1)  # fmt: skip
+    report = write_report(
+        args.report or Path(args.work) / "report",
+        args.title,
+        results,
+        stages.seconds,
+        command,
+        dataset=args.dataset or Path(args.data).name,
+        stage1=stages.stage1,
+    )
     print("\n" + markdown_table(summarise(results)) + f"\n\nreport: {report}", flush=True)
     return report
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="iat-rec experiment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="iat-rec experiment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data", required=True, help="instance log")
     p.add_argument("--work", required=True, help="directory for every run")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--only-seed", type=int, default=None,
-                   help="run this seed's stages alone (seeds can run at once in one --work; a later run without it "
-                        "reuses every finished stage and writes the report of all seeds)")  # fmt: skip
+    p.add_argument(
+        "--only-seed",
+        type=int,
+        default=None,
+        help="run this seed's stages alone (seeds can run at once in one --work; a later run without it "
+        "reuses every finished stage and writes the report of all seeds)",
+    )
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated (default {DEFAULT_VARIANTS})")
     p.add_argument("--readers", default="transformer", help="comma-separated readers for the history variants")
     p.add_argument("--compress-config", help="YAML of iat-rec compress options (budget of stage 1)")
@@ -89,7 +110,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="dataset name in the results (default: the log directory's name)")
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--nproc", type=int, default=None, help="local ranks to launch (default: GPUs, else 2)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars in every stage")
+    p.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars in every stage"
+    )
     return p
 
 

@@ -30,19 +30,36 @@ from iat_rec.dist import checkpoint as ckpt
 from iat_rec.dist.atomic import check_out, write_json
 from iat_rec.dist.env import init_distributed, rank_main, run_ranks
 from iat_rec.sharding.plan_json import load_plan
-from iat_rec.tables import TOKENS_PATH, TOKEN_DTYPES
-from iat_rec.tokens.export import (TOKENS_FROM, check_append, check_resumed, copy_rows, gather_rows, local_row_blocks, local_stats,
-                                   shard_token_table, token_sources)
+from iat_rec.tables import TOKEN_DTYPES, TOKENS_PATH
+from iat_rec.tokens.export import (
+    TOKENS_FROM,
+    check_append,
+    check_resumed,
+    copy_rows,
+    gather_rows,
+    local_row_blocks,
+    local_stats,
+    shard_token_table,
+    token_sources,
+)
 from iat_rec.tokens.health import format_health, table_health
 from iat_rec.tokens.table import FORMAT as TABLE_FORMAT
 from iat_rec.tokens.table import SIDE_ARRAYS, WEIGHT_KEY, TokenTable, save_table
+from iat_rec.train.config import DEVICES
 from iat_rec.train.stage1 import build_compressor, load_stage1
 from iat_rec.train.trainer import progress_bar, shard
-from iat_rec.train.config import DEVICES
 
 
-def export(run: str, out: str, dtype: str = "fp32", batch_size: int = 4096, device: str = "auto", progress: bool = True,
-           tokens_from: str = "time-consistent", append: str = "") -> Path:
+def export(
+    run: str,
+    out: str,
+    dtype: str = "fp32",
+    batch_size: int = 4096,
+    device: str = "auto",
+    progress: bool = True,
+    tokens_from: str = "time-consistent",
+    append: str = "",
+) -> Path:
     env = init_distributed(device)
     cfg, info, log = load_stage1(run)
     check_resumed(run, info, tokens_from, append)
@@ -71,7 +88,9 @@ def export(run: str, out: str, dtype: str = "fp32", batch_size: int = 4096, devi
         batches = []
         for r0, n, cols in blocks:
             at = np.flatnonzero(source_of_row[r0 : r0 + n] == k)
-            batches += [(at[i : i + batch_size] + r0, at[i : i + batch_size], cols) for i in range(0, len(at), batch_size)]
+            batches += [
+                (at[i : i + batch_size] + r0, at[i : i + batch_size], cols) for i in range(0, len(at), batch_size)
+            ]
         plans.append(batches)
     counts = torch.tensor([len(b) for b in plans], device=env.device)
     dist.all_reduce(counts, op=dist.ReduceOp.MAX)  # the compressor's sharded EBC is collective
@@ -82,7 +101,9 @@ def export(run: str, out: str, dtype: str = "fp32", batch_size: int = 4096, devi
                 continue
             ckpt.load_weights(path, dmp)
             for i in range(int(counts[k])):
-                rows_k, at, cols = plans[k][i] if i < len(plans[k]) else (np.zeros(0, np.int64), np.zeros(0, np.int64), [])
+                rows_k, at, cols = (
+                    plans[k][i] if i < len(plans[k]) else (np.zeros(0, np.int64), np.zeros(0, np.int64), [])
+                )
                 rows = np.full(batch_size, -1, dtype=np.int64)
                 rows[: len(rows_k)] = rows_k
                 tokens = compressor.encode(make_batch(log, rows).to(env.device))[: len(rows_k)]
@@ -93,10 +114,21 @@ def export(run: str, out: str, dtype: str = "fp32", batch_size: int = 4096, devi
     bar.close()
     mean, std = local_stats(weight, cfg.model.iat_dim, env.device)
     final = ckpt.latest(run)
-    source = hashlib.blake2b((Path(run) / "run.json").read_bytes() + final.name.encode() + tokens_from.encode(), digest_size=16).hexdigest()
-    segment = {"rows": int((source_of_row >= 0).sum()), "source_run": str(Path(run).resolve()), "source_checkpoint": final.name,
-               "tokens_from": tokens_from, "log_fingerprint": log.fingerprint}  # fmt: skip
-    earlier = (old.manifest.get("segments") or [{k: old.manifest.get(k) for k in segment} | {"rows": old.rows}]) if old else []
+    source = hashlib.blake2b(
+        (Path(run) / "run.json").read_bytes() + final.name.encode() + tokens_from.encode(), digest_size=16
+    ).hexdigest()
+    segment = {
+        "rows": int((source_of_row >= 0).sum()),
+        "source_run": str(Path(run).resolve()),
+        "source_checkpoint": final.name,
+        "tokens_from": tokens_from,
+        "log_fingerprint": log.fingerprint,
+    }
+    earlier = (
+        (old.manifest.get("segments") or [{k: old.manifest.get(k) for k in segment} | {"rows": old.rows}])
+        if old
+        else []
+    )
     manifest = {
         "dim": cfg.model.iat_dim,
         "table_version": (old.manifest.get("table_version", 1) + 1) if old else 1,
@@ -105,7 +137,9 @@ def export(run: str, out: str, dtype: str = "fp32", batch_size: int = 4096, devi
         "rows": log.rows,
         "scheme": cfg.scheme,
         "tokens_from": tokens_from,
-        "sources": {p.parent.name + "/" + p.name: int((source_of_row == k).sum()) for k, p in enumerate(sources)},  # rows encoded here
+        "sources": {
+            p.parent.name + "/" + p.name: int((source_of_row == k).sum()) for k, p in enumerate(sources)
+        },  # rows encoded here
         "split": list(cfg.split),
         "tasks": log.schema.task_names,
         "token_stats": {"mean": mean.tolist(), "std": std.tolist()},
@@ -120,26 +154,43 @@ def export(run: str, out: str, dtype: str = "fp32", batch_size: int = 4096, devi
     if env.is_main:
         write_json(path / "manifest.json", {**TokenTable(path).manifest, "health": health})
         if old is not None:
-            print(f"appended {segment['rows']} rows to {len(kept)} rows of {old.path} (table version {manifest['table_version']})", flush=True)
-        print(f"token table {path}: {log.rows} rows x {cfg.model.iat_dim} {dtype}, tokens from {tokens_from} "
-              f"({len(sources)} model(s), final {final.name})\n{format_health(health)}", flush=True)  # fmt: skip
+            print(
+                f"appended {segment['rows']} rows to {len(kept)} rows of {old.path} "
+                f"(table version {manifest['table_version']})",
+                flush=True,
+            )
+        print(
+            f"token table {path}: {log.rows} rows x {cfg.model.iat_dim} {dtype}, tokens from {tokens_from} "
+            f"({len(sources)} model(s), final {final.name})\n{format_health(health)}",
+            flush=True,
+        )
     dist.barrier()
     return path
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="iat-rec export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="iat-rec export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     # --stage1 first: torchrun's parser (torchx jobs) refuses --run as an abbreviation of its --run-path
     p.add_argument("--stage1", "--run", dest="run", required=True, help="stage-1 run directory")
     p.add_argument("--out", required=True, help="token table directory to write")
     p.add_argument("--dtype", choices=sorted(TOKEN_DTYPES), default="fp32")
-    p.add_argument("--tokens-from", choices=TOKENS_FROM, default="time-consistent",
-                   help="which model encodes each row (default time-consistent: a training row's token comes from "
-                        "the last snapshot before its training step; final: the last checkpoint for every row; "
-                        "initial: the untrained model)")  # fmt: skip
-    p.add_argument("--append", default="", metavar="OLD_TOKENS",
-                   help="a token table of an earlier version of the run's log (iat-rec data append): encode only the rows "
-                        "appended since and keep every old row's bytes")  # fmt: skip
+    p.add_argument(
+        "--tokens-from",
+        choices=TOKENS_FROM,
+        default="time-consistent",
+        help="which model encodes each row (default time-consistent: a training row's token comes from "
+        "the last snapshot before its training step; final: the last checkpoint for every row; "
+        "initial: the untrained model)",
+    )
+    p.add_argument(
+        "--append",
+        default="",
+        metavar="OLD_TOKENS",
+        help="a token table of an earlier version of the run's log (iat-rec data append): encode only the rows "
+        "appended since and keep every old row's bytes",
+    )
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--nproc", type=int, default=None, help="local ranks to launch (default: GPUs, else 2)")
@@ -153,15 +204,26 @@ def cli(argv: list[str]) -> int:
     cfg, info, log = load_stage1(args.run)  # clear errors before any rank starts
     log.check_files()
     check_resumed(args.run, info, args.tokens_from, args.append)
-    check_out(args.out, "a token table", {TABLE_FORMAT}, "manifest.json", args.overwrite, (args.run, log.path, *([args.append] if args.append else [])))
+    check_out(
+        args.out,
+        "a token table",
+        {TABLE_FORMAT},
+        "manifest.json",
+        args.overwrite,
+        (args.run, log.path, *([args.append] if args.append else [])),
+    )
     if args.append:
         old = TokenTable(args.append)
         old.check_files()
         check_append(old, log, cfg.model.iat_dim, args.dtype)
     return run_ranks(
-        "pipelines.export", argv, args.nproc,
-        lambda: export(args.run, args.out, args.dtype, args.batch_size, args.device, args.progress, args.tokens_from, args.append),
-    )  # fmt: skip
+        "pipelines.export",
+        argv,
+        args.nproc,
+        lambda: export(
+            args.run, args.out, args.dtype, args.batch_size, args.device, args.progress, args.tokens_from, args.append
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -20,10 +20,10 @@ import torch.distributed as dist
 
 from iat_rec.dist import checkpoint as ckpt
 from iat_rec.dist.atomic import write_json
-from iat_rec.train.config import CompressConfig, DEVICES, SCHEMES, check_values, from_dict, load_yaml, to_dict
 from iat_rec.dist.env import init_distributed, rank_main, run_ranks
 from iat_rec.errors import IatError
 from iat_rec.tables import TOKEN_DTYPES
+from iat_rec.train.config import DEVICES, SCHEMES, CompressConfig, check_values, from_dict, load_yaml, to_dict
 from pipelines import compress, rank
 from pipelines.export import export
 from pipelines.rank import RankConfig
@@ -61,14 +61,19 @@ def stage1_config(base: dict, data: str, out: Path, scheme: str, seed: int, devi
     """``batch_size`` counts instances for both schemes here, so that temporal and user-order
     runs of one config see the same instances per step (user order: batch_size / window windows)."""
     # the experiment owns its work dir: a stage it reruns (unfinished, or another config) is replaced
-    cfg = from_dict(CompressConfig, {**base, "data": data, "out": str(out), "scheme": scheme, "seed": seed, "device": device, "overwrite": True})
+    cfg = from_dict(
+        CompressConfig,
+        {**base, "data": data, "out": str(out), "scheme": scheme, "seed": seed, "device": device, "overwrite": True},
+    )
     if scheme == "user":
         cfg.batch_size = max(1, cfg.batch_size // cfg.window)
     compress.check_config(cfg)
     return cfg
 
 
-def stage2_config(base: dict, data: str, out: Path, v: Variant, seed: int, device: str, tokens: Path | None, stage1: Path | None) -> RankConfig:
+def stage2_config(
+    base: dict, data: str, out: Path, v: Variant, seed: int, device: str, tokens: Path | None, stage1: Path | None
+) -> RankConfig:
     ranker = {**base.get("ranker", {}), "history": v.history, "reader": v.reader}
     if v.history not in ("iat", "both"):
         ranker.pop("query", None)  # the token query needs tokens; the other variants read the features
@@ -87,8 +92,17 @@ class Stages:
     so re-running an interrupted experiment continues where it stopped.
     """
 
-    def __init__(self, data: str, work: Path, c1: dict, c2: dict, dtype: str, device: str, report_only: bool = False,
-                 progress: bool = True):
+    def __init__(
+        self,
+        data: str,
+        work: Path,
+        c1: dict,
+        c2: dict,
+        dtype: str,
+        device: str,
+        report_only: bool = False,
+        progress: bool = True,
+    ):
         # --no-progress reaches every stage (the YAML files may say so too)
         c1, c2 = ({**c, "progress": c.get("progress", True) and progress} for c in (c1, c2))
         self.data, self.work, self.c1, self.c2, self.dtype, self.device = data, work, c1, c2, dtype, device
@@ -97,7 +111,9 @@ class Stages:
         self.stage1: dict[str, dict] = {}  # per stage-1 run: its valid metrics and each table's token health
         # one file per stage: experiments of different seeds may run at once in one work dir
         self._seconds_dir = work / "seconds"
-        self.seconds: dict[str, float] = {p.stem: json.loads(p.read_text()) for p in sorted(self._seconds_dir.glob("*.json"))}
+        self.seconds: dict[str, float] = {
+            p.stem: json.loads(p.read_text()) for p in sorted(self._seconds_dir.glob("*.json"))
+        }
 
     def _missing(self, path: Path) -> None:
         if self.report_only:
@@ -123,8 +139,17 @@ class Stages:
         manifest = json.loads((table / "manifest.json").read_text()) if (table / "manifest.json").is_file() else {}
         if (manifest.get("source_checkpoint"), manifest.get("tokens_from")) != (last.name, tokens_from):
             self._missing(table)
-            self._timed(f"export-{scheme}-{tokens_from}-s{seed}", lambda: export(str(run1), str(table), self.dtype, device=self.device,
-                                                                                         progress=self.progress, tokens_from=tokens_from))
+            self._timed(
+                f"export-{scheme}-{tokens_from}-s{seed}",
+                lambda: export(
+                    str(run1),
+                    str(table),
+                    self.dtype,
+                    device=self.device,
+                    progress=self.progress,
+                    tokens_from=tokens_from,
+                ),
+            )
         entry = self.stage1.setdefault(f"{scheme}-s{seed}", {})
         entry["valid"] = json.loads((run1 / "result.json").read_text()).get("valid")
         entry[tokens_from] = json.loads((table / "manifest.json").read_text()).get("health")
@@ -140,7 +165,14 @@ class Stages:
             self._missing(out)
             metrics = self._timed(f"rank-{v.name}-{v.reader}-s{seed}", lambda: rank.train(cfg))
         history = json.loads((out / "eval_history.json").read_text())
-        return {"variant": v.name, "reader": v.reader, "seed": seed, "run": str(out), "metrics": metrics, "history": history}
+        return {
+            "variant": v.name,
+            "reader": v.reader,
+            "seed": seed,
+            "run": str(out),
+            "metrics": metrics,
+            "history": history,
+        }
 
 
 def _done(run: Path, final_file: str, cfg) -> bool:
@@ -148,6 +180,7 @@ def _done(run: Path, final_file: str, cfg) -> bool:
     info = run / "run.json"
     if not ((run / final_file).is_file() and info.is_file()):
         return False
+
     def how(config: dict) -> dict:  # showing progress or not changes no result
         return {k: v for k, v in config.items() if k != "progress"}
 
@@ -155,7 +188,9 @@ def _done(run: Path, final_file: str, cfg) -> bool:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="iat-rec pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="iat-rec pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data", required=True, help="instance log")
     p.add_argument("--work", required=True, help="directory for every stage's output")
     p.add_argument("--scheme", default="user", choices=SCHEMES)
@@ -168,7 +203,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rank-config", help="YAML of iat-rec rank options")
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--nproc", type=int, default=None, help="local ranks to launch (default: GPUs, else 2)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars in every stage")
+    p.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars in every stage"
+    )
     return p
 
 

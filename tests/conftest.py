@@ -17,8 +17,27 @@ from iat_rec.data.synth import generate
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 TINY = dict(users=120, mean_instances=50, seed=0)
-STAGE1 = ["--scheme", "user", "--window", "8", "--batch-size", "8", "--steps", "12", "--eval-batches", "2", "--no-progress",
-          "--emb-dim", "8", "--hidden", "64", "--decompress", "64", "--iat-dim", "16"]  # fmt: skip
+STAGE1 = [
+    "--scheme",
+    "user",
+    "--window",
+    "8",
+    "--batch-size",
+    "8",
+    "--steps",
+    "12",
+    "--eval-batches",
+    "2",
+    "--no-progress",
+    "--emb-dim",
+    "8",
+    "--hidden",
+    "64",
+    "--decompress",
+    "64",
+    "--iat-dim",
+    "16",
+]
 
 
 def pytest_configure(config):
@@ -47,5 +66,7 @@ def stage1_run(tiny_log, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tokens(stage1_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tokens") / "tokens"
-    run_cli("export", "--stage1", str(stage1_run), "--out", str(out), "--nproc", "2", "--batch-size", "512", "--no-progress")
+    run_cli(
+        "export", "--stage1", str(stage1_run), "--out", str(out), "--nproc", "2", "--batch-size", "512", "--no-progress"
+    )
     return out

@@ -16,13 +16,13 @@ import torch
 import yaml
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from iat_rec.dist import checkpoint as ckpt
 from iat_rec.cli import main
-from iat_rec.errors import IatError
-from iat_rec.data.ingest import append, append_columns, ingest
+from iat_rec.data.ingest import append_columns, ingest
 from iat_rec.data.instance_log import InstanceLog, write_instance_log
 from iat_rec.data.schema import Schema
 from iat_rec.data.synth import SynthConfig, build_columns, synth_schema
+from iat_rec.dist import checkpoint as ckpt
+from iat_rec.errors import IatError
 from iat_rec.tokens.table import TokenTable
 from tests.conftest import STAGE1, TINY, run_cli
 from tests.test_ingest import ROWS, SCHEMA_YAML, write_csv
@@ -43,13 +43,17 @@ def two_days(tmp_path):
 def test_appended_log_equals_one_ingest_of_both_segments(two_days):
     schema, d = two_days
     day1 = ingest(d / "day1.csv", schema, d / "v1")
-    assert main(["data", "append", "--log", str(day1.path), "--input", str(d / "day2.csv"), "--out", str(d / "v2")]) == 0
+    assert (
+        main(["data", "append", "--log", str(day1.path), "--input", str(d / "day2.csv"), "--out", str(d / "v2")]) == 0
+    )
     v2, full = InstanceLog(d / "v2"), ingest(d / "all.csv", schema, d / "full")
     v2.verify()
     for name in ("ts", "user", "user_offsets", "user_keys", "labels", "label_time"):
         np.testing.assert_array_equal(getattr(v2, name), getattr(full, name), err_msg=name)
     for name, ids in full.sparse.items():  # single- and multi-valued
-        for got, want in zip(v2.sparse[name] if isinstance(ids, tuple) else [v2.sparse[name]], ids if isinstance(ids, tuple) else [ids]):
+        for got, want in zip(
+            v2.sparse[name] if isinstance(ids, tuple) else [v2.sparse[name]], ids if isinstance(ids, tuple) else [ids]
+        ):
             np.testing.assert_array_equal(got, want, err_msg=name)
     old = v2.rows_of_version(day1.fingerprint)  # the row-id map from version 1
     assert len(old) == day1.rows and np.all(np.diff(old) > 0)
@@ -66,12 +70,20 @@ def test_append_refuses_earlier_rows_and_duplicates_and_keeps_the_log(two_days, 
     schema, d = two_days
     day1 = ingest(d / "day1.csv", schema, d / "v1")
     write_csv(d / "late.csv", [dict(ROWS[0], ts=20, conv_time=20)])  # earlier than day 1's last (30)
-    assert main(["data", "append", "--log", str(day1.path), "--input", str(d / "late.csv"), "--out", str(d / "v2")]) == 2
+    assert (
+        main(["data", "append", "--log", str(day1.path), "--input", str(d / "late.csv"), "--out", str(d / "v2")]) == 2
+    )
     assert "before the last of" in capsys.readouterr().err and not (d / "v2").exists()
-    write_csv(d / "again.csv", [ROWS[2], dict(ROWS[2], click=0)])  # ROWS[2] is day 1's last instance (ts 30), logged again
-    assert main(["data", "append", "--log", str(day1.path), "--input", str(d / "again.csv"), "--out", str(d / "v2")]) == 2
+    write_csv(
+        d / "again.csv", [ROWS[2], dict(ROWS[2], click=0)]
+    )  # ROWS[2] is day 1's last instance (ts 30), logged again
+    assert (
+        main(["data", "append", "--log", str(day1.path), "--input", str(d / "again.csv"), "--out", str(d / "v2")]) == 2
+    )
     assert "data row 1 duplicates an instance of" in capsys.readouterr().err and not (d / "v2").exists()
-    assert main(["data", "append", "--log", str(day1.path), "--input", str(d / "day2.csv"), "--out", str(day1.path)]) == 2
+    assert (
+        main(["data", "append", "--log", str(day1.path), "--input", str(d / "day2.csv"), "--out", str(day1.path)]) == 2
+    )
     InstanceLog(day1.path).verify()
     with pytest.raises(IatError, match="not a version of"):
         InstanceLog(day1.path).rows_of_version("0" * 32)
@@ -101,14 +113,29 @@ def test_day_by_day_refresh_matches_a_full_export(tmp_path):
     run_cli("compress", "--data", str(v2.path), "--out", str(run2), "--resume-from", str(run1), "--nproc", "2", *STAGE1)
     info, before = json.loads((run2 / "run.json").read_text()), json.loads((run1 / "run.json").read_text())
     assert info["resume_from"]["checkpoint"] == ckpt.latest(run1).name
-    assert info["resume_from"]["train_until"] == before["train_until"] < info["train_until"]  # it trained on later rows only
+    assert (
+        info["resume_from"]["train_until"] == before["train_until"] < info["train_until"]
+    )  # it trained on later rows only
     # stage 1 went on from run 1's weights (its step-0 snapshot) and trained on day 2 alone
     start, before = _weights(run2 / "snapshots" / "step_00000000", tmp_path), _weights(ckpt.latest(run1), tmp_path)
     assert start.keys() == before.keys() and all(torch.equal(start[k], before[k]) for k in start)
 
     export = ["--nproc", "2", "--no-progress"]
-    run_cli("export", "--stage1", str(run2), "--append", str(tmp_path / "tok1"), "--out", str(tmp_path / "tok2"), *export)
-    run_cli("export", "--stage1", str(run2), "--append", str(tmp_path / "tok1"), "--out", str(tmp_path / "tok2f"), "--tokens-from", "final", *export)
+    run_cli(
+        "export", "--stage1", str(run2), "--append", str(tmp_path / "tok1"), "--out", str(tmp_path / "tok2"), *export
+    )
+    run_cli(
+        "export",
+        "--stage1",
+        str(run2),
+        "--append",
+        str(tmp_path / "tok1"),
+        "--out",
+        str(tmp_path / "tok2f"),
+        "--tokens-from",
+        "final",
+        *export,
+    )
     run_cli("export", "--stage1", str(run2), "--out", str(tmp_path / "full"), "--tokens-from", "final", *export)
     tok1, tok2, tok2f, full = (TokenTable(tmp_path / n) for n in ("tok1", "tok2", "tok2f", "full"))
     t1, t2, t2f, tf = (t.read_rows(0, t.rows) for t in (tok1, tok2, tok2f, full))
@@ -119,17 +146,69 @@ def test_day_by_day_refresh_matches_a_full_export(tmp_path):
     assert m["table_version"] == 2 and [s["rows"] for s in m["segments"]] == [v1.rows, len(new)]
     assert [s["source_run"] for s in m["segments"]] == [str(run1.resolve()), str(run2.resolve())]
     # run 2 began from a model trained on the old rows' labels: no time-consistent or untrained tokens for them
-    for refused in (["--tokens-from", "time-consistent"], ["--tokens-from", "initial", "--append", str(tmp_path / "tok1")],
-                    ["--append", str(tmp_path / "full")]):  # full: not the table of the run that run 2 continued
+    for refused in (
+        ["--tokens-from", "time-consistent"],
+        ["--tokens-from", "initial", "--append", str(tmp_path / "tok1")],
+        ["--append", str(tmp_path / "full")],
+    ):  # full: not the table of the run that run 2 continued
         assert main(["export", "--stage1", str(run2), "--out", str(tmp_path / "no"), *refused]) == 2
-    assert main(["export", "--stage1", str(run1), "--append", str(tmp_path / "tok1"), "--out", str(tmp_path / "no")]) == 2  # run 1 continued nothing
+    assert (
+        main(["export", "--stage1", str(run1), "--append", str(tmp_path / "tok1"), "--out", str(tmp_path / "no")]) == 2
+    )  # run 1 continued nothing
 
-    rank = ["--history", "iat", "--batch-size", "32", "--steps", "6", "--eval-batches", "2", "--max-len", "8", "--no-progress",
-            "--emb-dim", "8", "--hidden", "32", "--nproc", "2"]  # fmt: skip
+    rank = [
+        "--history",
+        "iat",
+        "--batch-size",
+        "32",
+        "--steps",
+        "6",
+        "--eval-batches",
+        "2",
+        "--max-len",
+        "8",
+        "--no-progress",
+        "--emb-dim",
+        "8",
+        "--hidden",
+        "32",
+        "--nproc",
+        "2",
+    ]
     run_cli("rank", "--data", str(v1.path), "--tokens", str(tmp_path / "tok1"), "--out", str(tmp_path / "r1"), *rank)
-    run_cli("rank", "--data", str(v2.path), "--tokens", str(tmp_path / "tok2"), "--out", str(tmp_path / "r2"),
-            "--resume-from", str(tmp_path / "r1"), *rank)  # fmt: skip
-    assert json.loads((tmp_path / "r2" / "run.json").read_text())["resume_from"]["run"] == str((tmp_path / "r1").resolve())
-    assert main(["rank", "--data", str(v2.path), "--tokens", str(tmp_path / "tok2"), "--out", str(tmp_path / "r3"),
-                 "--resume-from", str(tmp_path / "r2"), *rank]) == 2  # r2 is of v2 itself: nothing appended since
-    assert main(["export", "--stage1", str(run2), "--append", str(tmp_path / "tok2"), "--out", str(tmp_path / "tok3")]) == 2
+    run_cli(
+        "rank",
+        "--data",
+        str(v2.path),
+        "--tokens",
+        str(tmp_path / "tok2"),
+        "--out",
+        str(tmp_path / "r2"),
+        "--resume-from",
+        str(tmp_path / "r1"),
+        *rank,
+    )
+    assert json.loads((tmp_path / "r2" / "run.json").read_text())["resume_from"]["run"] == str(
+        (tmp_path / "r1").resolve()
+    )
+    assert (
+        main(
+            [
+                "rank",
+                "--data",
+                str(v2.path),
+                "--tokens",
+                str(tmp_path / "tok2"),
+                "--out",
+                str(tmp_path / "r3"),
+                "--resume-from",
+                str(tmp_path / "r2"),
+                *rank,
+            ]
+        )
+        == 2
+    )  # r2 is of v2 itself: nothing appended since
+    assert (
+        main(["export", "--stage1", str(run2), "--append", str(tmp_path / "tok2"), "--out", str(tmp_path / "tok3")])
+        == 2
+    )

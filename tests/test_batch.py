@@ -41,14 +41,23 @@ def build_log(path, n=40, users=5, seed=0):
     single = {k: rng.integers(0, SIZES[k], n) for k in ("a", "b")}
     lists = {k: [list(rng.integers(0, SIZES[k], rng.integers(0, 4))) for _ in range(n)] for k in ("tags", "kw")}
     multi = {
-        k: (np.asarray([v for lst in ls for v in lst], dtype=np.int64), np.asarray([len(lst) for lst in ls], dtype=np.int64))
+        k: (
+            np.asarray([v for lst in ls for v in lst], dtype=np.int64),
+            np.asarray([len(lst) for lst in ls], dtype=np.int64),
+        )
         for k, ls in lists.items()
     }
     labels = rng.integers(0, 2, (n, 2)).astype(np.float32)
     dense = rng.normal(size=(n, 2)).astype(np.float32)
     cols = Columns(
-        user=user, user_keys=np.array([f"u{i}" for i in range(users)]), ts=ts, labels=labels,
-        label_time=np.stack([ts, ts], 1), dense=dense, sparse=single, multi=multi,
+        user=user,
+        user_keys=np.array([f"u{i}" for i in range(users)]),
+        ts=ts,
+        labels=labels,
+        label_time=np.stack([ts, ts], 1),
+        dense=dense,
+        sparse=single,
+        multi=multi,
     )
     log = write_instance_log(path, SCHEMA, cols, source="test")
     perm = sorted(range(n), key=lambda i: (user[i], ts[i]))  # stable: ties keep input order

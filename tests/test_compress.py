@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from iat_rec.train.config import CompressConfig, from_dict
 from iat_rec.data.instance_log import InstanceLog, time_split
 from iat_rec.sharding.plan_json import load_plan, plan_to_json
+from iat_rec.train.config import CompressConfig, from_dict
 from iat_rec.train.stage1 import make_dataset
 from tests.conftest import STAGE1, run_cli
 
@@ -23,14 +23,41 @@ def losses(run: Path) -> list[float]:
 def test_one_rank_temporal_run_pipelines_both_sharded_inputs(tiny_log, tmp_path):
     """Learning is tested with margins in test_learning.py; here: the run's shape."""
     run = tmp_path / "t"
-    run_cli("compress", "--data", str(tiny_log), "--out", str(run), "--nproc", "1", "--scheme", "temporal",
-            "--batch-size", "64", "--steps", "6", "--slices", "3", "--no-progress", "--emb-dim", "8", "--hidden", "64")  # fmt: skip
+    run_cli(
+        "compress",
+        "--data",
+        str(tiny_log),
+        "--out",
+        str(run),
+        "--nproc",
+        "1",
+        "--scheme",
+        "temporal",
+        "--batch-size",
+        "64",
+        "--steps",
+        "6",
+        "--slices",
+        "3",
+        "--no-progress",
+        "--emb-dim",
+        "8",
+        "--hidden",
+        "64",
+    )
     result = json.loads((run / "result.json").read_text())
     # the EBC and the shared-id EC inputs are both pipelined (a KJT changed in the model would not be)
     assert result["pipelined_modules"] == ["ShardedEmbeddingBagCollection", "ShardedEmbeddingCollection"]
     # time-consistent export's snapshots: the untrained model and 2 more over the epoch
-    steps_per_epoch = len(make_dataset(InstanceLog(tiny_log), time_split(InstanceLog(tiny_log))["train"],
-                                       from_dict(CompressConfig, json.loads((run / "run.json").read_text())["config"]), 0, 1))  # fmt: skip
+    steps_per_epoch = len(
+        make_dataset(
+            InstanceLog(tiny_log),
+            time_split(InstanceLog(tiny_log))["train"],
+            from_dict(CompressConfig, json.loads((run / "run.json").read_text())["config"]),
+            0,
+            1,
+        )
+    )
     want = sorted({0, steps_per_epoch // 3, 2 * steps_per_epoch // 3} & set(range(6)))
     assert sorted(int(p.name[5:]) for p in (run / "snapshots").iterdir()) == want
 
@@ -41,8 +68,10 @@ def test_two_rank_user_order_run(stage1_run):
     cfg = from_dict(CompressConfig, json.loads((stage1_run / "run.json").read_text())["config"])
     log = InstanceLog(cfg.data)
     valid_rows = sum(  # every real row of the 2 evaluated batches of each rank, padding left out
-        float(make_dataset(log, time_split(log, cfg.split)["valid"], cfg, rank, 2)[i].weights.sum()) for rank in (0, 1) for i in range(2)
-    )  # fmt: skip
+        float(make_dataset(log, time_split(log, cfg.split)["valid"], cfg, rank, 2)[i].weights.sum())
+        for rank in (0, 1)
+        for i in range(2)
+    )
     assert result["valid"]["click"]["n"] == valid_rows
     assert (stage1_run / "checkpoints" / "latest").read_text().strip() == "step_00000012"
     assert list((stage1_run / "tb").iterdir()), "TensorBoard events written"
@@ -69,8 +98,10 @@ def test_stored_token_is_the_pre_sit_token_on_another_world_size(stage1_run, tok
     """Written by 2 ranks, recomputed by 1 rank with a new plan: the rows are the pre-SIT tokens."""
     out = subprocess.run(
         [sys.executable, str(REPO / "tests" / "token_check.py"), str(stage1_run), str(tokens)],
-        capture_output=True, text=True, cwd=REPO,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     stored, pre, post = (np.array(got[k]) for k in ("stored", "pre_sit", "post_sit"))
@@ -82,10 +113,27 @@ def test_stored_token_is_the_pre_sit_token_on_another_world_size(stage1_run, tok
 
 def test_streaming_prefixes_windows_with_frozen_earlier_tokens(tiny_log, tokens, tmp_path):
     run = tmp_path / "stream"
-    run_cli("compress", "--data", str(tiny_log), "--out", str(run), "--nproc", "2", *STAGE1,
-            "--stream", "--tokens", str(tokens), "--prefix", "8")  # fmt: skip
+    run_cli(
+        "compress",
+        "--data",
+        str(tiny_log),
+        "--out",
+        str(run),
+        "--nproc",
+        "2",
+        *STAGE1,
+        "--stream",
+        "--tokens",
+        str(tokens),
+        "--prefix",
+        "8",
+    )
     result = json.loads((run / "result.json").read_text())
-    assert result["pipelined_modules"] == ["ShardedEmbeddingBagCollection", "ShardedEmbeddingCollection", "ShardedEmbeddingCollection"]
+    assert result["pipelined_modules"] == [
+        "ShardedEmbeddingBagCollection",
+        "ShardedEmbeddingCollection",
+        "ShardedEmbeddingCollection",
+    ]
     assert all(np.isfinite(losses(run)))
     exported = tmp_path / "tok2"
     run_cli("export", "--stage1", str(run), "--out", str(exported), "--nproc", "2", "--no-progress")
@@ -97,7 +145,22 @@ def test_streaming_refuses_a_table_of_another_log(tiny_log, tokens, tmp_path, ca
     from iat_rec.data.synth import generate
 
     other = generate(tmp_path / "other", users=10, mean_instances=5, seed=3)
-    assert main(["compress", "--data", str(other.path), "--out", str(tmp_path / "r"), "--scheme", "user", "--stream",
-                 "--tokens", str(tokens)]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "compress",
+                "--data",
+                str(other.path),
+                "--out",
+                str(tmp_path / "r"),
+                "--scheme",
+                "user",
+                "--stream",
+                "--tokens",
+                str(tokens),
+            ]
+        )
+        == 2
+    )
     assert "was exported from instance log" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()

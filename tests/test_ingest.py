@@ -18,12 +18,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from iat_rec.data import ingest as ingest_mod
 from iat_rec.cli import main
-from iat_rec.errors import IatError
+from iat_rec.data import ingest as ingest_mod
 from iat_rec.data.ingest import ingest, stable_hash
 from iat_rec.data.instance_log import InstanceLog
 from iat_rec.data.schema import Schema, load_schema
+from iat_rec.errors import IatError
 
 SCHEMA_YAML = """\
 user: uid
@@ -48,14 +48,126 @@ COLUMNS = ["uid", "ts", "click", "conv", "conv_time", "item", "genre", "tags", "
 
 # input order is deliberately not (user, ts) order; rows 0/4 and 2/5 tie on (user, ts)
 ROWS = [
-    dict(uid="u2", ts=50, click=1, conv=0, conv_time=60, item=7, genre="a", tags="x|y", kw="k1;k2;k3", price=10.0, age=30, score=0.5, raw=-1.25),
-    dict(uid="u10", ts=20, click=0, conv=0, conv_time=20, item=8, genre="b", tags="", kw="", price=0.0, age=41, score=2.0, raw=3.5),
-    dict(uid="u1", ts=30, click=1, conv=1, conv_time=90, item=9, genre="c", tags="z", kw="k2", price=99.5, age=25, score=-1.0, raw=0.0),
-    dict(uid="u2", ts=10, click=0, conv=0, conv_time=10, item=7, genre="a", tags="x||z", kw="k4", price=1.0, age=30, score=0.0, raw=2.0),
-    dict(uid="u2", ts=50, click=0, conv=1, conv_time=55, item=11, genre="b", tags="y", kw="k1", price=3.0, age=31, score=1.5, raw=7.0),
-    dict(uid="u1", ts=30, click=0, conv=0, conv_time=30, item=12, genre="b", tags="", kw="k3;k3", price=5.0, age=25, score=0.25, raw=-3.0),
-    dict(uid="u10", ts=5, click=1, conv=0, conv_time=5, item=13, genre="c", tags="x|y|z", kw="k5", price=2.5, age=40, score=1.0, raw=1.0),
-    dict(uid="u1", ts=100, click=1, conv=1, conv_time=100, item=9, genre="a", tags="y|x", kw="", price=7.0, age=26, score=0.75, raw=4.0),
+    dict(
+        uid="u2",
+        ts=50,
+        click=1,
+        conv=0,
+        conv_time=60,
+        item=7,
+        genre="a",
+        tags="x|y",
+        kw="k1;k2;k3",
+        price=10.0,
+        age=30,
+        score=0.5,
+        raw=-1.25,
+    ),
+    dict(
+        uid="u10",
+        ts=20,
+        click=0,
+        conv=0,
+        conv_time=20,
+        item=8,
+        genre="b",
+        tags="",
+        kw="",
+        price=0.0,
+        age=41,
+        score=2.0,
+        raw=3.5,
+    ),
+    dict(
+        uid="u1",
+        ts=30,
+        click=1,
+        conv=1,
+        conv_time=90,
+        item=9,
+        genre="c",
+        tags="z",
+        kw="k2",
+        price=99.5,
+        age=25,
+        score=-1.0,
+        raw=0.0,
+    ),
+    dict(
+        uid="u2",
+        ts=10,
+        click=0,
+        conv=0,
+        conv_time=10,
+        item=7,
+        genre="a",
+        tags="x||z",
+        kw="k4",
+        price=1.0,
+        age=30,
+        score=0.0,
+        raw=2.0,
+    ),
+    dict(
+        uid="u2",
+        ts=50,
+        click=0,
+        conv=1,
+        conv_time=55,
+        item=11,
+        genre="b",
+        tags="y",
+        kw="k1",
+        price=3.0,
+        age=31,
+        score=1.5,
+        raw=7.0,
+    ),
+    dict(
+        uid="u1",
+        ts=30,
+        click=0,
+        conv=0,
+        conv_time=30,
+        item=12,
+        genre="b",
+        tags="",
+        kw="k3;k3",
+        price=5.0,
+        age=25,
+        score=0.25,
+        raw=-3.0,
+    ),
+    dict(
+        uid="u10",
+        ts=5,
+        click=1,
+        conv=0,
+        conv_time=5,
+        item=13,
+        genre="c",
+        tags="x|y|z",
+        kw="k5",
+        price=2.5,
+        age=40,
+        score=1.0,
+        raw=1.0,
+    ),
+    dict(
+        uid="u1",
+        ts=100,
+        click=1,
+        conv=1,
+        conv_time=100,
+        item=9,
+        genre="a",
+        tags="y|x",
+        kw="",
+        price=7.0,
+        age=26,
+        score=0.75,
+        raw=4.0,
+    ),
 ]
 # sorted user keys: u1 < u10 < u2; within a user by ts, ties in input order
 EXPECTED_PERM = [2, 5, 7, 6, 1, 3, 0, 4]
@@ -72,8 +184,18 @@ def write_csv(path, rows=ROWS, columns=COLUMNS):
 
 
 PARQUET_TYPES = dict(
-    uid=pa.string(), ts=pa.int64(), click=pa.int64(), conv=pa.int64(), conv_time=pa.int64(), item=pa.int64(),
-    genre=pa.string(), tags=pa.string(), kw=pa.string(), price=pa.float64(), age=pa.int64(), score=pa.float64(),
+    uid=pa.string(),
+    ts=pa.int64(),
+    click=pa.int64(),
+    conv=pa.int64(),
+    conv_time=pa.int64(),
+    item=pa.int64(),
+    genre=pa.string(),
+    tags=pa.string(),
+    kw=pa.string(),
+    price=pa.float64(),
+    age=pa.int64(),
+    score=pa.float64(),
     raw=pa.float64(),
 )
 
@@ -139,7 +261,10 @@ def expected_columns():
         tags=(tags_v, tags_o),
         kw=(kw_v, kw_o),
         dense=np.stack(
-            [norm([r[c] for r in rows], how) for c, how in [("price", "log"), ("age", "standard"), ("score", "minmax"), ("raw", "none")]],
+            [
+                norm([r[c] for r in rows], how)
+                for c, how in [("price", "log"), ("age", "standard"), ("score", "minmax"), ("raw", "none")]
+            ],
             1,
         ),
     )
@@ -224,8 +349,11 @@ def test_a_directory_a_glob_and_a_file_url_of_parts_give_the_log_of_the_whole(tm
         assert log.fingerprint == whole or spec == f"file://{parts}/day-2.csv", spec
     assert ingest(f"file://{parts}/day-2.csv", schema, tmp_path / "o2").rows == len(ROWS) - 3
     write_parquet(parts / "day-3.parquet")
-    for spec, message in ((parts, "mixes ['.csv', '.parquet'] files"), (f"{tmp_path}/none-*.csv", "no .csv or .parquet files"),
-                          ("s3://bucket/log.parquet", "only local paths and file:// URLs")):  # fmt: skip
+    for spec, message in (
+        (parts, "mixes ['.csv', '.parquet'] files"),
+        (f"{tmp_path}/none-*.csv", "no .csv or .parquet files"),
+        ("s3://bucket/log.parquet", "only local paths and file:// URLs"),
+    ):
         with pytest.raises(IatError, match=re.escape(message)):
             ingest(spec, schema, tmp_path / "bad")
         assert not (tmp_path / "bad").exists()
@@ -233,7 +361,11 @@ def test_a_directory_a_glob_and_a_file_url_of_parts_give_the_log_of_the_whole(tm
 
 def test_stable_hash_is_pinned():
     """Hashed ids must never change between versions, processes or machines."""
-    assert stable_hash(["abc", "", "u1"], 1000).tolist() == [blake_ref("abc", 1000), blake_ref("", 1000), blake_ref("u1", 1000)]
+    assert stable_hash(["abc", "", "u1"], 1000).tolist() == [
+        blake_ref("abc", 1000),
+        blake_ref("", 1000),
+        blake_ref("u1", 1000),
+    ]
     assert stable_hash(["abc"], 1 << 30).tolist() == [blake_ref("abc", 1 << 30)]
     assert stable_hash([], 7).shape == (0,)
 
@@ -265,7 +397,12 @@ def test_iso8601_timestamps(tmp_path):
 
 def test_parquet_native_timestamps_floor_to_seconds(tmp_path):
     schema = Schema.from_dict(
-        {"user": "u", "timestamp": "t", "labels": [{"name": "y", "column": "y"}], "sparse": [{"name": "f", "column": "f", "hash": 10}]}
+        {
+            "user": "u",
+            "timestamp": "t",
+            "labels": [{"name": "y", "column": "y"}],
+            "sparse": [{"name": "f", "column": "f", "hash": 10}],
+        }
     )
     ms = [1_500, 2_999, -500, 0]  # -0.5 s floors to -1 s
     table = pa.table(
@@ -284,7 +421,18 @@ def test_parquet_native_timestamps_floor_to_seconds(tmp_path):
 
 def test_cli_ingest_prints_a_summary(tmp_path, schema_path, capsys):
     out = tmp_path / "log"
-    rc = main(["data", "ingest", "--input", str(write_csv(tmp_path / "in.csv")), "--schema", str(schema_path), "--out", str(out)])
+    rc = main(
+        [
+            "data",
+            "ingest",
+            "--input",
+            str(write_csv(tmp_path / "in.csv")),
+            "--schema",
+            str(schema_path),
+            "--out",
+            str(out),
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     log = InstanceLog(out)
@@ -328,11 +476,23 @@ BAD_VALUES = [
     ("ts-inf", with_value(4, ts="inf"), "ts", 4, "not a finite number"),
     ("ts-nan", with_value(1, ts="nan"), "ts", 1, "not a finite number"),
     ("ts-huge", with_value(6, ts="1e300"), "ts", 6, "out of range"),
-    ("ts-iso-then-garbage", [dict(r, ts="soon" if i == 6 else f"2024-01-0{i + 1}T00:00:00") for i, r in enumerate(ROWS)], "ts", 6, "ISO-8601"),
+    (
+        "ts-iso-then-garbage",
+        [dict(r, ts="soon" if i == 6 else f"2024-01-0{i + 1}T00:00:00") for i, r in enumerate(ROWS)],
+        "ts",
+        6,
+        "ISO-8601",
+    ),
     ("dense-nan", with_value(2, price=float("nan")), "price", 2, "not a finite number"),
     ("dense-inf", with_value(7, age="-inf"), "age", 7, "not a finite number"),
     ("dense-text", with_value(5, score="abc"), "score", 5, "not a number"),
-    ("dense-underscore", with_value(3, raw="1_0"), "raw", 3, "not a number"),  # python float() accepts it, arrow does not
+    (
+        "dense-underscore",
+        with_value(3, raw="1_0"),
+        "raw",
+        3,
+        "not a number",
+    ),  # python float() accepts it, arrow does not
     ("label-nan", with_value(1, click="nan"), "click", 1, "not a finite number"),
     ("label-inf", with_value(0, conv="inf"), "conv", 0, "not a finite number"),
     ("label-2", with_value(6, click=2), "click", 6, "outside {0, 1}"),
@@ -349,7 +509,16 @@ BAD_VALUES = [
 @pytest.mark.parametrize("rows,column,index,what", [c[1:] for c in BAD_VALUES], ids=[c[0] for c in BAD_VALUES])
 def test_bad_values_csv(tmp_path, capsys, schema_path, rows, column, index, what):
     path = write_csv(tmp_path / "in.csv", rows)
-    run_bad(tmp_path, capsys, path, schema_path, str(path), f"column '{column}'", f"row {index + 1} (line {index + 2})", what)
+    run_bad(
+        tmp_path,
+        capsys,
+        path,
+        schema_path,
+        str(path),
+        f"column '{column}'",
+        f"row {index + 1} (line {index + 2})",
+        what,
+    )
 
 
 PARQUET_BAD = [
@@ -461,7 +630,11 @@ def test_users_with_a_single_instance_are_accepted(tmp_path, schema):
 
 BAD_SCHEMAS = [
     ("unknown-top-key", SCHEMA_YAML + "extra: 1\n", ["unknown keys ['extra']"]),
-    ("unknown-item-key", SCHEMA_YAML.replace("hash: 1000}", "hash: 1000, vocabulary: [a]}"), ["sparse[0]", "unknown keys ['vocabulary']"]),
+    (
+        "unknown-item-key",
+        SCHEMA_YAML.replace("hash: 1000}", "hash: 1000, vocabulary: [a]}"),
+        ["sparse[0]", "unknown keys ['vocabulary']"],
+    ),
     ("not-a-mapping", "- user\n- ts\n", ["expected a mapping at the top level"]),
     ("scalar", "just text\n", ["expected a mapping at the top level"]),
     ("empty", "", ["expected a mapping at the top level"]),
@@ -473,11 +646,23 @@ BAD_SCHEMAS = [
     ("vocab-string", SCHEMA_YAML.replace("vocab: [a, b, c]", "vocab: abc"), ["sparse[1].vocab", "expected a list"]),
     ("vocab-dup", SCHEMA_YAML.replace("vocab: [a, b, c]", "vocab: [a, b, a]"), ["vocabulary has duplicates"]),
     ("empty-separator", SCHEMA_YAML.replace('separator: "|"', 'separator: ""'), ["sparse[2].separator"]),
-    ("labels-not-list", "user: uid\ntimestamp: ts\nlabels: click\nsparse: [{column: item, hash: 5}]\n", ["labels: expected a list"]),
-    ("sparse-mapping", "user: uid\ntimestamp: ts\nlabels: [{column: click}]\nsparse: {column: item}\n", ["sparse: expected a list"]),
+    (
+        "labels-not-list",
+        "user: uid\ntimestamp: ts\nlabels: click\nsparse: [{column: item, hash: 5}]\n",
+        ["labels: expected a list"],
+    ),
+    (
+        "sparse-mapping",
+        "user: uid\ntimestamp: ts\nlabels: [{column: click}]\nsparse: {column: item}\n",
+        ["sparse: expected a list"],
+    ),
     ("bad-norm", SCHEMA_YAML.replace("norm: minmax", "norm: zscore"), ["norm 'zscore'"]),
     ("dup-names", SCHEMA_YAML.replace("{name: genre,", "{name: item,"), ["duplicate"]),
-    ("bad-sequence", SCHEMA_YAML.replace("sequence: [item, genre]", "sequence: [item, nope]"), ["sequence names unknown"]),
+    (
+        "bad-sequence",
+        SCHEMA_YAML.replace("sequence: [item, genre]", "sequence: [item, nope]"),
+        ["sequence names unknown"],
+    ),
 ]
 
 
@@ -491,7 +676,9 @@ def test_bad_schema(tmp_path, capsys, text, needles):
 
 
 def test_schema_file_missing(tmp_path, capsys):
-    run_bad(tmp_path, capsys, write_csv(tmp_path / "in.csv"), tmp_path / "nope.yaml", "schema file not found", "nope.yaml")
+    run_bad(
+        tmp_path, capsys, write_csv(tmp_path / "in.csv"), tmp_path / "nope.yaml", "schema file not found", "nope.yaml"
+    )
 
 
 def test_schema_accepts_numeric_column_names():

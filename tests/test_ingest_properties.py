@@ -19,10 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iat_rec.errors import IatError
 from iat_rec.data.ingest import ingest, stable_hash
 from iat_rec.data.instance_log import InstanceLog
 from iat_rec.data.schema import Schema
+from iat_rec.errors import IatError
 
 VOCAB = ("a", "b", "c")
 HASH = 97
@@ -49,21 +49,36 @@ def cases(draw):
     cols["click_at"] = [t + d for t, d in zip(ts, delay)]
     cols["genre"] = draw(st.lists(st.sampled_from(VOCAB), min_size=n, max_size=n))
     cols["item"] = draw(st.lists(st.text("abcdef", min_size=1, max_size=4), min_size=n, max_size=n))
-    cols["tags"] = ["|".join(t) for t in draw(st.lists(st.lists(st.sampled_from(VOCAB), max_size=3), min_size=n, max_size=n))]
+    cols["tags"] = [
+        "|".join(t) for t in draw(st.lists(st.lists(st.sampled_from(VOCAB), max_size=3), min_size=n, max_size=n))
+    ]
     cols["price"] = draw(st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=n, max_size=n))
     with_dense = draw(st.booleans())
-    schema = Schema.from_dict({
-        "user": "uid", "timestamp": "ts",
-        "labels": [{"name": "click", "column": "click", "available_at": "click_at"}],
-        "sparse": [{"name": "genre", "column": "genre", "vocab": list(VOCAB)}, {"name": "item", "column": "item", "hash": HASH},
-                   {"name": "tags", "column": "tags", "vocab": list(VOCAB), "separator": "|"}],
-        "dense": [{"name": "price", "column": "price", "norm": "none"}] if with_dense else [],
-    })  # fmt: skip
+    schema = Schema.from_dict(
+        {
+            "user": "uid",
+            "timestamp": "ts",
+            "labels": [{"name": "click", "column": "click", "available_at": "click_at"}],
+            "sparse": [
+                {"name": "genre", "column": "genre", "vocab": list(VOCAB)},
+                {"name": "item", "column": "item", "hash": HASH},
+                {"name": "tags", "column": "tags", "vocab": list(VOCAB), "separator": "|"},
+            ],
+            "dense": [{"name": "price", "column": "price", "norm": "none"}] if with_dense else [],
+        }
+    )
     if not with_dense:
         del cols["price"]
     bad = None
     if draw(st.booleans()):
-        kinds = {"user": "uid", "ts": "ts", "label": "click", "label_time": "click_at", "vocab": "genre", "hash": "item"}
+        kinds = {
+            "user": "uid",
+            "ts": "ts",
+            "label": "click",
+            "label_time": "click_at",
+            "vocab": "genre",
+            "hash": "item",
+        }
         if with_dense:
             kinds["dense"] = "price"
         kind = draw(st.sampled_from(sorted(kinds)))
@@ -72,8 +87,16 @@ def cases(draw):
     return schema, cols, bad, draw(st.sampled_from(["csv", "parquet"]))
 
 
-PARQUET_TYPES = {"uid": pa.string(), "ts": pa.int64(), "click": pa.int64(), "click_at": pa.int64(), "genre": pa.string(),
-                 "item": pa.string(), "tags": pa.string(), "price": pa.float64()}  # fmt: skip
+PARQUET_TYPES = {
+    "uid": pa.string(),
+    "ts": pa.int64(),
+    "click": pa.int64(),
+    "click_at": pa.int64(),
+    "genre": pa.string(),
+    "item": pa.string(),
+    "tags": pa.string(),
+    "price": pa.float64(),
+}
 
 
 def write_input(folder: Path, cols: dict, bad, fmt: str) -> Path:
@@ -138,9 +161,17 @@ def test_ingest_gives_the_reference_log_or_one_clear_error_and_nothing_written(t
     log = InstanceLog(ingest(path, schema, out).path)
     log.verify()
     want = reference(schema, cols)
-    got = {"user_keys": log.user_keys, "user": log.user, "ts": log.ts, "labels": log.labels, "label_time": log.label_time,
-           "genre": log.sparse["genre"], "item": log.sparse["item"], "tags.values": log.sparse["tags"][0],
-           "tags.offsets": log.sparse["tags"][1]}  # fmt: skip
+    got = {
+        "user_keys": log.user_keys,
+        "user": log.user,
+        "ts": log.ts,
+        "labels": log.labels,
+        "label_time": log.label_time,
+        "genre": log.sparse["genre"],
+        "item": log.sparse["item"],
+        "tags.values": log.sparse["tags"][0],
+        "tags.offsets": log.sparse["tags"][1],
+    }
     if schema.dense:
         got["dense"] = log.dense
     for name, value in want.items():
@@ -149,23 +180,43 @@ def test_ingest_gives_the_reference_log_or_one_clear_error_and_nothing_written(t
 
 def test_a_label_column_that_is_also_a_feature_is_refused():
     with pytest.raises(IatError, match="column 'click' is both feature 'clicked' and .* label 'click'"):
-        Schema.from_dict({"user": "uid", "timestamp": "ts", "labels": [{"name": "click", "column": "click"}],
-                          "sparse": [{"name": "clicked", "column": "click", "hash": 2}]})  # fmt: skip
+        Schema.from_dict(
+            {
+                "user": "uid",
+                "timestamp": "ts",
+                "labels": [{"name": "click", "column": "click"}],
+                "sparse": [{"name": "clicked", "column": "click", "hash": 2}],
+            }
+        )
 
 
-@pytest.mark.parametrize("column,array,message", [
-    ("item", pa.array([[1, 2], [3]]), "column .item. has type list<.*>, which the schema cannot read"),
-    ("ts", pa.array([2**64 - 1, 5], type=pa.uint64()), "timestamp out of range"),
-    ("price", pa.array([1.0, 1e300]), "beyond the float32 range"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "column,array,message",
+    [
+        ("item", pa.array([[1, 2], [3]]), "column .item. has type list<.*>, which the schema cannot read"),
+        ("ts", pa.array([2**64 - 1, 5], type=pa.uint64()), "timestamp out of range"),
+        ("price", pa.array([1.0, 1e300]), "beyond the float32 range"),
+    ],
+)
 def test_parquet_columns_it_cannot_represent_are_one_clear_error(tmp_path, column, array, message):
-    cols = {"uid": pa.array(["a", "b"]), "ts": pa.array([1, 2]), "click": pa.array([0, 1]), "item": pa.array(["x", "y"]),
-            "price": pa.array([1.0, 2.0])}  # fmt: skip
+    cols = {
+        "uid": pa.array(["a", "b"]),
+        "ts": pa.array([1, 2]),
+        "click": pa.array([0, 1]),
+        "item": pa.array(["x", "y"]),
+        "price": pa.array([1.0, 2.0]),
+    }
     cols[column] = array
     pq.write_table(pa.table(cols), tmp_path / "in.parquet")
-    schema = Schema.from_dict({"user": "uid", "timestamp": "ts", "labels": [{"name": "click", "column": "click"}],
-                               "sparse": [{"name": "item", "column": "item", "hash": 10}],
-                               "dense": [{"name": "price", "column": "price", "norm": "standard"}]})  # fmt: skip
+    schema = Schema.from_dict(
+        {
+            "user": "uid",
+            "timestamp": "ts",
+            "labels": [{"name": "click", "column": "click"}],
+            "sparse": [{"name": "item", "column": "item", "hash": 10}],
+            "dense": [{"name": "price", "column": "price", "norm": "standard"}],
+        }
+    )
     with pytest.raises(IatError, match=message):
         ingest(tmp_path / "in.parquet", schema, tmp_path / "log")
     assert not (tmp_path / "log").exists()

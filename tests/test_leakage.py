@@ -15,10 +15,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iat_rec.train.config import ModelConfig
+from iat_rec.batching.rank_data import HistorySource, RankBatchMaker
 from iat_rec.data.instance_log import InstanceLog
 from iat_rec.tables import CANDIDATE_FEATURE
-from iat_rec.batching.rank_data import HistorySource, RankBatchMaker
+from iat_rec.train.config import ModelConfig
 from modules.ranker import RankerConfig, build_ranker
 
 T = 16
@@ -29,10 +29,14 @@ def setup(tiny_log):
     log = InstanceLog(tiny_log)
     torch.manual_seed(0)
     model = build_ranker(
-        log.schema, ModelConfig(emb_dim=8, hidden=32, num_tokens=4, token_dim=16, decompress=(16,)),
-        RankerConfig(history="both", query="token", max_len=T, reader_layers=1, head=(16,)), len(log.schema.labels),
-        token_rows=log.rows, token_dim=8, token_stats=(torch.zeros(8), torch.ones(8)),
-    )  # fmt: skip
+        log.schema,
+        ModelConfig(emb_dim=8, hidden=32, num_tokens=4, token_dim=16, decompress=(16,)),
+        RankerConfig(history="both", query="token", max_len=T, reader_layers=1, head=(16,)),
+        len(log.schema.labels),
+        token_rows=log.rows,
+        token_dim=8,
+        token_stats=(torch.zeros(8), torch.ones(8)),
+    )
     model.to_empty(device="cpu")
     with torch.no_grad():
         for p in model.parameters():
@@ -83,7 +87,9 @@ def test_nothing_at_or_after_t_reaches_a_request(setup, pick, seed):
     t = int(log.ts[row])
     before, logits_before = request(log, model, row)
     first = int(log.user_offsets[log.user[row]])
-    assert bool(before.hist_valid.any()) == (int(log.ts[first]) < t)  # a history whenever the user has an earlier instance
+    assert bool(before.hist_valid.any()) == (
+        int(log.ts[first]) < t
+    )  # a history whenever the user has an earlier instance
     rng = np.random.default_rng(seed)
     other = perturbed(log, t, row, rng)
     weight = model.tokens.embeddings["iat_tokens"].weight
@@ -101,6 +107,8 @@ def test_nothing_at_or_after_t_reaches_a_request(setup, pick, seed):
         assert torch.equal(getattr(before, name), getattr(after, name)), name
     for name in ("history_ids", "shared", "sparse"):
         a, b = getattr(before, name), getattr(after, name)
-        assert a.keys() == b.keys() and torch.equal(a.values(), b.values()) and torch.equal(a.lengths(), b.lengths()), name
+        assert a.keys() == b.keys() and torch.equal(a.values(), b.values()) and torch.equal(a.lengths(), b.lengths()), (
+            name
+        )
     assert CANDIDATE_FEATURE in before.history_ids.keys()
     torch.testing.assert_close(logits_before, logits_after, rtol=0, atol=0)

@@ -61,7 +61,18 @@ def tables(stage1, tmp_path_factory) -> dict[str, Path]:
     out = {}
     for mode in ("time-consistent", "final"):
         out[mode] = tmp_path_factory.mktemp("tok") / mode
-        run_cli("export", "--stage1", str(stage1["user"]), "--out", str(out[mode]), "--tokens-from", mode, "--nproc", "1", "--no-progress")
+        run_cli(
+            "export",
+            "--stage1",
+            str(stage1["user"]),
+            "--out",
+            str(out[mode]),
+            "--tokens-from",
+            mode,
+            "--nproc",
+            "1",
+            "--no-progress",
+        )
     return out
 
 
@@ -95,13 +106,32 @@ def test_time_consistent_export_removes_the_label_leak(tables):
 
 @pytest.mark.parametrize(
     "history,reader",
-    [("labels", "transformer"), ("handcrafted", "transformer"), ("iat", "transformer"), ("both", "transformer"),
-     ("iat", "din"), ("iat", "longer")],
-)  # fmt: skip
+    [
+        ("labels", "transformer"),
+        ("handcrafted", "transformer"),
+        ("iat", "transformer"),
+        ("both", "transformer"),
+        ("iat", "din"),
+        ("iat", "longer"),
+    ],
+)
 def test_stage2_learns_with_every_history_and_reader(click_log, tables, none_run, tmp_path, history, reader):
     run = tmp_path / "run"
     tokens = ["--tokens", str(tables["time-consistent"])] if history in ("iat", "both") else []
-    run_cli("rank", "--data", str(click_log), "--out", str(run), "--history", history, "--reader", reader, *tokens, *STAGE2, *BUDGET)
+    run_cli(
+        "rank",
+        "--data",
+        str(click_log),
+        "--out",
+        str(run),
+        "--history",
+        history,
+        "--reader",
+        reader,
+        *tokens,
+        *STAGE2,
+        *BUDGET,
+    )
     m, ref = valid(run), valid(none_run)
     assert m["ne"] < 0.95, m
     assert m["auc"] >= ref["auc"] - 0.02, (m["auc"], ref["auc"])
@@ -125,16 +155,51 @@ def seen(tmp_path_factory):
     root = tmp_path_factory.mktemp("seen")
     log = root / "log"
     generate(log, users=1000, mean_instances=40, seed=1, label="seen-before", history_len=T)
-    run_cli("compress", "--data", str(log), "--out", str(root / "s1"), "--scheme", "user", "--window", str(T),
-            "--batch-size", "8", *BUDGET)  # fmt: skip
-    run_cli("export", "--stage1", str(root / "s1"), "--out", str(root / "tok"), "--tokens-from", "final", "--nproc", "1",
-            "--no-progress")  # fmt: skip
+    run_cli(
+        "compress",
+        "--data",
+        str(log),
+        "--out",
+        str(root / "s1"),
+        "--scheme",
+        "user",
+        "--window",
+        str(T),
+        "--batch-size",
+        "8",
+        *BUDGET,
+    )
+    run_cli(
+        "export",
+        "--stage1",
+        str(root / "s1"),
+        "--out",
+        str(root / "tok"),
+        "--tokens-from",
+        "final",
+        "--nproc",
+        "1",
+        "--no-progress",
+    )
     return log, root / "tok"
 
 
 def seen_auc(log: Path, out: Path, *args: str) -> float:
-    run_cli("rank", "--data", str(log), "--out", str(out), *args, "--batch-size", "128", "--max-len", str(T),
-            "--reader-layers", "1", *BUDGET)  # fmt: skip
+    run_cli(
+        "rank",
+        "--data",
+        str(log),
+        "--out",
+        str(out),
+        *args,
+        "--batch-size",
+        "128",
+        "--max-len",
+        str(T),
+        "--reader-layers",
+        "1",
+        *BUDGET,
+    )
     return json.loads((out / "metrics.json").read_text())["auc"]
 
 
@@ -150,8 +215,16 @@ def test_iat_finds_what_only_history_tells_through_its_tokens(seen, tmp_path):
     log, tokens = seen
     none = seen_auc(log, tmp_path / "none", "--history", "none")
     iat = seen_auc(log, tmp_path / "iat", "--history", "iat", "--tokens", str(tokens), "--query", "token")
-    shuffled = seen_auc(log, tmp_path / "shuffled", "--history", "iat", "--tokens", str(shuffled_copy(tokens, tmp_path / "t")),
-                        "--query", "token")  # fmt: skip
+    shuffled = seen_auc(
+        log,
+        tmp_path / "shuffled",
+        "--history",
+        "iat",
+        "--tokens",
+        str(shuffled_copy(tokens, tmp_path / "t")),
+        "--query",
+        "token",
+    )
     assert iat > 0.85, (iat, none)
     assert shuffled < iat - 0.1, (shuffled, iat)
 
@@ -160,9 +233,33 @@ def test_tokens_trained_on_their_own_label_alone_lose_the_item(seen, tmp_path):
     """The ablation: the same stage 1 without the reconstruction loss; its tokens keep too
     little of the item for the same reader to find the match."""
     log, _ = seen
-    run_cli("compress", "--data", str(log), "--out", str(tmp_path / "s1"), "--scheme", "user", "--window", str(T),
-            "--batch-size", "8", "--reconstruct", "0", *BUDGET)  # fmt: skip
-    run_cli("export", "--stage1", str(tmp_path / "s1"), "--out", str(tmp_path / "tok"), "--tokens-from", "final", "--nproc", "1",
-            "--no-progress")  # fmt: skip
+    run_cli(
+        "compress",
+        "--data",
+        str(log),
+        "--out",
+        str(tmp_path / "s1"),
+        "--scheme",
+        "user",
+        "--window",
+        str(T),
+        "--batch-size",
+        "8",
+        "--reconstruct",
+        "0",
+        *BUDGET,
+    )
+    run_cli(
+        "export",
+        "--stage1",
+        str(tmp_path / "s1"),
+        "--out",
+        str(tmp_path / "tok"),
+        "--tokens-from",
+        "final",
+        "--nproc",
+        "1",
+        "--no-progress",
+    )
     plain = seen_auc(log, tmp_path / "iat", "--history", "iat", "--tokens", str(tmp_path / "tok"), "--query", "token")
     assert plain < 0.7, plain

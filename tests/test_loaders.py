@@ -8,10 +8,10 @@ from itertools import islice
 import numpy as np
 import pytest
 
-from iat_rec.errors import IatError
-from iat_rec.data.instance_log import Columns, time_split, write_instance_log
 from iat_rec.batching.loaders import BatchDataset, EpochLoader, time_order, user_windows
+from iat_rec.data.instance_log import Columns, time_split, write_instance_log
 from iat_rec.data.schema import Schema
+from iat_rec.errors import IatError
 
 SCHEMA = Schema.from_dict(
     {
@@ -34,9 +34,13 @@ def build_log(path, n, users, seed, t_max=30):
     ts = rng.integers(0, t_max, n)  # ties within and across users
     lengths = rng.integers(0, 3, n)
     cols = Columns(
-        user=user, user_keys=np.array([f"u{i:03d}" for i in range(users)]), ts=ts,
-        labels=rng.integers(0, 2, (n, 1)).astype(np.float32), label_time=ts[:, None].copy(),
-        dense=rng.normal(size=(n, 1)).astype(np.float32), sparse={"a": rng.integers(0, 13, n)},
+        user=user,
+        user_keys=np.array([f"u{i:03d}" for i in range(users)]),
+        ts=ts,
+        labels=rng.integers(0, 2, (n, 1)).astype(np.float32),
+        label_time=ts[:, None].copy(),
+        dense=rng.normal(size=(n, 1)).astype(np.float32),
+        sparse={"a": rng.integers(0, 13, n)},
         multi={"tags": (rng.integers(0, 7, lengths.sum()), lengths)},
     )
     return write_instance_log(path, SCHEMA, cols, source="test")
@@ -152,7 +156,7 @@ def test_window_batches_cover_each_row_once(log, world, batch_size, window, shuf
     for split in ("train", "test"):
         wins = user_windows(log, time_split(log)[split], window)
 
-        def make(rank, w):
+        def make(rank, w, wins=wins):
             return BatchDataset(log, wins, batch_size, rank=rank, world_size=w, window=window, shuffle=shuffle, seed=1)
 
         steps = all_rank_rows(make, world)

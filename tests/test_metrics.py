@@ -123,7 +123,12 @@ def test_constant_predictor_scores_one_half_whatever_the_row_order(positives_fir
     assert auc(np.full(10, 0.5), label.numpy()) == 0.5
     logits = torch.zeros(10, len(TASKS))  # sigmoid(0) = 0.5 on every row
     labels = torch.stack([label, label.flip(0)], dim=1)
-    out = run_metrics([(logits[:5], labels[:5], torch.ones(5), torch.zeros(5)), (logits[5:], labels[5:], torch.ones(5), torch.zeros(5))])
+    out = run_metrics(
+        [
+            (logits[:5], labels[:5], torch.ones(5), torch.zeros(5)),
+            (logits[5:], labels[5:], torch.ones(5), torch.zeros(5)),
+        ]
+    )
     for t in TASKS:
         assert out[t]["auc"] == 0.5
         assert out[t]["gauc"] == 0.5  # one user holding both classes
@@ -162,7 +167,9 @@ def test_eval_metrics_logloss_and_ne_in_nats():
         assert set(out[t]) == KEYS
         assert out[t]["n"] == int((weights > 0).sum())
         assert out[t]["logloss"] == pytest.approx(expected, rel=1e-9)
-        assert out[t]["ne"] == pytest.approx(expected / -(base * math.log(base) + (1 - base) * math.log(1 - base)), rel=1e-9)
+        assert out[t]["ne"] == pytest.approx(
+            expected / -(base * math.log(base) + (1 - base) * math.log(1 - base)), rel=1e-9
+        )
         assert out[t]["auc"] == pytest.approx(brute_auc(prob[:, k], labels[:, k], weights), abs=1e-12)
 
 

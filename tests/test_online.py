@@ -19,17 +19,43 @@ import pytest
 import torch
 
 from iat_rec.cli import main
-from iat_rec.errors import IatError
 from iat_rec.data.instance_log import Columns, InstanceLog, write_instance_log
-from iat_rec.tokens.online import OnlineTokens
 from iat_rec.data.schema import DenseFeature, Label, Schema, SparseFeature
+from iat_rec.errors import IatError
+from iat_rec.tokens.online import OnlineTokens
 from iat_rec.tokens.table import TokenTable
 from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE1 = ["--nproc", "1", "--scheme", "user", "--window", "4", "--batch-size", "16", "--steps", "6", "--slices", "2",
-          "--eval-batches", "1", "--no-progress", "--emb-dim", "4", "--hidden", "32", "--decompress", "16",
-          "--iat-dim", "8", "--num-tokens", "4", "--token-dim", "16"]  # fmt: skip
+STAGE1 = [
+    "--nproc",
+    "1",
+    "--scheme",
+    "user",
+    "--window",
+    "4",
+    "--batch-size",
+    "16",
+    "--steps",
+    "6",
+    "--slices",
+    "2",
+    "--eval-batches",
+    "1",
+    "--no-progress",
+    "--emb-dim",
+    "4",
+    "--hidden",
+    "32",
+    "--decompress",
+    "16",
+    "--iat-dim",
+    "8",
+    "--num-tokens",
+    "4",
+    "--token-dim",
+    "16",
+]
 TIGHT = dict(rtol=1e-5, atol=1e-6)
 
 
@@ -38,20 +64,33 @@ def write_log(path: Path, rows: int = 600, users: int = 30) -> Path:
     sequence); multi-valued rows hold 0 to 3 ids."""
     rng = np.random.default_rng(0)
     schema = Schema(
-        user="u", timestamp="ts", labels=(Label("click", "click"),),
-        sparse=(SparseFeature("user_id", "u", hash=64), SparseFeature("item", "item", hash=50),
-                SparseFeature("tags", "tags", hash=20, separator="|"), SparseFeature("genres", "genres", hash=12, separator="|")),
-        dense=(DenseFeature("price", "price"), DenseFeature("age", "age")), sequence=("item", "genres"),
-    )  # fmt: skip
+        user="u",
+        timestamp="ts",
+        labels=(Label("click", "click"),),
+        sparse=(
+            SparseFeature("user_id", "u", hash=64),
+            SparseFeature("item", "item", hash=50),
+            SparseFeature("tags", "tags", hash=20, separator="|"),
+            SparseFeature("genres", "genres", hash=12, separator="|"),
+        ),
+        dense=(DenseFeature("price", "price"), DenseFeature("age", "age")),
+        sequence=("item", "genres"),
+    )
     user, ts = rng.integers(0, users, rows), rng.integers(0, 10_000, rows)
     tags_n, genres_n = rng.integers(0, 4, rows), rng.integers(0, 4, rows)
     cols = Columns(
-        user=user, user_keys=np.array([f"u{i:02d}" for i in range(users)]), ts=ts,
-        labels=rng.integers(0, 2, (rows, 1)).astype(np.float32), label_time=(ts + 5)[:, None],
+        user=user,
+        user_keys=np.array([f"u{i:02d}" for i in range(users)]),
+        ts=ts,
+        labels=rng.integers(0, 2, (rows, 1)).astype(np.float32),
+        label_time=(ts + 5)[:, None],
         dense=rng.normal(size=(rows, 2)).astype(np.float32),
         sparse={"user_id": user % 64, "item": rng.integers(0, 50, rows)},
-        multi={"tags": (rng.integers(0, 20, tags_n.sum()), tags_n), "genres": (rng.integers(0, 12, genres_n.sum()), genres_n)},
-    )  # fmt: skip
+        multi={
+            "tags": (rng.integers(0, 20, tags_n.sum()), tags_n),
+            "genres": (rng.integers(0, 12, genres_n.sum()), genres_n),
+        },
+    )
     write_instance_log(path, schema, cols, "test_online")
     return path
 
@@ -63,7 +102,9 @@ def inputs(log: InstanceLog, rows: np.ndarray) -> tuple[torch.Tensor, list[torch
         col = log.sparse[f.name]
         if f.multi:
             values, offsets = (np.asarray(c) for c in col)
-            ids.append(torch.from_numpy(np.concatenate([values[offsets[r] : offsets[r + 1]] for r in rows]).astype(np.int64)))
+            ids.append(
+                torch.from_numpy(np.concatenate([values[offsets[r] : offsets[r + 1]] for r in rows]).astype(np.int64))
+            )
             lengths.append(torch.from_numpy((offsets[rows + 1] - offsets[rows]).astype(np.int64)))
         else:
             ids.append(torch.from_numpy(np.asarray(col)[rows].astype(np.int64)))
@@ -82,8 +123,22 @@ def run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def final_table(run) -> Path:
     out = run.parent / "tokens_final"
-    run_cli("export", "--stage1", str(run), "--out", str(out), "--nproc", "1", "--tokens-from", "final", "--dtype", "fp32",
-            "--batch-size", "256", "--no-progress")  # fmt: skip
+    run_cli(
+        "export",
+        "--stage1",
+        str(run),
+        "--out",
+        str(out),
+        "--nproc",
+        "1",
+        "--tokens-from",
+        "final",
+        "--dtype",
+        "fp32",
+        "--batch-size",
+        "256",
+        "--no-progress",
+    )
     return out
 
 
@@ -126,11 +181,27 @@ def test_exported_compressor_gives_the_token_table_rows(run, final_table, online
 
 def test_torchscript_alternative_of_a_named_snapshot_gives_the_initial_tokens(run):
     out, table = run.parent / "online_ts", run.parent / "tokens_initial"
-    run_cli("export", "--stage1", str(run), "--out", str(table), "--nproc", "1", "--tokens-from", "initial", "--no-progress")
-    run_cli("tokens", "compressor", "--stage1", str(run), "--out", str(out), "--format", "torchscript",
-            "--checkpoint", "snapshots/step_00000000")  # fmt: skip
+    run_cli(
+        "export", "--stage1", str(run), "--out", str(table), "--nproc", "1", "--tokens-from", "initial", "--no-progress"
+    )
+    run_cli(
+        "tokens",
+        "compressor",
+        "--stage1",
+        str(run),
+        "--out",
+        str(out),
+        "--format",
+        "torchscript",
+        "--checkpoint",
+        "snapshots/step_00000000",
+    )
     meta = json.loads((out / "compressor.json").read_text())
-    assert (meta["serialization"], meta["artifact"], meta["source_checkpoint"]) == ("torchscript", "compressor.ts", "snapshots/step_00000000")
+    assert (meta["serialization"], meta["artifact"], meta["source_checkpoint"]) == (
+        "torchscript",
+        "compressor.ts",
+        "snapshots/step_00000000",
+    )
     log = InstanceLog(run.parent / "log")
     rows = np.arange(0, log.rows, 7)
     got = OnlineTokens(out)(*inputs(log, rows))
@@ -168,7 +239,9 @@ def test_bad_runs_and_outputs_are_refused(run, online, tmp_path, capsys):
         assert main(["tokens", "compressor", *argv]) == 2
         return capsys.readouterr().err
 
-    assert "not a stage-1 run (no run.json)" in fails("--stage1", str(tmp_path / "nothing"), "--out", str(tmp_path / "o1"))
+    assert "not a stage-1 run (no run.json)" in fails(
+        "--stage1", str(tmp_path / "nothing"), "--out", str(tmp_path / "o1")
+    )
     no_ckpt = tmp_path / "fresh"
     no_ckpt.mkdir()
     shutil.copy(run / "run.json", no_ckpt / "run.json")

@@ -7,21 +7,20 @@ import math
 from pathlib import Path
 
 import pytest
-from torchrec.modules.embedding_configs import DataType
 import torch
 import torch.distributed as dist
+from torchrec.modules.embedding_configs import DataType
 
+from iat_rec import tables as T
+from iat_rec.cli import main
+from iat_rec.data.schema import Schema
+from iat_rec.errors import IatError
 from iat_rec.sharding import plan_cli
-
 from iat_rec.sharding.constraints import parse_constraints
 from iat_rec.sharding.describe import describe_plan
 from iat_rec.sharding.plan_json import PLAN_FORMAT, PLAN_VERSION, load_plan, plan_from_json, plan_to_json, save_plan
 from iat_rec.sharding.planning import make_plan, make_plan_with_stats, quiet_planner_logs
 from iat_rec.sharding.topology import GB, build_topology
-from iat_rec import tables as T
-from iat_rec.cli import main
-from iat_rec.errors import IatError
-from iat_rec.data.schema import Schema
 
 SCHEMA = {
     "user": "user_id",
@@ -125,15 +124,28 @@ def test_too_big_is_one_clear_error(tables):
         make_plan(module, topology, 1024, {})
     msg = str(err.value)
     assert "\n" not in msg
-    for part in ("no sharding plan fits", "iat_tokens (1000000000000x64 fp16", "per rank HBM 80.0 GB",
-                 "DDR 128.0 GB", "over 16 ranks", "more ranks", "smaller embedding dim"):
+    for part in (
+        "no sharding plan fits",
+        "iat_tokens (1000000000000x64 fp16",
+        "per rank HBM 80.0 GB",
+        "DDR 128.0 GB",
+        "over 16 ranks",
+        "more ranks",
+        "smaller embedding dim",
+    ):
         assert part in msg, part
 
 
 def test_constraints_parsing():
     c = parse_constraints(
-        {"t_a": {"sharding_types": "row_wise", "compute_kernels": ["fused_uvm_caching"], "cache_load_factor": 0.3,
-                 "pooling_factors": [2.5]}}
+        {
+            "t_a": {
+                "sharding_types": "row_wise",
+                "compute_kernels": ["fused_uvm_caching"],
+                "cache_load_factor": 0.3,
+                "pooling_factors": [2.5],
+            }
+        }
     )
     assert c["t_a"].sharding_types == ["row_wise"] and c["t_a"].compute_kernels == ["fused_uvm_caching"]
     assert c["t_a"].cache_params.load_factor == 0.3 and c["t_a"].pooling_factors == [2.5]
@@ -211,8 +223,7 @@ def test_loaded_plan_drives_distributed_model_parallel(tmp_path):
         module = T.build_tables_module(features, token)
         topology = build_topology(1, 1, "cpu", ddr_gb=4)
         with quiet_planner_logs():
-            plan = make_plan(module, topology, 16, parse_constraints({"t_user_id": cfg}),
-                                      pg=dist.group.WORLD)
+            plan = make_plan(module, topology, 16, parse_constraints({"t_user_id": cfg}), pg=dist.group.WORLD)
         save_plan(plan, tmp_path / "plan.json")
         loaded = load_plan(tmp_path / "plan.json")
         assert loaded == plan
@@ -235,22 +246,81 @@ def _cli_json(capsys, *args: str) -> dict:
 def test_cli_json_schema(tmp_path, capsys):
     schema = tmp_path / "schema.yaml"
     schema.write_text(json.dumps(SCHEMA))  # JSON is YAML
-    r = _cli_json(capsys, "--schema", str(schema), "--world-size", "16", "--local-world-size", "8",
-                  "--hbm-gb", "80", "--token-rows", "1e9", "--token-dtype", "fp16",
-                  "--save", str(tmp_path / "plan.json"))
-    assert set(r) == {"format", "version", "inputs", "topology", "tables", "per_rank", "summary", "estimate",
-                      "stats_text", "plan_file"}
+    r = _cli_json(
+        capsys,
+        "--schema",
+        str(schema),
+        "--world-size",
+        "16",
+        "--local-world-size",
+        "8",
+        "--hbm-gb",
+        "80",
+        "--token-rows",
+        "1e9",
+        "--token-dtype",
+        "fp16",
+        "--save",
+        str(tmp_path / "plan.json"),
+    )
+    assert set(r) == {
+        "format",
+        "version",
+        "inputs",
+        "topology",
+        "tables",
+        "per_rank",
+        "summary",
+        "estimate",
+        "stats_text",
+        "plan_file",
+    }
     assert (r["format"], r["version"]) == (plan_cli.REPORT_FORMAT, 1)
-    assert set(r["inputs"]) == {"schema_source", "dim", "token_rows", "token_dim", "token_dtype", "history_len",
-                                "batch_size", "constraints"}
-    assert set(r["topology"]) == {"world_size", "local_world_size", "compute_device", "hbm_bytes_per_rank",
-                                  "ddr_bytes_per_rank", "hbm_bytes_total", "ddr_bytes_total", "ddr_source"}
+    assert set(r["inputs"]) == {
+        "schema_source",
+        "dim",
+        "token_rows",
+        "token_dim",
+        "token_dtype",
+        "history_len",
+        "batch_size",
+        "constraints",
+    }
+    assert set(r["topology"]) == {
+        "world_size",
+        "local_world_size",
+        "compute_device",
+        "hbm_bytes_per_rank",
+        "ddr_bytes_per_rank",
+        "hbm_bytes_total",
+        "ddr_bytes_total",
+        "ddr_source",
+    }
     assert r["topology"]["ddr_source"] == "torchrec_default"
-    assert set(r["tables"][0]) == {"name", "module", "rows", "dim", "dtype", "bytes", "sharding_type",
-                                   "compute_kernel", "ranks", "num_shards", "cache_load_factor"}
+    assert set(r["tables"][0]) == {
+        "name",
+        "module",
+        "rows",
+        "dim",
+        "dtype",
+        "bytes",
+        "sharding_type",
+        "compute_kernel",
+        "ranks",
+        "num_shards",
+        "cache_load_factor",
+    }
     assert set(r["summary"]["hbm_bytes"]) == {"min", "max", "mean"}
-    assert set(r["estimate"]) == {"perf_ms", "rank_perf_ms", "table_perf_ms", "hbm_bytes", "ddr_bytes",
-                                  "num_proposals", "num_plans", "planning_seconds"}
+    assert set(r["estimate"]) == {
+        "perf_ms",
+        "rank_perf_ms",
+        "table_perf_ms",
+        "hbm_bytes",
+        "ddr_bytes",
+        "num_proposals",
+        "num_plans",
+        "planning_seconds",
+    }
     assert r["inputs"]["constraints"] == {T.TOKEN_TABLE: {"pooling_factors": [256.0]}}
     tok = next(t for t in r["tables"] if t["name"] == T.TOKEN_TABLE)
     assert (tok["rows"], tok["dtype"]) == (10**9, "fp16")
@@ -259,8 +329,18 @@ def test_cli_json_schema(tmp_path, capsys):
 
 def test_cli_data_dir_and_text(tmp_path, capsys):
     (tmp_path / "manifest.json").write_text(json.dumps({"schema": SCHEMA, "rows": 123_456}))
-    args = ["--data", str(tmp_path), "--world-size", "8", "--local-world-size", "8", "--hbm-gb", "40",
-            "--constraints", '{"t_item_id": {"sharding_types": ["row_wise"]}}']
+    args = [
+        "--data",
+        str(tmp_path),
+        "--world-size",
+        "8",
+        "--local-world-size",
+        "8",
+        "--hbm-gb",
+        "40",
+        "--constraints",
+        '{"t_item_id": {"sharding_types": ["row_wise"]}}',
+    ]
     r = _cli_json(capsys, *args)
     by_name = {t["name"]: t for t in r["tables"]}
     assert by_name[T.TOKEN_TABLE]["rows"] == 123_456  # from the manifest

@@ -20,15 +20,29 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from iat_rec.dist.checkpoint import dcp_load
 from iat_rec.cli import main
+from iat_rec.dist.checkpoint import dcp_load
 from tests.conftest import STAGE1, run_cli
 from tests.test_ingest import ROWS, SCHEMA_YAML, write_csv
 from tests.test_torchx import BIN, COMPONENT, REPO
 
-
-ONE_RANK = ["--nproc", "1", "--scheme", "temporal", "--steps", "6", "--batch-size", "32", "--eval-batches", "2",
-            "--no-progress", "--emb-dim", "8", "--hidden", "32"]  # fmt: skip
+ONE_RANK = [
+    "--nproc",
+    "1",
+    "--scheme",
+    "temporal",
+    "--steps",
+    "6",
+    "--batch-size",
+    "32",
+    "--eval-batches",
+    "2",
+    "--no-progress",
+    "--emb-dim",
+    "8",
+    "--hidden",
+    "32",
+]
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +69,19 @@ def test_same_seed_same_losses_and_metrics(one_rank_run, tiny_log, tmp_path):
     again = tmp_path / "again"
     run_cli("compress", "--data", str(tiny_log), "--out", str(again), *ONE_RANK)
     assert (again / "train_log.jsonl").read_text() == (one_rank_run / "train_log.jsonl").read_text()
-    assert json.loads((again / "result.json").read_text())["valid"] == json.loads((one_rank_run / "result.json").read_text())["valid"]
+    assert (
+        json.loads((again / "result.json").read_text())["valid"]
+        == json.loads((one_rank_run / "result.json").read_text())["valid"]
+    )
 
 
 def test_resume_on_another_world_size_is_refused_before_anything_is_written(stage1_run, tiny_log, tmp_path, capsys):
     run = tmp_path / "copy"
     shutil.copytree(stage1_run, run)
     before = files(run)
-    code = main(["compress", "--data", str(tiny_log), "--out", str(run), "--nproc", "1", *STAGE1, "--steps", "14", "--resume"])
+    code = main(
+        ["compress", "--data", str(tiny_log), "--out", str(run), "--nproc", "1", *STAGE1, "--steps", "14", "--resume"]
+    )
     assert code == 2
     assert "written by 2 ranks; resuming on 1 ranks" in one_error_line(capsys)
     assert files(run) == before
@@ -119,8 +138,14 @@ def test_a_yaml_value_of_the_wrong_type_is_one_error(tiny_log, tmp_path, capsys,
     assert not out.exists()
 
 
-@pytest.mark.parametrize("flags,message", [(["--max-len", "0"], "--max-len must be >= 1"), (["--max-len", "-2"], "--max-len must be >= 1"),
-                                           (["--reader-heads", "0"], "--reader-heads must be >= 1")])  # fmt: skip
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--max-len", "0"], "--max-len must be >= 1"),
+        (["--max-len", "-2"], "--max-len must be >= 1"),
+        (["--reader-heads", "0"], "--reader-heads must be >= 1"),
+    ],
+)
 def test_a_bad_stage2_value_is_one_error(tiny_log, tmp_path, capsys, flags, message):
     out = tmp_path / "r"
     assert main(["rank", "--data", str(tiny_log), "--out", str(out), "--history", "labels", *flags]) == 2
@@ -139,7 +164,9 @@ def damage(ckpt_dir: Path, how: str) -> None:
             f.write_bytes(f.read_bytes()[:8])
         return
     storage = FileSystemReader(str(ckpt_dir)).read_metadata().storage_data
-    entry = max((info for index, info in storage.items() if index.fqn.startswith("model.")), key=lambda info: info.length)
+    entry = max(
+        (info for index, info in storage.items() if index.fqn.startswith("model.")), key=lambda info: info.length
+    )
     f = ckpt_dir / entry.relative_path
     data = bytearray(f.read_bytes())
     middle = entry.offset + entry.length // 2
@@ -169,11 +196,50 @@ def test_token_table_of_another_dim_is_one_clear_error(tiny_log, tokens, tmp_pat
     manifest = json.loads((edited / "manifest.json").read_text())
     (edited / "manifest.json").write_text(json.dumps({**manifest, "dim": 8}))
     out = tmp_path / "rank"
-    assert main(["rank", "--data", str(tiny_log), "--tokens", str(edited), "--history", "iat", "--out", str(out), "--nproc", "1"]) == 2
-    assert f"manifest.json says {manifest['rows']} rows x dim 8, but the table holds weights of shape [{manifest['rows']}, 16]" in one_error_line(capsys)
+    assert (
+        main(
+            [
+                "rank",
+                "--data",
+                str(tiny_log),
+                "--tokens",
+                str(edited),
+                "--history",
+                "iat",
+                "--out",
+                str(out),
+                "--nproc",
+                "1",
+            ]
+        )
+        == 2
+    )
+    assert (
+        f"manifest.json says {manifest['rows']} rows x dim 8, "
+        f"but the table holds weights of shape [{manifest['rows']}, 16]" in one_error_line(capsys)
+    )
     assert not out.exists()
-    assert main(["compress", "--data", str(tiny_log), "--out", str(out), "--scheme", "user", "--stream", "--tokens", str(tokens),
-                 "--iat-dim", "32", "--nproc", "1"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "compress",
+                "--data",
+                str(tiny_log),
+                "--out",
+                str(out),
+                "--scheme",
+                "user",
+                "--stream",
+                "--tokens",
+                str(tokens),
+                "--iat-dim",
+                "32",
+                "--nproc",
+                "1",
+            ]
+        )
+        == 2
+    )
     assert "has dim 16, the model expects 32" in one_error_line(capsys)
     assert not out.exists()
 
@@ -191,10 +257,33 @@ def single_instance_csv(path: Path, users: int) -> Path:
 def test_users_with_a_single_instance_ingest_and_train(tmp_path):
     (tmp_path / "schema.yaml").write_text(SCHEMA_YAML)
     log = tmp_path / "log"
-    run_cli("data", "ingest", "--input", str(single_instance_csv(tmp_path / "in.csv", 160)), "--schema",
-            str(tmp_path / "schema.yaml"), "--out", str(log))  # fmt: skip
-    common = ["--data", str(log), "--nproc", "1", "--steps", "3", "--batch-size", "8", "--eval-batches", "1", "--no-progress",
-              "--emb-dim", "4", "--hidden", "16"]  # fmt: skip
+    run_cli(
+        "data",
+        "ingest",
+        "--input",
+        str(single_instance_csv(tmp_path / "in.csv", 160)),
+        "--schema",
+        str(tmp_path / "schema.yaml"),
+        "--out",
+        str(log),
+    )
+    common = [
+        "--data",
+        str(log),
+        "--nproc",
+        "1",
+        "--steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--eval-batches",
+        "1",
+        "--no-progress",
+        "--emb-dim",
+        "4",
+        "--hidden",
+        "16",
+    ]
     run_cli("compress", *common, "--out", str(tmp_path / "s1"), "--scheme", "user", "--window", "4")
     run_cli("rank", *common, "--out", str(tmp_path / "s2"), "--history", "handcrafted", "--max-len", "4")
     for run in ("s1", "s2"):
@@ -205,7 +294,16 @@ def test_users_with_a_single_instance_ingest_and_train(tmp_path):
 def test_a_split_without_validation_rows_is_refused_before_anything_is_written(tmp_path, capsys):
     (tmp_path / "schema.yaml").write_text(SCHEMA_YAML)
     log = tmp_path / "log"  # 8 rows over 6 timestamps: the 0.8 and 0.9 quantiles are the same one
-    run_cli("data", "ingest", "--input", str(write_csv(tmp_path / "in.csv")), "--schema", str(tmp_path / "schema.yaml"), "--out", str(log))
+    run_cli(
+        "data",
+        "ingest",
+        "--input",
+        str(write_csv(tmp_path / "in.csv")),
+        "--schema",
+        str(tmp_path / "schema.yaml"),
+        "--out",
+        str(log),
+    )
     for program in (["compress", "--scheme", "temporal"], ["rank", "--history", "none"]):
         out = tmp_path / program[0]
         assert main([*program, "--data", str(log), "--out", str(out), "--nproc", "1"]) == 2
@@ -238,7 +336,24 @@ def test_a_cleared_bit_in_a_token_tables_label_times_is_refused(tiny_log, tokens
     shutil.copytree(tokens, table)
     _flip_one_bit(table / "label_time.npy", -8)  # a label becomes known one second earlier or later
     out = tmp_path / "r"
-    assert main(["rank", "--data", str(tiny_log), "--tokens", str(table), "--out", str(out), "--history", "iat", "--nproc", "1"]) == 2
+    assert (
+        main(
+            [
+                "rank",
+                "--data",
+                str(tiny_log),
+                "--tokens",
+                str(table),
+                "--out",
+                str(out),
+                "--history",
+                "iat",
+                "--nproc",
+                "1",
+            ]
+        )
+        == 2
+    )
     assert "label_time.npy: checksum differs from its manifest" in one_error_line(capsys)
     assert not out.exists()
 
@@ -255,7 +370,9 @@ def test_a_truncated_column_is_refused(tiny_log, tmp_path, capsys):
 def test_artifacts_follow_the_umask(tmp_path, umask):
     old = os.umask(umask)
     try:
-        run_cli("data", "synth", "--out", str(tmp_path / "log"), "--users", "4", "--mean-instances", "3", "--no-progress")
+        run_cli(
+            "data", "synth", "--out", str(tmp_path / "log"), "--users", "4", "--mean-instances", "3", "--no-progress"
+        )
     finally:
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in [tmp_path / "log", *(tmp_path / "log").iterdir()]}
@@ -284,7 +401,9 @@ def _processes() -> dict[int, tuple[int, list[str]]]:
 def rank_pids(run: Path) -> dict[int, int]:
     """rank -> pid of the workers of the torchrun agent whose program writes ``run``."""
     procs = _processes()
-    agents = {pid for pid, (_, argv) in procs.items() if any(a.endswith("torchrun") for a in argv[:2]) and str(run) in argv}
+    agents = {
+        pid for pid, (_, argv) in procs.items() if any(a.endswith("torchrun") for a in argv[:2]) and str(run) in argv
+    }
     ranks = {}
     for pid, (ppid, _) in procs.items():
         if ppid not in agents:
@@ -313,8 +432,11 @@ def losses(run: Path) -> list[tuple[int, float]]:
 def saved_model(ckpt: Path) -> dict[str, torch.Tensor]:
     """Every model tensor of a DCP checkpoint, whole, read in this one process."""
     meta = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
-    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
-             if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}  # fmt: skip
+    state = {
+        k: torch.empty(m.size, dtype=m.properties.dtype)
+        for k, m in meta.items()
+        if k.startswith("model.") and isinstance(m, TensorStorageMetadata)
+    }
     dcp_load(state, ckpt)
     return state
 
@@ -325,10 +447,29 @@ def test_rank_killed_mid_training_restarts_and_ends_as_an_uninterrupted_run(stag
     checkpoint; the job resumes from its latest checkpoint and ends with the losses, metrics
     and weights of the uninterrupted ``stage1_run`` (same program options, same seed)."""
     run = tmp_path / "run"
-    cmd = [str(BIN / "torchx"), "run", "-s", "local_cwd", "-cfg", f"log_dir={tmp_path / 'torchx_logs'}",
-           f"{COMPONENT}:compress", "-j", "1x2", "--max_restarts", "1",
-           "--data", str(tiny_log), "--out", str(run), "--resume", "True",
-           "--", *STAGE1, "--ckpt-every", "1"]  # fmt: skip
+    cmd = [
+        str(BIN / "torchx"),
+        "run",
+        "-s",
+        "local_cwd",
+        "-cfg",
+        f"log_dir={tmp_path / 'torchx_logs'}",
+        f"{COMPONENT}:compress",
+        "-j",
+        "1x2",
+        "--max_restarts",
+        "1",
+        "--data",
+        str(tiny_log),
+        "--out",
+        str(run),
+        "--resume",
+        "True",
+        "--",
+        *STAGE1,
+        "--ckpt-every",
+        "1",
+    ]
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("TORCHXCONFIG", None)
     job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -399,7 +540,9 @@ def test_export_never_writes_into_its_stage1_run(stage1_run, capsys):
     assert files(stage1_run) == before
 
 
-def test_a_run_is_continued_with_resume_or_replaced_with_overwrite_never_pruned(tiny_log, one_rank_run, tmp_path, capsys):
+def test_a_run_is_continued_with_resume_or_replaced_with_overwrite_never_pruned(
+    tiny_log, one_rank_run, tmp_path, capsys
+):
     run = tmp_path / "run"
     shutil.copytree(one_rank_run, run)
     before = files(run)
@@ -415,8 +558,12 @@ def test_a_run_is_continued_with_resume_or_replaced_with_overwrite_never_pruned(
 # ---- --resume checks the whole run (#15 item 2) ----------------------------------------------
 
 
-@pytest.mark.parametrize("change", [["--dense-lr", "0.5"], ["--hidden", "64"], ["--scheme", "user", "--window", "4"], ["--seed", "9"]])
-def test_resume_with_another_config_is_refused_before_anything_is_written(tiny_log, one_rank_run, tmp_path, capsys, change):
+@pytest.mark.parametrize(
+    "change", [["--dense-lr", "0.5"], ["--hidden", "64"], ["--scheme", "user", "--window", "4"], ["--seed", "9"]]
+)
+def test_resume_with_another_config_is_refused_before_anything_is_written(
+    tiny_log, one_rank_run, tmp_path, capsys, change
+):
     run = tmp_path / "copy"
     shutil.copytree(one_rank_run, run)
     before = files(run)
@@ -447,8 +594,13 @@ def test_resuming_a_finished_run_keeps_its_evaluations(tiny_log, one_rank_run, t
     run = tmp_path / "copy"
     shutil.copytree(one_rank_run, run)
     run_cli("compress", "--data", str(tiny_log), "--out", str(run), *ONE_RANK, "--resume")
-    assert json.loads((run / "eval_history.json").read_text()) == json.loads((one_rank_run / "eval_history.json").read_text())
-    assert json.loads((run / "result.json").read_text())["valid"] == json.loads((one_rank_run / "result.json").read_text())["valid"]
+    assert json.loads((run / "eval_history.json").read_text()) == json.loads(
+        (one_rank_run / "eval_history.json").read_text()
+    )
+    assert (
+        json.loads((run / "result.json").read_text())["valid"]
+        == json.loads((one_rank_run / "result.json").read_text())["valid"]
+    )
 
 
 # ---- processes: a launcher's ranks, Ctrl-C, leftovers ----------------------------------------------
@@ -474,14 +626,33 @@ def start_two_ranks(tiny_log: Path, out: Path, tmp: Path) -> subprocess.Popen:
     terminal's foreground job), with TMPDIR pointing at ``tmp``."""
     env = {**os.environ, "TMPDIR": str(tmp)}
     return subprocess.Popen(
-        [str(BIN / "iat-rec"), "compress", "--data", str(tiny_log), "--out", str(out), *STAGE1, "--steps", "100000", "--nproc", "2"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
+        [
+            str(BIN / "iat-rec"),
+            "compress",
+            "--data",
+            str(tiny_log),
+            "--out",
+            str(out),
+            *STAGE1,
+            "--steps",
+            "100000",
+            "--nproc",
+            "2",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _gone(pids: list[int]) -> bool:
     procs = _processes()
-    return not any(p in procs and "zombie" not in (Path("/proc") / str(p) / "status").read_text() for p in pids if p in procs)
+    return not any(
+        p in procs and "zombie" not in (Path("/proc") / str(p) / "status").read_text() for p in pids if p in procs
+    )
 
 
 @contextlib.contextmanager
@@ -489,7 +660,9 @@ def two_ranks_training(tiny_log: Path, tmp_path: Path):
     """(launcher, rank pids) of a 2-rank run once it trains; whatever is left is killed after."""
     launcher = start_two_ranks(tiny_log, tmp_path / "run", tmp_path)
     try:
-        ranks = wait_for(lambda: len(launched_ranks(launcher.pid)) == 2 and launched_ranks(launcher.pid), 60, "two ranks")
+        ranks = wait_for(
+            lambda: len(launched_ranks(launcher.pid)) == 2 and launched_ranks(launcher.pid), 60, "two ranks"
+        )
         wait_for(lambda: (tmp_path / "run" / "train_log.jsonl").is_file(), 60, "training")
         yield launcher, ranks
     finally:
@@ -534,10 +707,29 @@ def test_a_killed_writers_temporary_directory_is_removed_by_the_next_write(tmp_p
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a failure inside the ranks: --device cuda without CUDA")
 def test_an_error_inside_the_ranks_is_printed_once(tiny_log, tmp_path):
     out = tmp_path / "run"
-    done = subprocess.run([str(BIN / "iat-rec"), "compress", "--data", str(tiny_log), "--out", str(out), *STAGE1, "--nproc", "2",
-                           "--device", "cuda"], cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [
+            str(BIN / "iat-rec"),
+            "compress",
+            "--data",
+            str(tiny_log),
+            "--out",
+            str(out),
+            *STAGE1,
+            "--nproc",
+            "2",
+            "--device",
+            "cuda",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == ["iat-rec: error: --device cuda, but torch sees no CUDA device"], done.stderr[-3000:]
+    assert done.stderr.strip().splitlines() == ["iat-rec: error: --device cuda, but torch sees no CUDA device"], (
+        done.stderr[-3000:]
+    )
 
 
 @pytest.mark.parametrize("artifact", ["log", "tokens"])
@@ -548,7 +740,11 @@ def test_an_artifact_of_another_version_is_one_clear_error(tiny_log, tokens, tmp
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["version"] -= 1
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    args = ["--data", str(copy), "--history", "none"] if artifact == "log" else ["--data", str(tiny_log), "--tokens", str(copy), "--history", "iat"]
+    args = (
+        ["--data", str(copy), "--history", "none"]
+        if artifact == "log"
+        else ["--data", str(tiny_log), "--tokens", str(copy), "--history", "iat"]
+    )
     out = tmp_path / "r"
     assert main(["rank", *args, "--out", str(out), "--nproc", "1"]) == 2
     line = one_error_line(capsys)
@@ -572,7 +768,17 @@ def test_every_training_flag_has_help_with_its_default_and_the_version_prints(ca
 
 def test_third_party_warnings_are_hidden_unless_verbose(tiny_log, tmp_path):
     def stderr(*flags: str) -> str:
-        argv = [str(BIN / "iat-rec"), *flags, "compress", "--data", str(tiny_log), "--out", str(tmp_path / "r"), *ONE_RANK, "--overwrite"]
+        argv = [
+            str(BIN / "iat-rec"),
+            *flags,
+            "compress",
+            "--data",
+            str(tiny_log),
+            "--out",
+            str(tmp_path / "r"),
+            *ONE_RANK,
+            "--overwrite",
+        ]
         done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stderr
@@ -593,14 +799,29 @@ def test_run_json_records_what_made_the_run(one_rank_run):
 def test_experiment_stage_yaml_is_checked_before_any_rank_starts(tiny_log, tmp_path, capsys):
     (tmp_path / "c2.yaml").write_text("batch_size: 0\n")
     work = tmp_path / "work"
-    assert main(["experiment", "--data", str(tiny_log), "--work", str(work), "--rank-config", str(tmp_path / "c2.yaml"), "--nproc", "2"]) == 2
+    assert (
+        main(
+            [
+                "experiment",
+                "--data",
+                str(tiny_log),
+                "--work",
+                str(work),
+                "--rank-config",
+                str(tmp_path / "c2.yaml"),
+                "--nproc",
+                "2",
+            ]
+        )
+        == 2
+    )
     assert "--batch-size must be >= 1" in one_error_line(capsys)
     assert not work.exists()
 
 
 def test_checksums_are_computed_once_per_file_and_process(tiny_log, monkeypatch):
-    from iat_rec.dist import checksums
     from iat_rec.data.instance_log import InstanceLog
+    from iat_rec.dist import checksums
 
     InstanceLog(tiny_log).check_files()
     calls = []

@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 
-from iat_rec.cli import main
 from iat_rec.batching.history import LABEL_UNKNOWN
+from iat_rec.cli import main
 from iat_rec.data.instance_log import InstanceLog
 from iat_rec.tokens.serving import TokenStore
 from iat_rec.tokens.table import TokenTable
@@ -52,11 +52,15 @@ def test_tokens_export_writes_every_row_as_parquet_or_npy(tiny_log, tokens, tmp_
     assert table["user"] == [str(log.user_keys[u]) for u in log.user]
     np.testing.assert_array_equal(np.asarray(table["token"], np.float32), every)
     task = log.schema.task_names[0]
-    assert table[task] == log.labels[:, 0].astype(int).tolist() and table[f"{task}_time"] == log.label_time[:, 0].tolist()
+    assert (
+        table[task] == log.labels[:, 0].astype(int).tolist() and table[f"{task}_time"] == log.label_time[:, 0].tolist()
+    )
     assert main(["tokens", "export", str(tokens), "--out", str(tmp_path / "npy"), "--format", "npy"]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "npy" / "token.npy"), every)
     assert main(["tokens", "export", str(tokens), "--out", str(tmp_path / "t.parquet")]) == 2  # exists: --overwrite
-    assert main(["tokens", "export", str(tokens), "--out", str(tmp_path / "npy"), "--format", "npy", "--overwrite"]) == 0
+    assert (
+        main(["tokens", "export", str(tokens), "--out", str(tmp_path / "npy"), "--format", "npy", "--overwrite"]) == 0
+    )
     other = tmp_path / "runs"
     (other / "keep").mkdir(parents=True)
     for fmt in ("npy", "parquet"):  # never replaces what is not an export of its own

@@ -5,9 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from iat_rec.data import stats
-
-from iat_rec.data import synth
+from iat_rec.data import stats, synth
 
 
 @pytest.fixture(scope="module")

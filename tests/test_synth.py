@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from iat_rec.data import synth
-from iat_rec.errors import IatError
 from iat_rec.data.instance_log import InstanceLog
+from iat_rec.errors import IatError
 
 SMALL = dict(users=300, mean_instances=40, seed=0)
 
@@ -228,8 +228,9 @@ def test_seen_before_schema_and_source(seen_log, log):
     assert [f.name for f in s.dense] == [f.name for f in log.schema.dense]
     assert "label=seen-before" in seen_log.manifest["source"] and "history_len=16" in seen_log.manifest["source"]
     # click mode keeps today's source string (and so its manifest) untouched
-    assert log.manifest["source"] == ("synth(users=300, mean_instances=40, seed=0, items=10000, categories=200, "
-                                      "campaigns=100, days=60, latent_dim=8)")
+    assert log.manifest["source"] == (
+        "synth(users=300, mean_instances=40, seed=0, items=10000, categories=200, campaigns=100, days=60, latent_dim=8)"
+    )
     y = np.asarray(seen_log.labels)
     assert y.shape == (seen_log.rows, 1) and set(np.unique(y)) == {0.0, 1.0}
     np.testing.assert_array_equal(np.asarray(seen_log.label_time)[:, 0], np.asarray(seen_log.ts) + 1)
@@ -243,15 +244,16 @@ def test_seen_before_label_matches_definition(seen_log):
     user, ts = np.asarray(seen_log.user), np.asarray(seen_log.ts)
     item = np.asarray(seen_log.sparse["item_id"])
     first, length = HistoryIndex.from_log(seen_log).ranges(user, ts, max_len=T)
-    want = np.array([item[r] in set(item[f:f + n].tolist()) for r, (f, n) in enumerate(zip(first, length))])
+    want = np.array([item[r] in set(item[f : f + n].tolist()) for r, (f, n) in enumerate(zip(first, length))])
     np.testing.assert_array_equal(np.asarray(seen_log.labels)[:, 0].astype(bool), want)
     # the check is not vacuous: the T cut-off and the strictly-earlier rule both bite
     off = np.asarray(seen_log.user_offsets)
-    earlier_anywhere = np.array([item[r] in set(item[off[u]:f + n].tolist())
-                                 for r, (u, f, n) in enumerate(zip(user, first, length))])
+    earlier_anywhere = np.array(
+        [item[r] in set(item[off[u] : f + n].tolist()) for r, (u, f, n) in enumerate(zip(user, first, length))]
+    )
     assert (earlier_anywhere & ~want).sum() > 0  # seen, but more than T instances ago (chance re-draws)
     f4, n4 = HistoryIndex.from_log(seen_log).ranges(user, ts, max_len=4)
-    within4 = np.array([item[r] in set(item[f:f + n].tolist()) for r, (f, n) in enumerate(zip(f4, n4))])
+    within4 = np.array([item[r] in set(item[f : f + n].tolist()) for r, (f, n) in enumerate(zip(f4, n4))])
     assert (want & ~within4).sum() > 0.1 * want.sum()  # many copies come from 5..T instances back
     assert (length < np.arange(seen_log.rows) - off[user]).sum() > 100  # same-ts rows are not history
     assert want.sum() > (length > 0).sum() * 0.4  # copies do happen
@@ -297,8 +299,23 @@ def test_seen_before_deterministic_and_keeps_contexts(seen_log, tmp_path):
 
 def test_seen_before_cli(tmp_path):
     out = tmp_path / "s"
-    assert synth.cli(["--out", str(out), "--users", "20", "--mean-instances", "5", "--label", "seen-before",
-                      "--history-len", "4"]) == 0
+    assert (
+        synth.cli(
+            [
+                "--out",
+                str(out),
+                "--users",
+                "20",
+                "--mean-instances",
+                "5",
+                "--label",
+                "seen-before",
+                "--history-len",
+                "4",
+            ]
+        )
+        == 0
+    )
     log = InstanceLog(out)
     assert log.schema.task_names == ["seen_before"] and "history_len=4" in log.manifest["source"]
     with pytest.raises(IatError, match="history-len"):

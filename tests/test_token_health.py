@@ -112,10 +112,23 @@ def tiny_table(path, n: int = 1000, d: int = 8, seed: int = 0):
     ec = token_collection(n, d, "fp32", device="cpu")
     with torch.no_grad():
         ec.state_dict()[WEIGHT_KEY].copy_(torch.from_numpy(tokens))
-    manifest = {"dim": d, "dtype": "fp32", "rows": n, "scheme": "user", "source_fingerprint": "src0",
-                "log_fingerprint": "log0", "log_path": str(path / "no-log"), "tasks": ["click"]}  # fmt: skip
-    side = {"ts": ts, "user_offsets": np.array([0, n], dtype=np.int64), "user_keys": np.array([0], dtype=np.int64),
-            "labels": labels, "label_time": ts[:, None].copy()}  # fmt: skip
+    manifest = {
+        "dim": d,
+        "dtype": "fp32",
+        "rows": n,
+        "scheme": "user",
+        "source_fingerprint": "src0",
+        "log_fingerprint": "log0",
+        "log_path": str(path / "no-log"),
+        "tasks": ["click"],
+    }
+    side = {
+        "ts": ts,
+        "user_offsets": np.array([0, n], dtype=np.int64),
+        "user_keys": np.array([0], dtype=np.int64),
+        "labels": labels,
+        "label_time": ts[:, None].copy(),
+    }
     return save_table(path / "tokens", ec, manifest, side)
 
 
@@ -130,7 +143,15 @@ def test_table_health_and_the_cli(tmp_path, capsys):
 
     assert main(["tokens", "show", str(tokens), "--health", "--task", "click"]) == 0
     out = capsys.readouterr().out
-    for figure in ("saturation", "dim std", "dead dims", "effective rank", "probe AUC train", "probe AUC held", "leak gap"):
+    for figure in (
+        "saturation",
+        "dim std",
+        "dead dims",
+        "effective rank",
+        "probe AUC train",
+        "probe AUC held",
+        "leak gap",
+    ):
         assert figure in out
     assert "(computed now)" in out and '"format"' not in out  # health only, no manifest/rows
     assert main(["tokens", "show", str(tokens), "--health", "--task", "nope"]) == 2

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from iat_rec.cli import main
-from iat_rec.errors import IatError
 from iat_rec.data.instance_log import InstanceLog
+from iat_rec.errors import IatError
 from iat_rec.tokens.table import TokenTable
 from tests.conftest import run_cli
 
@@ -46,8 +46,10 @@ torch.distributed.destroy_process_group()
     try:
         out = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
-            capture_output=True, text=True, cwd=REPO,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
     finally:
         script.unlink()
     assert out.returncode == 0, out.stderr[-3000:]
@@ -67,7 +69,9 @@ def test_round_trip_on_one_and_two_ranks_and_fp16(stage1_run, tokens, tmp_path):
     assert health["saturation"] < 0.01 and health["dead_dims"] == 0 and health["dim_std"]["min"] > 0.01
 
     half = tmp_path / "half"
-    run_cli("export", "--stage1", str(stage1_run), "--out", str(half), "--dtype", "fp16", "--nproc", "2", "--no-progress")
+    run_cli(
+        "export", "--stage1", str(stage1_run), "--out", str(half), "--dtype", "fp16", "--nproc", "2", "--no-progress"
+    )
     h = TokenTable(half)
     assert h.dtype == "fp16"
     got = h.read_rows(0, h.rows).float().numpy()

@@ -38,19 +38,43 @@ from torchx_components import iat, resources
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: torchx, and torchrun for the launched job
 COMPONENT = "torchx_components/iat.py"
-MODULES = {"compress": "pipelines.compress", "export": "pipelines.export", "rank": "pipelines.rank", "pipeline": "pipelines.pipeline"}
+MODULES = {
+    "compress": "pipelines.compress",
+    "export": "pipelines.export",
+    "rank": "pipelines.rank",
+    "pipeline": "pipelines.pipeline",
+}
 
 # every named program option set, so each flag a component can emit is checked
 FULL_ARGS = {
-    "compress": dict(data="/d/log", out="/d/run", scheme="user", steps=7, epochs=1.5, batch_size=16, config="/d/c.yaml", resume=True),
+    "compress": dict(
+        data="/d/log", out="/d/run", scheme="user", steps=7, epochs=1.5, batch_size=16, config="/d/c.yaml", resume=True
+    ),
     "export": dict(stage1="/d/run", out="/d/tokens", dtype="fp16", batch_size=512),
     "rank": dict(
-        data="/d/log", tokens="/d/tokens", out="/d/run2", history="both", reader="din", stage1="/d/run",
-        warm_start=True, steps=7, epochs=1.5, batch_size=16, config="/d/c.yaml", resume=True,
+        data="/d/log",
+        tokens="/d/tokens",
+        out="/d/run2",
+        history="both",
+        reader="din",
+        stage1="/d/run",
+        warm_start=True,
+        steps=7,
+        epochs=1.5,
+        batch_size=16,
+        config="/d/c.yaml",
+        resume=True,
     ),
     "pipeline": dict(
-        data="/d/log", work="/d/work", scheme="user", history="both", reader="longer", seed=3, dtype="fp16",
-        compress_config="/d/c1.yaml", rank_config="/d/c2.yaml",
+        data="/d/log",
+        work="/d/work",
+        scheme="user",
+        history="both",
+        reader="longer",
+        seed=3,
+        dtype="fp16",
+        compress_config="/d/c1.yaml",
+        rank_config="/d/c2.yaml",
     ),
 }
 
@@ -64,7 +88,9 @@ def torchrun_argv(app) -> list[str]:
     return argv
 
 
-def torchx(*args: str, env: dict | None = None, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+def torchx(
+    *args: str, env: dict | None = None, timeout: float = 120, check: bool = True
+) -> subprocess.CompletedProcess:
     """The torchx CLI, run from the repo root (so .torchxconfig applies) with the venv on PATH;
     ``check``: assert that it succeeded."""
     full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -73,7 +99,9 @@ def torchx(*args: str, env: dict | None = None, timeout: float = 120, check: boo
     proc = subprocess.run(
         [str(BIN / "torchx"), *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
     )
-    assert proc.returncode == 0 or not check, f"torchx {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0 or not check, (
+        f"torchx {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    )
     return proc
 
 
@@ -131,7 +159,9 @@ def test_max_restarts_reaches_torchrun_and_only_when_asked(name):
     restarted = torchrun_parser().parse_args(torchrun_argv(getattr(iat, name)(max_restarts=3, **FULL_ARGS[name]))[1:])
     plain = torchrun_parser().parse_args(torchrun_argv(getattr(iat, name)(**FULL_ARGS[name]))[1:])
     assert (restarted.max_restarts, plain.max_restarts) == (3, 0)
-    assert getattr(iat, name)(max_restarts=3, **FULL_ARGS[name]).roles[0].env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    assert (
+        getattr(iat, name)(max_restarts=3, **FULL_ARGS[name]).roles[0].env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    )
     assert restarted.training_script_args == plain.training_script_args
     with pytest.raises(ValueError, match="max_restarts"):
         getattr(iat, name)(max_restarts=-1, **FULL_ARGS[name])
@@ -187,9 +217,17 @@ def test_component_defaults_section_applies(tmp_path):
     cfg = tmp_path / "torchxconfig"
     cfg.write_text(f"[component:{COMPONENT}:compress]\nj = 1x4\nh = iat.gpu.4\n")
     out = torchx(
-        "run", "--dryrun", "-s", "local_cwd", f"{COMPONENT}:compress", "--data", "LOG", "--out", "RUN",
+        "run",
+        "--dryrun",
+        "-s",
+        "local_cwd",
+        f"{COMPONENT}:compress",
+        "--data",
+        "LOG",
+        "--out",
+        "RUN",
         env={"TORCHXCONFIG": str(cfg)},
-    ).stdout  # fmt: skip
+    ).stdout
     assert "--nproc_per_node 4" in out
     assert f"'memMB': {resources.iat_gpu_4().memMB}" in out and "'gpu': 4" in out and "'cpu': 44" in out
     assert f"'image': '{iat.IMAGE_CUDA}'" in out
@@ -211,7 +249,9 @@ def test_named_resources_are_registered_with_torchx():
         if ep.dist is not None and ep.dist.name == "iat-rec"
     }
     expected = {name: f"torchx_components.resources:{fn.__name__}" for name, fn in resources.NAMED_RESOURCES.items()}
-    assert installed == expected, "setup.py and resources.py disagree, or the install is stale: pip install --no-deps -e ."
+    assert installed == expected, (
+        "setup.py and resources.py disagree, or the install is stale: pip install --no-deps -e ."
+    )
     for name, factory in resources.NAMED_RESOURCES.items():
         assert named_resources[name] == factory()
     # the sizes documented in resources.py: N eighths of an 8-GPU host, the CPU one as the old defaults
@@ -259,9 +299,19 @@ def test_unknown_named_resource_is_refused_with_the_registered_names(name, h):
 
 def test_unknown_named_resource_fails_the_cli():
     proc = torchx(
-        "run", "--dryrun", "-s", "local_cwd", f"{COMPONENT}:compress", "-h", "gpu.huge", "--data", "LOG", "--out", "RUN",
+        "run",
+        "--dryrun",
+        "-s",
+        "local_cwd",
+        f"{COMPONENT}:compress",
+        "-h",
+        "gpu.huge",
+        "--data",
+        "LOG",
+        "--out",
+        "RUN",
         check=False,
-    )  # fmt: skip
+    )
     assert proc.returncode != 0
     assert "-h 'gpu.huge' is not a registered named resource. iat-rec's: iat.cpu (2 CPUs, 8 GiB)" in proc.stderr
 
@@ -296,11 +346,29 @@ def check_2x8_torchrun(cmd: str, module: str = "pipelines.compress") -> list[str
 
 def test_slurm_dryrun_2x8_gpu():
     out = torchx(
-        "run", "--dryrun", "-s", "slurm", "-cfg", "partition=gpu,time=60",
-        f"{COMPONENT}:compress", "-j", "2x8", "-h", "iat.gpu.8",
-        "--data", "/shared/log", "--out", "/shared/run", "--scheme", "user", "--steps", "1000",
-        "--", "--emb-dim", "32",
-    ).stdout  # fmt: skip
+        "run",
+        "--dryrun",
+        "-s",
+        "slurm",
+        "-cfg",
+        "partition=gpu,time=60",
+        f"{COMPONENT}:compress",
+        "-j",
+        "2x8",
+        "-h",
+        "iat.gpu.8",
+        "--data",
+        "/shared/log",
+        "--out",
+        "/shared/run",
+        "--scheme",
+        "user",
+        "--steps",
+        "1000",
+        "--",
+        "--emb-dim",
+        "32",
+    ).stdout
     script = out.split("# SBATCH_SCRIPT")[1]
     # one heterogeneous group per node, each one task with the node's 8 GPUs, 88 CPUs and 512 GiB
     groups = [line.split()[1:] for line in script.splitlines() if line.startswith("#SBATCH --job-name=")]
@@ -309,7 +377,14 @@ def test_slurm_dryrun_2x8_gpu():
     assert (node.cpu, node.gpu, node.memMB) == (88, 8, 512 * 1024)
     for i, group in enumerate(groups):
         assert f"--job-name=compress-{i}" in group
-        for opt in ("--ntasks-per-node=1", "--gpus-per-task=8", "--cpus-per-task=88", f"--mem={node.memMB}", "--partition=gpu", "--time=60"):
+        for opt in (
+            "--ntasks-per-node=1",
+            "--gpus-per-task=8",
+            "--cpus-per-task=88",
+            f"--mem={node.memMB}",
+            "--partition=gpu",
+            "--time=60",
+        ):
             assert opt in group
     srun = script.split("\nsrun ", 1)[1].split("\nexitcode=", 1)[0].replace(":\\\n", " : ")
     tokens = shlex.split(srun)
@@ -317,16 +392,47 @@ def test_slurm_dryrun_2x8_gpu():
     assert len(commands) == 2
     for cmd in commands:
         program = check_2x8_torchrun(cmd)
-        assert program == ["--data", "/shared/log", "--out", "/shared/run", "--scheme", "user", "--steps", "1000", "--emb-dim", "32"]
+        assert program == [
+            "--data",
+            "/shared/log",
+            "--out",
+            "/shared/run",
+            "--scheme",
+            "user",
+            "--steps",
+            "1000",
+            "--emb-dim",
+            "32",
+        ]
 
 
 def test_kubernetes_dryrun_2x8_gpu():
-    pytest.importorskip("kubernetes", reason="torchx's kubernetes scheduler needs the kubernetes client (pip install kubernetes)")
+    pytest.importorskip(
+        "kubernetes", reason="torchx's kubernetes scheduler needs the kubernetes client (pip install kubernetes)"
+    )
     out = torchx(
-        "run", "--dryrun", "--workspace", "", "-s", "kubernetes", "-cfg", "queue=iat,namespace=ml",
-        f"{COMPONENT}:compress", "-j", "2x8", "-h", "iat.gpu.8", "--image", "registry.example.com/iat-rec:1",
-        "--data", "/data/log", "--out", "/data/run", "--mounts", "type=volume,src=iat-data,dst=/data",
-    ).stdout  # fmt: skip
+        "run",
+        "--dryrun",
+        "--workspace",
+        "",
+        "-s",
+        "kubernetes",
+        "-cfg",
+        "queue=iat,namespace=ml",
+        f"{COMPONENT}:compress",
+        "-j",
+        "2x8",
+        "-h",
+        "iat.gpu.8",
+        "--image",
+        "registry.example.com/iat-rec:1",
+        "--data",
+        "/data/log",
+        "--out",
+        "/data/run",
+        "--mounts",
+        "type=volume,src=iat-data,dst=/data",
+    ).stdout
     job = yaml.safe_load(out.split("=== SCHEDULER REQUEST ===", 1)[1])
     assert (job["kind"], job["spec"]["queue"], job["spec"]["schedulerName"]) == ("Job", "iat", "volcano")
     tasks = job["spec"]["tasks"]
@@ -446,7 +552,13 @@ def test_dockerignore_keeps_data_runs_and_environments_out():
         kept |= {os.path.normpath(os.path.join(rel, f)) for f in files}
     assert not {p.split(os.sep)[0] for p in kept} & {".venv", ".git", ".gpu", ".mldata", "runs", "data"}
     assert not [p for p in kept if "__pycache__" in p.split(os.sep) or p.endswith(".pyc") or ".egg-info" in p]
-    needed = {"setup.py", "iat_rec/__init__.py", "pipelines/compress.py", "torchx_components/iat.py", "torchx_components/resources.py"}
+    needed = {
+        "setup.py",
+        "iat_rec/__init__.py",
+        "pipelines/compress.py",
+        "torchx_components/iat.py",
+        "torchx_components/resources.py",
+    }
     assert needed <= kept
 
 
@@ -461,14 +573,32 @@ def test_local_cwd_run_pipeline_2_ranks(tmp_path):
     log, work = tmp_path / "log", tmp_path / "work"
     generate(log, users=100, mean_instances=30, seed=0)
     (tmp_path / "c1.yaml").write_text("steps: 3\nbatch_size: 64\nwindow: 8\neval_batches: 2\nprogress: false\n")
-    (tmp_path / "c2.yaml").write_text("steps: 3\nbatch_size: 32\neval_batches: 2\nprogress: false\nranker: {max_len: 16}\n")
+    (tmp_path / "c2.yaml").write_text(
+        "steps: 3\nbatch_size: 32\neval_batches: 2\nprogress: false\nranker: {max_len: 16}\n"
+    )
     torchx(
-        "run", "-s", "local_cwd", "-cfg", f"log_dir={tmp_path / 'torchx_logs'}",
-        f"{COMPONENT}:pipeline", "-j", "1x2",
-        "--data", str(log), "--work", str(work), "--scheme", "user", "--history", "iat",
-        "--compress_config", str(tmp_path / "c1.yaml"), "--rank_config", str(tmp_path / "c2.yaml"),
+        "run",
+        "-s",
+        "local_cwd",
+        "-cfg",
+        f"log_dir={tmp_path / 'torchx_logs'}",
+        f"{COMPONENT}:pipeline",
+        "-j",
+        "1x2",
+        "--data",
+        str(log),
+        "--work",
+        str(work),
+        "--scheme",
+        "user",
+        "--history",
+        "iat",
+        "--compress_config",
+        str(tmp_path / "c1.yaml"),
+        "--rank_config",
+        str(tmp_path / "c2.yaml"),
         timeout=300,
-    )  # fmt: skip
+    )
     run = work / "stage1-user-s0"
     assert json.loads((run / "run.json").read_text())["world_size"] == 2
     ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()

@@ -9,13 +9,13 @@ import sys
 import numpy as np
 import torch
 
-from iat_rec.dist import checkpoint as ckpt
 from iat_rec.batching.batch import make_batch
-from iat_rec.dist.env import init_distributed
 from iat_rec.batching.loaders import user_windows
+from iat_rec.dist import checkpoint as ckpt
+from iat_rec.dist.env import init_distributed
+from iat_rec.tokens.export import token_sources
 from iat_rec.tokens.table import TokenTable
 from iat_rec.train.stage1 import build_compressor, first_train_step, load_stage1
-from iat_rec.tokens.export import token_sources
 from iat_rec.train.trainer import shard
 
 
@@ -39,8 +39,17 @@ def main(run: str, tokens: str) -> None:
         post = model.sit(pre.view(1, cfg.window, -1), valid)[0]
     stored = table.read_rows(int(start), int(start + n)).float()
     step = int(first_train_step(log, cfg, info["world_size"])[start])
-    print(json.dumps({"pre_sit": pre[:n].tolist(), "post_sit": post[:n].tolist(), "stored": stored.tolist(),
-                      "source": source.name, "train_step": step}))
+    print(
+        json.dumps(
+            {
+                "pre_sit": pre[:n].tolist(),
+                "post_sit": post[:n].tolist(),
+                "stored": stored.tolist(),
+                "source": source.name,
+                "train_step": step,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -153,26 +153,47 @@ def compress(
         epochs: epochs over the train split, used when steps is not given
         batch_size: per rank: instances (temporal) or windows (user)
         config: YAML with any pipelines.compress option (flags override it)
-        resume: continue from the latest checkpoint in out (none yet: start fresh); set it with max_restarts or max_retries, so that a restarted job resumes
-        image: container image (kubernetes): default iat-rec:cuda if -h has GPUs, else iat-rec:cpu (docker/Dockerfile); ignored by local_cwd and slurm
+        resume: continue from the latest checkpoint in out (none yet: start fresh); set it with max_restarts or
+            max_retries, so that a restarted job resumes
+        image: container image (kubernetes): default iat-rec:cuda if -h has GPUs, else iat-rec:cpu (docker/Dockerfile);
+            ignored by local_cwd and slurm
         name: job name: {experimentname}/{runname}, {experimentname}/, /{runname} or {runname}
         j: {nnodes}x{nproc_per_node}, e.g. 1x2 on a CPU host, 2x8 for two 8-GPU nodes (with -h iat.gpu.8)
-        h: named resource per node: iat.cpu (2 CPUs, 8 GiB), iat.gpu.N for N = 1, 2, 4, 8 (11 CPUs, 64 GiB per GPU), or any name registered with torchx
+        h: named resource per node: iat.cpu (2 CPUs, 8 GiB), iat.gpu.N for N = 1, 2, 4, 8 (11 CPUs, 64 GiB per GPU), or
+            any name registered with torchx
         env: environment variables for every rank (e.g. NCCL_DEBUG=INFO,OMP_NUM_THREADS=4)
         max_retries: scheduler retries of the whole job (slurm, kubernetes; local_cwd has none)
-        max_restarts: torchrun restarts inside the job, on every scheduler: when a rank fails, every rank of the node stops and starts again
+        max_restarts: torchrun restarts inside the job, on every scheduler: when a rank fails, every rank of the node
+            stops and starts again
         rdzv_backend: torchrun rendezvous backend (multi-node only)
         rdzv_port: port of the c10d rendezvous store on the first node (multi-node only)
         mounts: mounts for container schedulers (e.g. type=bind,src=/data,dst=/data)
     """
     args = _flags(
-        data=data, out=out, scheme=scheme, steps=steps, epochs=epochs,
-        batch_size=batch_size, config=config, resume=resume,
-    )  # fmt: skip
+        data=data,
+        out=out,
+        scheme=scheme,
+        steps=steps,
+        epochs=epochs,
+        batch_size=batch_size,
+        config=config,
+        resume=resume,
+    )
     return _job(
-        "pipelines.compress", args, list(extra), image, name, j, h,
-        env, max_retries, max_restarts, rdzv_backend, rdzv_port, mounts,
-    )  # fmt: skip
+        "pipelines.compress",
+        args,
+        list(extra),
+        image,
+        name,
+        j,
+        h,
+        env,
+        max_retries,
+        max_restarts,
+        rdzv_backend,
+        rdzv_port,
+        mounts,
+    )
 
 
 def export(
@@ -204,22 +225,36 @@ def export(
         out: token table directory to write, as seen by every node
         dtype: fp32 | fp16 (default: the program's)
         batch_size: instances per rank per forward pass
-        image: container image (kubernetes): default iat-rec:cuda if -h has GPUs, else iat-rec:cpu (docker/Dockerfile); ignored by local_cwd and slurm
+        image: container image (kubernetes): default iat-rec:cuda if -h has GPUs, else iat-rec:cpu (docker/Dockerfile);
+            ignored by local_cwd and slurm
         name: job name: {experimentname}/{runname}, {experimentname}/, /{runname} or {runname}
         j: {nnodes}x{nproc_per_node}, e.g. 1x2 on a CPU host, 2x8 for two 8-GPU nodes (with -h iat.gpu.8)
-        h: named resource per node: iat.cpu (2 CPUs, 8 GiB), iat.gpu.N for N = 1, 2, 4, 8 (11 CPUs, 64 GiB per GPU), or any name registered with torchx
+        h: named resource per node: iat.cpu (2 CPUs, 8 GiB), iat.gpu.N for N = 1, 2, 4, 8 (11 CPUs, 64 GiB per GPU), or
+            any name registered with torchx
         env: environment variables for every rank (e.g. NCCL_DEBUG=INFO,OMP_NUM_THREADS=4)
         max_retries: scheduler retries of the whole job (slurm, kubernetes; local_cwd has none)
-        max_restarts: torchrun restarts inside the job, on every scheduler: when a rank fails, every rank of the node stops and starts again
+        max_restarts: torchrun restarts inside the job, on every scheduler: when a rank fails, every rank of the node
+            stops and starts again
         rdzv_backend: torchrun rendezvous backend (multi-node only)
         rdzv_port: port of the c10d rendezvous store on the first node (multi-node only)
         mounts: mounts for container schedulers (e.g. type=bind,src=/data,dst=/data)
     """
     args = _flags(stage1=stage1, out=out, dtype=dtype, batch_size=batch_size)
     return _job(
-        "pipelines.export", args, list(extra), image, name, j, h,
-        env, max_retries, max_restarts, rdzv_backend, rdzv_port, mounts,
-    )  # fmt: skip
+        "pipelines.export",
+        args,
+        list(extra),
+        image,
+        name,
+        j,
+        h,
+        env,
+        max_retries,
+        max_restarts,
+        rdzv_backend,
+        rdzv_port,
+        mounts,
+    )
 
 
 def rank(
@@ -263,27 +298,51 @@ def rank(
         epochs: epochs over the train split, used when steps is not given
         batch_size: requests per rank per step
         config: YAML with any pipelines.rank option (flags override it)
-        resume: continue from the latest checkpoint in out (none yet: start fresh); set it with max_restarts or max_retries, so that a restarted job resumes
-        image: container image (kubernetes): default iat-rec:cuda if -h has GPUs, else iat-rec:cpu (docker/Dockerfile); ignored by local_cwd and slurm
+        resume: continue from the latest checkpoint in out (none yet: start fresh); set it with max_restarts or
+            max_retries, so that a restarted job resumes
+        image: container image (kubernetes): default iat-rec:cuda if -h has GPUs, else iat-rec:cpu (docker/Dockerfile);
+            ignored by local_cwd and slurm
         name: job name: {experimentname}/{runname}, {experimentname}/, /{runname} or {runname}
         j: {nnodes}x{nproc_per_node}, e.g. 1x2 on a CPU host, 2x8 for two 8-GPU nodes (with -h iat.gpu.8)
-        h: named resource per node: iat.cpu (2 CPUs, 8 GiB), iat.gpu.N for N = 1, 2, 4, 8 (11 CPUs, 64 GiB per GPU), or any name registered with torchx
+        h: named resource per node: iat.cpu (2 CPUs, 8 GiB), iat.gpu.N for N = 1, 2, 4, 8 (11 CPUs, 64 GiB per GPU), or
+            any name registered with torchx
         env: environment variables for every rank (e.g. NCCL_DEBUG=INFO,OMP_NUM_THREADS=4)
         max_retries: scheduler retries of the whole job (slurm, kubernetes; local_cwd has none)
-        max_restarts: torchrun restarts inside the job, on every scheduler: when a rank fails, every rank of the node stops and starts again
+        max_restarts: torchrun restarts inside the job, on every scheduler: when a rank fails, every rank of the node
+            stops and starts again
         rdzv_backend: torchrun rendezvous backend (multi-node only)
         rdzv_port: port of the c10d rendezvous store on the first node (multi-node only)
         mounts: mounts for container schedulers (e.g. type=bind,src=/data,dst=/data)
     """
     args = _flags(
-        data=data, tokens=tokens, out=out, history=history, reader=reader, stage1=stage1,
-        warm_start=warm_start, steps=steps, epochs=epochs, batch_size=batch_size, config=config,
+        data=data,
+        tokens=tokens,
+        out=out,
+        history=history,
+        reader=reader,
+        stage1=stage1,
+        warm_start=warm_start,
+        steps=steps,
+        epochs=epochs,
+        batch_size=batch_size,
+        config=config,
         resume=resume,
-    )  # fmt: skip
+    )
     return _job(
-        "pipelines.rank", args, list(extra), image, name, j, h,
-        env, max_retries, max_restarts, rdzv_backend, rdzv_port, mounts,
-    )  # fmt: skip
+        "pipelines.rank",
+        args,
+        list(extra),
+        image,
+        name,
+        j,
+        h,
+        env,
+        max_retries,
+        max_restarts,
+        rdzv_backend,
+        rdzv_port,
+        mounts,
+    )
 
 
 def pipeline(
@@ -324,22 +383,43 @@ def pipeline(
         dtype: token table dtype: fp32 | fp16
         compress_config: YAML of pipelines.compress options for stage 1 (e.g. steps, batch_size)
         rank_config: YAML of pipelines.rank options for stage 2
-        image: container image (kubernetes): default iat-rec:cuda if -h has GPUs, else iat-rec:cpu (docker/Dockerfile); ignored by local_cwd and slurm
+        image: container image (kubernetes): default iat-rec:cuda if -h has GPUs, else iat-rec:cpu (docker/Dockerfile);
+            ignored by local_cwd and slurm
         name: job name: {experimentname}/{runname}, {experimentname}/, /{runname} or {runname}
         j: {nnodes}x{nproc_per_node}, e.g. 1x2 on a CPU host, 2x8 for two 8-GPU nodes (with -h iat.gpu.8)
-        h: named resource per node: iat.cpu (2 CPUs, 8 GiB), iat.gpu.N for N = 1, 2, 4, 8 (11 CPUs, 64 GiB per GPU), or any name registered with torchx
+        h: named resource per node: iat.cpu (2 CPUs, 8 GiB), iat.gpu.N for N = 1, 2, 4, 8 (11 CPUs, 64 GiB per GPU), or
+            any name registered with torchx
         env: environment variables for every rank (e.g. NCCL_DEBUG=INFO,OMP_NUM_THREADS=4)
         max_retries: scheduler retries of the whole job (slurm, kubernetes; local_cwd has none)
-        max_restarts: torchrun restarts inside the job, on every scheduler: when a rank fails, every rank of the node stops and starts again
+        max_restarts: torchrun restarts inside the job, on every scheduler: when a rank fails, every rank of the node
+            stops and starts again
         rdzv_backend: torchrun rendezvous backend (multi-node only)
         rdzv_port: port of the c10d rendezvous store on the first node (multi-node only)
         mounts: mounts for container schedulers (e.g. type=bind,src=/data,dst=/data)
     """
     args = _flags(
-        data=data, work=work, scheme=scheme, history=history, reader=reader, seed=seed, dtype=dtype,
-        compress_config=compress_config, rank_config=rank_config,
-    )  # fmt: skip
+        data=data,
+        work=work,
+        scheme=scheme,
+        history=history,
+        reader=reader,
+        seed=seed,
+        dtype=dtype,
+        compress_config=compress_config,
+        rank_config=rank_config,
+    )
     return _job(
-        "pipelines.pipeline", args, list(extra), image, name, j, h,
-        env, max_retries, max_restarts, rdzv_backend, rdzv_port, mounts,
-    )  # fmt: skip
+        "pipelines.pipeline",
+        args,
+        list(extra),
+        image,
+        name,
+        j,
+        h,
+        env,
+        max_retries,
+        max_restarts,
+        rdzv_backend,
+        rdzv_port,
+        mounts,
+    )

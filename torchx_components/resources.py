@@ -26,7 +26,7 @@ registers its own names under the same entry point group, in its own package; th
 any registered name.
 """
 
-from typing import Callable, Dict, List
+from collections.abc import Callable
 
 from torchx.specs import Resource, named_resources
 from torchx.specs.named_resources_aws import NAMED_RESOURCES as AWS_NAMED_RESOURCES
@@ -74,7 +74,7 @@ def iat_gpu_8() -> Resource:
 
 
 # name -> factory; setup.py registers exactly these (tests/test_torchx.py checks the installed metadata)
-NAMED_RESOURCES: Dict[str, Callable[[], Resource]] = {
+NAMED_RESOURCES: dict[str, Callable[[], Resource]] = {
     "iat.cpu": iat_cpu,
     "iat.gpu.1": iat_gpu_1,
     "iat.gpu.2": iat_gpu_2,
@@ -88,7 +88,7 @@ def describe(resource: Resource) -> str:
     return f"{gpus}{resource.cpu} CPUs, {resource.memMB // GiB} GiB"
 
 
-def registered() -> List[str]:
+def registered() -> list[str]:
     """Every name torchx resolves, iat-rec's first: torchx's generic and AWS tables, then the
     ``torchx.named_resources`` entry points of every installed package (iat-rec's among them)."""
     names = [*GENERIC_NAMED_RESOURCES, *AWS_NAMED_RESOURCES, *load_group("torchx.named_resources", default={})]

@@ -76,9 +76,8 @@ def previous_labels(log: InstanceLog, rows: np.ndarray) -> np.ndarray:
     """Label codes of each row's previous instance of the same user, shown only once known
     strictly before the row's time (so same-request instances never see each other's)."""
     rows = np.asarray(rows, dtype=np.int64)
-    k = log.labels.shape[1]
     prev = rows - 1
-    ok = (rows > 0) & (rows >= 0)
+    ok = rows > 0
     safe, safe_prev = np.where(ok, rows, 0), np.where(ok, prev, 0)
     user, ts = np.asarray(log.user), np.asarray(log.ts)
     ok &= user[safe_prev] == user[safe]

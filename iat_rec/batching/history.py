@@ -33,7 +33,7 @@ class HistoryIndex:
         self._key = user_of_row * self.span + (self.ts - self.t_min)
 
     @classmethod
-    def from_log(cls, log) -> "HistoryIndex":
+    def from_log(cls, log) -> HistoryIndex:
         return cls(log.ts, log.user_offsets, log.user_keys)
 
     def user_index(self, keys: np.ndarray) -> np.ndarray:

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from iat_rec.batching.batch import Batch, make_batch
-from iat_rec.errors import IatError
 from iat_rec.data.instance_log import InstanceLog
+from iat_rec.errors import IatError
 
 
 def time_order(log: InstanceLog, rows: np.ndarray) -> np.ndarray:

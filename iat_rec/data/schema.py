@@ -92,8 +92,10 @@ class Schema:
         label_columns = {c: lab.name for lab in self.labels for c in (lab.column, lab.available_at) if c}
         for f in (*self.sparse, *self.dense):
             if f.column in label_columns:
-                raise IatError(f"schema: column '{f.column}' is both feature '{f.name}' and (the time of) label "
-                               f"'{label_columns[f.column]}': a feature would show the label it predicts")
+                raise IatError(
+                    f"schema: column '{f.column}' is both feature '{f.name}' and (the time of) label "
+                    f"'{label_columns[f.column]}': a feature would show the label it predicts"
+                )
         sparse_names = {f.name for f in self.sparse}
         unknown = [s for s in self.sequence if s not in sparse_names]
         if unknown:
@@ -138,7 +140,7 @@ class Schema:
         }
 
     @classmethod
-    def from_dict(cls, d: Any, source: str = "schema") -> "Schema":
+    def from_dict(cls, d: Any, source: str = "schema") -> Schema:
         if not isinstance(d, dict):
             raise IatError(f"{source}: expected a mapping at the top level")
         _check_keys(d, {"user", "timestamp", "labels", "sparse", "dense", "sequence"}, source)
@@ -165,13 +167,17 @@ class Schema:
                 for k in ("name", "column", "available_at", "norm"):
                     if item.get(k) is not None:
                         item[k] = _name(item[k], f"{where}.{k}")
-                if item.get("hash") is not None and (isinstance(item["hash"], bool) or not isinstance(item["hash"], int)):
+                if item.get("hash") is not None and (
+                    isinstance(item["hash"], bool) or not isinstance(item["hash"], int)
+                ):
                     raise IatError(f"{where}.hash: expected an integer, got {item['hash']!r}")
                 if item.get("vocab") is not None:
                     if not isinstance(item["vocab"], list) or any(isinstance(v, (list, dict)) for v in item["vocab"]):
                         raise IatError(f"{where}.vocab: expected a list of values")
                     item["vocab"] = tuple(str(v) for v in item["vocab"])
-                if item.get("separator") is not None and (not isinstance(item["separator"], str) or not item["separator"]):
+                if item.get("separator") is not None and (
+                    not isinstance(item["separator"], str) or not item["separator"]
+                ):
                     raise IatError(f"{where}.separator: expected a non-empty string, got {item['separator']!r}")
                 out.append(typ(**item))
             return tuple(out)

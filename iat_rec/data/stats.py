@@ -73,12 +73,19 @@ def format_stats(s: dict) -> str:
         ("users", f"{s['users']:,}"),
         (f"items ({s['item_feature']})", "-" if s["items"] is None else f"{s['items']:,}"),
         ("features", f"{s['sparse_features']} sparse, {s['dense_features']} dense"),
-        ("history length", " ".join(f"{k} {h[k]:,.0f}" for k in ("min", "p50", "p90", "p99", "max"))
-         + f"  mean {h['mean']:,.1f}"),
+        (
+            "history length",
+            " ".join(f"{k} {h[k]:,.0f}" for k in ("min", "p50", "p90", "p99", "max")) + f"  mean {h['mean']:,.1f}",
+        ),
     ]
     for name, t in s["tasks"].items():
-        rows.append((f"task {name}", f"rate {t['rate']:.4f} ({t['positives']:,} positive), "
-                                     f"label delay p50 {t['label_delay_s_p50']:,.0f}s max {t['label_delay_s_max']:,}s"))
+        rows.append(
+            (
+                f"task {name}",
+                f"rate {t['rate']:.4f} ({t['positives']:,} positive), "
+                f"label delay p50 {t['label_delay_s_p50']:,.0f}s max {t['label_delay_s_max']:,}s",
+            )
+        )
     tr = s["time_range"]
     rows.append(("time range", f"{tr['min_utc']} .. {tr['max_utc']} ({tr['days']:.1f} days)"))
     rows.append(("tied timestamps", f"{s['tied_timestamps']:,} rows"))
@@ -91,8 +98,11 @@ def cli(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="iat-rec data stats", description="Summarise an instance log.")
     p.add_argument("log", help="instance-log directory")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--verify", action="store_true",
-                   help="first check every file against the manifest (size, checksum) and the content fingerprint")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="first check every file against the manifest (size, checksum) and the content fingerprint",
+    )
     a = p.parse_args(argv)
     log = InstanceLog(a.log)
     if a.verify:

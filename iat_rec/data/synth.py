@@ -111,8 +111,8 @@ from pathlib import Path
 import numpy as np
 
 from iat_rec.data.instance_log import Columns, InstanceLog, check_log_out, write_instance_log
-from iat_rec.errors import IatError
 from iat_rec.data.schema import DenseFeature, Label, Schema, SparseFeature
+from iat_rec.errors import IatError
 
 T0 = 1_704_067_200  # 2024-01-01 00:00:00 UTC
 DAY = 86_400
@@ -230,8 +230,9 @@ def synth_schema(cfg: SynthConfig | None = None) -> Schema:
             Label("click", "click", available_at="click_time"),
             Label("conversion", "conversion", available_at="conversion_time"),
         )
-    return Schema(user="user_id", timestamp="ts", labels=labels, sparse=sparse, dense=dense,
-                  sequence=("item_id", "category"))
+    return Schema(
+        user="user_id", timestamp="ts", labels=labels, sparse=sparse, dense=dense, sequence=("item_id", "category")
+    )
 
 
 # ----------------------------------------------------------------------------- world and users
@@ -369,8 +370,7 @@ def _make_users(cfg: SynthConfig, world: _World) -> _Users:
         mobile_os=rng.choice(2, n_users, p=[0.7, 0.3]),
         desktop_os=rng.choice(3, n_users, p=[0.75, 0.2, 0.05]),
         region=region,
-        language=np.where(rng.random(n_users) < 0.9, region % len(LANGUAGES),
-                          rng.integers(0, len(LANGUAGES), n_users)),
+        language=np.where(rng.random(n_users) < 0.9, region % len(LANGUAGES), rng.integers(0, len(LANGUAGES), n_users)),
         signup=T0 - rng.integers(DAY, 3 * 365 * DAY, n_users),
         price_sens=rng.lognormal(np.log(0.3), 0.5, n_users),
         segment=(z0 @ world.segment_proto.T).argmax(1),
@@ -430,8 +430,9 @@ def _timeline(rng: np.random.Generator, cfg: SynthConfig, us: _Users, lo: int, h
     return row_u, ts, pos
 
 
-def _state(rng: np.random.Generator, cfg: SynthConfig, us: _Users, lo: int, hi: int,
-           row_u: np.ndarray, ts: np.ndarray) -> np.ndarray:
+def _state(
+    rng: np.random.Generator, cfg: SynthConfig, us: _Users, lo: int, hi: int, row_u: np.ndarray, ts: np.ndarray
+) -> np.ndarray:
     """z_u(ts) = mu_u + OU drift, simulated on the grid and interpolated at each row."""
     steps = cfg.days * DAY // GRID + 1
     a = np.exp(-GRID / (us.tau_days[lo:hi] * DAY))[:, None]
@@ -468,65 +469,105 @@ def _simulate_chunk(cfg: SynthConfig, world: _World, us: _Users, lo: int, hi: in
     page = rng.choice(len(PAGES), rows, p=PAGE_PROBS)
     query = np.zeros(rows, dtype=np.int64)
     s = np.flatnonzero(page == SEARCH)
-    query[s] = _pick(rng, z[s], world.query_lat, rng.integers(1, QUERY_CLUSTERS + 1, (len(s), CANDIDATES)),
-                     BETA_QUERY)
+    query[s] = _pick(rng, z[s], world.query_lat, rng.integers(1, QUERY_CLUSTERS + 1, (len(s), CANDIDATES)), BETA_QUERY)
 
     # context around user habits
     device = np.where(rng.random(rows) < 0.85, us.device[u], rng.integers(0, len(DEVICES), rows))
     os_ = np.select([device == 1, device == 3], [2 + us.desktop_os[u], 5], us.mobile_os[u])
-    net = np.where(np.isin(device, (1, 3)) & (rng.random(rows) < 0.95), 0,
-                   rng.choice(len(NETWORKS), rows, p=[0.5, 0.2, 0.25, 0.05]))
+    net = np.where(
+        np.isin(device, (1, 3)) & (rng.random(rows) < 0.95),
+        0,
+        rng.choice(len(NETWORKS), rows, p=[0.5, 0.2, 0.25, 0.05]),
+    )
     slot = np.minimum(pos + rng.geometric(0.5, rows) - 1, len(SLOTS) - 1)
-    ad_format = np.where(rng.random(rows) < 0.7, world.camp_format[campaign],
-                         rng.integers(0, len(AD_FORMATS), rows))
+    ad_format = np.where(rng.random(rows) < 0.7, world.camp_format[campaign], rng.integers(0, len(AD_FORMATS), rows))
     region = np.where(rng.random(rows) < 0.95, us.region[u], rng.integers(0, REGIONS, rows))
     hour = (ts // 3600) % 24
     dow = (ts // DAY + 3) % 7  # 1970-01-01 was a Thursday
     price = world.item_price[item] * (1.0 - 0.3 * rng.random(rows) * (rng.random(rows) < 0.3))
 
     # labels: the response to item, ad and context depends on the current state
-    ctx = (world.device_lat[device] + world.page_lat[page] + world.daypart_lat[hour // 6]
-           + world.placement_lat[placement])
-    logit = (B0 + world.item_bias[item] + world.device_bias[device] + world.page_bias[page]
-             + world.placement_bias[placement] + world.format_bias[ad_format] + world.network_bias[net]
-             + 0.15 * (dow >= 5) - 0.25 * slot
-             + A_ITEM * _rowdot(z, world.item_lat[item]) + A_CREATIVE * _rowdot(z, world.creative_lat[creative])
-             + A_QUERY * _rowdot(z, world.query_lat[query]) + A_CTX * _rowdot(z, ctx))
+    ctx = (
+        world.device_lat[device] + world.page_lat[page] + world.daypart_lat[hour // 6] + world.placement_lat[placement]
+    )
+    logit = (
+        B0
+        + world.item_bias[item]
+        + world.device_bias[device]
+        + world.page_bias[page]
+        + world.placement_bias[placement]
+        + world.format_bias[ad_format]
+        + world.network_bias[net]
+        + 0.15 * (dow >= 5)
+        - 0.25 * slot
+        + A_ITEM * _rowdot(z, world.item_lat[item])
+        + A_CREATIVE * _rowdot(z, world.creative_lat[creative])
+        + A_QUERY * _rowdot(z, world.query_lat[query])
+        + A_CTX * _rowdot(z, ctx)
+    )
     p_click = _sigmoid(logit)
     click = rng.random(rows) < p_click
-    conv_logit = (C0 + A_CONV * _rowdot(z, world.item_conv_lat[item] + world.adv_lat[world.camp_adv[campaign]])
-                  - us.price_sens[u] * (np.log(price) - 3.0))
+    conv_logit = (
+        C0
+        + A_CONV * _rowdot(z, world.item_conv_lat[item] + world.adv_lat[world.camp_adv[campaign]])
+        - us.price_sens[u] * (np.log(price) - 3.0)
+    )
     conv = click & (rng.random(rows) < _sigmoid(conv_logit))
     click_time = ts + 1 + np.floor(rng.exponential(30.0, rows)).astype(np.int64)
     delay = np.clip(rng.lognormal(np.log(6 * 3600), 1.2, rows), 60, ATTRIBUTION_WINDOW).astype(np.int64)
     conv_time = np.where(~click, click_time, np.where(conv, ts + delay, ts + ATTRIBUTION_WINDOW))
 
     sparse = {
-        "user_id": u, "item_id": item, "category": world.item_cat[item], "brand": world.item_brand[item],
-        "price_bucket": world.item_price_bucket[item], "device": device, "os": os_, "network": net,
-        "slot": slot, "hour": hour, "day_of_week": dow, "page": page, "query_cluster": query,
-        "campaign": campaign, "creative": creative, "advertiser": world.camp_adv[campaign],
-        "ad_format": ad_format, "placement": placement, "region": region, "language": us.language[u],
+        "user_id": u,
+        "item_id": item,
+        "category": world.item_cat[item],
+        "brand": world.item_brand[item],
+        "price_bucket": world.item_price_bucket[item],
+        "device": device,
+        "os": os_,
+        "network": net,
+        "slot": slot,
+        "hour": hour,
+        "day_of_week": dow,
+        "page": page,
+        "query_cluster": query,
+        "campaign": campaign,
+        "creative": creative,
+        "advertiser": world.camp_adv[campaign],
+        "ad_format": ad_format,
+        "placement": placement,
+        "region": region,
+        "language": us.language[u],
         "user_segment": us.segment[u],
     }
-    dense = np.stack([
-        price,
-        world.item_pop[item] * 1e6,  # expected impressions per million
-        1.0 / np.log2(slot + 2.0),
-        (ts - us.signup[u]) / DAY,
-    ], axis=1)
+    dense = np.stack(
+        [
+            price,
+            world.item_pop[item] * 1e6,  # expected impressions per million
+            1.0 / np.log2(slot + 2.0),
+            (ts - us.signup[u]) / DAY,
+        ],
+        axis=1,
+    )
     if cfg.label == "seen-before":
         labels, label_time = seen[:, None], (ts + 1)[:, None]
     else:
         labels, label_time = np.stack([click, conv], axis=1), np.stack([click_time, conv_time], axis=1)
     return {
-        "user": u, "ts": ts, "sparse": sparse, "dense": dense, "labels": labels, "label_time": label_time,
-        "z": z, "p_click": p_click,
+        "user": u,
+        "ts": ts,
+        "sparse": sparse,
+        "dense": dense,
+        "labels": labels,
+        "label_time": label_time,
+        "z": z,
+        "p_click": p_click,
     }
 
 
-def _seen_before_items(rng: np.random.Generator, cfg: SynthConfig, row_u: np.ndarray,
-                       ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _seen_before_items(
+    rng: np.random.Generator, cfg: SynthConfig, row_u: np.ndarray, ts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Seen-before exposure and its exact label for rows sorted by (user, ts).
 
     Row r's history is rows [first, p): p is the first row of r's (user, ts) run (same user,
@@ -618,18 +659,37 @@ def build_columns(cfg: SynthConfig, progress: bool | None = None, hidden: dict |
     return cols
 
 
-def generate(out: str | Path, users: int = 1000, mean_instances: float = 100.0, seed: int = 0,
-             items: int = 10_000, categories: int = 200, campaigns: int = 100, days: int = 60,
-             latent_dim: int = 8, progress: bool | None = None, label: str = "click",
-             history_len: int = 128) -> InstanceLog:
+def generate(
+    out: str | Path,
+    users: int = 1000,
+    mean_instances: float = 100.0,
+    seed: int = 0,
+    items: int = 10_000,
+    categories: int = 200,
+    campaigns: int = 100,
+    days: int = 60,
+    latent_dim: int = 8,
+    progress: bool | None = None,
+    label: str = "click",
+    history_len: int = 128,
+) -> InstanceLog:
     """Writes a synthetic instance log to ``out`` (atomically) and returns it.
 
     ``label``: "click" (tasks click and conversion) or "seen-before" (one task ``seen_before``,
     checked against the last ``history_len`` strictly-earlier instances; see the module docstring).
     """
-    cfg = SynthConfig(users=users, mean_instances=mean_instances, seed=seed, items=items,
-                      categories=categories, campaigns=campaigns, days=days, latent_dim=latent_dim,
-                      label=label, history_len=history_len)
+    cfg = SynthConfig(
+        users=users,
+        mean_instances=mean_instances,
+        seed=seed,
+        items=items,
+        categories=categories,
+        campaigns=campaigns,
+        days=days,
+        latent_dim=latent_dim,
+        label=label,
+        history_len=history_len,
+    )
     cols = build_columns(cfg, progress=progress)
     return write_instance_log(out, synth_schema(cfg), cols, source=cfg.describe())
 
@@ -648,19 +708,44 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--campaigns", type=int, default=d.campaigns)
     p.add_argument("--days", type=int, default=d.days, help="time span of the log in days")
     p.add_argument("--latent-dim", type=int, default=d.latent_dim, help="dimension of the hidden user state")
-    p.add_argument("--label", choices=LABEL_MODES, default=d.label,
-                   help="click: click + conversion tasks; seen-before: one task, 'the item is among the "
-                        "user's last --history-len strictly-earlier instances' (a check that history is read)")
-    p.add_argument("--history-len", type=int, default=d.history_len,
-                   help="seen-before mode: history length T (match the stage-2 ranker's max_len)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar (default: on for >= 2M rows)")
+    p.add_argument(
+        "--label",
+        choices=LABEL_MODES,
+        default=d.label,
+        help="click: click + conversion tasks; seen-before: one task, 'the item is among the "
+        "user's last --history-len strictly-earlier instances' (a check that history is read)",
+    )
+    p.add_argument(
+        "--history-len",
+        type=int,
+        default=d.history_len,
+        help="seen-before mode: history length T (match the stage-2 ranker's max_len)",
+    )
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar (default: on for >= 2M rows)",
+    )
     a = p.parse_args(argv)
     check_log_out(a.out, a.overwrite)
     t = time.perf_counter()
-    log = generate(a.out, users=a.users, mean_instances=a.mean_instances, seed=a.seed, items=a.items,
-                   categories=a.categories, campaigns=a.campaigns, days=a.days, latent_dim=a.latent_dim,
-                   progress=a.progress, label=a.label, history_len=a.history_len)
-    print(f"synth: {log.rows:,} rows, {log.users:,} users -> {log.path} "
-          f"({time.perf_counter() - t:.1f}s, fingerprint {log.fingerprint})")
+    log = generate(
+        a.out,
+        users=a.users,
+        mean_instances=a.mean_instances,
+        seed=a.seed,
+        items=a.items,
+        categories=a.categories,
+        campaigns=a.campaigns,
+        days=a.days,
+        latent_dim=a.latent_dim,
+        progress=a.progress,
+        label=a.label,
+        history_len=a.history_len,
+    )
+    print(
+        f"synth: {log.rows:,} rows, {log.users:,} users -> {log.path} "
+        f"({time.perf_counter() - t:.1f}s, fingerprint {log.fingerprint})"
+    )
     return 0

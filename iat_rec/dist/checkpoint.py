@@ -164,7 +164,7 @@ _METADATA_GLOBALS = {
         "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
         "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING",
     )),
-}  # fmt: skip
+}
 
 
 class _MetadataUnpickler(pickle.Unpickler):

@@ -212,7 +212,7 @@ def launch(module: str, argv: list[str], nproc: int) -> int:
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"iat-{os.getpid()}",
         rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
         logs_specs=DefaultLogsSpecs(log_dir=logs),
-    )  # fmt: skip
+    )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ[ERRORS_ENV] = logs  # a rank's IatError goes there, for the launcher to print once
     elastic_log = logging.getLogger("torch.distributed.elastic")

@@ -55,7 +55,10 @@ def device_name() -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| variant | seeds | " + " | ".join(LABELS[m] for m in METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    lines = [
+        "| variant | seeds | " + " | ".join(LABELS[m] for m in METRICS) + " |",
+        "|---|---|" + "---|" * len(METRICS),
+    ]
     for r in rows:
         cells = [f"{r[m]['mean']:.4f} ± {r[m]['std']:.4f}" for m in METRICS]
         lines.append(f"| {r['variant']} | {r['seeds']} | " + " | ".join(cells) + " |")
@@ -129,8 +132,11 @@ def plot(results: list[dict], task: str, out: Path) -> list[str]:
 
 def stage1_table(stage1: dict[str, dict], task: str) -> str:
     """Per stage-1 run: its own validation AUC and each exported table's token health."""
-    lines = ["| stage-1 run | valid AUC | tokens from | saturation | effective rank | probe AUC train / held-out | leak gap |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| stage-1 run | valid AUC | tokens from | saturation | effective rank "
+        "| probe AUC train / held-out | leak gap |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for run, info in stage1.items():
         valid = (info.get("valid") or {}).get(task, {}).get("auc")
         for mode, h in info.items():
@@ -138,37 +144,76 @@ def stage1_table(stage1: dict[str, dict], task: str) -> str:
                 continue
             p = h.get("probe") or {}
             fmt = lambda x, f="{:.4f}": "n/a" if x is None else f.format(x)  # noqa: E731
-            lines.append(f"| {run} | {fmt(valid)} | {mode} | {fmt(h.get('saturation'))} | {fmt(h.get('effective_rank'), '{:.1f}')} "
-                         f"| {fmt(p.get('auc_train'))} / {fmt(p.get('auc_heldout'))} | {fmt(p.get('leak_gap'), '{:+.4f}')} |")  # fmt: skip
+            lines.append(
+                f"| {run} | {fmt(valid)} | {mode} | {fmt(h.get('saturation'))} "
+                f"| {fmt(h.get('effective_rank'), '{:.1f}')} "
+                f"| {fmt(p.get('auc_train'))} / {fmt(p.get('auc_heldout'))} | {fmt(p.get('leak_gap'), '{:+.4f}')} |"
+            )
     return "\n".join(lines)
 
 
-def results_json(title: str, dataset: str, command: str, task: str, rows: list[dict], results: list[dict],
-                 stage1: dict, seconds: dict) -> dict:
+def results_json(
+    title: str,
+    dataset: str,
+    command: str,
+    task: str,
+    rows: list[dict],
+    results: list[dict],
+    stage1: dict,
+    seconds: dict,
+) -> dict:
     """The committed form of an experiment: per variant mean and std of every test metric."""
     return {
-        "title": title, "dataset": dataset, "command": command, "device": device_name(), "task": task,
-        "seeds": sorted({r["seed"] for r in results}), "logloss_unit": "nats",
+        "title": title,
+        "dataset": dataset,
+        "command": command,
+        "device": device_name(),
+        "task": task,
+        "seeds": sorted({r["seed"] for r in results}),
+        "logloss_unit": "nats",
         "variants": {r["variant"]: {m: r[m] for m in METRICS} for r in rows},
-        "stage1": stage1, "runs": results, "seconds": seconds,
-    }  # fmt: skip
+        "stage1": stage1,
+        "runs": results,
+        "seconds": seconds,
+    }
 
 
-def write_report(out: str | Path, title: str, results: list[dict], seconds: dict[str, float], command: str,
-                 notes: str = "", dataset: str = "", stage1: dict | None = None) -> Path:
+def write_report(
+    out: str | Path,
+    title: str,
+    results: list[dict],
+    seconds: dict[str, float],
+    command: str,
+    notes: str = "",
+    dataset: str = "",
+    stage1: dict | None = None,
+) -> Path:
     """Writes report.md, results.json and plots into ``out`` (atomically); returns report.md."""
     out = Path(out)
     task = results[0]["metrics"]["task"]
     rows = summarise(results)
     data = results_json(title, dataset, command, task, rows, results, stage1 or {}, seconds)
     others = [t for t in tasks_of(results) if t != task]
-    data["variants_by_task"] = {t: {r["variant"]: {m: r[m] for m in METRICS} for r in summarise(results, t)} for t in [task, *others]}
+    data["variants_by_task"] = {
+        t: {r["variant"]: {m: r[m] for m in METRICS} for r in summarise(results, t)} for t in [task, *others]
+    }
     with atomic_dir(out) as tmp:
         files = plot(results, task, tmp)
-        (tmp / "results.json").write_text(json.dumps(finite_or_null(data), indent=2, allow_nan=False))  # undefined: null
-        md = [f"# {title}", "", f"Command: `{command}`", "", f"Device: {data['device']}", "",
-              f"Test metrics of task `{task}` (mean ± std over seeds {data['seeds']}; LogLoss in nats):", "",
-              markdown_table(rows), ""]  # fmt: skip
+        (tmp / "results.json").write_text(
+            json.dumps(finite_or_null(data), indent=2, allow_nan=False)
+        )  # undefined: null
+        md = [
+            f"# {title}",
+            "",
+            f"Command: `{command}`",
+            "",
+            f"Device: {data['device']}",
+            "",
+            f"Test metrics of task `{task}` (mean ± std over seeds {data['seeds']}; LogLoss in nats):",
+            "",
+            markdown_table(rows),
+            "",
+        ]
         for t in others:
             md += [f"Task `{t}`:", "", markdown_table(summarise(results, t)), ""]
         if notes:

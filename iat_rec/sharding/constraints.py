@@ -1,5 +1,4 @@
-"""Per-table planner constraints from JSON (``--constraints``), checked with one clear error per bad key.
-"""
+"""Per-table planner constraints from JSON (``--constraints``), checked with one clear error per bad key."""
 
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ from torchrec.distributed.planner import ParameterConstraints
 from torchrec.distributed.types import CacheParams, ShardingType
 
 from iat_rec.errors import IatError
-
 
 SHARDING_TYPES = tuple(t.value for t in ShardingType)
 COMPUTE_KERNELS = tuple(k.value for k in EmbeddingComputeKernel)

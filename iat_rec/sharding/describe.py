@@ -1,5 +1,4 @@
-"""A plan described for people and for JSON: each table's sharding, kernel and memory per rank.
-"""
+"""A plan described for people and for JSON: each table's sharding, kernel and memory per rank."""
 
 from __future__ import annotations
 
@@ -12,9 +11,8 @@ from torchrec.distributed.types import ParameterSharding, ShardingPlan
 from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, BaseEmbeddingConfig
 
 from iat_rec.errors import IatError
-from iat_rec.sharding.planning import PlanResult, UVM_KERNELS
+from iat_rec.sharding.planning import UVM_KERNELS, PlanResult
 from iat_rec.tables import table_bytes
-
 
 _CACHING_KERNELS = {"fused_uvm_caching", "quant_uvm_caching"}
 _SSD_KERNELS = {"key_value", "ssd_virtual_table", "dram_virtual_table", "dram_ssd_virtual_table"}

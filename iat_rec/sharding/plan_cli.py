@@ -38,14 +38,14 @@ from typing import Any
 import yaml
 from torchrec.distributed.planner.constants import DDR_CAP
 
+from iat_rec.data.schema import Schema, load_schema
+from iat_rec.errors import IatError
 from iat_rec.sharding.constraints import parse_constraints
 from iat_rec.sharding.describe import describe_plan
 from iat_rec.sharding.plan_json import save_plan
 from iat_rec.sharding.planning import make_plan_with_stats, quiet_planner_logs
 from iat_rec.sharding.topology import GB, build_topology
 from iat_rec.tables import TOKEN_DTYPES, TOKEN_TABLE, build_tables_module, feature_table_configs, token_table_config
-from iat_rec.errors import IatError
-from iat_rec.data.schema import Schema, load_schema
 
 REPORT_FORMAT = "iat-rec-plan-report"
 REPORT_VERSION = 1
@@ -79,18 +79,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ddr-gb", type=float, help="host memory per rank in GB (default: TorchRec's 128)")
     p.add_argument("--dim", type=int, default=64, help="feature embedding dim (default 64)")
     p.add_argument(
-        "--token-rows", type=_count,
+        "--token-rows",
+        type=_count,
         help="token table rows, e.g. 1e10 (default: the log's row count with --data, else no token table; 0: none)",
     )
     p.add_argument("--token-dim", type=int, default=64, help="token dim (default 64)")
     p.add_argument("--token-dtype", choices=sorted(TOKEN_DTYPES), default="fp32", help="default fp32")
     p.add_argument(
-        "--history-len", type=int, default=256,
+        "--history-len",
+        type=int,
+        default=256,
         help="tokens looked up per sample, the token table's pooling factor for the estimates (default 256)",
     )
     p.add_argument("--batch-size", type=int, default=8192, help="batch size per rank (default 8192)")
-    p.add_argument("--constraints", help="JSON object or a JSON/YAML file: table -> {sharding_types, compute_kernels, ...}")
-    p.add_argument("--save", metavar="PLAN.json", help="also write the plan as JSON (load with iat_rec.sharding.plan_json.load_plan)")
+    p.add_argument(
+        "--constraints", help="JSON object or a JSON/YAML file: table -> {sharding_types, compute_kernels, ...}"
+    )
+    p.add_argument(
+        "--save",
+        metavar="PLAN.json",
+        help="also write the plan as JSON (load with iat_rec.sharding.plan_json.load_plan)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON (schema in the module docstring)")
     p.add_argument("--no-stats", action="store_true", help="leave the planner's stats table out of the text report")
     return p
@@ -209,7 +218,12 @@ def format_report(r: dict[str, Any], show_stats: bool = True) -> str:
     header = ["table", "rows", "dim", "dtype", "size", "sharding", "kernel", "ranks"]
     body = [
         [
-            x["name"], f"{x['rows']:,}", str(x["dim"]), x["dtype"], _gb(x["bytes"]), x["sharding_type"],
+            x["name"],
+            f"{x['rows']:,}",
+            str(x["dim"]),
+            x["dtype"],
+            _gb(x["bytes"]),
+            x["sharding_type"],
             x["compute_kernel"] + (f" (cache {x['cache_load_factor']:g})" if x["cache_load_factor"] else ""),
             _ranges(x["ranks"]),
         ]

@@ -9,12 +9,20 @@ import os
 from pathlib import Path
 from typing import Any
 
-from torchrec.distributed.types import BoundsCheckMode, CacheAlgorithm, CacheParams, EmbeddingModuleShardingPlan, EnumerableShardingSpec, ParameterSharding, ShardingPlan, ShardMetadata
+from torchrec.distributed.types import (
+    BoundsCheckMode,
+    CacheAlgorithm,
+    CacheParams,
+    EmbeddingModuleShardingPlan,
+    EnumerableShardingSpec,
+    ParameterSharding,
+    ShardingPlan,
+    ShardMetadata,
+)
 from torchrec.modules.embedding_configs import DataType
 
 from iat_rec.dist.atomic import write_json
 from iat_rec.errors import IatError
-
 
 PLAN_FORMAT = "iat-rec-sharding-plan"
 PLAN_VERSION = 1
@@ -107,7 +115,10 @@ def _sharding_from_json(d: dict[str, Any]) -> ParameterSharding:
         None
         if shards is None
         else EnumerableShardingSpec(
-            [ShardMetadata(shard_offsets=s["offsets"], shard_sizes=s["sizes"], placement=s["placement"]) for s in shards]
+            [
+                ShardMetadata(shard_offsets=s["offsets"], shard_sizes=s["sizes"], placement=s["placement"])
+                for s in shards
+            ]
         )
     )
     return ParameterSharding(

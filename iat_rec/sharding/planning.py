@@ -12,7 +12,8 @@ import logging
 import math
 import time
 import warnings
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch.distributed as dist
 from torch import nn
@@ -29,7 +30,6 @@ from iat_rec.errors import IatError
 from iat_rec.sharding.plan_json import plan_from_json, plan_to_json
 from iat_rec.sharding.topology import GB
 from iat_rec.tables import module_table_configs, table_bytes
-
 
 # Kernels whose weights live in host memory (UVM); the caching ones keep a cache in HBM.
 UVM_KERNELS = {"fused_uvm", "quant_uvm", "fused_uvm_caching", "quant_uvm_caching"}
@@ -112,7 +112,12 @@ def default_proposers(world_size: int) -> list[Proposer]:
     (unchanged up to 8 ranks); the greedy and uniform proposers still search every option.
     """
     grid_budget = max(1, min(MAX_PROPOSALS, GRID_BUDGET // world_size))
-    return [GridSearchProposer(max_proposals=grid_budget), GreedyProposer(), GreedyProposer(use_depth=False), UniformProposer()]
+    return [
+        GridSearchProposer(max_proposals=grid_budget),
+        GreedyProposer(),
+        GreedyProposer(use_depth=False),
+        UniformProposer(),
+    ]
 
 
 def _plan_here(
@@ -304,8 +309,8 @@ def _no_plan_message(
         return (
             f"no sharding plan fits [{kind}]: the HBM reserved per rank for the dense model (parameters x6 "
             f"for optimizer and DDP{f', {_gb(dense.hbm)}' if dense is not None else ''}), the input buffers "
-            f"and the {f'{pct:.0%} ' if pct is not None else ''}margin exceed the {_gb(dev.hbm)} of HBM per rank, before "
-            f"any table ({shown}); change: a smaller dense model or local batch, or GPUs with more HBM"
+            f"and the {f'{pct:.0%} ' if pct is not None else ''}margin exceed the {_gb(dev.hbm)} of HBM per rank, "
+            f"before any table ({shown}); change: a smaller dense model or local batch, or GPUs with more HBM"
         )
     hbm_free = max(reserved.devices[0].storage.hbm, 0)
     memory = (
@@ -327,7 +332,9 @@ def _no_plan_message(
         fixes.append(f"looser constraints (given for {sorted(constraints)})")
     else:
         fixes.append("more memory per rank (check the HBM/DDR figures above)")
-    return f"no sharding plan fits [{kind}]: tables {shown}, total {_gb(total)}; {memory}; change: {'; or '.join(fixes)}"
+    return (
+        f"no sharding plan fits [{kind}]: tables {shown}, total {_gb(total)}; {memory}; change: {'; or '.join(fixes)}"
+    )
 
 
 def _gb(n: float) -> str:

@@ -1,5 +1,4 @@
-"""The planner's topology: world size, ranks per host, each device's real HBM and host memory.
-"""
+"""The planner's topology: world size, ranks per host, each device's real HBM and host memory."""
 
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ from torchrec.distributed.planner import Topology
 from torchrec.distributed.planner.constants import DDR_CAP
 
 from iat_rec.errors import IatError
-
 
 GB = 1024**3
 
@@ -31,9 +29,7 @@ def build_topology(
     if compute_device not in ("cuda", "cpu"):
         raise IatError(f"compute device '{compute_device}' not in ['cpu', 'cuda']")
     if world_size < 1 or local_world_size < 1 or world_size % local_world_size:
-        raise IatError(
-            f"world size {world_size} must be a positive multiple of local world size {local_world_size}"
-        )
+        raise IatError(f"world size {world_size} must be a positive multiple of local world size {local_world_size}")
     hbm = _hbm_bytes(compute_device, hbm_gb)
     ddr = _ddr_bytes(compute_device, local_world_size, ddr_gb)
     return _make_topology(world_size, local_world_size, compute_device, hbm, ddr)
@@ -87,8 +83,11 @@ def _make_topology(world_size: int, local_world_size: int, device: str, hbm: int
         from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
     except ImportError:
         return Topology(
-            world_size=world_size, local_world_size=local_world_size, compute_device=device,
-            hbm_cap=hbm, ddr_cap=ddr,
+            world_size=world_size,
+            local_world_size=local_world_size,
+            compute_device=device,
+            hbm_cap=hbm,
+            ddr_cap=ddr,
         )
     trainer = TrainerConfig(
         world_size=world_size, local_world_size=local_world_size, hbm_cap_bytes=hbm, ddr_cap_bytes=ddr

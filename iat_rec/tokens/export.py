@@ -16,19 +16,29 @@ from torchrec.distributed.planner.types import ParameterConstraints
 
 from iat_rec.dist import checkpoint as ckpt
 from iat_rec.errors import IatError
-from iat_rec.sharding.topology import build_topology
 from iat_rec.sharding.planning import make_plan
+from iat_rec.sharding.topology import build_topology
 from iat_rec.tokens.table import TokenTable, token_collection, token_constraints
 from iat_rec.train.stage1 import first_train_step
 
-def shard_token_table(rows: int, dim: int, dtype: str, env, batch_size: int, hbm_gb: float = 0.0,
-                      constraints: dict[str, ParameterConstraints] | None = None) -> DistributedModelParallel:
+
+def shard_token_table(
+    rows: int,
+    dim: int,
+    dtype: str,
+    env,
+    batch_size: int,
+    hbm_gb: float = 0.0,
+    constraints: dict[str, ParameterConstraints] | None = None,
+) -> DistributedModelParallel:
     """The token table alone, planned and sharded (frozen: no optimizer ever touches it).
     ``constraints`` replaces ``token_constraints`` (benchmarks try other shardings with it)."""
     holder = nn.Module()
     holder.tokens = token_collection(rows, dim, dtype)
     topology = build_topology(env.world_size, env.local_world_size, env.device.type, hbm_gb=hbm_gb or None)
-    plan = make_plan(holder, topology, batch_size, constraints or token_constraints(env.device.type), pg=dist.group.WORLD)
+    plan = make_plan(
+        holder, topology, batch_size, constraints or token_constraints(env.device.type), pg=dist.group.WORLD
+    )
     return DistributedModelParallel(holder, device=env.device, plan=plan)
 
 
@@ -69,7 +79,10 @@ def token_sources(run: str | Path, cfg, info: dict, log, mode: str) -> tuple[lis
     snaps = sorted(Path(run).glob("snapshots/step_*"))
     steps = np.array([int(p.name.split("_")[1]) for p in snaps], dtype=np.int64)
     if not len(steps) or steps[0] != 0:
-        raise IatError(f"{run}: no model snapshots (stage 1 ran with --slices 0?): --tokens-from {mode} needs them; use --tokens-from final")
+        raise IatError(
+            f"{run}: no model snapshots (stage 1 ran with --slices 0?): --tokens-from {mode} needs them; "
+            "use --tokens-from final"
+        )
     if mode == "initial":
         return [snaps[0]], np.zeros(log.rows, dtype=np.int64)
     first = first_train_step(log, cfg, info["world_size"], (info.get("resume_from") or {}).get("train_until"))
@@ -125,19 +138,31 @@ def check_resumed(run: str, info: dict, tokens_from: str, append: str) -> None:
     resumed = info.get("resume_from") or {}
     if not resumed:
         if append:
-            raise IatError(f"--append needs a stage-1 run continued (compress --resume-from) from the run that made {append}; {run} was not")
+            raise IatError(
+                "--append needs a stage-1 run continued (compress --resume-from) from the run that made "
+                f"{append}; {run} was not"
+            )
         return
     if tokens_from == "initial":
-        raise IatError(f"--tokens-from initial: {run} continued {resumed['run']}, so its first model is trained; export from a fresh run")
+        raise IatError(
+            f"--tokens-from initial: {run} continued {resumed['run']}, so its first model is trained; "
+            "export from a fresh run"
+        )
     if tokens_from == "time-consistent" and not append:
-        raise IatError(f"{run} continued {resumed['run']}: its models trained on the earlier rows' labels, so only the rows appended "
-                       f"since get time-consistent tokens: --append the table exported from {resumed['run']} (or --tokens-from final)")
+        raise IatError(
+            f"{run} continued {resumed['run']}: its models trained on the earlier rows' labels, so only the rows "
+            f"appended since get time-consistent tokens: --append the table exported from {resumed['run']} "
+            "(or --tokens-from final)"
+        )
     if append:
         m = TokenTable(append).manifest
         made = (m.get("source_run"), m.get("source_checkpoint"), m.get("log_fingerprint"))
         if made != (resumed["run"], resumed["checkpoint"], resumed["log_fingerprint"]):
-            raise IatError(f"--append {append} was made by {made[0]} ({made[1]}) on log {made[2]}, but {run} continued {resumed['run']} "
-                           f"({resumed['checkpoint']}) on log {resumed['log_fingerprint']}: append to the table of the run it continued")
+            raise IatError(
+                f"--append {append} was made by {made[0]} ({made[1]}) on log {made[2]}, but {run} continued "
+                f"{resumed['run']} ({resumed['checkpoint']}) on log {resumed['log_fingerprint']}: append to the "
+                "table of the run it continued"
+            )
 
 
 def check_append(old: TokenTable, log, dim: int, dtype: str) -> np.ndarray:
@@ -148,7 +173,9 @@ def check_append(old: TokenTable, log, dim: int, dtype: str) -> np.ndarray:
     if version == len(log.segments) - 1:
         raise IatError(f"--append {old.path} is a table of {log.path} itself: nothing was appended since")
     if (old.dim, old.dtype) != (dim, dtype):
-        raise IatError(f"--append {old.path} holds dim {old.dim} {old.dtype} tokens; this export writes dim {dim} {dtype}")
+        raise IatError(
+            f"--append {old.path} holds dim {old.dim} {old.dtype} tokens; this export writes dim {dim} {dtype}"
+        )
     rows = log.rows_of_version(fingerprint)
     if len(rows) != old.rows:
         raise IatError(f"--append {old.path}: {old.rows} rows, but version {fingerprint} of {log.path} has {len(rows)}")

@@ -18,14 +18,14 @@ of a request's history. Two things can go wrong with a table, and neither shows 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Callable
 
 import numpy as np
 import torch
 
-from iat_rec.errors import IatError
 from iat_rec.data.instance_log import time_split
+from iat_rec.errors import IatError
 from iat_rec.eval.metrics import auc
 
 HEALTH_VERSION = 1
@@ -111,11 +111,17 @@ def _probe(tokens: np.ndarray, labels: np.ndarray, train: np.ndarray, rng: np.ra
     fit, ev = np.sort(tr[: len(tr) // 2]), np.sort(tr[len(tr) // 2 :])
     held = np.flatnonzero(~train)
     out: dict = {
-        "auc_train": None, "auc_heldout": None, "leak_gap": None, "l2": PROBE_L2,
+        "auc_train": None,
+        "auc_heldout": None,
+        "leak_gap": None,
+        "l2": PROBE_L2,
         "rows": {"fit": len(fit), "train_eval": len(ev), "heldout": len(held)},
-        "positives": {"fit": _class_counts(labels[fit])[0], "train_eval": _class_counts(labels[ev])[0],
-                      "heldout": _class_counts(labels[held])[0]},
-    }  # fmt: skip
+        "positives": {
+            "fit": _class_counts(labels[fit])[0],
+            "train_eval": _class_counts(labels[ev])[0],
+            "heldout": _class_counts(labels[held])[0],
+        },
+    }
     why = _short("probe fit rows (half the sampled train rows)", labels[fit])
     if why:
         for k in ("auc_train", "auc_heldout", "leak_gap"):
@@ -198,12 +204,18 @@ def token_health(tokens: np.ndarray, labels: np.ndarray, train: np.ndarray, seed
     t, y, tr = t[finite], labels[idx][finite].astype(np.float64), train[idx][finite]
     reasons: dict[str, str] = {}
     h: dict = {
-        "version": HEALTH_VERSION, "rows": int(n), "rows_sampled": int(len(idx)),
-        "nonfinite_rows": int((~finite).sum()), "seed": int(seed), "dim": int(d),
-    }  # fmt: skip
+        "version": HEALTH_VERSION,
+        "rows": int(n),
+        "rows_sampled": int(len(idx)),
+        "nonfinite_rows": int((~finite).sum()),
+        "seed": int(seed),
+        "dim": int(d),
+    }
     if len(t) == 0:
         why = "no rows with finite tokens" if n else "no rows"
-        h.update(saturation=None, dim_std={"min": None, "median": None, "max": None}, dead_dims=None, effective_rank=None)
+        h.update(
+            saturation=None, dim_std={"min": None, "median": None, "max": None}, dead_dims=None, effective_rank=None
+        )
         for k in ("saturation", "dim_std", "dead_dims", "effective_rank"):
             reasons[k] = why
         h["probe"] = {"auc_train": None, "auc_heldout": None, "leak_gap": None, "l2": PROBE_L2}
@@ -264,8 +276,10 @@ def task_index(table, task: int | str) -> int:
     if isinstance(task, str) and not task.lstrip("-").isdigit():
         names = table_task_names(table)
         if names is None:
-            raise IatError(f"{table.path}: the table does not name its tasks (no 'tasks' in its manifest and its "
-                           f"source log is not at {table.manifest.get('log_path')}): give --task as a column index 0..{k - 1}")  # fmt: skip
+            raise IatError(
+                f"{table.path}: the table does not name its tasks (no 'tasks' in its manifest and its "
+                f"source log is not at {table.manifest.get('log_path')}): give --task as a column index 0..{k - 1}"
+            )
         if task not in names:
             raise IatError(f"--task {task!r} not among the table's tasks {names}")
         return names.index(task)
@@ -279,13 +293,21 @@ def _stamp(table, task: int, split: tuple[float, float], seed: int, sample: int)
     """What a stored health report was computed from; it is fresh while all of it matches."""
     m = table.manifest
     return {
-        "source_fingerprint": m.get("source_fingerprint"), "log_fingerprint": m.get("log_fingerprint"),
-        "task": int(task), "split": [float(split[0]), float(split[1])], "seed": int(seed), "sample": int(sample),
-    }  # fmt: skip
+        "source_fingerprint": m.get("source_fingerprint"),
+        "log_fingerprint": m.get("log_fingerprint"),
+        "task": int(task),
+        "split": [float(split[0]), float(split[1])],
+        "seed": int(seed),
+        "sample": int(sample),
+    }
 
 
 def table_health(
-    table, split: tuple[float, float] | None = None, task: int | str = 0, seed: int = 0, sample: int = 20000,
+    table,
+    split: tuple[float, float] | None = None,
+    task: int | str = 0,
+    seed: int = 0,
+    sample: int = 20000,
     read: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict:
     """``token_health`` of a token table for one task (label column, index or name).
@@ -353,16 +375,21 @@ def format_health(h: dict) -> str:
     t = h.get("table")
     lines = ["token health"]
     if t:
-        lines.append(f"  table            task {t['task']}, split {t['split']}, {h.get('train_rows', '?')} train rows of {h['rows']}")
+        lines.append(
+            f"  table            task {t['task']}, split {t['split']}, "
+            f"{h.get('train_rows', '?')} train rows of {h['rows']}"
+        )
     lines += [
         f"  rows sampled     {h['rows_sampled']} of {h['rows']} (seed {h['seed']})"
         + (f", {h['nonfinite_rows']} with non-finite entries left out" if h.get("nonfinite_rows") else ""),
         f"  saturation       {_num(h.get('saturation'), '{:.4f}')}  (fraction of |t| > {SATURATED}){why('saturation')}",
-        f"  dim std          min {_num(s.get('min'), '{:.4g}')}  median {_num(s.get('median'), '{:.4g}')}  max {_num(s.get('max'), '{:.4g}')}{why('dim_std')}",
+        f"  dim std          min {_num(s.get('min'), '{:.4g}')}  median {_num(s.get('median'), '{:.4g}')}  "
+        f"max {_num(s.get('max'), '{:.4g}')}{why('dim_std')}",
         f"  dead dims        {_num(h.get('dead_dims'), '{:d}')} of {h['dim']}  (std < {DEAD_STD:g}){why('dead_dims')}",
         f"  effective rank   {_num(h.get('effective_rank'), '{:.2f}')} of {h['dim']}{why('effective_rank')}",
         f"  probe AUC train  {_num(p.get('auc_train'))}  (own label, other train rows){why('probe.auc_train')}",
         f"  probe AUC held   {_num(p.get('auc_heldout'))}  (own label, held-out rows){why('probe.auc_heldout')}",
-        f"  leak gap         {_num(p.get('leak_gap'), '{:+.3f}')}  (train - held-out; ~0: honest, large +: training tokens carry their label){why('probe.leak_gap')}",
-    ]  # fmt: skip
+        f"  leak gap         {_num(p.get('leak_gap'), '{:+.3f}')}  "
+        f"(train - held-out; ~0: honest, large +: training tokens carry their label){why('probe.leak_gap')}",
+    ]
     return "\n".join(lines)

@@ -85,13 +85,15 @@ class OnlineCompressor(nn.Module):
     ``features``: the sparse features in input order (a permutation of the model's).
     """
 
-    def __init__(self, compressor: "Compressor", features: list[str]):
+    def __init__(self, compressor: Compressor, features: list[str]):
         super().__init__()
         from torchrec.modules.embedding_configs import DataType, PoolingType
 
         modes = {PoolingType.SUM: "sum", PoolingType.MEAN: "mean"}
         base = compressor.base
-        lookups: dict[str, tuple[str, str, str, str]] = {}  # feature -> (collection attribute, its table dict, table, mode)
+        lookups: dict[
+            str, tuple[str, str, str, str]
+        ] = {}  # feature -> (collection attribute, its table dict, table, mode)
         replaced: dict[str, _Tables] = {}
         for attr, inner, configs in (
             ("sparse", "embedding_bags", base.sparse.embedding_bag_configs() if base.sparse is not None else []),
@@ -158,16 +160,22 @@ def resolve_checkpoint(run: str | Path, name: str | None = None) -> Path:
         return path
     rel = Path(name)
     if rel.is_absolute() or ".." in rel.parts:
-        raise IatError(f"--checkpoint {name}: a name inside the run (step_00000012, snapshots/step_00000000, best), not a path")
+        raise IatError(
+            f"--checkpoint {name}: a name inside the run (step_00000012, snapshots/step_00000000, best), not a path"
+        )
     for root in (run / "checkpoints", run / "snapshots", run):
         if (root / rel / ".metadata").is_file():
             return root / rel
     have = sorted(str(p.parent.relative_to(run)) for p in run.glob("*/.metadata"))
-    have += sorted(str(p.parent.relative_to(run)) for d in ("checkpoints", "snapshots") for p in run.glob(f"{d}/step_*/.metadata"))
-    raise IatError(f"--checkpoint {name}: no complete checkpoint of that name in {run} (there are: {', '.join(have) or 'none'})")
+    have += sorted(
+        str(p.parent.relative_to(run)) for d in ("checkpoints", "snapshots") for p in run.glob(f"{d}/step_*/.metadata")
+    )
+    raise IatError(
+        f"--checkpoint {name}: no complete checkpoint of that name in {run} (there are: {', '.join(have) or 'none'})"
+    )
 
 
-def build_online(run: str | Path, checkpoint: str | None = None) -> tuple[OnlineCompressor, dict, "InstanceLog"]:
+def build_online(run: str | Path, checkpoint: str | None = None) -> tuple[OnlineCompressor, dict, InstanceLog]:
     """(the module with the checkpoint's weights, in eval mode; its metadata; the run's log)."""
     from iat_rec.train.stage1 import build_compressor, load_stage1  # the stage-1 code: only to build
 
@@ -185,11 +193,23 @@ def build_online(run: str | Path, checkpoint: str | None = None) -> tuple[Online
         "format": FORMAT,
         "version": VERSION,
         "signature": SIGNATURE,
-        "dense": {"dtype": "float32", "shape": ["B", online.dense_dim], "features": [f.name for f in schema.dense],
-                  "dense_stats": log.manifest.get("dense_stats", [])},
-        "sparse": [{"name": f.name, "num_embeddings": f.num_embeddings, "multi": f.multi, "pooling": pooling[f.name],
-                    "ids": {"dtype": "int64", "shape": [f"n_{f.name}"]}, "lengths": {"dtype": "int64", "shape": ["B"]}}
-                   for f in schema.sparse],
+        "dense": {
+            "dtype": "float32",
+            "shape": ["B", online.dense_dim],
+            "features": [f.name for f in schema.dense],
+            "dense_stats": log.manifest.get("dense_stats", []),
+        },
+        "sparse": [
+            {
+                "name": f.name,
+                "num_embeddings": f.num_embeddings,
+                "multi": f.multi,
+                "pooling": pooling[f.name],
+                "ids": {"dtype": "int64", "shape": [f"n_{f.name}"]},
+                "lengths": {"dtype": "int64", "shape": ["B"]},
+            }
+            for f in schema.sparse
+        ],
         "output": {"dtype": "float32", "shape": ["B", online.iat_dim]},
         "iat_dim": online.iat_dim,
         "scheme": cfg.scheme,
@@ -197,15 +217,19 @@ def build_online(run: str | Path, checkpoint: str | None = None) -> tuple[Online
         "schema": schema.to_dict(),
         "source_run": str(Path(run).resolve()),
         "source_checkpoint": str(path.relative_to(Path(run))),
-        "run_fingerprint": hashlib.blake2b(run_json + str(path.relative_to(Path(run))).encode(), digest_size=16).hexdigest(),
+        "run_fingerprint": hashlib.blake2b(
+            run_json + str(path.relative_to(Path(run))).encode(), digest_size=16
+        ).hexdigest(),
         "log_fingerprint": log.fingerprint,
         "log_path": str(log.path.resolve()),
         "versions": versions(),
-    }  # fmt: skip
+    }
     return online, meta, log
 
 
-def log_inputs(log: "InstanceLog", rows: np.ndarray, features: list[str]) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+def log_inputs(
+    log: InstanceLog, rows: np.ndarray, features: list[str]
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """(dense, ids, lengths) of instance-log rows, in the contract's layout (for checks and
     offline use: it reads the log through ``iat_rec.batching.batch``, which imports TorchRec)."""
     from iat_rec.batching.batch import gather_jagged
@@ -268,8 +292,14 @@ def _check_saved(path: Path, serialization: str, online: OnlineCompressor, sampl
             torch.testing.assert_close(module(*sample), online(*sample), rtol=1e-5, atol=1e-6)
 
 
-def write_online(run: str | Path, out: str | Path, checkpoint: str | None = None, fmt: str = "auto",
-                 overwrite: bool = False, verbose: bool = True) -> Path:  # fmt: skip
+def write_online(
+    run: str | Path,
+    out: str | Path,
+    checkpoint: str | None = None,
+    fmt: str = "auto",
+    overwrite: bool = False,
+    verbose: bool = True,
+) -> Path:
     """Builds the online compressor of ``run`` and writes it to ``out`` atomically; returns ``out``."""
     from iat_rec.train.stage1 import load_stage1
 
@@ -280,8 +310,10 @@ def write_online(run: str | Path, out: str | Path, checkpoint: str | None = None
     check_out(out, "an online compressor", {FORMAT}, META, overwrite, (run, log.path))
     online, meta, log = build_online(run, checkpoint)
     n = min(log.rows, _CHECK_ROWS)
-    checks = [log_inputs(log, np.array([log.rows - 1]), online.features),
-              log_inputs(log, np.linspace(0, log.rows - 1, n).astype(np.int64), online.features)]  # fmt: skip
+    checks = [
+        log_inputs(log, np.array([log.rows - 1]), online.features),
+        log_inputs(log, np.linspace(0, log.rows - 1, n).astype(np.int64), online.features),
+    ]
     example = example_inputs(online)
     order = {"auto": ["torch.export", "torchscript"], "export": ["torch.export"], "torchscript": ["torchscript"]}[fmt]
     with atomic_dir(out) as tmp:
@@ -295,19 +327,32 @@ def write_online(run: str | Path, out: str | Path, checkpoint: str | None = None
                 failed[serialization] = ckpt._last_line(e)
                 path.unlink(missing_ok=True)
                 if verbose and serialization != order[-1]:
-                    print(f"{serialization} failed ({failed[serialization]}): writing {order[order.index(serialization) + 1]} instead",
-                          file=sys.stderr, flush=True)  # fmt: skip
+                    print(
+                        f"{serialization} failed ({failed[serialization]}): "
+                        f"writing {order[order.index(serialization) + 1]} instead",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 continue
             break
         else:
-            raise IatError(f"could not serialise the online compressor of {run}: "
-                           + "; ".join(f"{k}: {v}" for k, v in failed.items()))  # fmt: skip
-        meta.update(serialization=serialization, artifact=path.name, fallback_reason=failed or None,
-                    files=checksums.digests(tmp, [path.name]))  # fmt: skip
+            raise IatError(
+                f"could not serialise the online compressor of {run}: "
+                + "; ".join(f"{k}: {v}" for k, v in failed.items())
+            )
+        meta.update(
+            serialization=serialization,
+            artifact=path.name,
+            fallback_reason=failed or None,
+            files=checksums.digests(tmp, [path.name]),
+        )
         write_json(tmp / META, meta)
     if verbose:
-        print(f"online compressor {out}: {len(online.features)} sparse + {online.dense_dim} dense features -> token "
-              f"[B, {online.iat_dim}] ({serialization}, {meta['source_checkpoint']} of {run})", flush=True)  # fmt: skip
+        print(
+            f"online compressor {out}: {len(online.features)} sparse + {online.dense_dim} dense features -> token "
+            f"[B, {online.iat_dim}] ({serialization}, {meta['source_checkpoint']} of {run})",
+            flush=True,
+        )
     return Path(out)
 
 
@@ -329,8 +374,11 @@ class OnlineTokens:
         except json.JSONDecodeError as e:
             raise IatError(f"{mf}: corrupt metadata: {e}") from None
         if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
-            raise IatError(f"{self.path}: format {self.meta.get('format')} v{self.meta.get('version')}, expected {FORMAT} v{VERSION}: "
-                           "write it again with this version (iat-rec tokens compressor)")  # fmt: skip
+            raise IatError(
+                f"{self.path}: format {self.meta.get('format')} v{self.meta.get('version')}, "
+                f"expected {FORMAT} v{VERSION}: "
+                "write it again with this version (iat-rec tokens compressor)"
+            )
         artifact = self.path / self.meta["artifact"]
         checksums.check(artifact, self.meta)
         self.features = [f["name"] for f in self.meta["sparse"]]
@@ -344,22 +392,33 @@ class OnlineTokens:
 
     def check(self, dense: torch.Tensor, ids: list[torch.Tensor], lengths: list[torch.Tensor]) -> None:
         """Refuses a request that breaks the contract, with the feature's name."""
-        if not isinstance(dense, torch.Tensor) or dense.dtype != torch.float32 or dense.dim() != 2 or dense.shape[1] != self.dense_dim:
-            raise IatError(f"dense must be float32 [B, {self.dense_dim}] ({', '.join(self.meta['dense']['features'])}), "
-                           f"not {getattr(dense, 'dtype', type(dense).__name__)} {list(getattr(dense, 'shape', []))}")  # fmt: skip
+        if (
+            not isinstance(dense, torch.Tensor)
+            or dense.dtype != torch.float32
+            or dense.dim() != 2
+            or dense.shape[1] != self.dense_dim
+        ):
+            raise IatError(
+                f"dense must be float32 [B, {self.dense_dim}] ({', '.join(self.meta['dense']['features'])}), "
+                f"not {getattr(dense, 'dtype', type(dense).__name__)} {list(getattr(dense, 'shape', []))}"
+            )
         b = dense.shape[0]
         if b < 1:
             raise IatError("a request needs at least one row")
         if len(ids) != len(self.features) or len(lengths) != len(self.features):
-            raise IatError(f"ids and lengths need one tensor per sparse feature, in order {self.features} "
-                           f"(got {len(ids)} ids and {len(lengths)} lengths)")  # fmt: skip
+            raise IatError(
+                f"ids and lengths need one tensor per sparse feature, in order {self.features} "
+                f"(got {len(ids)} ids and {len(lengths)} lengths)"
+            )
         for name, n, v, ln in zip(self.features, self.num_embeddings, ids, lengths):
             if ln.dtype != torch.int64 or ln.shape != (b,):
                 raise IatError(f"lengths of {name} must be int64 [{b}], not {ln.dtype} {list(ln.shape)}")
             if v.dtype != torch.int64 or v.dim() != 1:
                 raise IatError(f"ids of {name} must be an int64 vector, not {v.dtype} {list(v.shape)}")
             if bool((ln < 0).any()) or int(ln.sum()) != v.numel():
-                raise IatError(f"lengths of {name} must be >= 0 and add up to its {v.numel()} ids (they add up to {int(ln.sum())})")
+                raise IatError(
+                    f"lengths of {name} must be >= 0 and add up to its {v.numel()} ids (they add up to {int(ln.sum())})"
+                )
             if v.numel() and (int(v.min()) < 0 or int(v.max()) >= n):
                 raise IatError(f"ids of {name} must lie in [0, {n}) (got {int(v.min())}..{int(v.max())})")
 

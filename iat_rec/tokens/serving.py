@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from iat_rec.errors import IatError
 from iat_rec.batching.history import LABEL_UNKNOWN, expand_ranges, side_info
+from iat_rec.errors import IatError
 from iat_rec.tokens.table import TokenTable
 
 
@@ -52,10 +52,14 @@ class History:
 
     def to_json(self, tasks: list[str]) -> dict:
         return {
-            "user": self.user, "t": self.t, "rows": self.rows.tolist(), "ts": self.ts.tolist(),
+            "user": self.user,
+            "t": self.t,
+            "rows": self.rows.tolist(),
+            "ts": self.ts.tolist(),
             "labels": {task: self.labels[:, k].tolist() for k, task in enumerate(tasks)},
-            "label_unknown": LABEL_UNKNOWN, "tokens": self.tokens.tolist(),
-        }  # fmt: skip
+            "label_unknown": LABEL_UNKNOWN,
+            "tokens": self.tokens.tolist(),
+        }
 
 
 class TokenStore:
@@ -66,7 +70,9 @@ class TokenStore:
         self.table.check_files()
         self.tokens = self.table.read_rows(0, self.table.rows).float().numpy()
         self.ts, self.labels, self.label_time = (self.table.side(n) for n in ("ts", "labels", "label_time"))
-        self.tasks: list[str] = list(self.table.manifest.get("tasks") or [f"task{k}" for k in range(self.labels.shape[1])])
+        self.tasks: list[str] = list(
+            self.table.manifest.get("tasks") or [f"task{k}" for k in range(self.labels.shape[1])]
+        )
 
     def histories(self, users: list[str], times: list[int], last: int = 256) -> list[History]:
         """The history of each request (user key, time): its user's last ``last`` instances before it."""
@@ -88,7 +94,6 @@ class TokenStore:
 
     def history(self, user: str, t: int, last: int = 256) -> History:
         return self.histories([user], [t], last)[0]
-
 
     def columns(self) -> dict[str, np.ndarray]:
         """Every row of the table as named columns (row, user, ts, <task>, <task>_time, token)."""
@@ -127,7 +132,10 @@ def export_rows(tokens: str | Path, out: str | Path, fmt: str, overwrite: bool =
         with atomic_dir(out) as tmp:
             for name, values in cols.items():
                 np.save(tmp / f"{name}.npy", values)
-            write_json(tmp / "export.json", {"format": ROWS_FORMAT, "tokens": str(Path(tokens).resolve()), "columns": list(cols)})
+            write_json(
+                tmp / "export.json",
+                {"format": ROWS_FORMAT, "tokens": str(Path(tokens).resolve()), "columns": list(cols)},
+            )
         return out
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -145,7 +153,9 @@ def export_rows(tokens: str | Path, out: str | Path, fmt: str, overwrite: bool =
 
 
 def export_cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="iat-rec tokens export", description="every row of a token table, for a feature store")
+    p = argparse.ArgumentParser(
+        prog="iat-rec tokens export", description="every row of a token table, for a feature store"
+    )
     p.add_argument("tokens", help="token table directory")
     p.add_argument("--out", required=True, help="a .parquet file, or a directory (--format npy)")
     p.add_argument("--format", choices=["parquet", "npy"], default="parquet")
@@ -159,15 +169,30 @@ def export_cli(argv: list[str]) -> int:
 def compressor_cli(argv: list[str]) -> int:
     from iat_rec.tokens import online  # torch.export and the stage-1 code: only for this subcommand
 
-    p = argparse.ArgumentParser(prog="iat-rec tokens compressor", description=online.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="iat-rec tokens compressor",
+        description=online.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--stage1", "--run", dest="run", required=True, help="stage-1 run directory")
-    p.add_argument("--out", required=True, help="directory to write: the artifact and compressor.json (the input contract)")
-    p.add_argument("--checkpoint", default=None,
-                   help="which weights: the run's latest checkpoint (default), or a checkpoint's name under RUN/checkpoints, "
-                        "RUN/snapshots or RUN (step_00000012, snapshots/step_00000000, best)")  # fmt: skip
-    p.add_argument("--format", choices=online.FORMATS, default="auto",
-                   help="auto (default): torch.export (.pt2), TorchScript (.ts) where export fails; export or torchscript: that one only")
+    p.add_argument(
+        "--out", required=True, help="directory to write: the artifact and compressor.json (the input contract)"
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="which weights: the run's latest checkpoint (default), or a checkpoint's name under RUN/checkpoints, "
+        "RUN/snapshots or RUN (step_00000012, snapshots/step_00000000, best)",
+    )
+    p.add_argument(
+        "--format",
+        choices=online.FORMATS,
+        default="auto",
+        help=(
+            "auto (default): torch.export (.pt2), TorchScript (.ts) where export fails; "
+            "export or torchscript: that one only"
+        ),
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an online compressor already at --out")
     a = p.parse_args(argv)
     online.write_online(a.run, a.out, a.checkpoint, a.format, a.overwrite)
@@ -175,7 +200,9 @@ def compressor_cli(argv: list[str]) -> int:
 
 
 def cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="iat-rec tokens lookup", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="iat-rec tokens lookup", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("tokens", help="token table directory")
     p.add_argument("--user", required=True, help="the raw user key")
     p.add_argument("--time", required=True, type=int, help="request time (seconds): instances strictly before it")
@@ -189,7 +216,9 @@ def cli(argv: list[str]) -> int:
         return 0
     print(f"user {h.user!r}, t {h.t}: {len(h.rows)} instances (of at most {a.last}) before t")
     for i, row in enumerate(h.rows):
-        labels = " ".join(f"{task}={'?' if c == LABEL_UNKNOWN else int(c)}" for task, c in zip(store.tasks, h.labels[i]))
+        labels = " ".join(
+            f"{task}={'?' if c == LABEL_UNKNOWN else int(c)}" for task, c in zip(store.tasks, h.labels[i])
+        )
         token = " ".join(f"{x:+.3f}" for x in h.tokens[i][:6])
         print(f"  row {row:>9}  ts {h.ts[i]}  {labels}  token [{token} ...] |{np.linalg.norm(h.tokens[i]):.3f}|")
     return 0

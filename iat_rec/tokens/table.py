@@ -31,11 +31,11 @@ from torch import nn
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.modules.embedding_modules import EmbeddingCollection
 
+from iat_rec.batching.history import HistoryIndex
 from iat_rec.dist import checksums
 from iat_rec.dist.atomic import collective_atomic_dir, write_json
 from iat_rec.dist.checkpoint import dcp_load, read_metadata
 from iat_rec.errors import IatError
-from iat_rec.batching.history import HistoryIndex
 from iat_rec.tables import TOKEN_TABLE, token_table_config
 
 FORMAT = "iat-token-table"
@@ -67,8 +67,11 @@ class TokenTable:
         except json.JSONDecodeError as e:
             raise IatError(f"{mf}: corrupt manifest: {e}") from None
         if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
-            raise IatError(f"{self.path}: format {self.manifest.get('format')} v{self.manifest.get('version')}, expected {FORMAT} v{VERSION}: "
-                           "export it again with this version")
+            raise IatError(
+                f"{self.path}: format {self.manifest.get('format')} v{self.manifest.get('version')}, "
+                f"expected {FORMAT} v{VERSION}: "
+                "export it again with this version"
+            )
         if not (self.path / "table" / ".metadata").is_file():
             raise IatError(f"{self.path}/table: missing or incomplete checkpoint (.metadata absent)")
         self.rows: int = int(self.manifest["rows"])
@@ -83,7 +86,9 @@ class TokenTable:
         shape = tuple(weight.size) if weight is not None else None
         if shape != (self.rows, self.dim):
             held = f"weights of shape {list(shape)}" if shape else "no token weights"
-            raise IatError(f"{self.path}: manifest.json says {self.rows} rows x dim {self.dim}, but the table holds {held}")
+            raise IatError(
+                f"{self.path}: manifest.json says {self.rows} rows x dim {self.dim}, but the table holds {held}"
+            )
 
     def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-dimension (mean, std) of the tokens over every row (stage 2 standardises with them)."""
@@ -137,9 +142,7 @@ class TokenTable:
         return ec.state_dict()[WEIGHT_KEY][start:stop].clone()
 
 
-def save_table(
-    out: str | Path, collection: nn.Module, manifest: dict, side: dict[str, np.ndarray]
-) -> Path:
+def save_table(out: str | Path, collection: nn.Module, manifest: dict, side: dict[str, np.ndarray]) -> Path:
     """Collective: writes the (sharded) table with DCP, rank 0 the rest; renamed at the end."""
     out = Path(out)
     with collective_atomic_dir(out) as tmp:
@@ -157,10 +160,15 @@ def cli(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="iat-rec tokens show", description="print a token table's manifest and rows")
     p.add_argument("tokens", help="token table directory")
     p.add_argument("--rows", default=None, help="row range START:STOP (default 0:5; with --health, rows only if given)")
-    p.add_argument("--health", action="store_true",
-                   help="print the token-health report: saturation, dim std, effective rank, own-label probe AUC and leak gap "
-                        "(the manifest's stored report if fresh, else computed)")  # fmt: skip
-    p.add_argument("--task", default=None, help="with --health: the label (name or column index) to probe (default: the first)")
+    p.add_argument(
+        "--health",
+        action="store_true",
+        help="print the token-health report: saturation, dim std, effective rank, own-label probe AUC and leak gap "
+        "(the manifest's stored report if fresh, else computed)",
+    )
+    p.add_argument(
+        "--task", default=None, help="with --health: the label (name or column index) to probe (default: the first)"
+    )
     args = p.parse_args(argv)
     table = TokenTable(args.tokens)
     if args.task is not None and not args.health:

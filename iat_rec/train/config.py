@@ -61,7 +61,8 @@ class TrainConfig:
     hbm_gb: float = 0.0  # 0: the device's real memory
     constraints: str = ""  # JSON file of per-table planner constraints
     resume: bool = False  # continue the run at --out from its latest checkpoint (same config but the budget)
-    resume_from: str = ""  # a finished run of this stage on an earlier version of --data (iat-rec data append): start from its weights and optimizer state and train on the rows appended since
+    resume_from: str = ""  # a finished run of this stage on an earlier version of --data (iat-rec data append): start
+    #   from its weights and optimizer state and train on the rows appended since
     overwrite: bool = False  # replace an existing run at --out (without it, or --resume, an existing run is refused)
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True  # a progress bar on rank 0
@@ -109,16 +110,24 @@ def to_dict(cfg) -> dict[str, Any]:
 
 def field_comments(cls) -> dict[str, str]:
     """Each field's trailing ``# comment`` in the class source: the flags' help text, written
-    once, beside the field."""
+    once, beside the field. It continues on the comment lines right below the field that start
+    with ``#`` and two or more spaces (``#   more text``); a ``# comment`` line is not help."""
     out: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
             continue
         lines = inspect.getsource(klass).splitlines()
+        name = None  # the field whose help the next continuation line extends
         for line in lines:
             m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
+            c = re.match(r"\s+#\s\s+(\S.*)$", line)
             if m:
-                out[m.group(1)] = m.group(2).strip()
+                name = m.group(1)
+                out[name] = m.group(2).strip()
+            elif c and name:
+                out[name] += " " + c.group(1).strip()
+            else:
+                name = None
     return out
 
 
@@ -176,14 +185,46 @@ def resolve(cls, args: argparse.Namespace, config_file: str | None):
 
 # Value rules by field name, wherever the field sits (nested configs included); checked before
 # any rank starts, so a bad value is one error line and nothing is written.
-_AT_LEAST_1 = ("batch_size", "window", "keep_checkpoints", "emb_dim", "num_tokens", "token_dim", "interaction_layers", "hidden",
-               "iat_dim", "sit_layers", "sit_heads", "prefix", "max_len", "reader_dim", "reader_layers", "reader_heads",
-               "decompress", "head")  # fmt: skip
-_AT_LEAST_0 = ("steps", "eval_every", "eval_batches", "early_stop", "ckpt_every", "num_workers", "hbm_gb", "slices", "reconstruct")
+_AT_LEAST_1 = (
+    "batch_size",
+    "window",
+    "keep_checkpoints",
+    "emb_dim",
+    "num_tokens",
+    "token_dim",
+    "interaction_layers",
+    "hidden",
+    "iat_dim",
+    "sit_layers",
+    "sit_heads",
+    "prefix",
+    "max_len",
+    "reader_dim",
+    "reader_layers",
+    "reader_heads",
+    "decompress",
+    "head",
+)
+_AT_LEAST_0 = (
+    "steps",
+    "eval_every",
+    "eval_batches",
+    "early_stop",
+    "ckpt_every",
+    "num_workers",
+    "hbm_gb",
+    "slices",
+    "reconstruct",
+)
 _POSITIVE = ("epochs", "dense_lr", "sparse_lr")
 DEVICES = ("auto", "cpu", "cuda")  # --device of every program
 SCHEMES = ("temporal", "user")  # stage-1 training orders
-_CHOICES = {"device": DEVICES, "scheme": SCHEMES, "interaction": ("rankmixer", "dcnv2"), "sparse_optimizer": ("rowwise_adagrad", "adagrad", "sgd", "adam")}
+_CHOICES = {
+    "device": DEVICES,
+    "scheme": SCHEMES,
+    "interaction": ("rankmixer", "dcnv2"),
+    "sparse_optimizer": ("rowwise_adagrad", "adagrad", "sgd", "adam"),
+}
 
 
 def _type_ok(value, typ) -> bool:

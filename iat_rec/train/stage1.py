@@ -35,7 +35,9 @@ def build_compressor(log: InstanceLog, cfg: CompressConfig, prefix_table: TokenT
         side_tasks=len(log.schema.labels),
         cfg=cfg.model,
         window=cfg.window if cfg.scheme == "user" else None,
-        prefix_table=token_table_config(prefix_table.rows, prefix_table.dim, prefix_table.dtype) if prefix_table else None,
+        prefix_table=token_table_config(prefix_table.rows, prefix_table.dim, prefix_table.dtype)
+        if prefix_table
+        else None,
         prefix_len=cfg.prefix,
         reconstruct=cfg.reconstruct,
         reconstruct_features=reconstructed(log.schema, cfg),
@@ -65,7 +67,9 @@ class StreamBatchMaker:
         return extend(
             base,
             StreamBatch,
-            prefix_ids=KeyedJaggedTensor.from_lengths_sync([TOKEN_FEATURE], torch.from_numpy(ids), torch.from_numpy(length.astype(np.int32))),
+            prefix_ids=KeyedJaggedTensor.from_lengths_sync(
+                [TOKEN_FEATURE], torch.from_numpy(ids), torch.from_numpy(length.astype(np.int32))
+            ),
             prefix_valid=torch.from_numpy(np.arange(self.prefix)[None, :] < length[:, None]),
         )
 
@@ -81,10 +85,18 @@ def make_dataset(log: InstanceLog, rows: np.ndarray, cfg: CompressConfig, rank: 
         units, window = user_windows(log, rows, cfg.window), cfg.window
         units = units[np.argsort(np.asarray(log.ts)[units[:, 0]], kind="stable")]
     return BatchDataset(
-        log, units, cfg.batch_size, rank, world_size, window=window, seed=cfg.seed,
-        make=SelectTasks(StreamBatchMaker(cfg.prefix, cfg.window) if cfg.stream else make_window_batch if window else make_batch,
-                         select_tasks(log.schema, cfg.tasks)[1]),
-    )  # fmt: skip
+        log,
+        units,
+        cfg.batch_size,
+        rank,
+        world_size,
+        window=window,
+        seed=cfg.seed,
+        make=SelectTasks(
+            StreamBatchMaker(cfg.prefix, cfg.window) if cfg.stream else make_window_batch if window else make_batch,
+            select_tasks(log.schema, cfg.tasks)[1],
+        ),
+    )
 
 
 def slice_steps(steps_per_epoch: int, slices: int, total_steps: int) -> tuple[int, ...]:
@@ -131,5 +143,7 @@ def load_stage1(run: str | Path) -> tuple[CompressConfig, dict, InstanceLog]:
     cfg = from_dict(CompressConfig, {"reconstruct": 0.0, **info["config"]}, where=str(path))
     log = InstanceLog(cfg.data)
     if log.fingerprint != info["log_fingerprint"]:
-        raise IatError(f"{cfg.data} changed since {run} was trained (fingerprint {log.fingerprint} != {info['log_fingerprint']})")
+        raise IatError(
+            f"{cfg.data} changed since {run} was trained (fingerprint {log.fingerprint} != {info['log_fingerprint']})"
+        )
     return cfg, info, log

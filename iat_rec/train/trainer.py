@@ -17,8 +17,9 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,18 +32,19 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
+from iat_rec.batching.loaders import BatchDataset, EpochLoader
 from iat_rec.dist import checkpoint as ckpt
 from iat_rec.dist.atomic import write_json, write_text
-from iat_rec.train.config import TrainConfig, add_flags, resolve, to_dict
 from iat_rec.dist.env import DistEnv, run_ranks
 from iat_rec.errors import IatError
-from iat_rec.batching.loaders import BatchDataset, EpochLoader
 from iat_rec.eval.metrics import EvalMetrics
-from iat_rec.sharding.topology import build_topology
+from iat_rec.sharding.constraints import parse_constraints
 from iat_rec.sharding.plan_json import load_plan, plan_to_json, save_plan
 from iat_rec.sharding.planning import make_plan
-from iat_rec.sharding.constraints import parse_constraints
+from iat_rec.sharding.topology import build_topology
 from iat_rec.tables import TOKENS_PATH
+from iat_rec.train.config import TrainConfig, add_flags, resolve, to_dict
+
 
 def _sparse_optimizer(name: str, lr: float) -> tuple[type, dict[str, Any]]:
     import torchrec.optim as trec_optim
@@ -62,7 +64,12 @@ def embedding_params(model: nn.Module) -> list[nn.Parameter]:
     """Parameters of every embedding collection in ``model`` (they get the fused optimizer)."""
     from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
-    return [p for m in model.modules() if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)) for p in m.parameters()]
+    return [
+        p
+        for m in model.modules()
+        if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection))
+        for p in m.parameters()
+    ]
 
 
 def shard(
@@ -80,9 +87,7 @@ def shard(
     if params:
         apply_optimizer_in_backward(cls, params, kw)
     if plan is None:
-        topology = build_topology(
-            env.world_size, env.local_world_size, env.device.type, hbm_gb=cfg.hbm_gb or None
-        )
+        topology = build_topology(env.world_size, env.local_world_size, env.device.type, hbm_gb=cfg.hbm_gb or None)
         constraints = dict(extra_constraints or {})
         if cfg.constraints:
             path = Path(cfg.constraints)
@@ -192,7 +197,9 @@ class Trainer:
         return {k: v for k, v in self.model.state_dict().items() if not _frozen(k)}
 
     def _snapshot(self, step: int) -> None:
-        ckpt.save_snapshot(snapshot_path(self.out, step), self._weights(), {"step": step, "world_size": self.env.world_size})
+        ckpt.save_snapshot(
+            snapshot_path(self.out, step), self._weights(), {"step": step, "world_size": self.env.world_size}
+        )
 
     def _best(self) -> dict | None:
         meta = self.out / BEST / "meta.json"
@@ -309,7 +316,10 @@ class Trainer:
                 for k, v in vals.items():
                     if k != "n":  # logloss in nats
                         writer.add_scalar(f"valid/{task}/{k}", v, step)
-            summary = ", ".join(f"{t}: auc {m['auc']:.4f} gauc {m['gauc']:.4f} logloss {m['logloss']:.4f} nats ne {m['ne']:.4f}" for t, m in metrics.items())
+            summary = ", ".join(
+                f"{t}: auc {m['auc']:.4f} gauc {m['gauc']:.4f} logloss {m['logloss']:.4f} nats ne {m['ne']:.4f}"
+                for t, m in metrics.items()
+            )
             tqdm.write(f"step {step} valid {summary}")
         return {"step": step, "metrics": metrics}
 
@@ -334,7 +344,9 @@ def truncate_log(path: Path, step: int) -> None:
     write_text(path, "".join(kept))
 
 
-def segments(start: int, steps: int, eval_every: int, ckpt_every: int, stops: Iterable[int] = ()) -> list[tuple[int, int]]:
+def segments(
+    start: int, steps: int, eval_every: int, ckpt_every: int, stops: Iterable[int] = ()
+) -> list[tuple[int, int]]:
     """(first, last] step ranges between evaluations/checkpoints/``stops``, ending at ``steps``."""
     ends = {steps} | {s for every in (eval_every, ckpt_every) if every for s in range(every, steps, every)}
     ends |= {s for s in stops if 0 < s < steps}
@@ -360,8 +372,23 @@ def evaluate(
 
 # what a resume may change: the budget and how it is run, never the model, data or optimisation
 # (a moved run or log is the same: the log is compared by fingerprint)
-RESUMABLE = {"steps", "epochs", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints", "num_workers",
-             "progress", "resume", "overwrite", "device", "hbm_gb", "constraints", "out", "data"}
+RESUMABLE = {
+    "steps",
+    "epochs",
+    "eval_every",
+    "eval_batches",
+    "ckpt_every",
+    "keep_checkpoints",
+    "num_workers",
+    "progress",
+    "resume",
+    "overwrite",
+    "device",
+    "hbm_gb",
+    "constraints",
+    "out",
+    "data",
+}
 
 
 def changed_options(recorded: dict, cfg: TrainConfig, allowed: set[str]) -> list[str]:
@@ -380,17 +407,33 @@ def check_resume(cfg: TrainConfig, env: DistEnv, log_fingerprint: str) -> None:
     ckpt.check_world_size(path, env.world_size)
     info = json.loads((Path(cfg.out) / "run.json").read_text())
     if info.get("log_fingerprint") != log_fingerprint:
-        raise IatError(f"--resume: {cfg.out} was trained on instance log {info.get('log_fingerprint')}, "
-                       f"{cfg.data} is {log_fingerprint}: start a new run")
+        raise IatError(
+            f"--resume: {cfg.out} was trained on instance log {info.get('log_fingerprint')}, "
+            f"{cfg.data} is {log_fingerprint}: start a new run"
+        )
     changed = changed_options(info["config"], cfg, RESUMABLE)
     if changed:
-        raise IatError(f"--resume: {cfg.out} was trained with other {', '.join(changed)} "
-                       f"(only {', '.join(sorted(RESUMABLE - {'resume', 'overwrite', 'out', 'data'}))} may change): start a new run")
+        raise IatError(
+            f"--resume: {cfg.out} was trained with other {', '.join(changed)} "
+            f"(only {', '.join(sorted(RESUMABLE - {'resume', 'overwrite', 'out', 'data'}))} may change): "
+            "start a new run"
+        )
 
 
 # what --resume-from may change from the earlier run: the data (a later version), the budget and
 # how it is run, the tables it reads, seed, split and learning rates; never the model
-CONTINUABLE = RESUMABLE | {"resume_from", "tokens", "stage1", "seed", "split", "dense_lr", "sparse_lr", "early_stop", "slices", "warm_start"}
+CONTINUABLE = RESUMABLE | {
+    "resume_from",
+    "tokens",
+    "stage1",
+    "seed",
+    "split",
+    "dense_lr",
+    "sparse_lr",
+    "early_stop",
+    "slices",
+    "warm_start",
+}
 
 
 def check_resume_from(cfg: TrainConfig, stage: str, log) -> dict:
@@ -410,20 +453,32 @@ def check_resume_from(cfg: TrainConfig, stage: str, log) -> dict:
         raise IatError(f"--resume-from {run}: no checkpoint (it has not finished)")
     version = log.version_index(info["log_fingerprint"])
     if version == len(log.segments) - 1:
-        raise IatError(f"--resume-from {run} was trained on {cfg.data} itself: nothing was appended since (iat-rec data append)")
+        raise IatError(
+            f"--resume-from {run} was trained on {cfg.data} itself: nothing was appended since (iat-rec data append)"
+        )
     changed = changed_options(info["config"], cfg, CONTINUABLE)
     if changed:
-        raise IatError(f"--resume-from {run} was trained with other {', '.join(changed)}: its weights do not fit this model")
+        raise IatError(
+            f"--resume-from {run} was trained with other {', '.join(changed)}: its weights do not fit this model"
+        )
     if info.get("train_until") is None:
-        raise IatError(f"--resume-from {run}: its run.json records no train_until (made before iat-rec data append existed): "
-                       "train a new run on the earlier version first")
-    return {"run": str(run.resolve()), "checkpoint": last.name, "log_fingerprint": info["log_fingerprint"], "train_until": info["train_until"]}
+        raise IatError(
+            f"--resume-from {run}: its run.json records no train_until (made before iat-rec data append existed): "
+            "train a new run on the earlier version first"
+        )
+    return {
+        "run": str(run.resolve()),
+        "checkpoint": last.name,
+        "log_fingerprint": info["log_fingerprint"],
+        "train_until": info["train_until"],
+    }
 
 
 def check_same_sharding(plan, earlier, run: str) -> None:
     """Refuses a plan whose tables are sharded otherwise (type, kernel, column shards) than
     ``earlier``'s: their optimizer state (fused row-wise Adagrad, or a data-parallel table's
     Adam) would not load."""
+
     def shape(p) -> dict:
         out = {}
         for path, tables in plan_to_json(p)["plan"].items():
@@ -437,9 +492,11 @@ def check_same_sharding(plan, earlier, run: str) -> None:
     now, was = shape(plan), shape(earlier)
     differ = sorted(t for t in now.keys() & was.keys() if now[t] != was[t])
     if differ:
-        raise IatError(f"--resume-from {run}: tables {differ} are sharded otherwise here ({[now[t] for t in differ]} against "
-                       f"{[was[t] for t in differ]}): their optimizer state cannot load. Run on its world size, with its "
-                       "constraints and --hbm-gb")
+        raise IatError(
+            f"--resume-from {run}: tables {differ} are sharded otherwise here ({[now[t] for t in differ]} against "
+            f"{[was[t] for t in differ]}): their optimizer state cannot load. Run on its world size, with its "
+            "constraints and --hbm-gb"
+        )
 
 
 def train_until(log, rows: np.ndarray) -> int | None:
@@ -467,7 +524,14 @@ def program_cli(argv: list[str], module: str, parser: argparse.ArgumentParser, c
 
 def progress_bar(total: int, initial: int, desc: str, unit: str, enabled: bool) -> tqdm:
     """A rank-0 progress bar; redrawn every 10 s when the output is a log file, not a terminal."""
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, mininterval=0.1 if sys.stderr.isatty() else 10.0)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit=unit,
+        disable=not enabled,
+        mininterval=0.1 if sys.stderr.isatty() else 10.0,
+    )
 
 
 def _writer(path: Path):
