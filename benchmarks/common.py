@@ -31,8 +31,9 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -49,6 +50,7 @@ SUMMARY_KEYS = ("metric", "value", "unit", "vs", "ratio", "target", "meets_targe
 TARGETS = {
     "tbe_copy_ratio": 0.60,
     "fetch_copy_ratio": 0.70,
+    "fetch_copy_ratio_model_path": 0.85,
     "reader_mfu": 0.35,
     "scaling_2gpu": 1.8,
     "scaling_eff_8gpu": 0.85,
@@ -65,20 +67,33 @@ def base_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=f"iat-rec bench {name}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--out", default=None,
-                   help=f"JSON file, or a directory for {name}-<device>.json (default benchmarks/results/)")
+    p.add_argument(
+        "--out", default=None, help=f"JSON file, or a directory for {name}-<device>.json (default benchmarks/results/)"
+    )
     p.add_argument("--device", default="auto", choices=DEVICES)
-    p.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=None,
-                   help="CI-sized run (default: on for CPU, off for CUDA)")
+    p.add_argument(
+        "--tiny",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CI-sized run (default: on for CPU, off for CUDA)",
+    )
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per case")
     p.add_argument("--iters", type=int, default=None, help="timed steps per case")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default=None, help="directory for the synthetic data (default: a temporary one)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 for tiny CPU runs, which share cores in CI; else torch's)")
-    p.add_argument("--profile", default=None, metavar="DIR",
-                   help="after timing each case, profile a few more steps with torch.profiler and write "
-                        "DIR/<benchmark>-<case>-profile.txt (the top kernels by self device time)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: 1 for tiny CPU runs, which share cores in CI; else torch's)",
+    )
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="after timing each case, profile a few more steps with torch.profiler and write "
+        "DIR/<benchmark>-<case>-profile.txt (the top kernels by self device time)",
+    )
     return p
 
 
@@ -119,8 +134,13 @@ class Run:
 
 
 @contextlib.contextmanager
-def bench_run(name: str, args: argparse.Namespace, warmup: tuple[int, int] = (1, 10),
-              iters: tuple[int, int] = (3, 50), limits: bool = True) -> Iterator[Run]:
+def bench_run(
+    name: str,
+    args: argparse.Namespace,
+    warmup: tuple[int, int] = (1, 10),
+    iters: tuple[int, int] = (3, 50),
+    limits: bool = True,
+) -> Iterator[Run]:
     """Device, tiny mode, a work directory and the limits; cleans the work directory up."""
     import tempfile
 
@@ -144,8 +164,11 @@ def bench_run(name: str, args: argparse.Namespace, warmup: tuple[int, int] = (1,
         run = Run(name, args, device, tiny, pick(args.warmup, tiny, *warmup), pick(args.iters, tiny, *iters), work)
         if limits:
             run.limits = measure_limits(device, tiny)
-            print(f"[{name}] {device_name(device)}: copy {run.limits['copy_gbs']:.1f} GB/s, "
-                  f"bf16 matmul {run.limits['bf16_tflops']:.1f} TFLOP/s", flush=True)
+            print(
+                f"[{name}] {device_name(device)}: copy {run.limits['copy_gbs']:.1f} GB/s, "
+                f"bf16 matmul {run.limits['bf16_tflops']:.1f} TFLOP/s",
+                flush=True,
+            )
         yield run
 
 
@@ -249,7 +272,7 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int
     return Timing(statistics.median(times), wall * 1e3 / iters, min(times), max(times), iters)
 
 
-def profile_case(run: "Run", case: str, fn: Callable[[], Any], steps: int = 5) -> Path | None:
+def profile_case(run: Run, case: str, fn: Callable[[], Any], steps: int = 5) -> Path | None:
     """With ``--profile DIR``: ``steps`` more calls of ``fn`` under torch.profiler; the top ops by
     self device time (CPU time on CPU) go to DIR/<benchmark>-<case>-profile.txt. Untimed."""
     if not getattr(run.args, "profile", None) or (dist.is_initialized() and dist.get_rank() != 0):
@@ -269,8 +292,10 @@ def profile_case(run: "Run", case: str, fn: Callable[[], Any], steps: int = 5) -
         sort = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
     path = Path(run.args.profile) / f"{run.name}-{case.replace('/', '_')}-profile.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{run.name} {case}: {steps} steps, {device_name(run.device)}\n"
-                    + events.table(sort_by=sort, row_limit=30, max_name_column_width=90))
+    path.write_text(
+        f"{run.name} {case}: {steps} steps, {device_name(run.device)}\n"
+        + events.table(sort_by=sort, row_limit=30, max_name_column_width=90)
+    )
     print(f"[{run.name}] profile of {case}: {path}", flush=True)
     return path
 
@@ -317,7 +342,7 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int | None = None, iters: i
     src = torch.ones(n, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     t = time_fn(lambda: dst.copy_(src), device, warmup=3, iters=iters)
-    del src, dst
+    src = dst = None  # the timed lambda holds them: release before free()
     free(device)
     return 2 * n * 4 / (t.median_ms * 1e-3) / 1e9
 
@@ -330,7 +355,7 @@ def bf16_matmul_tflops(device: torch.device, n: int | None = None, iters: int = 
     b = torch.randn(n, n, device=device).to(torch.bfloat16)
     out = torch.empty(n, n, device=device, dtype=torch.bfloat16)
     t = time_fn(lambda: torch.matmul(a, b, out=out), device, warmup=3, iters=iters)
-    del a, b, out
+    a = b = out = None  # the timed lambda holds them: release before free()
     free(device)
     return 2.0 * n**3 / (t.median_ms * 1e-3) / 1e12
 
@@ -363,13 +388,21 @@ def row(case: str, timing: Timing | None, samples_per_step: float, peak: int, **
     return out
 
 
-def summary_item(run: Run, metric: str, value: float | None, unit: str, vs: str,
-                 ratio: float | None, target_key: str | None = None) -> dict[str, Any]:
+def summary_item(
+    run: Run, metric: str, value: float | None, unit: str, vs: str, ratio: float | None, target_key: str | None = None
+) -> dict[str, Any]:
     """One headline figure and its ratio to a limit or peer; targets apply on CUDA only."""
     target = TARGETS.get(target_key) if target_key else None
     meets = None if (target is None or ratio is None or not run.cuda) else bool(ratio >= target)
-    return {"metric": metric, "value": value, "unit": unit, "vs": vs, "ratio": ratio,
-            "target": target, "meets_target": meets}
+    return {
+        "metric": metric,
+        "value": value,
+        "unit": unit,
+        "vs": vs,
+        "ratio": ratio,
+        "target": target,
+        "meets_target": meets,
+    }
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -385,8 +418,14 @@ def out_path(name: str, out: str | None, device: torch.device) -> Path:
     return Path(out or RESULTS_DIR) / f"{name}-{device_slug(device)}.json"
 
 
-def finish(run: Run, config: dict[str, Any], rows: list[dict[str, Any]], summary: list[dict[str, Any]],
-           columns: Iterable[tuple[str, str, str]] | None = None, notes: list[str] | None = None) -> Path | None:
+def finish(
+    run: Run,
+    config: dict[str, Any],
+    rows: list[dict[str, Any]],
+    summary: list[dict[str, Any]],
+    columns: Iterable[tuple[str, str, str]] | None = None,
+    notes: list[str] | None = None,
+) -> Path | None:
     """Prints the table and writes the JSON (rank 0 only); returns its path."""
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
@@ -396,9 +435,14 @@ def finish(run: Run, config: dict[str, Any], rows: list[dict[str, Any]], summary
         "tiny": run.tiny,
         "device": device_info(run.device),
         "versions": versions(),
-        "config": {**config, "warmup": run.warmup, "iters": run.iters, "seed": run.args.seed,
-                   "torch_threads": torch.get_num_threads(),
-                   "peak_mem_kind": peak_memory_kind(run.device)},
+        "config": {
+            **config,
+            "warmup": run.warmup,
+            "iters": run.iters,
+            "seed": run.args.seed,
+            "torch_threads": torch.get_num_threads(),
+            "peak_mem_kind": peak_memory_kind(run.device),
+        },
         "limits": run.limits,
         "rows": rows,
         "summary": summary,
@@ -447,12 +491,20 @@ def fmt(v: Any, kind: str = "") -> str:
     return str(v)
 
 
-DEFAULT_COLUMNS = (("case", "case", ""), ("ms/step", "ms_per_step", ""), ("samples/s", "samples_per_s", ""),
-                   ("peak mem", "peak_mem_bytes", "bytes"))
+DEFAULT_COLUMNS = (
+    ("case", "case", ""),
+    ("ms/step", "ms_per_step", ""),
+    ("samples/s", "samples_per_s", ""),
+    ("peak mem", "peak_mem_bytes", "bytes"),
+)
 
 
-def print_table(run: Run, rows: list[dict[str, Any]], summary: list[dict[str, Any]],
-                columns: Iterable[tuple[str, str, str]] | None = None) -> None:
+def print_table(
+    run: Run,
+    rows: list[dict[str, Any]],
+    summary: list[dict[str, Any]],
+    columns: Iterable[tuple[str, str, str]] | None = None,
+) -> None:
     cols = list(columns or DEFAULT_COLUMNS)
     lines = [[h for h, _, _ in cols]] + [[fmt(r.get(k), kind) for _, k, kind in cols] for r in rows]
     print(f"\n{run.name} on {device_name(run.device)}{' (tiny)' if run.tiny else ''}")
@@ -462,8 +514,17 @@ def print_table(run: Run, rows: list[dict[str, Any]], summary: list[dict[str, An
         grid = [["metric", "value", "unit", "vs", "ratio", "target", "met"]]
         for s in summary:
             kind = "pct" if s["unit"] in ("MFU",) else ""
-            grid.append([s["metric"], fmt(s["value"], kind), s["unit"], s["vs"], fmt(s["ratio"], "x"),
-                         fmt(s["target"], "x"), fmt(s["meets_target"])])
+            grid.append(
+                [
+                    s["metric"],
+                    fmt(s["value"], kind),
+                    s["unit"],
+                    s["vs"],
+                    fmt(s["ratio"], "x"),
+                    fmt(s["target"], "x"),
+                    fmt(s["meets_target"]),
+                ]
+            )
         _print_grid(grid)
     print(flush=True)
 
@@ -490,7 +551,10 @@ def synth_log(run: Run, name: str, users: int, mean_instances: float):
         return InstanceLog(path)
     t = time.perf_counter()
     log = generate(path, users=users, mean_instances=mean_instances, seed=run.args.seed, progress=False)
-    print(f"[{run.name}] synthetic log: {log.rows:,} rows, {log.users:,} users ({time.perf_counter() - t:.1f} s)", flush=True)
+    print(
+        f"[{run.name}] synthetic log: {log.rows:,} rows, {log.users:,} users ({time.perf_counter() - t:.1f} s)",
+        flush=True,
+    )
     return log
 
 

@@ -18,9 +18,10 @@ Cases (N = total history ids of the batch, about B x mean length):
   device: the peer.
 * ``fbgemm_index_select``: ``torch.ops.fbgemm.index_select_dim0`` on the same (a row-wise
   gather kernel, where torch's index_select works element by element).
-* ``range_gather`` (CUDA with Triton): each request's rows are one contiguous block, copied
-  straight into the padded [B, T, dim] tensor the reader consumes (``benchmarks.range_gather``);
-  its bytes count the padded output written.
+* ``model_ranges``: the model's path with ``--ranker.token_fetch ranges``: the ranker's own
+  ``RangeTokenTable`` (``modules.range_gather``; Triton on CUDA) copies each request's
+  contiguous block of rows straight into the padded [B, T, dim] tensor the reader consumes,
+  from (first, length) on the device; its bytes count the padded output written.
 * ``ec_lookup``: the sharded EmbeddingCollection on a KJT already on the device.
 * ``ids_kjt``: a KJT of the N ids built on the CPU (``expand_ranges``, pinned) copied to the
   device (8 N bytes), then looked up; ``cpu_build_ms`` is what the loader pays to build it.
@@ -43,12 +44,13 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.modules.embedding_configs import DataType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from benchmarks import common, range_gather
+from benchmarks import common
 from iat_rec.batching.history import HistoryIndex, expand_ranges
 from iat_rec.data.instance_log import time_split
 from iat_rec.tables import TOKEN_FEATURE, TOKEN_TABLE
-from iat_rec.tokens.table import token_constraints
 from iat_rec.tokens.export import shard_token_table
+from iat_rec.tokens.table import token_constraints
+from modules.range_gather import RangeTokenTable, reference
 
 
 def complete_cumsum(lengths: torch.Tensor) -> torch.Tensor:
@@ -75,21 +77,28 @@ def ranges_kjt(first: torch.Tensor, length: torch.Tensor, total: int) -> KeyedJa
 def ids_kjt(first: np.ndarray, length: np.ndarray) -> KeyedJaggedTensor:
     """What the stage-2 batch maker builds on the CPU (RankBatchMaker.history_ids)."""
     return KeyedJaggedTensor.from_lengths_sync(
-        keys=[TOKEN_FEATURE], values=torch.from_numpy(expand_ranges(first, length)),
+        keys=[TOKEN_FEATURE],
+        values=torch.from_numpy(expand_ranges(first, length)),
         lengths=torch.from_numpy(length.astype(np.int32)),
-    )  # fmt: skip
+    )
 
 
 def table_constraints(args, device: torch.device) -> dict[str, ParameterConstraints] | None:
     """The token table's constraints with --token-sharding / --output-dtype applied; None = the export's."""
     if args.token_sharding is None and args.output_dtype is None:
         return None
-    types = [args.token_sharding] if args.token_sharding else list(token_constraints(device.type)[TOKEN_TABLE].sharding_types)
+    types = (
+        [args.token_sharding]
+        if args.token_sharding
+        else list(token_constraints(device.type)[TOKEN_TABLE].sharding_types)
+    )
     out_dtype = {"fp16": DataType.FP16, "fp32": DataType.FP32, None: None}[args.output_dtype]
     return {TOKEN_TABLE: ParameterConstraints(sharding_types=types, output_dtype=out_dtype)}
 
 
-def request_ranges(log, batch: int, max_len: int, tile: int, count: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def request_ranges(
+    log, batch: int, max_len: int, tile: int, count: int, seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """``count`` batches of (first, length) for requests drawn from the log's last time split."""
     index = HistoryIndex.from_log(log)
     test = time_split(log)["test"]
@@ -112,10 +121,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tile", type=int, default=None, help="table = log rows x tile (default 8; tiny 2)")
     p.add_argument("--users", type=int, default=None, help="synthetic users (default 4000; tiny 60)")
     p.add_argument("--mean-instances", type=float, default=None, help="per user (default 300; tiny 40)")
-    p.add_argument("--token-sharding", default=None, choices=["row_wise", "table_wise"],
-                   help="the table's sharding (default: the export's constraints, row-wise on GPU)")
-    p.add_argument("--output-dtype", default=None, choices=["fp32", "fp16"],
-                   help="the EmbeddingCollection's output dtype (default: TorchRec's, fp32)")
+    p.add_argument(
+        "--token-sharding",
+        default=None,
+        choices=["row_wise", "table_wise"],
+        help="the table's sharding (default: the export's constraints, row-wise on GPU)",
+    )
+    p.add_argument(
+        "--output-dtype",
+        default=None,
+        choices=["fp32", "fp16"],
+        help="the EmbeddingCollection's output dtype (default: TorchRec's, fp32)",
+    )
     args = p.parse_args(argv)
     with common.bench_run("fetch", args, warmup=(2, 10)) as run, common.dist_env(run.device) as env:
         tiny, dev = run.tiny, run.device
@@ -127,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         log = common.synth_log(run, "fetch", users, mean)
         ranges = request_ranges(log, batch, max_len, tile, count=4, seed=args.seed)
         rows_total = log.rows * tile
-        table = shard_token_table(rows_total, args.dim, args.dtype, env, batch,
-                                  constraints=table_constraints(args, run.device))
+        table = shard_token_table(
+            rows_total, args.dim, args.dtype, env, batch, constraints=table_constraints(args, run.device)
+        )
         tokens = table.module.tokens
         plan = common.plan_summary(table.plan)
         wdtype = torch.float16 if args.dtype == "fp16" else torch.float32
@@ -170,10 +188,12 @@ def main(argv: list[str] | None = None) -> int:
             torch.ops.fbgemm.index_select_dim0(dense, dev_ids[nxt()], skip_indices_sorting_fwd=True)
 
         dev_ranges = [(f.to(dev), ln.to(dev)) for f, ln, _ in host_ranges]
+        model_rows = RangeTokenTable(args.dim, wdtype).to(dev)
+        model_rows.load(dense)
 
-        def case_range_gather():
+        def case_model_ranges():
             f, ln = dev_ranges[nxt()]
-            range_gather.range_gather(dense, f, ln, max_len)
+            model_rows(f, ln, max_len)
 
         def case_ec():
             lookup(dev_kjts[nxt()])
@@ -186,14 +206,12 @@ def main(argv: list[str] | None = None) -> int:
             lookup(ranges_kjt(f.to(dev, non_blocking=True), ln.to(dev, non_blocking=True), n))
 
         elem = dense.element_size()
-        gather_ok = None
-        if range_gather.available(dev):
-            f, ln = dev_ranges[0]
-            gather_ok = torch.equal(range_gather.range_gather(dense, f, ln, max_len), range_gather.reference(dense, f, ln, max_len))
+        f, ln = dev_ranges[0]
+        gather_ok = torch.equal(model_rows(f, ln, max_len), reference(dense, f, ln, max_len))
         cases = (
             ("index_select", case_index_select, elem, 0, 0.0),
             ("fbgemm_index_select", case_fbgemm_index_select, elem, 0, 0.0),
-            *((("range_gather", case_range_gather, elem, 0, 0.0),) if gather_ok is not None else ()),
+            ("model_ranges", case_model_ranges, elem, 0, 0.0),
             ("ec_lookup", case_ec, out_elem, 0, 0.0),
             ("ids_kjt", case_ids, out_elem, 8 * n_ids + 4 * batch, cpu_build_ms),
             ("ranges_device", case_ranges, out_elem, 12 * batch, 0.0),
@@ -205,44 +223,101 @@ def main(argv: list[str] | None = None) -> int:
                 t = common.time_fn(fn, dev, run.warmup, run.iters)
                 common.profile_case(run, name, fn)
                 nbytes = n_ids * args.dim * (elem + oelem)
-                if name == "range_gather":  # rows read + the padded [B, T, dim] output written
+                if name == "model_ranges":  # rows read + the padded [B, T, dim] output written
                     nbytes = n_ids * args.dim * elem + batch * max_len * args.dim * oelem
                 gbs = nbytes / (t.median_ms * 1e-3) / 1e9
-                rows.append(common.row(
-                    name, t, batch, common.peak_memory_bytes(dev), ids_per_step=n_ids, tokens_per_s=n_ids / (t.median_ms * 1e-3),
-                    bytes_per_step=nbytes, gbs=gbs, copy_ratio=common.ratio(gbs, run.limits["copy_gbs"]),
-                    h2d_bytes_per_step=h2d, cpu_build_ms=cpu_ms,
-                ))  # fmt: skip
+                rows.append(
+                    common.row(
+                        name,
+                        t,
+                        batch,
+                        common.peak_memory_bytes(dev),
+                        ids_per_step=n_ids,
+                        tokens_per_s=n_ids / (t.median_ms * 1e-3),
+                        bytes_per_step=nbytes,
+                        gbs=gbs,
+                        copy_ratio=common.ratio(gbs, run.limits["copy_gbs"]),
+                        h2d_bytes_per_step=h2d,
+                        cpu_build_ms=cpu_ms,
+                    )
+                )
         by = {r["case"]: r for r in rows}
         for r in rows:
             r["index_select_ratio"] = common.ratio(r["gbs"], by["index_select"]["gbs"])
         config = {
-            "batch": batch, "max_len": max_len, "dim": args.dim, "dtype": args.dtype, "tile": tile,
-            "log_rows": log.rows, "users": users, "table_rows": rows_total,
-            "table_bytes": rows_total * args.dim * elem, "mean_history_len": n_ids / batch,
-            "output_element_bytes": out_elem, "plan": plan, "ids_match": ids_match,
-            "token_sharding": args.token_sharding, "output_dtype": args.output_dtype, "range_gather_matches": gather_ok,
-        }  # fmt: skip
+            "batch": batch,
+            "max_len": max_len,
+            "dim": args.dim,
+            "dtype": args.dtype,
+            "tile": tile,
+            "log_rows": log.rows,
+            "users": users,
+            "table_rows": rows_total,
+            "table_bytes": rows_total * args.dim * elem,
+            "mean_history_len": n_ids / batch,
+            "output_element_bytes": out_elem,
+            "plan": plan,
+            "ids_match": ids_match,
+            "token_sharding": args.token_sharding,
+            "output_dtype": args.output_dtype,
+            "model_ranges_matches": gather_ok,
+        }
         summary = [
-            common.summary_item(run, "token fetch (ec_lookup)", by["ec_lookup"]["gbs"], "GB/s", "copy bandwidth",
-                                by["ec_lookup"]["copy_ratio"], "fetch_copy_ratio"),
-            common.summary_item(run, "token fetch vs index_select", by["ec_lookup"]["gbs"], "GB/s", "index_select",
-                                by["ec_lookup"]["index_select_ratio"]),
-            common.summary_item(run, "index_select", by["index_select"]["gbs"], "GB/s", "copy bandwidth",
-                                by["index_select"]["copy_ratio"]),
-            common.summary_item(run, "ranges on device vs ids KJT", by["ranges_device"]["samples_per_s"], "samples/s",
-                                "ids_kjt", common.ratio(by["ranges_device"]["samples_per_s"], by["ids_kjt"]["samples_per_s"])),
+            common.summary_item(
+                run,
+                "token fetch in the model's path (ranges)",
+                by["model_ranges"]["gbs"],
+                "GB/s",
+                "copy bandwidth",
+                by["model_ranges"]["copy_ratio"],
+                "fetch_copy_ratio_model_path",
+            ),
+            common.summary_item(
+                run,
+                "token fetch (ec_lookup)",
+                by["ec_lookup"]["gbs"],
+                "GB/s",
+                "copy bandwidth",
+                by["ec_lookup"]["copy_ratio"],
+                "fetch_copy_ratio",
+            ),
+            common.summary_item(
+                run,
+                "token fetch vs index_select",
+                by["ec_lookup"]["gbs"],
+                "GB/s",
+                "index_select",
+                by["ec_lookup"]["index_select_ratio"],
+            ),
+            common.summary_item(
+                run,
+                "index_select",
+                by["index_select"]["gbs"],
+                "GB/s",
+                "copy bandwidth",
+                by["index_select"]["copy_ratio"],
+            ),
+            common.summary_item(
+                run,
+                "ranges on device vs ids KJT",
+                by["ranges_device"]["samples_per_s"],
+                "samples/s",
+                "ids_kjt",
+                common.ratio(by["ranges_device"]["samples_per_s"], by["ids_kjt"]["samples_per_s"]),
+            ),
         ]
-        columns = common.DEFAULT_COLUMNS + (("GB/s", "gbs", ""), ("vs copy", "copy_ratio", "x"),
-                                            ("vs index_select", "index_select_ratio", "x"), ("H2D", "h2d_bytes_per_step", "bytes"),
-                                            ("cpu build ms", "cpu_build_ms", ""))
+        columns = common.DEFAULT_COLUMNS + (
+            ("GB/s", "gbs", ""),
+            ("vs copy", "copy_ratio", "x"),
+            ("vs index_select", "index_select_ratio", "x"),
+            ("H2D", "h2d_bytes_per_step", "bytes"),
+            ("cpu build ms", "cpu_build_ms", ""),
+        )
         notes = [] if ids_match else ["ranges expanded on the device differ from expand_ranges: a bug"]
-        if gather_ok is False:
-            notes.append("range_gather differs from its torch reference: a bug")
-        if gather_ok is None:
-            notes.append("range_gather skipped (needs CUDA and Triton)")
+        if not gather_ok:
+            notes.append("model_ranges differs from its torch reference: a bug")
         common.finish(run, config, rows, summary, columns, notes=notes)
-        del table, tokens, dense
+        table = tokens = dense = model_rows = None  # the cases hold them: release before free()
     return 0
 
 

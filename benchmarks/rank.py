@@ -9,7 +9,9 @@ initialised by TorchRec, frozen, planned row-wise on GPU like the export's): the
 ``shard`` (fused optimizer on every table but the token table), ``make_optimizer`` and
 ``TrainPipelineSparseDist``. Batches come from the real ``RankBatchMaker`` over the log's
 history index (requests drawn at random from the train split), built before timing (pinned
-on CUDA) and cycled. ``--bf16`` runs the forward under bf16 autocast.
+on CUDA) and cycled. The model's own options: ``--bf16`` runs the history branches under bf16
+autocast, ``--compile`` compiles them, ``--token-fetch ranges`` reads the token table by row
+ranges from a replicated copy (``modules.range_gather``) instead of TorchRec's lookup.
 
 Reader MFU = reader_flops(kind, B, T, dim, ...) x branches x 3 (forward + backward) / step
 time / bf16 matmul peak measured in the same run (the step includes everything else, so this
@@ -31,16 +33,16 @@ from torch import nn
 from torchrec.distributed.planner.types import ParameterConstraints
 
 from benchmarks import common
-from iat_rec.train.config import ModelConfig, TrainConfig
-from iat_rec.data.instance_log import time_split
 from iat_rec.batching.loaders import BatchDataset
-from iat_rec.sharding.topology import build_topology
-from iat_rec.sharding.planning import make_plan
 from iat_rec.batching.rank_data import HistorySource, RankBatchMaker
-from modules.ranker import Ranker, RankerConfig, build_ranker
-from modules.readers import make_reader, reader_flops
+from iat_rec.data.instance_log import time_split
+from iat_rec.sharding.planning import make_plan
+from iat_rec.sharding.topology import build_topology
 from iat_rec.tokens.table import token_constraints
+from iat_rec.train.config import ModelConfig, TrainConfig
 from iat_rec.train.trainer import embedding_params, make_optimizer, shard
+from modules.ranker import TOKEN_FETCHES, Ranker, RankerConfig, build_ranker
+from modules.readers import make_reader, reader_flops
 
 
 def reader_kwargs(r: RankerConfig) -> dict[str, Any]:
@@ -59,9 +61,11 @@ def step_reader_flops(r: RankerConfig, m: ModelConfig, batch: int) -> float:
     return branches(r.history) * reader_flops(r.reader, batch, r.max_len, r.reader_dim, m.token_dim, **reader_kwargs(r))
 
 
-def rank_dataset(log, history: str, batch: int, max_len: int, rank: int, world: int, seed: int) -> BatchDataset:
+def rank_dataset(
+    log, history: str, batch: int, max_len: int, rank: int, world: int, seed: int, token_ids: bool = True
+) -> BatchDataset:
     seq = list(log.schema.sequence) if history in ("handcrafted", "both") else []
-    maker = RankBatchMaker(HistorySource.from_log(log, seq), max_len, same_log=True)
+    maker = RankBatchMaker(HistorySource.from_log(log, seq), max_len, same_log=True, token_ids=token_ids)
     return BatchDataset(log, time_split(log)["train"], batch, rank, world, shuffle=True, seed=seed, make=maker)
 
 
@@ -81,34 +85,70 @@ class RankCase:
 def build_model(log, r: RankerConfig, model_cfg: ModelConfig, token_dim: int = 64, token_dtype: str = "fp16") -> Ranker:
     """The unsharded ranker for ``r.history`` (embedding tables on the meta device): the
     pipeline's own factory, with a token table of the log's rows (random, frozen)."""
-    return build_ranker(log.schema, model_cfg, r, len(log.schema.labels), token_rows=log.rows, token_dim=token_dim, token_dtype=token_dtype)
+    return build_ranker(
+        log.schema,
+        model_cfg,
+        r,
+        len(log.schema.labels),
+        token_rows=log.rows,
+        token_dim=token_dim,
+        token_dtype=token_dtype,
+    )
 
 
-def model_constraints(model: Ranker, device_type: str,
-                      extra: dict[str, ParameterConstraints] | None) -> dict[str, ParameterConstraints]:
+def model_constraints(
+    model: Ranker, device_type: str, extra: dict[str, ParameterConstraints] | None
+) -> dict[str, ParameterConstraints]:
     """The export's token-table constraints (if the model has the table) updated by ``extra``."""
     cons = dict(token_constraints(device_type)) if hasattr(model, "tokens") else {}
     cons.update(extra or {})
     return cons
 
 
-def build_case(run: common.Run, env, log, history: str, ranker: RankerConfig, model_cfg: ModelConfig,
-               batch: int, bf16: bool, token_dim: int = 64, token_dtype: str = "fp16", batches: int = 4,
-               constraints: dict[str, ParameterConstraints] | None = None) -> RankCase:
-    """The sharded ranker for ``history``, its optimizer and cached batches."""
-    r = dataclasses.replace(ranker, history=history)
+def build_case(
+    run: common.Run,
+    env,
+    log,
+    history: str,
+    ranker: RankerConfig,
+    model_cfg: ModelConfig,
+    batch: int,
+    bf16: bool,
+    token_dim: int = 64,
+    token_dtype: str = "fp16",
+    batches: int = 4,
+    constraints: dict[str, ParameterConstraints] | None = None,
+) -> RankCase:
+    """The sharded ranker for ``history``, its optimizer and cached batches. ``bf16``: the
+    ranker's own bf16 history branches (``RankerConfig.bf16``), as a training run has them."""
+    r = dataclasses.replace(ranker, history=history, bf16=bf16)
     ranker_model = build_model(log, r, model_cfg, token_dim, token_dtype)
     trainable = [p for name, m in ranker_model.named_children() if name != "tokens" for p in embedding_params(m)]
-    model: nn.Module = common.Autocast(ranker_model, run.device.type) if bf16 else ranker_model
+    model: nn.Module = ranker_model
     topology = build_topology(env.world_size, env.local_world_size, run.device.type)
-    plan = make_plan(model, topology, batch, model_constraints(ranker_model, run.device.type, constraints), pg=dist.group.WORLD)
+    plan = make_plan(
+        model, topology, batch, model_constraints(ranker_model, run.device.type, constraints), pg=dist.group.WORLD
+    )
     cfg = TrainConfig(batch_size=batch, device=run.device.type)
     dmp, _ = shard(model, env, cfg, plan_out=None, plan=plan, trainable=trainable)
-    ds = rank_dataset(log, history, batch, r.max_len, env.rank, env.world_size, run.args.seed)
+    ranges = hasattr(ranker_model, "token_rows")
+    if ranges:  # the replicated table of --token-fetch ranges: random rows, as the lookup's
+        rows = torch.empty(log.rows, token_dim, device=run.device).uniform_(-1, 1)
+        ranker_model.token_rows.load(rows)
+    ds = rank_dataset(log, history, batch, r.max_len, env.rank, env.world_size, run.args.seed, token_ids=not ranges)
     cached = common.cached_batches(ds, batches, run.device)
     mean_len = float(np.mean([b.hist_valid.float().sum(1).mean().item() for b in cached]))
-    return RankCase(history, dmp, make_optimizer(dmp, cfg.dense_lr), cached, batch, r, model_cfg,
-                    common.plan_summary(plan), mean_len)
+    return RankCase(
+        history,
+        dmp,
+        make_optimizer(dmp, cfg.dense_lr),
+        cached,
+        batch,
+        r,
+        model_cfg,
+        common.plan_summary(plan),
+        mean_len,
+    )
 
 
 def measure_case(run: common.Run, case: RankCase) -> dict[str, Any]:
@@ -119,16 +159,27 @@ def measure_case(run: common.Run, case: RankCase) -> dict[str, Any]:
     step_s = timing.median_ms * 1e-3
     reader_tflops = 3 * flops / step_s / 1e12 if flops else None
     return common.row(
-        case.name, timing, case.batch, common.peak_memory_bytes(run.device),
-        history=case.name, reader=case.ranker.reader, max_len=case.ranker.max_len, mean_history_len=case.mean_len,
-        reader_flops_fwd=flops, reader_tflops=reader_tflops,
+        case.name,
+        timing,
+        case.batch,
+        common.peak_memory_bytes(run.device),
+        history=case.name,
+        reader=case.ranker.reader,
+        max_len=case.ranker.max_len,
+        mean_history_len=case.mean_len,
+        reader_flops_fwd=flops,
+        reader_tflops=reader_tflops,
         reader_mfu=common.ratio(reader_tflops, run.limits.get("bf16_tflops")),
-        dense_flops_fwd=dense, dense_mfu=common.ratio(3 * dense / step_s / 1e12, run.limits.get("bf16_tflops")),
-        pipelined_modules=pipelined, plan=case.plan,
-    )  # fmt: skip
+        dense_flops_fwd=dense,
+        dense_mfu=common.ratio(3 * dense / step_s / 1e12, run.limits.get("bf16_tflops")),
+        pipelined_modules=pipelined,
+        plan=case.plan,
+    )
 
 
-def measure_reader_only(run: common.Run, r: RankerConfig, m: ModelConfig, batch: int, bf16: bool, valid: torch.Tensor) -> dict[str, Any]:
+def measure_reader_only(
+    run: common.Run, r: RankerConfig, m: ModelConfig, batch: int, bf16: bool, valid: torch.Tensor
+) -> dict[str, Any]:
     """The reader alone, forward + backward, with the real batches' validity masks."""
     dev = run.device
     reader = make_reader(r.reader, r.reader_dim, m.token_dim, **reader_kwargs(r)).to(dev)
@@ -149,10 +200,19 @@ def measure_reader_only(run: common.Run, r: RankerConfig, m: ModelConfig, batch:
     common.profile_case(run, "reader_only", step)
     flops = reader_flops(r.reader, batch, r.max_len, r.reader_dim, m.token_dim, **reader_kwargs(r))
     tflops = 3 * flops / (t.median_ms * 1e-3) / 1e12
-    out = common.row("reader_only", t, batch, common.peak_memory_bytes(dev), history="-", reader=r.reader,
-                     max_len=r.max_len, reader_flops_fwd=flops, reader_tflops=tflops,
-                     reader_mfu=common.ratio(tflops, run.limits.get("bf16_tflops")))
-    del reader, seq, query
+    out = common.row(
+        "reader_only",
+        t,
+        batch,
+        common.peak_memory_bytes(dev),
+        history="-",
+        reader=r.reader,
+        max_len=r.max_len,
+        reader_flops_fwd=flops,
+        reader_tflops=tflops,
+        reader_mfu=common.ratio(tflops, run.limits.get("bf16_tflops")),
+    )
+    reader = seq = query = None  # step() holds them: release before free()
     common.free(dev)
     return out
 
@@ -163,9 +223,12 @@ def add_model_flags(p) -> None:
     p.add_argument("--reader", default="transformer", choices=["transformer", "din", "longer"])
     p.add_argument("--reader-dim", type=int, default=None, help="default: RankerConfig's (64)")
     p.add_argument("--reader-layers", type=int, default=None, help="default: RankerConfig's (2)")
-    p.add_argument("--reader-heads", type=int, default=None, help="default: RankerConfig's (4)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the reader of the reader_only case")
-    p.add_argument("--bf16", action=argparse_bool(), default=False, help="bf16 autocast for the forward")
+    p.add_argument("--reader-heads", type=int, default=None, help="default: RankerConfig's (2)")
+    p.add_argument(
+        "--token-fetch", default="lookup", choices=list(TOKEN_FETCHES), help="the ranker's token fetch (RankerConfig)"
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the history branches (and reader_only)")
+    p.add_argument("--bf16", action=argparse_bool(), default=False, help="the history branches in bf16 autocast")
     p.add_argument("--users", type=int, default=None, help="synthetic users (default 3000; tiny 60)")
     p.add_argument("--mean-instances", type=float, default=None, help="per user (default 300; tiny 40)")
 
@@ -177,7 +240,12 @@ def argparse_bool():
 
 
 def configs(args, tiny: bool) -> tuple[RankerConfig, ModelConfig, int]:
-    r = RankerConfig(reader=args.reader, max_len=common.pick(args.max_len, tiny, 16, 256))
+    r = RankerConfig(
+        reader=args.reader,
+        max_len=common.pick(args.max_len, tiny, 16, 256),
+        token_fetch=args.token_fetch,
+        compile=args.compile,
+    )
     if args.reader_dim:
         r.reader_dim = args.reader_dim
     if args.reader_layers:
@@ -191,8 +259,9 @@ def configs(args, tiny: bool) -> tuple[RankerConfig, ModelConfig, int]:
 
 
 def rank_log(run: common.Run, args):
-    return common.synth_log(run, "rank", common.pick(args.users, run.tiny, 60, 3000),
-                            common.pick(args.mean_instances, run.tiny, 40, 300))
+    return common.synth_log(
+        run, "rank", common.pick(args.users, run.tiny, 60, 3000), common.pick(args.mean_instances, run.tiny, 40, 300)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,22 +288,60 @@ def main(argv: list[str] | None = None) -> int:
         summary = []
         for x in rows:
             if x.get("reader_mfu") is not None:
-                summary.append(common.summary_item(run, f"reader MFU ({x['case']}, {r.reader})", x["reader_mfu"], "MFU",
-                                                   "bf16 matmul peak", x["reader_mfu"],
-                                                   "reader_mfu" if args.bf16 and x["case"] != "reader_only" else None))
+                summary.append(
+                    common.summary_item(
+                        run,
+                        f"reader MFU ({x['case']}, {r.reader})",
+                        x["reader_mfu"],
+                        "MFU",
+                        "bf16 matmul peak",
+                        x["reader_mfu"],
+                        "reader_mfu" if args.bf16 and x["case"] != "reader_only" else None,
+                    )
+                )
         for x in rows:
             if x["case"] != "reader_only":
-                summary.append(common.summary_item(run, f"stage-2 {x['case']} samples/s", x["samples_per_s"], "samples/s",
-                                                   "bf16 matmul peak (dense MFU)", x["dense_mfu"]))
+                summary.append(
+                    common.summary_item(
+                        run,
+                        f"stage-2 {x['case']} samples/s",
+                        x["samples_per_s"],
+                        "samples/s",
+                        "bf16 matmul peak (dense MFU)",
+                        x["dense_mfu"],
+                    )
+                )
         if "iat" in by and "handcrafted" in by:
-            summary.append(common.summary_item(run, "IAT / hand-crafted samples/s", by["iat"]["samples_per_s"], "samples/s",
-                                               "handcrafted", common.ratio(by["iat"]["samples_per_s"], by["handcrafted"]["samples_per_s"])))
-        config = {"batch": batch, "max_len": r.max_len, "reader": r.reader, "ranker": dataclasses.asdict(r),
-                  "model": dataclasses.asdict(m), "bf16": args.bf16, "compile_reader_only": args.compile, "histories": histories, "log_rows": log.rows,
-                  "token_table": {"rows": log.rows, "dim": 64, "dtype": "fp16"},
-                  "batches": "RankBatchMaker, train-split requests shuffled; cached, pinned, cycled"}
-        columns = common.DEFAULT_COLUMNS + (("mean len", "mean_history_len", ""), ("reader TFLOP/s", "reader_tflops", ""),
-                                            ("reader MFU", "reader_mfu", "pct"), ("dense MFU", "dense_mfu", "pct"))
+            summary.append(
+                common.summary_item(
+                    run,
+                    "IAT / hand-crafted samples/s",
+                    by["iat"]["samples_per_s"],
+                    "samples/s",
+                    "handcrafted",
+                    common.ratio(by["iat"]["samples_per_s"], by["handcrafted"]["samples_per_s"]),
+                )
+            )
+        config = {
+            "batch": batch,
+            "max_len": r.max_len,
+            "reader": r.reader,
+            "ranker": dataclasses.asdict(r),
+            "model": dataclasses.asdict(m),
+            "bf16": args.bf16,
+            "compile": args.compile,
+            "token_fetch": r.token_fetch,
+            "histories": histories,
+            "log_rows": log.rows,
+            "token_table": {"rows": log.rows, "dim": 64, "dtype": "fp16"},
+            "batches": "RankBatchMaker, train-split requests shuffled; cached, pinned, cycled",
+        }
+        columns = common.DEFAULT_COLUMNS + (
+            ("mean len", "mean_history_len", ""),
+            ("reader TFLOP/s", "reader_tflops", ""),
+            ("reader MFU", "reader_mfu", "pct"),
+            ("dense MFU", "dense_mfu", "pct"),
+        )
         common.finish(run, config, rows, summary, columns)
     return 0
 

@@ -32,21 +32,23 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, data_type_to_dtype
 from torchrec.modules.embedding_modules import EmbeddingCollection
 
-from iat_rec.train.config import ModelConfig
 from iat_rec.batching.history import GAP_BUCKETS, LABEL_UNKNOWN
 from iat_rec.tables import CANDIDATE_FEATURE, TOKEN_FEATURE, history_feature, model_tables, token_table_config
+from iat_rec.train.config import ModelConfig
 from modules.attention import small_table_lookup
 from modules.compressor import BaseRanker, weighted_bce
 from modules.mlp import MLP
 from modules.query import QueryCompressor
+from modules.range_gather import RangeTokenTable
 from modules.readers import make_reader
 
 HISTORY_MODES = ("none", "labels", "handcrafted", "iat", "both")
 READERS = ("transformer", "din", "longer")
 QUERIES = ("features", "token")
+TOKEN_FETCHES = ("lookup", "ranges")
 RELEVANCE = 4.0  # initial attention logit of a step per unit of candidate cosine (HistoryBranch)
 
 
@@ -55,11 +57,14 @@ class RankerConfig:
     history: str = "iat"  # none | labels | handcrafted | iat | both
     reader: str = "transformer"  # transformer | din | longer
     query: str = "features"  # features | token: the candidate's own instance token joins the query (iat/both)
+    token_fetch: str = "lookup"  # lookup: a TorchRec table, sharded | ranges: on every rank, one row range per history
     max_len: int = 256  # T: history steps per request
     reader_dim: int = 64  # width of the history sequence and its reader
     reader_layers: int = 2  # layers of the reader (transformer, longer)
     reader_heads: int = 2  # head dim 32 at width 64
     head: tuple[int, ...] = (256, 128)  # hidden widths of the MLP from the interaction output to the heads
+    bf16: bool = False  # the history branches under bf16 autocast (their outputs, the rest and the loss in fp32)
+    compile: bool = False  # torch.compile each history branch (in place: its state-dict keys are unchanged)
 
 
 class HistoryBranch(nn.Module):
@@ -83,8 +88,13 @@ class HistoryBranch(nn.Module):
         if self.relevance is not None:
             nn.init.constant_(self.relevance.weight, RELEVANCE)
             nn.init.zeros_(self.relevance.bias)
-        kw = {} if cfg.reader == "din" else {"layers": cfg.reader_layers, "heads": cfg.reader_heads, "max_len": cfg.max_len + 1}
+        kw = (
+            {}
+            if cfg.reader == "din"
+            else {"layers": cfg.reader_layers, "heads": cfg.reader_heads, "max_len": cfg.max_len + 1}
+        )
         self.reader = make_reader(cfg.reader, d, out_dim, **kw)
+        self.bf16 = cfg.bf16
 
     def forward(
         self,
@@ -95,6 +105,12 @@ class HistoryBranch(nn.Module):
         valid: torch.Tensor,
         query: torch.Tensor,
     ) -> torch.Tensor:
+        # Autocast here, not around the ranker: the branch is a leaf of TorchRec's pipeline
+        # tracer, so the context is entered when the step really runs (and inside torch.compile).
+        with torch.autocast(valid.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self._read(steps, target, labels, gap, valid, query).float()
+
+    def _read(self, steps, target, labels, gap, valid, query) -> torch.Tensor:
         parts = []
         if steps is not None:
             parts.append(self.adapt(steps) if self.adapt is not None else steps)
@@ -131,6 +147,9 @@ class Ranker(nn.Module):
             raise ValueError(f"history must be one of {HISTORY_MODES}")
         if cfg.query not in QUERIES:
             raise ValueError(f"query must be one of {QUERIES}")
+        if cfg.token_fetch not in TOKEN_FETCHES:
+            raise ValueError(f"token_fetch must be one of {TOKEN_FETCHES}")
+        self.token_fetch = cfg.token_fetch
         self.use_iat = cfg.history in ("iat", "both")
         self.use_hand = cfg.history in ("handcrafted", "both")
         self.use_labels = cfg.history == "labels"
@@ -147,12 +166,17 @@ class Ranker(nn.Module):
             self.query = QueryCompressor(raw + (token_dim if self.token_query else 0), cfg.reader_dim)
         if self.use_iat:
             assert token_table is not None
-            self.tokens = EmbeddingCollection(tables=[token_table], device=torch.device("meta"))
+            if cfg.token_fetch == "ranges":
+                self.token_rows = RangeTokenTable(token_table.embedding_dim, data_type_to_dtype(token_table.data_type))
+            else:
+                self.tokens = EmbeddingCollection(tables=[token_table], device=torch.device("meta"))
             dim = token_table.embedding_dim
             mean, std = token_stats if token_stats is not None else (torch.zeros(dim), torch.ones(dim))
             # from the table's manifest, like the table itself: not part of the checkpoints
             self.register_buffer("token_mean", torch.as_tensor(mean, dtype=torch.float32), persistent=False)
-            self.register_buffer("token_std", torch.as_tensor(std, dtype=torch.float32).clamp(min=1e-6), persistent=False)
+            self.register_buffer(
+                "token_std", torch.as_tensor(std, dtype=torch.float32).clamp(min=1e-6), persistent=False
+            )
             self.iat = HistoryBranch(dim, dim if self.token_query else 0, side, cfg, model.token_dim, adapt=True)
         if self.use_hand:
             if not shared:
@@ -161,9 +185,23 @@ class Ranker(nn.Module):
         if self.use_labels:
             self.labels = HistoryBranch(0, 0, side, cfg, model.token_dim, adapt=False)
         self.head = MLP(model.hidden, cfg.head, num_tasks)
+        if cfg.compile:
+            for branch in (m for m in self.children() if isinstance(m, HistoryBranch)):
+                branch.compile()  # in place: parameter names and checkpoints stay those of the eager model
 
     def _standard(self, tokens: torch.Tensor) -> torch.Tensor:
         return (tokens.detach().float() - self.token_mean) / self.token_std  # frozen table: detached
+
+    def _fetch(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Standardised history tokens [B, T, d] and, for the token query, the candidate's own [B, d]."""
+        if self.token_fetch == "ranges":
+            steps = self.token_rows(batch.hist_first, batch.hist_valid.sum(1), self.max_len)
+            candidate = self.token_rows.take(batch.ids) if self.token_query else None
+        else:
+            jt = self.tokens(batch.history_ids)
+            steps = jt[TOKEN_FEATURE].to_padded_dense(desired_length=self.max_len)
+            candidate = jt[CANDIDATE_FEATURE].to_padded_dense(desired_length=1)[:, 0] if self.token_query else None
+        return self._standard(steps), None if candidate is None else self._standard(candidate)
 
     def forward(self, batch):
         pooled, looked_up = self.base.embed(batch)
@@ -171,11 +209,9 @@ class Ranker(nn.Module):
         side = (batch.hist_labels, batch.hist_gap, batch.hist_valid)
         extra, query_in = [], [pooled, batch.dense]
         if self.use_iat:
-            jt = self.tokens(batch.history_ids)
-            steps = self._standard(jt[TOKEN_FEATURE].to_padded_dense(desired_length=self.max_len))
+            steps, candidate = self._fetch(batch)
             target = None
             if self.token_query:
-                candidate = self._standard(jt[CANDIDATE_FEATURE].to_padded_dense(desired_length=1)[:, 0])
                 query_in.append(candidate)
                 target = target_products(candidate, steps, 1)
         if hasattr(self, "query"):  # some history branch reads with it
@@ -184,7 +220,9 @@ class Ranker(nn.Module):
             extra.append(self.iat(steps, target, *side, query))
         if self.use_hand:
             names = self.base.shared_names
-            hist = torch.cat([looked_up[history_feature(f)].to_padded_dense(desired_length=self.max_len) for f in names], -1)
+            hist = torch.cat(
+                [looked_up[history_feature(f)].to_padded_dense(desired_length=self.max_len) for f in names], -1
+            )
             candidate = pooled[:, pooled.shape[1] - self.shared_width :]
             extra.append(self.hand(hist, target_products(candidate, hist, len(names)), *side, query))
         if self.use_labels:

@@ -24,23 +24,33 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.types import ShardingPlan
 
+from iat_rec.batching.loaders import BatchDataset, SelectTasks, select_tasks, time_order
+from iat_rec.batching.rank_data import HistorySource, RankBatchMaker
+from iat_rec.data.instance_log import InstanceLog, check_split, time_split
 from iat_rec.dist import checkpoint as ckpt
 from iat_rec.dist.atomic import write_json
-from iat_rec.train.config import TrainConfig, check_values, from_dict, to_dict
 from iat_rec.dist.env import DistEnv, init_distributed, provenance, rank_main
 from iat_rec.errors import IatError
-from iat_rec.data.instance_log import InstanceLog, check_split, time_split
-from iat_rec.batching.loaders import BatchDataset, SelectTasks, select_tasks, time_order
-from iat_rec.sharding.topology import build_topology
 from iat_rec.sharding.plan_json import load_plan
 from iat_rec.sharding.planning import make_plan
+from iat_rec.sharding.topology import build_topology
 from iat_rec.tables import TOKENS_PATH
-from iat_rec.batching.rank_data import HistorySource, RankBatchMaker
 from iat_rec.tokens.table import TokenTable, token_constraints
-from modules.ranker import HISTORY_MODES, QUERIES, READERS, Ranker, RankerConfig, build_ranker
+from iat_rec.train.config import TrainConfig, check_values, from_dict, to_dict
 from iat_rec.train.stage1 import RUN_FORMAT, check_run_out, load_stage1
-from iat_rec.train.trainer import (Trainer, check_resume, check_resume_from, embedding_params, evaluate, make_optimizer, program_cli, program_parser,
-                               shard, train_until)
+from iat_rec.train.trainer import (
+    Trainer,
+    check_resume,
+    check_resume_from,
+    embedding_params,
+    evaluate,
+    make_optimizer,
+    program_cli,
+    program_parser,
+    shard,
+    train_until,
+)
+from modules.ranker import HISTORY_MODES, QUERIES, READERS, TOKEN_FETCHES, Ranker, RankerConfig, build_ranker
 
 
 @dataclasses.dataclass
@@ -49,7 +59,8 @@ class RankConfig(TrainConfig):
     tokens: str = ""  # token table (history iat/both)
     stage1: str = ""  # stage-1 run: its feature-table plan (and weights with --warm-start)
     warm_start: bool = False  # load the shared feature tables' weights from --stage1
-    cross_domain: bool = False  # --tokens of another log: requests read the source users' histories, matched by user key
+    cross_domain: bool = False  # --tokens of another log: requests read the source users' histories, matched by
+    #   user key
 
 
 def check_config(cfg: RankConfig) -> None:
@@ -65,8 +76,12 @@ def check_config(cfg: RankConfig) -> None:
         raise IatError(f"--history {r.history} needs --tokens (a token table from iat-rec export)")
     if r.query not in QUERIES:
         raise IatError(f"--query must be one of {list(QUERIES)}, not '{r.query}'")
+    if r.token_fetch not in TOKEN_FETCHES:
+        raise IatError(f"--token-fetch must be one of {list(TOKEN_FETCHES)}, not '{r.token_fetch}'")
     if r.query == "token" and r.history not in ("iat", "both"):
-        raise IatError(f"--query token reads the candidate's own token: it needs --history iat or both, not {r.history}")
+        raise IatError(
+            f"--query token reads the candidate's own token: it needs --history iat or both, not {r.history}"
+        )
     if cfg.warm_start and not cfg.stage1:
         raise IatError("--warm-start needs --stage1 RUN")
     log = InstanceLog(cfg.data)
@@ -81,12 +96,16 @@ def check_config(cfg: RankConfig) -> None:
         table.stats()
         other = table.manifest["log_fingerprint"] != log.fingerprint
         if other and not cfg.cross_domain:
-            raise IatError(f"token table {cfg.tokens} was exported from another instance log ({table.manifest.get('log_path')}): "
-                           f"pass --cross-domain to read its users' histories for the requests of {cfg.data} (matched by user key)")
+            raise IatError(
+                f"token table {cfg.tokens} was exported from another instance log ({table.manifest.get('log_path')}): "
+                f"pass --cross-domain to read its users' histories for the requests of {cfg.data} (matched by user key)"
+            )
         if not other and cfg.cross_domain:
             raise IatError(f"--cross-domain, but token table {cfg.tokens} is of this very log")
         if r.query == "token" and other:
-            raise IatError("--query token needs a token table of this very log (the candidate's own row); this one is cross-domain")
+            raise IatError(
+                "--query token needs a token table of this very log (the candidate's own row); this one is cross-domain"
+            )
 
 
 @dataclasses.dataclass
@@ -114,12 +133,19 @@ def build(cfg: RankConfig, env: DistEnv, plan_out: Path | None, after: int | Non
     if cfg.stage1:
         s1cfg, s1info, s1log = load_stage1(cfg.stage1)
         if s1log.schema.sparse != log.schema.sparse or s1log.schema.sequence != log.schema.sequence:
-            raise IatError(f"{cfg.data} has other sparse features than the stage-1 log {s1log.path}: the stage-1 plan does not apply")
+            raise IatError(
+                f"{cfg.data} has other sparse features than the stage-1 log {s1log.path}: "
+                "the stage-1 plan does not apply"
+            )
         take_stage1_shape(cfg)
         if s1info["world_size"] == env.world_size:
             stage1_plan = load_plan(Path(cfg.stage1) / "plan.json")
         elif env.is_main:
-            print(f"stage-1 ran on {s1info['world_size']} ranks, this job on {env.world_size}: re-planning the feature tables", flush=True)
+            print(
+                f"stage-1 ran on {s1info['world_size']} ranks, this job on {env.world_size}: "
+                "re-planning the feature tables",
+                flush=True,
+            )
     table = TokenTable(cfg.tokens) if r.history in ("iat", "both") else None
     same_log = table is None or table.manifest["log_fingerprint"] == log.fingerprint
     seq_features = list(log.schema.sequence) if r.history in ("handcrafted", "both") else []
@@ -128,23 +154,53 @@ def build(cfg: RankConfig, env: DistEnv, plan_out: Path | None, after: int | Non
         table.check_log(source_log)
     else:
         source_log = log
-    source = HistorySource.from_tokens(table, source_log, seq_features) if table else HistorySource.from_log(log, seq_features)
+    source = (
+        HistorySource.from_tokens(table, source_log, seq_features)
+        if table
+        else HistorySource.from_log(log, seq_features)
+    )
     tasks, task_index = select_tasks(log.schema, cfg.tasks)
     model = build_ranker(
-        log.schema, cfg.model, r, len(tasks), side_tasks=source.labels.shape[1],
-        **({"token_rows": table.rows, "token_dim": table.dim, "token_dtype": table.dtype, "token_stats": table.stats()} if table else {}),
-    )  # fmt: skip
+        log.schema,
+        cfg.model,
+        r,
+        len(tasks),
+        side_tasks=source.labels.shape[1],
+        **(
+            {"token_rows": table.rows, "token_dim": table.dim, "token_dtype": table.dtype, "token_stats": table.stats()}
+            if table
+            else {}
+        ),
+    )
     plan = _plan(model, env, cfg, stage1_plan)
     trainable = [p for name, m in model.named_children() if name != TOKENS_PATH for p in embedding_params(m)]
     dmp, _ = shard(model, env, cfg, plan_out=plan_out, plan=plan, trainable=trainable)
-    if table is not None:
+    if table is not None and r.token_fetch == "ranges":
+        dmp.module.token_rows.load(read_replica(table, env.device))
+    elif table is not None:
         table.load_into(dmp.module.tokens)
     if cfg.warm_start:
         for prefix in ("base.sparse.", "base.shared."):
             if any(k.startswith(prefix) for k in dmp.state_dict()):
                 ckpt.load_weights(ckpt.latest(cfg.stage1), dmp, prefix=prefix)
-    maker = SelectTasks(RankBatchMaker(source, r.max_len, same_log, candidate=model.token_query), task_index)
+    maker = RankBatchMaker(
+        source, r.max_len, same_log, candidate=model.token_query, token_ids=r.token_fetch == "lookup"
+    )
+    maker = SelectTasks(maker, task_index)
     return Built(env, log, dmp, maker, time_split(log, cfg.split, after), tasks)
+
+
+def read_replica(table: TokenTable, device: torch.device) -> torch.Tensor:
+    """The whole token table on ``device`` (``--token-fetch ranges``: every rank holds it all)."""
+    need = table.rows * table.dim * (2 if table.dtype == "fp16" else 4)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        if need > total // 2:
+            raise IatError(
+                f"token table {table.path} is {need / 2**30:.1f} GiB, more than half of this GPU's "
+                f"{total / 2**30:.0f} GiB: --token-fetch ranges keeps a whole copy on every rank; use lookup (sharded)"
+            )
+    return table.read_rows(0, table.rows).to(device)
 
 
 def _plan(model: Ranker, env: DistEnv, cfg: RankConfig, stage1_plan: ShardingPlan | None) -> ShardingPlan:
@@ -156,7 +212,11 @@ def _plan(model: Ranker, env: DistEnv, cfg: RankConfig, stage1_plan: ShardingPla
     holder = nn.Module()
     if hasattr(model, TOKENS_PATH):
         holder.add_module(TOKENS_PATH, model.tokens)
-    new = make_plan(holder, topology, cfg.batch_size, constraints, pg=dist.group.WORLD) if len(holder._modules) else ShardingPlan({})
+    new = (
+        make_plan(holder, topology, cfg.batch_size, constraints, pg=dist.group.WORLD)
+        if len(holder._modules)
+        else ShardingPlan({})
+    )
     return ShardingPlan({**stage1_plan.plan, **new.plan})
 
 
@@ -180,19 +240,38 @@ def train(cfg: RankConfig) -> dict:
     out = Path(cfg.out)
     resumed = check_resume_from(cfg, "rank", InstanceLog(cfg.data))
     built = build(cfg, env, plan_out=out / "plan.json", after=resumed.get("train_until"))
-    info = {"format": RUN_FORMAT, "stage": "rank", "config": to_dict(cfg), "world_size": env.world_size, "log_fingerprint": built.log.fingerprint,
-            "resume_from": resumed, "train_until": train_until(built.log, built.splits["train"]), "provenance": provenance()}  # fmt: skip
+    info = {
+        "format": RUN_FORMAT,
+        "stage": "rank",
+        "config": to_dict(cfg),
+        "world_size": env.world_size,
+        "log_fingerprint": built.log.fingerprint,
+        "resume_from": resumed,
+        "train_until": train_until(built.log, built.splits["train"]),
+        "provenance": provenance(),
+    }
     trainer = Trainer(
-        env, cfg, built.model, make_optimizer(built.model, cfg.dense_lr), dataset(built, cfg, "train"),
-        dataset(built, cfg, "valid"), built.tasks, cfg.batch_size, info,
-    )  # fmt: skip
+        env,
+        cfg,
+        built.model,
+        make_optimizer(built.model, cfg.dense_lr),
+        dataset(built, cfg, "train"),
+        dataset(built, cfg, "valid"),
+        built.tasks,
+        cfg.batch_size,
+        info,
+    )
     result = trainer.fit()
     metrics = test_metrics(built, cfg)
     if env.is_main:
         write_json(out / "metrics.json", metrics)
         write_json(out / "result.json", result)  # training and validation; the test split's figures: metrics.json
         log_hparams(out / "tb", cfg, metrics)
-        print(f"stage 2 done: {out}: test auc {metrics['auc']:.4f} gauc {metrics['gauc']:.4f} logloss {metrics['logloss']:.4f} nats ne {metrics['ne']:.4f}", flush=True)
+        print(
+            f"stage 2 done: {out}: test auc {metrics['auc']:.4f} gauc {metrics['gauc']:.4f} "
+            f"logloss {metrics['logloss']:.4f} nats ne {metrics['ne']:.4f}",
+            flush=True,
+        )
     return metrics
 
 

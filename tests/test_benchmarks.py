@@ -65,7 +65,9 @@ def test_compress(tmp_path):
     rows = cases(bench("compress", tmp_path))
     assert set(rows) == {"temporal", "user"}
     assert rows["temporal"]["samples_per_step"] == rows["user"]["samples_per_step"]
-    assert all(r["pipelined_modules"] == ["ShardedEmbeddingBagCollection", "ShardedEmbeddingCollection"] for r in rows.values())
+    assert all(
+        r["pipelined_modules"] == ["ShardedEmbeddingBagCollection", "ShardedEmbeddingCollection"] for r in rows.values()
+    )
     assert 0 < rows["user"]["valid_fraction"] <= 1
     assert all(r["dense_flops_fwd"] > 0 and r["dense_mfu"] > 0 for r in rows.values())
 
@@ -73,10 +75,10 @@ def test_compress(tmp_path):
 def test_fetch(tmp_path):
     data = bench("fetch", tmp_path)
     rows = cases(data)
-    # range_gather needs CUDA and Triton: on CPU it is skipped, and the JSON says so
-    assert set(rows) == {"index_select", "fbgemm_index_select", "ec_lookup", "ids_kjt", "ranges_device"}
-    assert data["config"]["ids_match"] is True and data["config"]["range_gather_matches"] is None
-    assert any("range_gather skipped" in n for n in data["notes"])
+    assert set(rows) == {"index_select", "fbgemm_index_select", "model_ranges", "ec_lookup", "ids_kjt", "ranges_device"}
+    # the model's range path (torch on CPU, Triton on CUDA) gives the reference's padded tokens
+    assert data["config"]["ids_match"] is True and data["config"]["model_ranges_matches"] is True
+    assert not data["notes"]
     assert rows["ranges_device"]["h2d_bytes_per_step"] < rows["ids_kjt"]["h2d_bytes_per_step"]
     for r in rows.values():
         assert r["gbs"] > 0 and r["copy_ratio"] > 0 and r["index_select_ratio"] > 0
@@ -102,7 +104,9 @@ def test_rank(tmp_path):
 
 def test_loader(tmp_path):
     rows = cases(bench("loader", tmp_path))
-    assert {"stage1_temporal", "stage2_iat", "stage2_both", "gpu_step_compress_temporal", "gpu_step_rank_iat"} <= set(rows)
+    assert {"stage1_temporal", "stage2_iat", "stage2_both", "gpu_step_compress_temporal", "gpu_step_rank_iat"} <= set(
+        rows
+    )
     for name in ("stage1_temporal", "stage2_iat"):
         assert rows[name]["per_core_samples_per_s"] > 0 and rows[name]["ratio_cores"] > 0
 
@@ -136,7 +140,20 @@ def test_oracle_tokens_hold_the_generators_hidden_state(tmp_path):
 
     args = dict(users=40, mean_instances=10, seed=2)
     synth.generate(tmp_path / "log", **args)
-    oracle(["--data", str(tmp_path / "log"), "--out", str(tmp_path / "tok"), "--users", "40", "--mean-instances", "10", "--seed", "2"])
+    oracle(
+        [
+            "--data",
+            str(tmp_path / "log"),
+            "--out",
+            str(tmp_path / "tok"),
+            "--users",
+            "40",
+            "--mean-instances",
+            "10",
+            "--seed",
+            "2",
+        ]
+    )
     hidden: dict = {}
     synth.build_columns(synth.SynthConfig(**args), hidden=hidden)
     table = TokenTable(tmp_path / "tok")
@@ -144,7 +161,20 @@ def test_oracle_tokens_hold_the_generators_hidden_state(tmp_path):
     np.testing.assert_array_equal(rows[:, :8], hidden["z"])
     assert table.stats()[1].shape == (16,)
     with pytest.raises(Exception, match="not the log of these generator arguments"):
-        oracle(["--data", str(tmp_path / "log"), "--out", str(tmp_path / "t2"), "--users", "40", "--mean-instances", "10", "--seed", "3"])
+        oracle(
+            [
+                "--data",
+                str(tmp_path / "log"),
+                "--out",
+                str(tmp_path / "t2"),
+                "--users",
+                "40",
+                "--mean-instances",
+                "10",
+                "--seed",
+                "3",
+            ]
+        )
 
 
 def test_shuffled_copy_permutes_rows_and_keeps_side_info(tmp_path):
@@ -153,10 +183,46 @@ def test_shuffled_copy_permutes_rows_and_keeps_side_info(tmp_path):
     from iat_rec.tokens.table import TokenTable
 
     synth.generate(tmp_path / "log", users=40, mean_instances=10, seed=2)
-    tables(["--data", str(tmp_path / "log"), "--out", str(tmp_path / "tok"), "--users", "40", "--mean-instances", "10", "--seed", "2"])
+    tables(
+        [
+            "--data",
+            str(tmp_path / "log"),
+            "--out",
+            str(tmp_path / "tok"),
+            "--users",
+            "40",
+            "--mean-instances",
+            "10",
+            "--seed",
+            "2",
+        ]
+    )
     tables(["--shuffle", str(tmp_path / "tok"), "--out", str(tmp_path / "shuf")])
     a, b = TokenTable(tmp_path / "tok"), TokenTable(tmp_path / "shuf")
     ra, rb = a.read_rows(0, a.rows).numpy(), b.read_rows(0, b.rows).numpy()
     assert not np.array_equal(ra, rb)
     np.testing.assert_array_equal(np.sort(ra, axis=0), np.sort(rb, axis=0))  # the same rows, other order
     np.testing.assert_array_equal(a.side("label_time"), b.side("label_time"))
+
+
+def test_targets_compose_met_missed_and_missing(tmp_path):
+    """targets.py reads each metric from its benchmark JSON, says met or missed against the
+    issue's target, and names every metric it could not read (never a silent gap)."""
+    from benchmarks import targets
+
+    device = {"name": "NVIDIA H200", "slug": "nvidia-h200"}
+    row = {"case": "model_ranges", "copy_ratio": 0.93}
+    (tmp_path / "fetch.json").write_text(json.dumps({"tiny": False, "device": device, "config": {}, "rows": [row]}))
+    fast = [{"case": "iat", "samples_per_s": 216_000.0, "reader_mfu": 0.038}]
+    (tmp_path / "rank-fast.json").write_text(json.dumps({"tiny": False, "device": device, "config": {}, "rows": fast}))
+    (tmp_path / "rank-d128.json").write_text(json.dumps({"tiny": True, "device": device, "config": {}, "rows": fast}))
+    out = targets.compose(tmp_path, "cmd")
+    assert out["device"]["slug"] == "nvidia-h200" and out["command"] == "cmd"
+    assert out["metrics"]["fetch_copy_ratio_model_path"] == 0.93 and out["met"]["fetch_copy_ratio_model_path"]
+    assert out["metrics"]["stage2_samples_per_s"] == 216_000.0 and out["met"]["stage2_samples_per_s"] is False
+    assert out["metrics"]["reader_mfu_d128"] is None and "tiny" in out["missing"]["reader_mfu_d128"]
+    assert (
+        out["metrics"]["stage1_user_samples_per_s"] is None
+        and "not in this run" in out["missing"]["stage1_user_samples_per_s"]
+    )
+    assert set(out["metrics"]) == set(targets.METRICS)

@@ -36,10 +36,25 @@ def experiment(tiny_log, tmp_path_factory):
     (work / "c1.yaml").write_text(STAGE1_YAML)
     (work / "c2.yaml").write_text(RANK_YAML)
     run_cli(
-        "experiment", "--data", str(tiny_log), "--work", str(work), "--seeds", "1", "--nproc", "2",
-        "--variants", "none,labels-only,handcrafted,iat-temporal,both-user", "--readers", "transformer,din,longer",
-        "--compress-config", str(work / "c1.yaml"), "--rank-config", str(work / "c2.yaml"), "--no-progress",
-    )  # fmt: skip
+        "experiment",
+        "--data",
+        str(tiny_log),
+        "--work",
+        str(work),
+        "--seeds",
+        "1",
+        "--nproc",
+        "2",
+        "--variants",
+        "none,labels-only,handcrafted,iat-temporal,both-user",
+        "--readers",
+        "transformer,din,longer",
+        "--compress-config",
+        str(work / "c1.yaml"),
+        "--rank-config",
+        str(work / "c2.yaml"),
+        "--no-progress",
+    )
     return work
 
 
@@ -47,15 +62,37 @@ def test_no_progress_reaches_every_stage_and_changes_no_result(experiment, tiny_
     runs = sorted(experiment.glob("*/run.json"))
     assert runs and all(json.loads(r.read_text())["config"]["progress"] is False for r in runs)
     # the same experiment with progress bars is the same experiment: every finished stage is reused
-    run_cli("experiment", "--data", str(tiny_log), "--work", str(experiment), "--seeds", "1", "--nproc", "1", "--report-only",
-            "--variants", "none,labels-only,handcrafted,iat-temporal,both-user", "--readers", "transformer,din,longer",
-            "--compress-config", str(experiment / "c1.yaml"), "--rank-config", str(experiment / "c2.yaml"), "--progress")  # fmt: skip
+    run_cli(
+        "experiment",
+        "--data",
+        str(tiny_log),
+        "--work",
+        str(experiment),
+        "--seeds",
+        "1",
+        "--nproc",
+        "1",
+        "--report-only",
+        "--variants",
+        "none,labels-only,handcrafted,iat-temporal,both-user",
+        "--readers",
+        "transformer,din,longer",
+        "--compress-config",
+        str(experiment / "c1.yaml"),
+        "--rank-config",
+        str(experiment / "c2.yaml"),
+        "--progress",
+    )
 
 
 def test_every_history_mode_and_reader_trains_and_reports(experiment, tiny_log):
     results = json.loads((experiment / "report" / "results.json").read_text())
     seen = {(r["variant"], r["reader"]) for r in results["runs"]}
-    assert seen == {("none", "transformer")} | {(v, r) for v in ("labels-only", "handcrafted", "iat-temporal", "both-user") for r in ("transformer", "din", "longer")}
+    assert seen == {("none", "transformer")} | {
+        (v, r)
+        for v in ("labels-only", "handcrafted", "iat-temporal", "both-user")
+        for r in ("transformer", "din", "longer")
+    }
     log = InstanceLog(tiny_log)
     test_rows = len(time_split(log)["test"])
     for r in results["runs"]:  # learning itself: test_learning.py; here every test request is scored
@@ -63,16 +100,26 @@ def test_every_history_mode_and_reader_trains_and_reports(experiment, tiny_log):
         assert {"auc", "gauc", "logloss", "ne", "n"} <= set(m) and m["n"] == test_rows
         pipelined = json.loads((Path(r["run"]) / "result.json").read_text())["pipelined_modules"]
         # feature EBC, shared-id EC (which also reads the hand-crafted history), token EC
-        assert len(pipelined) == {"none": 2, "labels-only": 2, "handcrafted": 2, "iat-temporal": 3, "both-user": 3}[r["variant"]]
+        assert (
+            len(pipelined)
+            == {"none": 2, "labels-only": 2, "handcrafted": 2, "iat-temporal": 3, "both-user": 3}[r["variant"]]
+        )
     report = (experiment / "report" / "report.md").read_text()
     assert "| variant | seeds | AUC | GAUC | LogLoss (nats) | NE |" in report and "both-user (longer)" in report
     assert "Stage 1: own validation AUC and token health" in report
-    assert "Task `conversion`:" in report and set(results["variants_by_task"]) == {"click", "conversion"}  # every task reported
+    assert "Task `conversion`:" in report and set(results["variants_by_task"]) == {
+        "click",
+        "conversion",
+    }  # every task reported
     assert results["logloss_unit"] == "nats" and set(results["variants"]) >= {"none", "labels-only (transformer)"}
     assert {"valid", "time-consistent"} <= set(results["stage1"]["user-s0"])
     assert (experiment / "report" / "metrics_per_variant.png").stat().st_size > 10_000
     assert (experiment / "report" / "valid_auc_over_steps.png").stat().st_size > 10_000
-    assert set(results["seconds"]) >= {"compress-temporal-s0", "export-user-time-consistent-s0", "rank-none-transformer-s0"}
+    assert set(results["seconds"]) >= {
+        "compress-temporal-s0",
+        "export-user-time-consistent-s0",
+        "rank-none-transformer-s0",
+    }
 
 
 def test_evaluate_reproduces_the_run_metrics(experiment, capsys):
@@ -85,10 +132,22 @@ def test_evaluate_reproduces_the_run_metrics(experiment, capsys):
 
 def test_warm_start_loads_stage1_weights_and_tokens_stay_frozen(tiny_log, stage1_run, tokens, tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(REPO / "tests" / "rank_check.py"), str(tiny_log), str(tokens), str(stage1_run), str(tmp_path / "r")],
-        capture_output=True, text=True, cwd=REPO,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            str(REPO / "tests" / "rank_check.py"),
+            str(tiny_log),
+            str(tokens),
+            str(stage1_run),
+            str(tmp_path / "r"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(next(x for x in out.stdout.splitlines() if x.startswith("RESULT"))[6:])
     assert got["token_params"], "the model holds the token table"
@@ -100,8 +159,28 @@ def test_cross_domain_requests_read_the_source_token_table(tiny_log, tokens, tmp
     from iat_rec.data.synth import generate
 
     other = generate(tmp_path / "other", users=120, mean_instances=20, seed=5)  # same user keys, new events
-    args = ["rank", "--data", str(other.path), "--tokens", str(tokens), "--history", "iat", "--out", str(tmp_path / "x"),
-            "--nproc", "2", "--steps", "4", "--batch-size", "32", "--max-len", "16", "--no-progress", "--emb-dim", "8"]  # fmt: skip
+    args = [
+        "rank",
+        "--data",
+        str(other.path),
+        "--tokens",
+        str(tokens),
+        "--history",
+        "iat",
+        "--out",
+        str(tmp_path / "x"),
+        "--nproc",
+        "2",
+        "--steps",
+        "4",
+        "--batch-size",
+        "32",
+        "--max-len",
+        "16",
+        "--no-progress",
+        "--emb-dim",
+        "8",
+    ]
     assert main(args) == 2, "a table of another log is cross-domain only when asked for"
     assert not (tmp_path / "x").exists()
     run_cli(*args, "--cross-domain")
@@ -118,8 +197,27 @@ def test_bad_input_is_one_clear_error(tiny_log, tmp_path, capsys):
 
 
 def test_stage2_resume_continues_exactly_with_loader_workers(tiny_log, tokens, tmp_path):
-    args = ["--data", str(tiny_log), "--tokens", str(tokens), "--history", "both", "--nproc", "2", "--batch-size", "32",
-            "--max-len", "16", "--emb-dim", "8", "--num-workers", "1", "--eval-batches", "1", "--no-progress"]  # fmt: skip
+    args = [
+        "--data",
+        str(tiny_log),
+        "--tokens",
+        str(tokens),
+        "--history",
+        "both",
+        "--nproc",
+        "2",
+        "--batch-size",
+        "32",
+        "--max-len",
+        "16",
+        "--emb-dim",
+        "8",
+        "--num-workers",
+        "1",
+        "--eval-batches",
+        "1",
+        "--no-progress",
+    ]
     full, part = tmp_path / "full", tmp_path / "part"
     run_cli("rank", *args, "--out", str(full), "--steps", "8")
     run_cli("rank", *args, "--out", str(part), "--steps", "4")
@@ -151,3 +249,25 @@ def test_each_result_is_written_once(experiment):
     assert not (run / "config.json").exists()  # the config is run.json's
     assert "test" not in json.loads((run / "result.json").read_text())  # the test figures are metrics.json's
     assert json.loads((run / "run.json").read_text())["config"]["out"] == str(run)
+
+
+def test_range_reads_train_the_same_model_as_the_lookup(tiny_log, stage1_run, tokens, tmp_path):
+    """--token-fetch ranges (a replicated table read by row ranges) fetches exactly the tokens
+    of TorchRec's sharded lookup, so the same seed trains the same model to the same losses.
+    The feature tables are warm-started: a fresh sharded table's random init depends on the
+    rank that holds it, and the plan differs once the token table is not TorchRec's."""
+    args = ["rank", "--data", str(tiny_log), "--tokens", str(tokens), "--history", "iat", "--query", "token"]
+    args += ["--stage1", str(stage1_run), "--warm-start", "--nproc", "2", "--steps", "6", "--batch-size", "32"]
+    args += ["--max-len", "16", "--eval-every", "3", "--eval-batches", "2", "--no-progress", "--reader-layers", "1"]
+    args += ["--head", "32"]
+    losses = {}
+    metrics = {}
+    for fetch in ("lookup", "ranges"):
+        run_cli(*args, "--token-fetch", fetch, "--out", str(tmp_path / fetch))
+        metrics[fetch] = json.loads((tmp_path / fetch / "metrics.json").read_text())
+        losses[fetch] = [json.loads(x)["loss"] for x in (tmp_path / fetch / "train_log.jsonl").read_text().splitlines()]
+        plan = json.loads((tmp_path / fetch / "plan.json").read_text())
+        assert ("iat_tokens" in json.dumps(plan)) == (fetch == "lookup")  # ranges: no TorchRec token table
+    assert len(losses["ranges"]) == 6 and losses["ranges"] == pytest.approx(losses["lookup"], abs=1e-6)
+    assert metrics["ranges"]["auc"] == pytest.approx(metrics["lookup"]["auc"], abs=1e-6)
+    assert metrics["ranges"]["logloss"] == pytest.approx(metrics["lookup"]["logloss"], abs=1e-6)

@@ -25,7 +25,10 @@ class RankBatch(Batch):
     """``shared`` also holds the hand-crafted history: key ``history_feature(f)`` per sequence
     feature f, the ids of the history steps (same lengths as ``history_ids``)."""
 
-    history_ids: KeyedJaggedTensor  # TOKEN_FEATURE: history instance ids, oldest first; CANDIDATE_FEATURE: the row itself
+    # TOKEN_FEATURE: history instance ids, oldest first; CANDIDATE_FEATURE: the row itself.
+    # None where the model reads the token table by ranges (hist_first and the lengths suffice).
+    history_ids: KeyedJaggedTensor | None
+    hist_first: torch.Tensor  # int64 [B]: first token-table row of each history (its length: hist_valid.sum(1))
     hist_labels: torch.Tensor  # int64 [B, T, K]: 0/1, or LABEL_UNKNOWN until label_time < t
     hist_gap: torch.Tensor  # int64 [B, T]: log2 bucket of t - ts
     hist_valid: torch.Tensor  # bool [B, T]
@@ -34,18 +37,25 @@ class RankBatch(Batch):
 class HistorySource:
     """Past instances to fetch from: history index, side info, hand-crafted sequence ids."""
 
-    def __init__(self, index: HistoryIndex, labels: np.ndarray, label_time: np.ndarray, log: InstanceLog | None, seq_features: list[str]):
+    def __init__(
+        self,
+        index: HistoryIndex,
+        labels: np.ndarray,
+        label_time: np.ndarray,
+        log: InstanceLog | None,
+        seq_features: list[str],
+    ):
         self.index, self.labels, self.label_time = index, labels, label_time
         self.log, self.seq_features = log, seq_features
         if seq_features and log is None:
             raise ValueError("hand-crafted sequence features need the source instance log")
 
     @classmethod
-    def from_log(cls, log: InstanceLog, seq_features: list[str]) -> "HistorySource":
+    def from_log(cls, log: InstanceLog, seq_features: list[str]) -> HistorySource:
         return cls(HistoryIndex.from_log(log), log.labels, log.label_time, log, seq_features)
 
     @classmethod
-    def from_tokens(cls, table, log: InstanceLog | None, seq_features: list[str]) -> "HistorySource":
+    def from_tokens(cls, table, log: InstanceLog | None, seq_features: list[str]) -> HistorySource:
         return cls(table.history, table.side("labels"), table.side("label_time"), log, seq_features)
 
     def seq_ids(self, feature: str, rows: np.ndarray) -> np.ndarray:
@@ -60,12 +70,16 @@ class HistorySource:
 
 class RankBatchMaker:
     """Callable (log, rows) -> RankBatch for BatchDataset; picklable for loader workers.
-    ``candidate``: the token lookup also gets each request's own row (stage 2's token query)."""
+    ``candidate``: the token lookup also gets each request's own row (stage 2's token query).
+    ``token_ids=False``: no id list for a TorchRec lookup (the model reads ranges)."""
 
-    def __init__(self, source: HistorySource, max_len: int, same_log: bool, candidate: bool = False):
+    def __init__(
+        self, source: HistorySource, max_len: int, same_log: bool, candidate: bool = False, token_ids: bool = True
+    ):
         if candidate and not same_log:
             raise ValueError("the candidate's own token exists only for requests of the token table's log")
         self.source, self.max_len, self.same_log, self.candidate = source, max_len, same_log, candidate
+        self.token_ids = token_ids
 
     def history_users(self, log: InstanceLog, rows: np.ndarray) -> np.ndarray:
         valid = rows >= 0
@@ -98,8 +112,12 @@ class RankBatchMaker:
         if feats:  # the candidate's own ids, then the history's ids under their history keys
             shared = KeyedJaggedTensor.from_lengths_sync(
                 keys=base.shared.keys() + [history_feature(f) for f in feats],
-                values=torch.cat([base.shared.values()] + [torch.from_numpy(self.source.seq_ids(f, hist)) for f in feats]),
-                lengths=torch.cat([base.shared.lengths(), torch.from_numpy(np.tile(length, len(feats)).astype(np.int32))]),
+                values=torch.cat(
+                    [base.shared.values()] + [torch.from_numpy(self.source.seq_ids(f, hist)) for f in feats]
+                ),
+                lengths=torch.cat(
+                    [base.shared.lengths(), torch.from_numpy(np.tile(length, len(feats)).astype(np.int32))]
+                ),
                 stride=b,
             )
         return extend(
@@ -107,8 +125,14 @@ class RankBatchMaker:
             RankBatch,
             shared=shared,
             history_ids=KeyedJaggedTensor.from_lengths_sync(
-                keys=keys, values=torch.from_numpy(np.concatenate(values)), lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)), stride=b
-            ),
+                keys=keys,
+                values=torch.from_numpy(np.concatenate(values)),
+                lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)),
+                stride=b,
+            )
+            if self.token_ids
+            else None,
+            hist_first=torch.from_numpy(first.astype(np.int64)),
             hist_labels=torch.from_numpy(hist_labels),
             hist_gap=torch.from_numpy(hist_gap),
             hist_valid=torch.from_numpy(valid),

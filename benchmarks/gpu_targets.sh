@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Issue #18's throughput targets on one GPU, side by side in one device call: each benchmark
+# in turn (never two at once: they time the same GPU), then benchmarks/targets.py composes
+# targets-<device>.json. Everything lands in $OUT/targets.tgz (JSONs and logs).
+#   source .gpu/setup.sh; benchmarks/gpu_targets.sh
+# ONLY="fetch rank-fast" runs some; each step stops at STEP_S seconds (default 240).
+set -uo pipefail
+R=${R:-/tmp/targets}
+mkdir -p "$R"
+nvidia-smi -L
+B="python -m benchmarks.run"
+declare -A STEPS=(
+  [fetch]="fetch"
+  [rank-fast]="rank --history iat,handcrafted --token-fetch ranges --bf16 --compile"
+  [compress-fast]="compress --batch 32768 --bf16"
+  [rank-d128]="rank --history iat --token-fetch ranges --bf16 --compile --reader-dim 128 --reader-heads 4 --no-reader-only"
+  [rank-before]="rank --history iat --bf16 --no-reader-only"
+  [compress-before]="compress"
+)
+ORDER="fetch rank-fast compress-fast rank-d128 rank-before compress-before"
+for name in ${ONLY:-$ORDER}; do
+  echo "== $name: iat-rec bench ${STEPS[$name]}"
+  start=$(date +%s)
+  timeout "${STEP_S:-240}" $B ${STEPS[$name]} --out "$R/$name.json" > "$R/$name.log" 2>&1
+  echo "   exit $? after $(( $(date +%s) - start )) s"
+  grep -E "^(case|[a-z_]+ +[0-9])|samples/s|MFU|copy" "$R/$name.log" | head -14
+  tar -C "$R" -czf "${OUT:-/tmp}/targets.tgz" .  # after every step: a cut call still returns what ran
+done
+python -m benchmarks.targets "$R" --out "$R" --command "source .gpu/setup.sh; ONLY=\"${ONLY:-$ORDER}\" benchmarks/gpu_targets.sh"
+tar -C "$R" -czf "${OUT:-/tmp}/targets.tgz" .

@@ -1,0 +1,135 @@
+"""Stage 2's fast paths against the reference path: range reads, bf16 branches, compiled branches.
+
+Stage 2 fetches a request's history either through the sharded ``EmbeddingCollection``
+(``token_fetch="lookup"``: an id per step) or as one contiguous row range of a replicated
+table (``"ranges"``: first row and length). Both must give the same tokens, the same
+candidate token, and so the same logits, for every request of a log, padding rows included.
+The bf16 history branches stay close to fp32, and a compiled branch computes what the eager
+one does under the same parameter names (checkpoints load either way).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from iat_rec.batching.rank_data import HistorySource, RankBatchMaker
+from iat_rec.data.instance_log import InstanceLog
+from iat_rec.tables import TOKEN_TABLE
+from iat_rec.train.config import ModelConfig
+from modules.range_gather import RangeTokenTable, range_gather, reference
+from modules.ranker import RankerConfig, build_ranker
+
+T = 16
+DIM = 8
+
+
+def ranker(log: InstanceLog, fetch: str, query: str, dtype: str, **options):
+    torch.manual_seed(0)
+    model = build_ranker(
+        log.schema,
+        ModelConfig(emb_dim=8, hidden=32, num_tokens=4, token_dim=16, decompress=(16,)),
+        RankerConfig(history="iat", query=query, max_len=T, reader_layers=1, head=(16,), token_fetch=fetch, **options),
+        len(log.schema.labels),
+        token_rows=log.rows,
+        token_dim=DIM,
+        token_dtype=dtype,
+        token_stats=(torch.linspace(-0.5, 0.5, DIM), torch.linspace(0.5, 2.0, DIM)),
+    )
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
+        model.token_mean.copy_(torch.linspace(-0.5, 0.5, DIM))
+        model.token_std.copy_(torch.linspace(0.5, 2.0, DIM))
+    return model.eval()
+
+
+@pytest.mark.parametrize("query", ["features", "token"])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_ranges_give_the_lookups_tokens_and_logits(tiny_log, query, dtype):
+    log = InstanceLog(tiny_log)
+    lookup, ranges = ranker(log, "lookup", query, dtype), ranker(log, "ranges", query, dtype)
+    weight = lookup.tokens.embeddings[TOKEN_TABLE].weight
+    with torch.no_grad():
+        weight.copy_(torch.randn(weight.shape).to(weight.dtype))
+    ranges.token_rows.load(weight)
+    assert ranges.token_rows.rows.dtype == weight.dtype
+    # the ranges model holds no TorchRec token table, and no token row in its state dict
+    assert not any(k.startswith(("tokens.", "token_rows.")) for k in ranges.state_dict())
+    assert not hasattr(ranges, "tokens")
+    ranges.load_state_dict(lookup.state_dict(), strict=False)
+    source = HistorySource.from_log(log, [])
+    candidate = query == "token"
+    rows = np.concatenate([np.arange(log.rows), [-1, -1]])  # every request, then two padding rows
+    for chunk in np.array_split(rows, 8):
+        with_ids = RankBatchMaker(source, T, same_log=True, candidate=candidate)(log, chunk)
+        without = RankBatchMaker(source, T, same_log=True, candidate=candidate, token_ids=False)(log, chunk)
+        assert without.history_ids is None and torch.equal(with_ids.hist_first, without.hist_first)
+        with torch.no_grad():
+            steps_a, cand_a = lookup._fetch(with_ids)
+            steps_b, cand_b = ranges._fetch(without)
+            torch.testing.assert_close(steps_a, steps_b, rtol=0, atol=0)
+            if candidate:
+                torch.testing.assert_close(cand_a, cand_b, rtol=0, atol=0)
+            else:
+                assert cand_a is None and cand_b is None
+            logits_a = lookup(with_ids)[1][1]
+            logits_b = ranges(without)[1][1]
+        torch.testing.assert_close(logits_a, logits_b, rtol=0, atol=0)
+    assert with_ids.hist_valid.any()  # the check saw real histories
+
+
+def test_range_gather_reads_only_its_range():
+    table = torch.arange(40, dtype=torch.float32).view(10, 4)
+    first, length = torch.tensor([0, 3, 9, 5]), torch.tensor([2, 0, 1, 4])
+    out = range_gather(table, first, length, 3 + 1)
+    assert out.shape == (4, 4, 4)
+    assert torch.equal(out[0, :2], table[0:2]) and not out[0, 2:].any()
+    assert not out[1].any()
+    assert torch.equal(out[2, 0], table[9]) and not out[2, 1:].any()
+    assert torch.equal(out[3], table[5:9])
+    with pytest.raises(ValueError):
+        range_gather(table[0], first, length, 4)
+
+
+def test_range_table_takes_candidates_and_rejects_a_wrong_width():
+    t = RangeTokenTable(4, torch.float16)
+    rows = torch.randn(6, 4)
+    t.load(rows)
+    assert t.rows.dtype == torch.float16 and "rows" not in t.state_dict()
+    got = t.take(torch.tensor([5, -1, 0]))
+    assert torch.equal(got[0], rows[5].half()) and not got[1].any() and torch.equal(got[2], rows[0].half())
+    with pytest.raises(ValueError, match="expected"):
+        t.load(torch.zeros(3, 5))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on CUDA")
+def test_triton_kernel_matches_the_torch_path():
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(5000, 64, generator=g).half().cuda()
+    length = torch.randint(0, 257, (300,), generator=g)
+    first = (torch.rand(300, generator=g) * (5000 - length)).long()
+    first, length = first.cuda(), length.cuda()
+    assert torch.equal(range_gather(table, first, length, 256 + 7), reference(table, first, length, 256 + 7))
+
+
+def test_bf16_and_compiled_branches_match_the_eager_fp32_model(tiny_log):
+    log = InstanceLog(tiny_log)
+    source = HistorySource.from_log(log, [])
+    batch = RankBatchMaker(source, T, same_log=True, candidate=True, token_ids=False)(log, np.arange(96))
+    table = torch.randn(log.rows, DIM)
+    models = {}
+    for name, options in {"eager": {}, "bf16": {"bf16": True}, "compiled": {"compile": True}}.items():
+        models[name] = ranker(log, "ranges", "token", "fp32", **options).train()
+        models[name].token_rows.load(table)
+    assert models["compiled"].state_dict().keys() == models["eager"].state_dict().keys()
+    out = {}
+    for name, model in models.items():
+        loss, (_, logits, *_rest) = model(batch)
+        loss.backward()
+        out[name] = (logits, model.iat.proj.weight.grad.clone())
+    logits, grad = out["eager"]
+    torch.testing.assert_close(out["compiled"][0], logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["compiled"][1], grad, rtol=1e-3, atol=1e-5)
+    assert out["bf16"][0].dtype == torch.float32 and not torch.equal(out["bf16"][0], logits)  # it did run in bf16
+    torch.testing.assert_close(out["bf16"][0], logits, rtol=0, atol=0.05)
