@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, str] = {
     "compress": "stage-1 training step, temporal and user order: samples/s",
     "fetch": "frozen token-table lookup of B x T tokens: GB/s vs copy and index_select; ids vs ranges",
     "rank": "stage-2 training step: samples/s, reader MFU; IAT vs hand-crafted at the same T",
+    "efficiency": "stage-2 step: hand-crafted sequence of K fields per step vs one IAT token, samples/s and memory",
     "loader": "CPU data path: samples/s per core vs what the GPU step consumes",
     "scaling": "1 vs 2 ranks (NCCL on GPUs, gloo on CPU), row-wise token table: samples/s ratio",
     "planner_sweep": "TorchRec planner over topologies and token-table sizes (no timing of steps)",
