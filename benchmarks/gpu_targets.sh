@@ -16,8 +16,9 @@ declare -A STEPS=(
   [rank-d128]="rank --history iat --token-fetch ranges --bf16 --compile --reader-dim 128 --reader-heads 4 --no-reader-only"
   [rank-before]="rank --history iat --bf16 --no-reader-only"
   [compress-before]="compress"
+  [tbe]="tbe"
 )
-ORDER="fetch rank-fast compress-fast rank-d128 rank-before compress-before"
+ORDER="fetch rank-fast compress-fast rank-d128 rank-before compress-before tbe"
 for name in ${ONLY:-$ORDER}; do
   echo "== $name: iat-rec bench ${STEPS[$name]}"
   start=$(date +%s)

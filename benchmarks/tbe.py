@@ -16,6 +16,12 @@ Two table sets, both sharded by the project's ``iat_rec.train.trainer.shard`` (T
   fp32 each, ``--pooling`` uniform random ids per feature and sample: the tables dwarf L2,
   so the kernel streams rows from HBM. The TBE target (>= 60% of copy) applies here.
 
+``pipelined_step`` is the same fused forward + backward inside the trainer's real step:
+``TrainPipelineSparseDist`` over pinned host batches (copy to the device and input dist of
+the next batch overlapped with this one), the EBC feeding a small dense head whose loss is
+backpropagated, Adam on the head. Its ratio counts the forward + backward effective bytes
+against the whole step: the TBE in the pipelined step (issue #18's ``tbe_copy_ratio_in_step``).
+
 Effective bytes (FBGEMM's convention, fp32 pooled outputs): forward = lookups x D x w +
 B x T x D x 4 (rows read, pooled output written); forward + backward adds B x T x D x 4
 (output gradient read) and 2 x lookups x D x w (rows read and written by the fused update);
@@ -34,12 +40,13 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from benchmarks import common
+from iat_rec.batching.batch import PipelineableMixin
 from iat_rec.batching.loaders import BatchDataset, time_order
 from iat_rec.data.instance_log import time_split
 from iat_rec.data.synth import synth_schema
 from iat_rec.tables import model_tables
 from iat_rec.train.config import TrainConfig
-from iat_rec.train.trainer import shard
+from iat_rec.train.trainer import make_optimizer, shard
 
 
 class SparseArch(nn.Module):
@@ -51,6 +58,24 @@ class SparseArch(nn.Module):
 
     def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         return self.sparse(kjt).values()
+
+
+class StepArch(nn.Module):
+    """The EBC and a small dense head: a training step's shape for ``TrainPipelineSparseDist``."""
+
+    def __init__(self, tables: list[EmbeddingBagConfig]):
+        super().__init__()
+        self.sparse = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
+        self.head = nn.Linear(sum(t.embedding_dim for t in tables), 1)
+
+    def forward(self, batch: SparseBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = self.head(self.sparse(batch.sparse).values()).square().mean()
+        return loss, loss.detach()
+
+
+@dataclasses.dataclass
+class SparseBatch(PipelineableMixin):
+    sparse: KeyedJaggedTensor
 
 
 @dataclasses.dataclass
@@ -103,6 +128,31 @@ def measure(run: common.Run, env, ts: TableSet, optimizer: str) -> list[dict[str
 
     dim = ts.tables[0].embedding_dim
     out = []
+    step_model, _ = shard(StepArch(ts.tables), env, cfg, plan_out=None)
+    host = [SparseBatch(k.to("cpu")) for k in kjts]
+    host = [b.pin_memory() for b in host] if run.cuda else host
+    common.reset_peak_memory(run.device)
+    t, pipelined = common.time_train_pipeline(
+        run, f"{ts.name}/pipelined_step", step_model, make_optimizer(step_model, 1e-3), host
+    )
+    step_bytes = 3 * lookups * dim * w + 2 * pooled * 4
+    gbs = step_bytes / (t.median_ms * 1e-3) / 1e9
+    out.append(
+        common.row(
+            f"{ts.name}/pipelined_step",
+            t,
+            ts.batch,
+            common.peak_memory_bytes(run.device),
+            lookups_per_step=lookups,
+            dim=dim,
+            bytes_per_step=step_bytes,
+            gbs=gbs,
+            copy_ratio=common.ratio(gbs, run.limits["copy_gbs"]),
+            pipelined_modules=pipelined,
+        )
+    )
+    step_model = None  # release before the next cases
+    common.free(run.device)
     for case, fn, nbytes in (
         ("forward", fwd, lookups * dim * w + pooled * 4),
         ("forward_backward", fwd_bwd, 3 * lookups * dim * w + 2 * pooled * 4),
@@ -186,6 +236,18 @@ def main(argv: list[str] | None = None) -> int:
             }
         summary = []
         for r in results:
+            if r["case"] == "wide/pipelined_step":
+                summary.append(
+                    common.summary_item(
+                        run,
+                        "tbe in the pipelined step (wide)",
+                        r["gbs"],
+                        "GB/s",
+                        "copy bandwidth",
+                        r["copy_ratio"],
+                        "tbe_copy_ratio_in_step",
+                    )
+                )
             if r["case"].endswith("forward_backward"):
                 summary.append(
                     common.summary_item(

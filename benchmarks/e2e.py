@@ -1,0 +1,149 @@
+"""End to end at scale: generate, stage 1, export, stage 2, each stage timed, with peak memory.
+
+    python -m benchmarks.e2e --work DIR [--users 100000] [--mean-instances 100] [--out e2e.json]
+
+Runs the real commands one after the other, as a user would (``iat-rec data synth``,
+``compress``, ``export --dtype fp16``, ``rank``), with the quality configs of the synthetic
+log (``iat_rec/configs/synthetic_*.yaml``: one epoch of user-order stage 1 with snapshots for
+time-consistent export; stage 2 on the fast paths, ``synthetic_rank_fast.yaml``) and one
+epoch of each stage. A stage whose output is already complete in DIR is not rerun (so a job
+cut at its time limit resumes from the previous job's artifacts: run the same command again).
+Per stage: wall seconds, the child's peak host RSS (``getrusage``), the GPU's peak memory in
+use (``nvidia-smi`` polled every 0.5 s; whole device, so it includes the CUDA context), and
+at the end the token table's bytes on disk. Writes one JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def gpu_used_mib() -> int | None:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"], capture_output=True, text=True
+    )
+    values = [int(x) for x in out.stdout.split()] if out.returncode == 0 else []
+    return max(values) if values else None
+
+
+class GpuPeak:
+    """Polls the GPU's memory in use while a stage runs; ``peak`` in MiB (None without nvidia-smi)."""
+
+    def __init__(self, every: float = 0.5) -> None:
+        self.every, self.peak, self._stop = every, None, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            used = gpu_used_mib()
+            if used is not None:
+                self.peak = max(self.peak or 0, used)
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> GpuPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def run_stage(name: str, argv: list[str], done: Path, log: Path) -> dict:
+    if done.exists():
+        return {"stage": name, "skipped": f"{done} exists (finished by an earlier job)"}
+    start = time.perf_counter()
+    with GpuPeak() as gpu, log.open("w") as f:
+        code = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT).returncode
+    wall = time.perf_counter() - start
+    # RUSAGE_CHILDREN: the largest peak RSS of any waited-for descendant so far (Linux: KiB)
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    out = {"stage": name, "command": " ".join(argv), "wall_s": wall, "exit": code, "peak_gpu_mib": gpu.peak}
+    out["peak_host_rss_bytes_so_far"] = rss
+    if code != 0:
+        out["log_tail"] = log.read_text()[-2000:]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__)
+    p.add_argument("--work", required=True, help="directory of every artifact (reused by a later job)")
+    p.add_argument("--users", type=int, default=100_000)
+    p.add_argument("--mean-instances", type=float, default=100.0)
+    p.add_argument("--rank-batch", type=int, default=8192, help="stage-2 requests per step")
+    p.add_argument("--workers", type=int, default=8, help="loader worker processes per stage")
+    p.add_argument("--out", default=None, help="JSON path (default WORK/e2e.json)")
+    args = p.parse_args(argv)
+    w = Path(args.work)
+    w.mkdir(parents=True, exist_ok=True)
+    cli = [sys.executable, "-m", "iat_rec.cli"]
+    cfg = Path(__file__).resolve().parents[1] / "iat_rec" / "configs"
+    common = ["--no-progress", "--num-workers", str(args.workers)]
+    stages = [
+        (
+            "generate",
+            [*cli, "data", "synth", "--out", str(w / "log"), "--users", str(args.users)]
+            + ["--mean-instances", str(args.mean_instances), "--seed", "0"],
+            w / "log" / "manifest.json",
+        ),
+        (
+            "stage1",
+            [*cli, "compress", "--data", str(w / "log"), "--out", str(w / "stage1"), "--scheme", "user"]
+            + ["--config", str(cfg / "synthetic_compress.yaml"), "--epochs", "1", *common],
+            w / "stage1" / "result.json",
+        ),
+        (
+            "export",
+            [*cli, "export", "--stage1", str(w / "stage1"), "--out", str(w / "tokens"), "--dtype", "fp16"]
+            + ["--no-progress"],
+            w / "tokens" / "manifest.json",
+        ),
+        (
+            "stage2",
+            [*cli, "rank", "--data", str(w / "log"), "--tokens", str(w / "tokens"), "--history", "iat"]
+            + ["--config", str(cfg / "synthetic_rank_fast.yaml"), "--epochs", "1", "--early-stop", "0"]
+            + ["--batch-size", str(args.rank_batch), "--eval-every", "0", "--out", str(w / "stage2"), *common],
+            w / "stage2" / "metrics.json",
+        ),
+    ]
+    out_path = Path(args.out) if args.out else w / "e2e.json"
+    report = json.loads(out_path.read_text()) if out_path.exists() else {"stages": {}}
+    report.update(users=args.users, mean_instances=args.mean_instances, gpu=gpu_used_mib() is not None)
+    for name, argv_, done in stages:
+        result = run_stage(name, argv_, done, w / f"{name}.log")
+        if "skipped" not in result:
+            report["stages"][name] = result
+        print(json.dumps({k: v for k, v in result.items() if k != "log_tail"}), flush=True)
+        out_path.write_text(json.dumps(report, indent=1) + "\n")
+        if result.get("exit"):
+            print(result["log_tail"], file=sys.stderr)
+            return 1
+    if (w / "log" / "manifest.json").exists():
+        report["rows"] = json.loads((w / "log" / "manifest.json").read_text())["rows"]
+    if (w / "tokens").exists():
+        report["token_table_bytes"] = dir_bytes(w / "tokens" / "table")
+    if (w / "stage2" / "metrics.json").exists():
+        report["stage2_test"] = json.loads((w / "stage2" / "metrics.json").read_text())
+    done = [s for s in ("generate", "stage1", "export", "stage2") if s in report["stages"]]
+    report["e2e_wall_s"] = sum(report["stages"][s]["wall_s"] for s in done) if len(done) == 4 else None
+    out_path.write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps({k: report.get(k) for k in ("rows", "token_table_bytes", "e2e_wall_s")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
