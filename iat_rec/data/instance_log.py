@@ -38,7 +38,7 @@ import numpy as np
 
 from iat_rec.data.schema import Schema
 from iat_rec.dist import checksums
-from iat_rec.dist.atomic import atomic_dir, check_out, write_json
+from iat_rec.dist.atomic import atomic_dir, check_out, read_manifest, write_json
 from iat_rec.errors import IatError
 
 FORMAT = "iat-instance-log"
@@ -211,19 +211,15 @@ class InstanceLog:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        mf = self.path / "manifest.json"
-        if not mf.is_file():
-            raise IatError(f"{self.path}: not an instance log (no manifest.json)")
-        try:
-            self.manifest = json.loads(mf.read_text())
-        except json.JSONDecodeError as e:
-            raise IatError(f"{mf}: corrupt manifest: {e}") from None
-        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
-            raise IatError(
-                f"{self.path}: format {self.manifest.get('format')} v{self.manifest.get('version')}, "
-                f"expected {FORMAT} v{VERSION}: write it again with this version (data ingest, synth or movielens)"
-            )
-        self.schema = Schema.from_dict(self.manifest["schema"], source=str(mf))
+        self.manifest = read_manifest(
+            self.path,
+            "manifest.json",
+            "an instance log",
+            FORMAT,
+            VERSION,
+            "write it again with this version (data ingest, synth or movielens)",
+        )
+        self.schema = Schema.from_dict(self.manifest["schema"], source=str(self.path / "manifest.json"))
         self.rows: int = self.manifest["rows"]
         self.users: int = self.manifest["users"]
         self.fingerprint: str = self.manifest["fingerprint"]

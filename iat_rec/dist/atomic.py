@@ -29,6 +29,25 @@ def artifact_format(path: str | os.PathLike, manifest: str) -> str | None:
         return None
 
 
+def read_manifest(path: str | os.PathLike, name: str, what: str, fmt: str, version: int, remedy: str) -> dict:
+    """The JSON file ``name`` of the artifact directory ``path`` (``what``, with its article:
+    "a token table"), refused with one clear error when it is absent, corrupt, or of another
+    format or version (``remedy`` says how to write it again)."""
+    from iat_rec.errors import IatError
+
+    mf = Path(path) / name
+    if not mf.is_file():
+        raise IatError(f"{path}: not {what} (no {name})")
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise IatError(f"{mf}: corrupt {name}: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt or manifest.get("version") != version:
+        got = manifest if not isinstance(manifest, dict) else f"{manifest.get('format')} v{manifest.get('version')}"
+        raise IatError(f"{path}: format {got}, expected {fmt} v{version}: {remedy}")
+    return manifest
+
+
 def check_out(out: str | os.PathLike, kind: str, formats: set[str], manifest: str, overwrite: bool,
               inputs: tuple[str | os.PathLike, ...] = ()) -> None:
     """Refuses an output path that would lose data, before anything is written: one that is,
@@ -51,12 +70,11 @@ def check_out(out: str | os.PathLike, kind: str, formats: set[str], manifest: st
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
-    """Yields a temporary directory beside ``path``; on success it replaces ``path``."""
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary directory beside ``path``; on success it replaces ``path`` (callers
+    decide beforehand whether an existing ``path`` may be replaced: ``check_out``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists")
     _remove_orphans(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{_HOST}-{os.getpid()}-", dir=path.parent))
     os.chmod(tmp, _by_umask(0o777))  # mkdtemp makes it 0700 whatever the umask

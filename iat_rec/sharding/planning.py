@@ -62,7 +62,6 @@ def make_plan(
     constraints: dict[str, ParameterConstraints] | None,
     sharders: list[ModuleSharder[nn.Module]] | None = None,
     pg: dist.ProcessGroup | None = None,
-    storage_reservation: StorageReservation | None = None,
 ) -> ShardingPlan:
     """Plans ``tables_module`` (its embedding collections) for ``topology``.
 
@@ -70,9 +69,7 @@ def make_plan(
     plan (or the same IatError: TorchRec's collective_plan leaves the others waiting forever
     when rank 0 fails). Raises IatError when no plan fits.
     """
-    return make_plan_with_stats(
-        tables_module, topology, batch_size, constraints, sharders, pg, storage_reservation
-    ).plan
+    return make_plan_with_stats(tables_module, topology, batch_size, constraints, sharders, pg).plan
 
 
 def make_plan_with_stats(
@@ -82,7 +79,6 @@ def make_plan_with_stats(
     constraints: dict[str, ParameterConstraints] | None,
     sharders: list[ModuleSharder[nn.Module]] | None = None,
     pg: dist.ProcessGroup | None = None,
-    storage_reservation: StorageReservation | None = None,
     debug: bool = True,
 ) -> PlanResult:
     """make_plan, returning the planner's estimates and its stats table too."""
@@ -91,8 +87,8 @@ def make_plan_with_stats(
     sharders = sharders if sharders is not None else get_default_sharders()
     _check_sharding_types_supported(tables_module, constraints, sharders, topology.compute_device)
     if pg is None or pg.size() == 1:
-        return _plan_here(tables_module, topology, batch_size, constraints, sharders, storage_reservation, debug)
-    return _plan_on_rank0(pg, tables_module, topology, batch_size, constraints, sharders, storage_reservation, debug)
+        return _plan_here(tables_module, topology, batch_size, constraints, sharders, debug)
+    return _plan_on_rank0(pg, tables_module, topology, batch_size, constraints, sharders, debug)
 
 
 def default_storage_reservation(percentage: float = DEFAULT_RESERVE_PERCENT) -> StorageReservation:
@@ -126,10 +122,9 @@ def _plan_here(
     batch_size: int,
     constraints: dict[str, ParameterConstraints],
     sharders: list[ModuleSharder[nn.Module]],
-    storage_reservation: StorageReservation | None,
     debug: bool,
 ) -> PlanResult:
-    reservation = storage_reservation or default_storage_reservation()
+    reservation = default_storage_reservation()
     planner = EmbeddingShardingPlanner(
         topology=topology,
         batch_size=batch_size,

@@ -38,7 +38,6 @@ code (``pipelines.compress``), here lazily.
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -50,7 +49,7 @@ from torch import nn
 
 from iat_rec.dist import checkpoint as ckpt
 from iat_rec.dist import checksums
-from iat_rec.dist.atomic import atomic_dir, check_out, write_json
+from iat_rec.dist.atomic import atomic_dir, check_out, read_manifest, write_json
 from iat_rec.errors import IatError
 
 if TYPE_CHECKING:
@@ -366,19 +365,14 @@ class OnlineTokens:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        mf = self.path / META
-        if not mf.is_file():
-            raise IatError(f"{self.path}: not an online compressor (no {META})")
-        try:
-            self.meta = json.loads(mf.read_text())
-        except json.JSONDecodeError as e:
-            raise IatError(f"{mf}: corrupt metadata: {e}") from None
-        if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
-            raise IatError(
-                f"{self.path}: format {self.meta.get('format')} v{self.meta.get('version')}, "
-                f"expected {FORMAT} v{VERSION}: "
-                "write it again with this version (iat-rec tokens compressor)"
-            )
+        self.meta = read_manifest(
+            self.path,
+            META,
+            "an online compressor",
+            FORMAT,
+            VERSION,
+            "write it again with this version (iat-rec tokens compressor)",
+        )
         artifact = self.path / self.meta["artifact"]
         checksums.check(artifact, self.meta)
         self.features = [f["name"] for f in self.meta["sparse"]]

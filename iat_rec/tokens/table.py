@@ -33,7 +33,7 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 
 from iat_rec.batching.history import HistoryIndex
 from iat_rec.dist import checksums
-from iat_rec.dist.atomic import collective_atomic_dir, write_json
+from iat_rec.dist.atomic import collective_atomic_dir, read_manifest, write_json
 from iat_rec.dist.checkpoint import dcp_load, read_metadata
 from iat_rec.errors import IatError
 from iat_rec.tables import TOKEN_TABLE, token_table_config
@@ -59,19 +59,9 @@ class TokenTable:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        mf = self.path / "manifest.json"
-        if not mf.is_file():
-            raise IatError(f"{self.path}: not a token table (no manifest.json)")
-        try:
-            self.manifest = json.loads(mf.read_text())
-        except json.JSONDecodeError as e:
-            raise IatError(f"{mf}: corrupt manifest: {e}") from None
-        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
-            raise IatError(
-                f"{self.path}: format {self.manifest.get('format')} v{self.manifest.get('version')}, "
-                f"expected {FORMAT} v{VERSION}: "
-                "export it again with this version"
-            )
+        self.manifest = read_manifest(
+            self.path, "manifest.json", "a token table", FORMAT, VERSION, "export it again with this version"
+        )
         if not (self.path / "table" / ".metadata").is_file():
             raise IatError(f"{self.path}/table: missing or incomplete checkpoint (.metadata absent)")
         self.rows: int = int(self.manifest["rows"])
