@@ -1,7 +1,8 @@
 """Shared fixtures: a tiny synthetic log, and a 2-rank stage-1 run with its token table.
 
 Multi-process fixtures launch 2 gloo ranks through the real command line (the elastic
-agent), exactly as a user would, and are built once per test session.
+agent), exactly as a user would, and are built once per test session. Shared helpers and
+constants are tests/helpers.py's.
 """
 
 from __future__ import annotations
@@ -11,48 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from iat_rec.cli import main
-from iat_rec.data.synth import generate
+from tests.helpers import STAGE1, run_cli, synth_log
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-TINY = dict(users=120, mean_instances=50, seed=0)
-STAGE1 = [
-    "--scheme",
-    "user",
-    "--window",
-    "8",
-    "--batch-size",
-    "8",
-    "--steps",
-    "12",
-    "--eval-batches",
-    "2",
-    "--no-progress",
-    "--emb-dim",
-    "8",
-    "--hidden",
-    "64",
-    "--decompress",
-    "64",
-    "--iat-dim",
-    "16",
-]
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: real multi-process launches")
 
 
-def run_cli(*argv: str) -> None:
-    code = main(list(argv))
-    assert code == 0, f"iat-rec {' '.join(argv)} exited {code}"
-
-
 @pytest.fixture(scope="session")
 def tiny_log(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "log"
-    generate(path, **TINY)
+    synth_log(path)
     return path
 
 

@@ -20,20 +20,18 @@ from iat_rec.cli import main
 from iat_rec.data.ingest import append_columns, ingest
 from iat_rec.data.instance_log import InstanceLog, write_instance_log
 from iat_rec.data.schema import Schema
-from iat_rec.data.synth import SynthConfig, build_columns, synth_schema
 from iat_rec.dist import checkpoint as ckpt
 from iat_rec.errors import IatError
 from iat_rec.tokens.table import TokenTable
-from tests.conftest import STAGE1, TINY, run_cli
-from tests.test_ingest import ROWS, SCHEMA_YAML, write_csv
+from tests.helpers import INGEST_ROWS, INGEST_SCHEMA_YAML, STAGE1, run_cli, synth_columns, write_csv
 
-LATER = [dict(ROWS[0], uid="u3", ts=120, conv_time=130, item=5), dict(ROWS[2], ts=110, conv_time=110)]
+LATER = [dict(INGEST_ROWS[0], uid="u3", ts=120, conv_time=130, item=5), dict(INGEST_ROWS[2], ts=110, conv_time=110)]
 
 
 @pytest.fixture
 def two_days(tmp_path):
-    schema = Schema.from_dict(yaml.safe_load(SCHEMA_YAML))
-    rows = ROWS + LATER
+    schema = Schema.from_dict(yaml.safe_load(INGEST_SCHEMA_YAML))
+    rows = INGEST_ROWS + LATER
     write_csv(tmp_path / "day1.csv", [r for r in rows if r["ts"] < 50])
     write_csv(tmp_path / "day2.csv", [r for r in rows if r["ts"] >= 50])
     write_csv(tmp_path / "all.csv", rows)
@@ -69,14 +67,14 @@ def test_appended_log_equals_one_ingest_of_both_segments(two_days):
 def test_append_refuses_earlier_rows_and_duplicates_and_keeps_the_log(two_days, capsys):
     schema, d = two_days
     day1 = ingest(d / "day1.csv", schema, d / "v1")
-    write_csv(d / "late.csv", [dict(ROWS[0], ts=20, conv_time=20)])  # earlier than day 1's last (30)
+    write_csv(d / "late.csv", [dict(INGEST_ROWS[0], ts=20, conv_time=20)])  # earlier than day 1's last (30)
     assert (
         main(["data", "append", "--log", str(day1.path), "--input", str(d / "late.csv"), "--out", str(d / "v2")]) == 2
     )
     assert "before the last of" in capsys.readouterr().err and not (d / "v2").exists()
     write_csv(
-        d / "again.csv", [ROWS[2], dict(ROWS[2], click=0)]
-    )  # ROWS[2] is day 1's last instance (ts 30), logged again
+        d / "again.csv", [INGEST_ROWS[2], dict(INGEST_ROWS[2], click=0)]
+    )  # INGEST_ROWS[2] is day 1's last instance (ts 30), logged again
     assert (
         main(["data", "append", "--log", str(day1.path), "--input", str(d / "again.csv"), "--out", str(d / "v2")]) == 2
     )
@@ -100,8 +98,7 @@ def test_day_by_day_refresh_matches_a_full_export(tmp_path):
     """Two segments, one by one: stage 1 continues on day 2 only, export --append keeps every
     old row's bytes and gives day 2 the tokens a full export of the same run gives; stage 2
     continues on the extended table (2 gloo ranks)."""
-    cfg = SynthConfig(**TINY)
-    cols, schema = build_columns(cfg, progress=False), synth_schema(cfg)
+    cols, schema = synth_columns()
     cut = np.quantile(cols.ts, 0.7)
     v1 = write_instance_log(tmp_path / "v1", schema, cols.take(cols.ts < cut), source="day 1")
     v2 = append_columns(v1, cols.take(cols.ts >= cut), tmp_path / "v2", source="day 2")

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import torch
 
@@ -22,9 +21,8 @@ from iat_rec.data.schema import load_schema
 from iat_rec.dist import checkpoint as ckpt
 from iat_rec.dist.atomic import write_json
 from iat_rec.tokens.table import TokenTable
-from tests.test_ingest import ROWS, SCHEMA_YAML, write_csv
+from tests.helpers import INGEST_ROWS, INGEST_SCHEMA_YAML, REPO, write_csv
 
-REPO = Path(__file__).resolve().parents[1]
 SWAP = "iat_rec.dist.atomic._put_dir"  # the rename of a finished directory into place
 
 
@@ -46,10 +44,10 @@ def run_killed_at(target: str, setup: str, write: str) -> None:
 
 
 def test_ingest_killed_before_the_rename_leaves_the_previous_log(tmp_path):
-    (tmp_path / "schema.yaml").write_text(SCHEMA_YAML)
+    (tmp_path / "schema.yaml").write_text(INGEST_SCHEMA_YAML)
     out = tmp_path / "log"
     before = ingest(write_csv(tmp_path / "all.csv"), load_schema(tmp_path / "schema.yaml"), out)
-    write_csv(tmp_path / "half.csv", ROWS[:4])
+    write_csv(tmp_path / "half.csv", INGEST_ROWS[:4])
     run_killed_at(
         SWAP,
         """
@@ -59,7 +57,7 @@ def test_ingest_killed_before_the_rename_leaves_the_previous_log(tmp_path):
         f"ingest({str(tmp_path / 'half.csv')!r}, load_schema({str(tmp_path / 'schema.yaml')!r}), {str(out)!r})",
     )
     log = InstanceLog(out)
-    assert (log.rows, log.fingerprint) == (len(ROWS), before.fingerprint)
+    assert (log.rows, log.fingerprint) == (len(INGEST_ROWS), before.fingerprint)
     log.verify()
 
 

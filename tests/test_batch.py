@@ -11,8 +11,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from iat_rec.batching.batch import Batch, gather_jagged, make_batch, sparse_kjt
-from iat_rec.data.instance_log import Columns, write_instance_log
+from iat_rec.data.instance_log import write_instance_log
 from iat_rec.data.schema import Schema
+from tests.helpers import random_columns
 
 # single- and multi-valued features interleaved, so "schema order" is not "singles first"
 SCHEMA = Schema.from_dict(
@@ -29,43 +30,25 @@ SCHEMA = Schema.from_dict(
         "dense": [{"name": "d1", "column": "d1", "norm": "none"}, {"name": "d2", "column": "d2", "norm": "none"}],
     }
 )
-SIZES = {"a": 17, "tags": 6, "b": 5, "kw": 11}
 
 
 def build_log(path, n=40, users=5, seed=0):
-    """A random log; returns it with a per-row Python reference in *log* (sorted) order."""
-    rng = np.random.default_rng(seed)
-    user = rng.integers(0, users, n)
-    user[:users] = np.arange(users)
-    ts = rng.integers(0, 12, n)  # plenty of ties
-    single = {k: rng.integers(0, SIZES[k], n) for k in ("a", "b")}
-    lists = {k: [list(rng.integers(0, SIZES[k], rng.integers(0, 4))) for _ in range(n)] for k in ("tags", "kw")}
-    multi = {
-        k: (
-            np.asarray([v for lst in ls for v in lst], dtype=np.int64),
-            np.asarray([len(lst) for lst in ls], dtype=np.int64),
-        )
-        for k, ls in lists.items()
-    }
-    labels = rng.integers(0, 2, (n, 2)).astype(np.float32)
-    dense = rng.normal(size=(n, 2)).astype(np.float32)
-    cols = Columns(
-        user=user,
-        user_keys=np.array([f"u{i}" for i in range(users)]),
-        ts=ts,
-        labels=labels,
-        label_time=np.stack([ts, ts], 1),
-        dense=dense,
-        sparse=single,
-        multi=multi,
-    )
+    """A random log (timestamps in [0, 12): plenty of ties); returns it with a per-row Python
+    reference in *log* (sorted) order."""
+    cols = random_columns(SCHEMA, n, users, seed, ts_max=12, max_ids=3)
     log = write_instance_log(path, SCHEMA, cols, source="test")
+    user, ts = cols.user, cols.ts
+    single = cols.sparse
+    lists = {
+        k: [values[s:e].tolist() for s, e in zip(np.cumsum(lengths) - lengths, np.cumsum(lengths))]
+        for k, (values, lengths) in cols.multi.items()
+    }
     perm = sorted(range(n), key=lambda i: (user[i], ts[i]))  # stable: ties keep input order
     ref = {
         "user": [int(user[i]) for i in perm],
         "ts": [int(ts[i]) for i in perm],
-        "labels": labels[perm],
-        "dense": dense[perm],
+        "labels": cols.labels[perm],
+        "dense": cols.dense[perm],
         **{k: [[int(single[k][i])] for i in perm] for k in single},
         **{k: [[int(v) for v in lists[k][i]] for i in perm] for k in lists},
     }

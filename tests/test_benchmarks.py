@@ -12,8 +12,8 @@ import pytest
 
 from benchmarks.common import RESULT_KEYS, ROW_KEYS, SUMMARY_KEYS
 from iat_rec.cli import main
+from tests.helpers import REPO, synth_log
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--device", "cpu", "--tiny", "--warmup", "1", "--iters", "2"]
 
 
@@ -56,9 +56,13 @@ def test_bench_list(capsys):
 def test_tbe(tmp_path):
     data = bench("tbe", tmp_path)
     rows = cases(data)
-    assert set(rows) == {"stage1/forward", "stage1/forward_backward", "wide/forward", "wide/forward_backward"}
+    steps = ("forward", "forward_backward", "pipelined_step")
+    assert set(rows) == {f"{s}/{c}" for s in ("stage1", "wide") for c in steps}
     for r in rows.values():
         assert r["gbs"] > 0 and r["copy_ratio"] > 0 and r["plan"] == ["table_wise/fused"]
+    # the trainer's pipeline drives the step, with the sharded EBC pipelined
+    assert rows["wide/pipelined_step"]["pipelined_modules"] == ["ShardedEmbeddingBagCollection"]
+    assert rows["wide/pipelined_step"]["bytes_per_step"] == rows["wide/forward_backward"]["bytes_per_step"]
 
 
 def test_compress(tmp_path):
@@ -128,7 +132,7 @@ def test_profile_writes_the_top_ops_of_each_case(tmp_path):
     prof = tmp_path / "prof"
     bench("tbe", tmp_path, "--sets", "stage1", "--profile", str(prof))
     files = sorted(p.name for p in prof.iterdir())
-    assert files == ["tbe-stage1_forward-profile.txt", "tbe-stage1_forward_backward-profile.txt"]
+    assert files == [f"tbe-stage1_{c}-profile.txt" for c in ("forward", "forward_backward", "pipelined_step")]
     text = (prof / files[1]).read_text()
     assert "Self CPU" in text and "embedding" in text.lower()
 
@@ -139,7 +143,7 @@ def test_oracle_tokens_hold_the_generators_hidden_state(tmp_path):
     from iat_rec.tokens.table import TokenTable
 
     args = dict(users=40, mean_instances=10, seed=2)
-    synth.generate(tmp_path / "log", **args)
+    synth_log(tmp_path / "log", **args)
     oracle(
         [
             "--data",
@@ -179,10 +183,9 @@ def test_oracle_tokens_hold_the_generators_hidden_state(tmp_path):
 
 def test_shuffled_copy_permutes_rows_and_keeps_side_info(tmp_path):
     from benchmarks.oracle_tokens import main as tables
-    from iat_rec.data import synth
     from iat_rec.tokens.table import TokenTable
 
-    synth.generate(tmp_path / "log", users=40, mean_instances=10, seed=2)
+    synth_log(tmp_path / "log", users=40, mean_instances=10, seed=2)
     tables(
         [
             "--data",
@@ -214,7 +217,9 @@ def test_targets_compose_met_missed_and_missing(tmp_path):
     row = {"case": "model_ranges", "copy_ratio": 0.93}
     (tmp_path / "fetch.json").write_text(json.dumps({"tiny": False, "device": device, "config": {}, "rows": [row]}))
     fast = [{"case": "iat", "samples_per_s": 216_000.0, "reader_mfu": 0.038}]
-    (tmp_path / "rank-fast.json").write_text(json.dumps({"tiny": False, "device": device, "config": {}, "rows": fast}))
+    (tmp_path / "rank-fast-h1.json").write_text(
+        json.dumps({"tiny": False, "device": device, "config": {}, "rows": fast})
+    )
     (tmp_path / "rank-d128.json").write_text(json.dumps({"tiny": True, "device": device, "config": {}, "rows": fast}))
     out = targets.compose(tmp_path, "cmd")
     assert out["device"]["slug"] == "nvidia-h200" and out["command"] == "cmd"
@@ -226,3 +231,41 @@ def test_targets_compose_met_missed_and_missing(tmp_path):
         and "not in this run" in out["missing"]["stage1_user_samples_per_s"]
     )
     assert set(out["metrics"]) == set(targets.METRICS)
+
+
+def test_efficiency_hand_crafted_fields_against_one_token(tmp_path):
+    data = bench("efficiency", tmp_path)
+    rows = cases(data)
+    assert set(rows) == {f"iat-T{t}" for t in (8, 16)} | {f"handcrafted-K{k}-T{t}" for k in (2, 4) for t in (8, 16)}
+    for r in rows.values():
+        assert r["samples_per_s"] > 0 and r["batch"] * r["max_len"] == data["config"]["tokens_per_step"]
+        assert r["vs_iat_samples"] > 0 and r["vs_iat_memory"] > 0
+    assert rows["iat-T8"]["vs_iat_samples"] == 1.0
+    assert data["config"]["sequence_order"][:2] == ["item_id", "category"]  # the schema's own sequence first
+
+
+def test_efficiency_sequence_view_leaves_the_log_alone(tmp_path):
+    from benchmarks.efficiency import with_sequence
+
+    log = synth_log(tmp_path / "log", users=20, mean_instances=5)
+    view = with_sequence(log, 4)
+    assert len(view.schema.sequence) == 4 and view.schema.sequence[:2] == log.schema.sequence
+    assert log.schema.sequence == ("item_id", "category") and view.rows == log.rows
+    with pytest.raises(ValueError):
+        with_sequence(log, len(log.schema.sparse) + 1)
+
+
+def test_e2e_stage_runs_once_and_records_its_failure(tmp_path):
+    """benchmarks/e2e.py's stages: timed with their exit code; one whose output is complete is
+    skipped (a job cut at its limit resumes); a failure keeps its log's tail."""
+    import sys
+
+    from benchmarks.e2e import run_stage
+
+    done = tmp_path / "out.txt"
+    argv = [sys.executable, "-c", f"open({str(done)!r}, 'w').write('x')"]
+    first = run_stage("s", argv, done, tmp_path / "s.log")
+    assert first["exit"] == 0 and first["wall_s"] > 0 and done.read_text() == "x"
+    assert "skipped" in run_stage("s", argv, done, tmp_path / "s.log")
+    bad = run_stage("b", [sys.executable, "-c", "raise SystemExit('boom')"], tmp_path / "never", tmp_path / "b.log")
+    assert bad["exit"] == 1 and "boom" in bad["log_tail"]

@@ -1,19 +1,23 @@
 """Stage 1 on CPU with gloo: training, exact resume, the saved plan, the stored token."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from iat_rec.batching.batch import make_batch
+from iat_rec.batching.loaders import user_windows
 from iat_rec.data.instance_log import InstanceLog, time_split
+from iat_rec.dist import checkpoint as ckpt
+from iat_rec.dist.env import DistEnv
 from iat_rec.sharding.plan_json import load_plan, plan_to_json
+from iat_rec.tokens.export import token_sources
+from iat_rec.tokens.table import TokenTable
 from iat_rec.train.config import CompressConfig, from_dict
-from iat_rec.train.stage1 import make_dataset
-from tests.conftest import STAGE1, run_cli
-
-REPO = Path(__file__).resolve().parents[1]
+from iat_rec.train.stage1 import build_compressor, first_train_step, load_stage1, make_dataset
+from iat_rec.train.trainer import shard
+from tests.helpers import STAGE1, on_ranks, run_cli, synth_log
 
 
 def losses(run: Path) -> list[float]:
@@ -94,16 +98,41 @@ def test_saved_plan_reloads(stage1_run):
     assert plan_to_json(plan) == json.loads((stage1_run / "plan.json").read_text())
 
 
+def first_window_tokens(env: DistEnv, run: str, tokens: str) -> dict:
+    """On one rank (run by on_ranks, a fresh process group): recomputes the tokens of the first
+    user window with the stage-1 model the table says encoded them (time-consistent export: the
+    snapshot before the window's training step), loaded on this world size, beside the token
+    table's rows."""
+    cfg, info, log = load_stage1(run)
+    table = TokenTable(tokens)
+    dmp, _ = shard(build_compressor(log, cfg), env, cfg, plan_out=None)
+    start, n = user_windows(log, np.arange(log.rows), cfg.window)[0]
+    sources, source_of_row = token_sources(run, cfg, info, log, table.manifest["tokens_from"])
+    source = sources[source_of_row[start]]
+    ckpt.load_weights(source, dmp)
+    dmp.eval()
+    model = dmp.module
+    rows = np.full(cfg.window, -1)
+    rows[:n] = np.arange(start, start + n)
+    with torch.no_grad():
+        batch = make_batch(log, rows)
+        pre = model.encode(batch)
+        valid = batch.weights.view(1, -1) > 0
+        post = model.sit(pre.view(1, cfg.window, -1), valid)[0]
+    stored = table.read_rows(int(start), int(start + n)).float()
+    step = int(first_train_step(log, cfg, info["world_size"])[start])
+    return {
+        "pre_sit": pre[:n].tolist(),
+        "post_sit": post[:n].tolist(),
+        "stored": stored.tolist(),
+        "source": source.name,
+        "train_step": step,
+    }
+
+
 def test_stored_token_is_the_pre_sit_token_on_another_world_size(stage1_run, tokens):
     """Written by 2 ranks, recomputed by 1 rank with a new plan: the rows are the pre-SIT tokens."""
-    out = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "token_check.py"), str(stage1_run), str(tokens)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    (got,) = on_ranks(first_window_tokens, stage1_run, tokens, nproc=1)
     stored, pre, post = (np.array(got[k]) for k in ("stored", "pre_sit", "post_sit"))
     np.testing.assert_allclose(stored, pre, atol=1e-5)
     # a training row's token comes from the snapshot taken before the step that trained on it
@@ -142,9 +171,8 @@ def test_streaming_prefixes_windows_with_frozen_earlier_tokens(tiny_log, tokens,
 
 def test_streaming_refuses_a_table_of_another_log(tiny_log, tokens, tmp_path, capsys):
     from iat_rec.cli import main
-    from iat_rec.data.synth import generate
 
-    other = generate(tmp_path / "other", users=10, mean_instances=5, seed=3)
+    other = synth_log(tmp_path / "other", users=10, mean_instances=5, seed=3)
     assert (
         main(
             [

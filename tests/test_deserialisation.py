@@ -16,8 +16,8 @@ import torch.distributed.checkpoint as dcp
 
 from iat_rec.dist.checkpoint import dcp_load, read_metadata
 from iat_rec.errors import IatError
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SOURCES = ["iat_rec", "pipelines", "modules", "benchmarks", "torchx_components", "tests"]
 
 # (pattern, why it is unsafe); this file, which spells them out, is not scanned

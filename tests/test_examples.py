@@ -1,12 +1,11 @@
 """The README walk-through's example data: its CSV and schema ingest cleanly, and a short run on it learns."""
 
 import json
-from pathlib import Path
 
 from iat_rec.data.instance_log import InstanceLog
-from tests.conftest import run_cli
+from tests.helpers import REPO, run_cli
 
-ADS = Path(__file__).resolve().parents[1] / "examples" / "ads"
+ADS = REPO / "examples" / "ads"
 
 
 def test_the_ads_example_ingests_and_a_ranker_on_it_beats_chance(tmp_path):

@@ -7,7 +7,6 @@ and nothing on disk: no output directory, no temporary directory beside it.
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import hashlib
 import math
@@ -24,198 +23,24 @@ from iat_rec.data.ingest import ingest, stable_hash
 from iat_rec.data.instance_log import InstanceLog
 from iat_rec.data.schema import Schema, load_schema
 from iat_rec.errors import IatError
+from tests.helpers import (
+    INGEST_COLUMNS,
+    INGEST_PARQUET_TYPES,
+    INGEST_ROWS,
+    INGEST_SCHEMA_YAML,
+    write_csv,
+    write_parquet,
+)
 
-SCHEMA_YAML = """\
-user: uid
-timestamp: ts
-labels:
-  - {name: click, column: click}
-  - {name: conv, column: conv, available_at: conv_time}
-sparse:
-  - {name: item, column: item, hash: 1000}
-  - {name: genre, column: genre, vocab: [a, b, c]}
-  - {name: tags, column: tags, vocab: [x, y, z], separator: "|"}
-  - {name: kw, column: kw, hash: 50, separator: ";"}
-dense:
-  - {name: price, column: price, norm: log}
-  - {name: age, column: age, norm: standard}
-  - {name: score, column: score, norm: minmax}
-  - {name: raw, column: raw, norm: none}
-sequence: [item, genre]
-"""
-
-COLUMNS = ["uid", "ts", "click", "conv", "conv_time", "item", "genre", "tags", "kw", "price", "age", "score", "raw"]
-
-# input order is deliberately not (user, ts) order; rows 0/4 and 2/5 tie on (user, ts)
-ROWS = [
-    dict(
-        uid="u2",
-        ts=50,
-        click=1,
-        conv=0,
-        conv_time=60,
-        item=7,
-        genre="a",
-        tags="x|y",
-        kw="k1;k2;k3",
-        price=10.0,
-        age=30,
-        score=0.5,
-        raw=-1.25,
-    ),
-    dict(
-        uid="u10",
-        ts=20,
-        click=0,
-        conv=0,
-        conv_time=20,
-        item=8,
-        genre="b",
-        tags="",
-        kw="",
-        price=0.0,
-        age=41,
-        score=2.0,
-        raw=3.5,
-    ),
-    dict(
-        uid="u1",
-        ts=30,
-        click=1,
-        conv=1,
-        conv_time=90,
-        item=9,
-        genre="c",
-        tags="z",
-        kw="k2",
-        price=99.5,
-        age=25,
-        score=-1.0,
-        raw=0.0,
-    ),
-    dict(
-        uid="u2",
-        ts=10,
-        click=0,
-        conv=0,
-        conv_time=10,
-        item=7,
-        genre="a",
-        tags="x||z",
-        kw="k4",
-        price=1.0,
-        age=30,
-        score=0.0,
-        raw=2.0,
-    ),
-    dict(
-        uid="u2",
-        ts=50,
-        click=0,
-        conv=1,
-        conv_time=55,
-        item=11,
-        genre="b",
-        tags="y",
-        kw="k1",
-        price=3.0,
-        age=31,
-        score=1.5,
-        raw=7.0,
-    ),
-    dict(
-        uid="u1",
-        ts=30,
-        click=0,
-        conv=0,
-        conv_time=30,
-        item=12,
-        genre="b",
-        tags="",
-        kw="k3;k3",
-        price=5.0,
-        age=25,
-        score=0.25,
-        raw=-3.0,
-    ),
-    dict(
-        uid="u10",
-        ts=5,
-        click=1,
-        conv=0,
-        conv_time=5,
-        item=13,
-        genre="c",
-        tags="x|y|z",
-        kw="k5",
-        price=2.5,
-        age=40,
-        score=1.0,
-        raw=1.0,
-    ),
-    dict(
-        uid="u1",
-        ts=100,
-        click=1,
-        conv=1,
-        conv_time=100,
-        item=9,
-        genre="a",
-        tags="y|x",
-        kw="",
-        price=7.0,
-        age=26,
-        score=0.75,
-        raw=4.0,
-    ),
-]
 # sorted user keys: u1 < u10 < u2; within a user by ts, ties in input order
 EXPECTED_PERM = [2, 5, 7, 6, 1, 3, 0, 4]
 EXPECTED_OFFSETS = [0, 3, 5, 8]
 
 
-def write_csv(path, rows=ROWS, columns=COLUMNS):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(columns)
-        for r in rows:
-            w.writerow([repr(r[c]) if isinstance(r[c], float) else r[c] for c in columns])
-    return path
-
-
-PARQUET_TYPES = dict(
-    uid=pa.string(),
-    ts=pa.int64(),
-    click=pa.int64(),
-    conv=pa.int64(),
-    conv_time=pa.int64(),
-    item=pa.int64(),
-    genre=pa.string(),
-    tags=pa.string(),
-    kw=pa.string(),
-    price=pa.float64(),
-    age=pa.int64(),
-    score=pa.float64(),
-    raw=pa.float64(),
-)
-
-
-def write_parquet(path, rows=ROWS, types=PARQUET_TYPES):
-    def col(c):
-        vals = [r[c] for r in rows]
-        if types[c] == pa.string():
-            vals = [None if v is None else str(v) for v in vals]
-        return pa.array(vals, type=types[c])
-
-    table = pa.table({c: col(c) for c in types})
-    pq.write_table(table, path)
-    return path
-
-
 @pytest.fixture
 def schema_path(tmp_path):
     p = tmp_path / "schema.yaml"
-    p.write_text(SCHEMA_YAML)
+    p.write_text(INGEST_SCHEMA_YAML)
     return p
 
 
@@ -230,8 +55,8 @@ def blake_ref(value: str, size: int) -> int:
 
 def expected_columns():
     """Pure-Python reference of every array the log should hold."""
-    perm = sorted(range(len(ROWS)), key=lambda i: (ROWS[i]["uid"], ROWS[i]["ts"]))  # stable
-    rows = [ROWS[i] for i in perm]
+    perm = sorted(range(len(INGEST_ROWS)), key=lambda i: (INGEST_ROWS[i]["uid"], INGEST_ROWS[i]["ts"]))  # stable
+    rows = [INGEST_ROWS[i] for i in perm]
     vocab = {"genre": ["a", "b", "c"], "tags": ["x", "y", "z"]}
 
     def multi(field, sep, enc):
@@ -273,7 +98,7 @@ def expected_columns():
 def assert_matches_reference(log: InstanceLog):
     ref = expected_columns()
     assert ref["perm"] == EXPECTED_PERM
-    assert log.rows == len(ROWS) and log.users == 3
+    assert log.rows == len(INGEST_ROWS) and log.users == 3
     assert list(log.user_keys) == ["u1", "u10", "u2"]
     np.testing.assert_array_equal(log.user_offsets, EXPECTED_OFFSETS)
     np.testing.assert_array_equal(log.ts, ref["ts"])
@@ -289,7 +114,7 @@ def assert_matches_reference(log: InstanceLog):
     np.testing.assert_allclose(log.dense, ref["dense"].astype(np.float32), rtol=1e-6, atol=1e-6)
     assert log.ts.dtype == np.int64 and log.labels.dtype == np.float32 and log.dense.dtype == np.float32
     # the tie (u2, 50) keeps input order: row 0 (item 7) before row 4 (item 11)
-    assert [ROWS[i]["item"] for i in EXPECTED_PERM[-2:]] == [7, 11]
+    assert [INGEST_ROWS[i]["item"] for i in EXPECTED_PERM[-2:]] == [7, 11]
     # every user's block is contiguous and time-sorted
     for u in range(log.users):
         a, b = log.user_offsets[u], log.user_offsets[u + 1]
@@ -324,7 +149,7 @@ def test_ingest_is_deterministic_and_order_of_users_irrelevant(tmp_path, schema)
     """Users appearing in another order in the file give the same log (user index = key rank)."""
     a = ingest(write_csv(tmp_path / "a.csv"), schema, tmp_path / "a")
     # reverse the file, but keep each (user, ts) tie group in its original relative order
-    rows = sorted(ROWS, key=lambda r: r["uid"], reverse=True)
+    rows = sorted(INGEST_ROWS, key=lambda r: r["uid"], reverse=True)
     b = ingest(write_csv(tmp_path / "b.csv", rows), schema, tmp_path / "b")
     assert a.fingerprint == b.fingerprint
 
@@ -342,12 +167,12 @@ def test_a_directory_a_glob_and_a_file_url_of_parts_give_the_log_of_the_whole(tm
     whole = ingest(write_csv(tmp_path / "whole.csv"), schema, tmp_path / "w").fingerprint
     parts = tmp_path / "parts"
     parts.mkdir()
-    write_csv(parts / "day-1.csv", ROWS[:3])
-    write_csv(parts / "day-2.csv", ROWS[3:])
+    write_csv(parts / "day-1.csv", INGEST_ROWS[:3])
+    write_csv(parts / "day-2.csv", INGEST_ROWS[3:])
     for spec in (parts, f"{parts}/day-*.csv", f"file://{parts}", f"file://{parts}/day-2.csv"):
         log = ingest(spec, schema, tmp_path / "out")
         assert log.fingerprint == whole or spec == f"file://{parts}/day-2.csv", spec
-    assert ingest(f"file://{parts}/day-2.csv", schema, tmp_path / "o2").rows == len(ROWS) - 3
+    assert ingest(f"file://{parts}/day-2.csv", schema, tmp_path / "o2").rows == len(INGEST_ROWS) - 3
     write_parquet(parts / "day-3.parquet")
     for spec, message in (
         (parts, "mixes ['.csv', '.parquet'] files"),
@@ -436,7 +261,11 @@ def test_cli_ingest_prints_a_summary(tmp_path, schema_path, capsys):
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     log = InstanceLog(out)
-    assert f"{len(ROWS)} instances" in captured.out and "3 users" in captured.out and log.fingerprint in captured.out
+    assert (
+        f"{len(INGEST_ROWS)} instances" in captured.out
+        and "3 users" in captured.out
+        and log.fingerprint in captured.out
+    )
     assert captured.err == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv", "log", "schema.yaml"]  # no temp dirs left
 
@@ -463,7 +292,7 @@ def run_bad(tmp_path, capsys, input_path, schema_path, *needles):
 
 
 def with_value(index, **values):
-    rows = [dict(r) for r in ROWS]
+    rows = [dict(r) for r in INGEST_ROWS]
     rows[index].update(values)
     return rows
 
@@ -478,7 +307,7 @@ BAD_VALUES = [
     ("ts-huge", with_value(6, ts="1e300"), "ts", 6, "out of range"),
     (
         "ts-iso-then-garbage",
-        [dict(r, ts="soon" if i == 6 else f"2024-01-0{i + 1}T00:00:00") for i, r in enumerate(ROWS)],
+        [dict(r, ts="soon" if i == 6 else f"2024-01-0{i + 1}T00:00:00") for i, r in enumerate(INGEST_ROWS)],
         "ts",
         6,
         "ISO-8601",
@@ -534,7 +363,7 @@ PARQUET_BAD = [
 
 @pytest.mark.parametrize("rows,types,column,index,what", [c[1:] for c in PARQUET_BAD], ids=[c[0] for c in PARQUET_BAD])
 def test_bad_values_parquet(tmp_path, capsys, schema_path, rows, types, column, index, what):
-    path = write_parquet(tmp_path / "in.parquet", rows, {**PARQUET_TYPES, **types})
+    path = write_parquet(tmp_path / "in.parquet", rows, {**INGEST_PARQUET_TYPES, **types})
     line = run_bad(tmp_path, capsys, path, schema_path, str(path), f"column '{column}'", f"row {index + 1}", what)
     assert "line" not in line.split("row")[1]  # Parquet has no lines
 
@@ -561,10 +390,10 @@ def test_line_numbers_count_quoted_newlines_and_blank_lines(tmp_path, capsys, sc
 
 
 def test_missing_columns(tmp_path, capsys, schema_path):
-    cols = [c for c in COLUMNS if c not in ("price", "conv_time")]
+    cols = [c for c in INGEST_COLUMNS if c not in ("price", "conv_time")]
     path = write_csv(tmp_path / "in.csv", columns=cols)
     run_bad(tmp_path, capsys, path, schema_path, str(path), "missing columns", "'price'", "'conv_time'")
-    pq.write_table(pa.table({c: [str(r[c]) for r in ROWS] for c in cols}), tmp_path / "in.parquet")
+    write_parquet(tmp_path / "in.parquet", types={c: pa.string() for c in cols})  # every column text
     run_bad(tmp_path, capsys, tmp_path / "in.parquet", schema_path, "missing columns", "'price'")
 
 
@@ -588,8 +417,10 @@ def test_malformed_csv_line(tmp_path, capsys, schema_path, extra):
     lines = path.read_text().splitlines(keepends=True)
     lines[4] = lines[4].rstrip("\n") + ",surplus\n" if extra else lines[4].rsplit(",", 1)[0] + "\n"
     path.write_text("".join(lines))
-    want = f"got {len(COLUMNS) + 1 if extra else len(COLUMNS) - 1}"
-    run_bad(tmp_path, capsys, path, schema_path, str(path), "row 4 (line 5)", f"expected {len(COLUMNS)} fields", want)
+    want = f"got {len(INGEST_COLUMNS) + 1 if extra else len(INGEST_COLUMNS) - 1}"
+    run_bad(
+        tmp_path, capsys, path, schema_path, str(path), "row 4 (line 5)", f"expected {len(INGEST_COLUMNS)} fields", want
+    )
 
 
 def test_not_a_parquet_file_and_unknown_suffix(tmp_path, capsys, schema_path):
@@ -606,7 +437,7 @@ def test_duplicate_rows_are_refused(tmp_path, capsys, schema_path, monkeypatch, 
     if chunk_rows:
         monkeypatch.setattr(ingest_mod, "CHUNK_ROWS", chunk_rows)
         monkeypatch.setattr(ingest_mod, "CSV_BLOCK_BYTES", 160)
-    rows = ROWS + [dict(ROWS[3]), dict(ROWS[6])]  # data rows 9 and 10 repeat rows 4 and 7
+    rows = INGEST_ROWS + [dict(INGEST_ROWS[3]), dict(INGEST_ROWS[6])]  # data rows 9 and 10 repeat rows 4 and 7
     path = write_csv(tmp_path / "in.csv", rows)
     run_bad(tmp_path, capsys, path, schema_path, str(path), "rows 4 and 9 (lines 5 and 10) are duplicates")
     path = write_parquet(tmp_path / "in.parquet", rows)
@@ -615,13 +446,13 @@ def test_duplicate_rows_are_refused(tmp_path, capsys, schema_path, monkeypatch, 
 
 def test_rows_equal_but_for_one_value_or_list_order_are_kept(tmp_path, schema):
     """Same user, time and features but a list in another order, or another label: two instances."""
-    rows = ROWS + [dict(ROWS[0], tags="y|x"), dict(ROWS[1], click=1)]
+    rows = INGEST_ROWS + [dict(INGEST_ROWS[0], tags="y|x"), dict(INGEST_ROWS[1], click=1)]
     log = ingest(write_csv(tmp_path / "in.csv", rows), schema, tmp_path / "log")
-    assert log.rows == len(ROWS) + 2
+    assert log.rows == len(INGEST_ROWS) + 2
 
 
 def test_users_with_a_single_instance_are_accepted(tmp_path, schema):
-    rows = ROWS + [dict(ROWS[0], uid="u7", ts=40), dict(ROWS[1], uid="u0", ts=3)]
+    rows = INGEST_ROWS + [dict(INGEST_ROWS[0], uid="u7", ts=40), dict(INGEST_ROWS[1], uid="u0", ts=3)]
     log = ingest(write_csv(tmp_path / "in.csv", rows), schema, tmp_path / "log")
     assert list(log.user_keys) == ["u0", "u1", "u10", "u2", "u7"]
     np.testing.assert_array_equal(np.diff(log.user_offsets), [1, 3, 2, 3, 1])
@@ -629,23 +460,27 @@ def test_users_with_a_single_instance_are_accepted(tmp_path, schema):
 
 
 BAD_SCHEMAS = [
-    ("unknown-top-key", SCHEMA_YAML + "extra: 1\n", ["unknown keys ['extra']"]),
+    ("unknown-top-key", INGEST_SCHEMA_YAML + "extra: 1\n", ["unknown keys ['extra']"]),
     (
         "unknown-item-key",
-        SCHEMA_YAML.replace("hash: 1000}", "hash: 1000, vocabulary: [a]}"),
+        INGEST_SCHEMA_YAML.replace("hash: 1000}", "hash: 1000, vocabulary: [a]}"),
         ["sparse[0]", "unknown keys ['vocabulary']"],
     ),
     ("not-a-mapping", "- user\n- ts\n", ["expected a mapping at the top level"]),
     ("scalar", "just text\n", ["expected a mapping at the top level"]),
     ("empty", "", ["expected a mapping at the top level"]),
     ("bad-yaml", "user: [unclosed\n", ["not valid YAML"]),
-    ("missing-key", SCHEMA_YAML.replace("timestamp: ts\n", ""), ["missing required key 'timestamp'"]),
-    ("hash-not-int", SCHEMA_YAML.replace("hash: 1000", "hash: lots"), ["sparse[0].hash", "expected an integer"]),
-    ("hash-zero", SCHEMA_YAML.replace("hash: 1000", "hash: 0"), ["hash size must be >= 1"]),
-    ("vocab-and-hash", SCHEMA_YAML.replace("vocab: [a, b, c]", "vocab: [a, b, c], hash: 3"), ["exactly one of"]),
-    ("vocab-string", SCHEMA_YAML.replace("vocab: [a, b, c]", "vocab: abc"), ["sparse[1].vocab", "expected a list"]),
-    ("vocab-dup", SCHEMA_YAML.replace("vocab: [a, b, c]", "vocab: [a, b, a]"), ["vocabulary has duplicates"]),
-    ("empty-separator", SCHEMA_YAML.replace('separator: "|"', 'separator: ""'), ["sparse[2].separator"]),
+    ("missing-key", INGEST_SCHEMA_YAML.replace("timestamp: ts\n", ""), ["missing required key 'timestamp'"]),
+    ("hash-not-int", INGEST_SCHEMA_YAML.replace("hash: 1000", "hash: lots"), ["sparse[0].hash", "expected an integer"]),
+    ("hash-zero", INGEST_SCHEMA_YAML.replace("hash: 1000", "hash: 0"), ["hash size must be >= 1"]),
+    ("vocab-and-hash", INGEST_SCHEMA_YAML.replace("vocab: [a, b, c]", "vocab: [a, b, c], hash: 3"), ["exactly one of"]),
+    (
+        "vocab-string",
+        INGEST_SCHEMA_YAML.replace("vocab: [a, b, c]", "vocab: abc"),
+        ["sparse[1].vocab", "expected a list"],
+    ),
+    ("vocab-dup", INGEST_SCHEMA_YAML.replace("vocab: [a, b, c]", "vocab: [a, b, a]"), ["vocabulary has duplicates"]),
+    ("empty-separator", INGEST_SCHEMA_YAML.replace('separator: "|"', 'separator: ""'), ["sparse[2].separator"]),
     (
         "labels-not-list",
         "user: uid\ntimestamp: ts\nlabels: click\nsparse: [{column: item, hash: 5}]\n",
@@ -656,11 +491,11 @@ BAD_SCHEMAS = [
         "user: uid\ntimestamp: ts\nlabels: [{column: click}]\nsparse: {column: item}\n",
         ["sparse: expected a list"],
     ),
-    ("bad-norm", SCHEMA_YAML.replace("norm: minmax", "norm: zscore"), ["norm 'zscore'"]),
-    ("dup-names", SCHEMA_YAML.replace("{name: genre,", "{name: item,"), ["duplicate"]),
+    ("bad-norm", INGEST_SCHEMA_YAML.replace("norm: minmax", "norm: zscore"), ["norm 'zscore'"]),
+    ("dup-names", INGEST_SCHEMA_YAML.replace("{name: genre,", "{name: item,"), ["duplicate"]),
     (
         "bad-sequence",
-        SCHEMA_YAML.replace("sequence: [item, genre]", "sequence: [item, nope]"),
+        INGEST_SCHEMA_YAML.replace("sequence: [item, genre]", "sequence: [item, nope]"),
         ["sequence names unknown"],
     ),
 ]
@@ -728,7 +563,7 @@ def test_failure_while_writing_leaves_existing_log_intact(tmp_path, schema, monk
 def test_successful_reingest_replaces_the_log(tmp_path, schema):
     out = tmp_path / "log"
     ingest(write_csv(tmp_path / "a.csv"), schema, out)
-    log = ingest(write_csv(tmp_path / "b.csv", ROWS[:4]), schema, out)
+    log = ingest(write_csv(tmp_path / "b.csv", INGEST_ROWS[:4]), schema, out)
     assert InstanceLog(out).rows == 4 == log.rows
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "b.csv", "log", "schema.yaml"]
 

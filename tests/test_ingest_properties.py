@@ -9,7 +9,6 @@ minute on 2 cores.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from iat_rec.data.ingest import ingest, stable_hash
 from iat_rec.data.instance_log import InstanceLog
 from iat_rec.data.schema import Schema
 from iat_rec.errors import IatError
+from tests.helpers import write_csv, write_parquet
 
 VOCAB = ("a", "b", "c")
 HASH = 97
@@ -104,23 +104,10 @@ def write_input(folder: Path, cols: dict, bad, fmt: str) -> Path:
     if bad is not None:
         kind, column, row, value = bad
         cols[column][row] = cols["ts"][row] - 1 if value == "early" else value
-    path = folder / f"in.{fmt}"
+    rows = [dict(zip(cols, r)) for r in zip(*cols.values())]
     if fmt == "csv":
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f, lineterminator="\n")
-            w.writerow(list(cols))
-            for r in zip(*cols.values()):
-                w.writerow(["" if v is None else repr(v) if isinstance(v, float) else v for v in r])
-        return path
-    arrays = {}
-    for name, values in cols.items():
-        typ = PARQUET_TYPES[name]
-        if any(isinstance(v, str) for v in values) and not pa.types.is_string(typ):
-            typ = pa.string()  # a bad text value in a numeric column: the column is text
-            values = [None if v is None else str(v) for v in values]
-        arrays[name] = pa.array(values, type=typ)
-    pq.write_table(pa.table(arrays), path)
-    return path
+        return write_csv(folder / "in.csv", rows, list(cols))
+    return write_parquet(folder / "in.parquet", rows, {name: PARQUET_TYPES[name] for name in cols})
 
 
 def reference(schema: Schema, cols: dict) -> dict[str, np.ndarray]:

@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.oracle_tokens import shuffled_copy
-from iat_rec.data.synth import generate
 from iat_rec.tokens.table import TokenTable
-from tests.conftest import run_cli
+from tests.helpers import run_cli, synth_log
 
 BUDGET = ["--nproc", "1", "--steps", "300", "--eval-every", "300", "--eval-batches", "40", "--no-progress"]
 STAGE2 = ["--batch-size", "256", "--max-len", "32", "--reader-layers", "1"]
@@ -34,7 +33,7 @@ def valid(run: Path, task: str = "click") -> dict:
 @pytest.fixture(scope="module")
 def click_log(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("learn") / "log"
-    generate(path, users=2000, mean_instances=50, seed=0)
+    synth_log(path, users=2000, mean_instances=50, seed=0)
     return path
 
 
@@ -154,7 +153,7 @@ def seen(tmp_path_factory):
     labels either way (test rows are never trained on)."""
     root = tmp_path_factory.mktemp("seen")
     log = root / "log"
-    generate(log, users=1000, mean_instances=40, seed=1, label="seen-before", history_len=T)
+    synth_log(log, users=1000, mean_instances=40, seed=1, label="seen-before", history_len=T)
     run_cli(
         "compress",
         "--data",

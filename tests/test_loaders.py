@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from iat_rec.batching.loaders import BatchDataset, EpochLoader, time_order, user_windows
-from iat_rec.data.instance_log import Columns, time_split, write_instance_log
+from iat_rec.data.instance_log import time_split
 from iat_rec.data.schema import Schema
 from iat_rec.errors import IatError
+from tests.helpers import random_log
 
 SCHEMA = Schema.from_dict(
     {
@@ -27,29 +28,13 @@ SCHEMA = Schema.from_dict(
 )
 
 
-def build_log(path, n, users, seed, t_max=30):
-    rng = np.random.default_rng(seed)
-    user = rng.integers(0, users, n)
-    user[:users] = np.arange(users)
-    ts = rng.integers(0, t_max, n)  # ties within and across users
-    lengths = rng.integers(0, 3, n)
-    cols = Columns(
-        user=user,
-        user_keys=np.array([f"u{i:03d}" for i in range(users)]),
-        ts=ts,
-        labels=rng.integers(0, 2, (n, 1)).astype(np.float32),
-        label_time=ts[:, None].copy(),
-        dense=rng.normal(size=(n, 1)).astype(np.float32),
-        sparse={"a": rng.integers(0, 13, n)},
-        multi={"tags": (rng.integers(0, 7, lengths.sum()), lengths)},
-    )
-    return write_instance_log(path, SCHEMA, cols, source="test")
-
-
 @pytest.fixture(scope="module")
 def logs(tmp_path_factory):
     d = tmp_path_factory.mktemp("logs")
-    return [build_log(d / f"l{i}", n, u, i) for i, (n, u) in enumerate([(61, 7), (23, 3), (100, 1), (40, 40)])]
+    return [
+        random_log(d / f"l{i}", SCHEMA, n, u, i, ts_max=30, max_ids=2)  # ts ties within and across users
+        for i, (n, u) in enumerate([(61, 7), (23, 3), (100, 1), (40, 40)])
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from iat_rec.dist.env import DistEnv
 from iat_rec.eval.metrics import EvalMetrics, auc, gauc, logloss_ne
+from tests.helpers import on_ranks
 
 TASKS = ["click", "like"]
 KEYS = {"auc", "ne", "logloss", "gauc", "n"}
@@ -185,27 +183,17 @@ def test_gauc_matches_brute_force_per_user_loop(seed, zero_weights):
     assert math.isnan(gauc(pred, np.ones_like(label), user, weight))
 
 
-def _rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        half = [tuple(x.chunk(world)[rank] for x in b) for b in batches(11)]
-        m = EvalMetrics(TASKS)
-        for b in half:
-            m.update(*b)
-        result = m.compute()
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(result, f)
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+def metrics_of_this_ranks_half(env: DistEnv) -> dict:
+    """On each rank (run by on_ranks): the metrics of its share of every batch, gathered across ranks."""
+    half = [tuple(x.chunk(env.world_size)[env.rank] for x in b) for b in batches(11)]
+    return run_metrics(half)
 
 
-def test_two_gloo_ranks_equal_one_process(tmp_path):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+def test_two_gloo_ranks_equal_one_process():
+    results = on_ranks(metrics_of_this_ranks_half, nproc=2)
     single = run_metrics(batches(11))
     for rank in range(2):
-        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        got = results[rank]
         assert set(got) == set(single)
         for t in TASKS:
             assert set(got[t]) == KEYS

@@ -19,14 +19,13 @@ import pytest
 import torch
 
 from iat_rec.cli import main
-from iat_rec.data.instance_log import Columns, InstanceLog, write_instance_log
+from iat_rec.data.instance_log import InstanceLog
 from iat_rec.data.schema import DenseFeature, Label, Schema, SparseFeature
 from iat_rec.errors import IatError
 from iat_rec.tokens.online import OnlineTokens
 from iat_rec.tokens.table import TokenTable
-from tests.conftest import run_cli
+from tests.helpers import REPO, random_log, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
 STAGE1 = [
     "--nproc",
     "1",
@@ -59,40 +58,20 @@ STAGE1 = [
 TIGHT = dict(rtol=1e-5, atol=1e-6)
 
 
-def write_log(path: Path, rows: int = 600, users: int = 30) -> Path:
-    """user_id (single, pooled), item (single, sequence), tags (multi, pooled), genres (multi,
-    sequence); multi-valued rows hold 0 to 3 ids."""
-    rng = np.random.default_rng(0)
-    schema = Schema(
-        user="u",
-        timestamp="ts",
-        labels=(Label("click", "click"),),
-        sparse=(
-            SparseFeature("user_id", "u", hash=64),
-            SparseFeature("item", "item", hash=50),
-            SparseFeature("tags", "tags", hash=20, separator="|"),
-            SparseFeature("genres", "genres", hash=12, separator="|"),
-        ),
-        dense=(DenseFeature("price", "price"), DenseFeature("age", "age")),
-        sequence=("item", "genres"),
-    )
-    user, ts = rng.integers(0, users, rows), rng.integers(0, 10_000, rows)
-    tags_n, genres_n = rng.integers(0, 4, rows), rng.integers(0, 4, rows)
-    cols = Columns(
-        user=user,
-        user_keys=np.array([f"u{i:02d}" for i in range(users)]),
-        ts=ts,
-        labels=rng.integers(0, 2, (rows, 1)).astype(np.float32),
-        label_time=(ts + 5)[:, None],
-        dense=rng.normal(size=(rows, 2)).astype(np.float32),
-        sparse={"user_id": user % 64, "item": rng.integers(0, 50, rows)},
-        multi={
-            "tags": (rng.integers(0, 20, tags_n.sum()), tags_n),
-            "genres": (rng.integers(0, 12, genres_n.sum()), genres_n),
-        },
-    )
-    write_instance_log(path, schema, cols, "test_online")
-    return path
+# user_id (single, pooled), item (single, sequence), tags (multi, pooled), genres (multi, sequence)
+SCHEMA = Schema(
+    user="u",
+    timestamp="ts",
+    labels=(Label("click", "click"),),
+    sparse=(
+        SparseFeature("user_id", "u", hash=64),
+        SparseFeature("item", "item", hash=50),
+        SparseFeature("tags", "tags", hash=20, separator="|"),
+        SparseFeature("genres", "genres", hash=12, separator="|"),
+    ),
+    dense=(DenseFeature("price", "price"), DenseFeature("age", "age")),
+    sequence=("item", "genres"),
+)
 
 
 def inputs(log: InstanceLog, rows: np.ndarray) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
@@ -115,8 +94,8 @@ def inputs(log: InstanceLog, rows: np.ndarray) -> tuple[torch.Tensor, list[torch
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("online")
-    log = write_log(root / "log")
-    run_cli("compress", "--data", str(log), "--out", str(root / "run"), *STAGE1)
+    log = random_log(root / "log", SCHEMA, 600, 30, 0, ts_max=10_000, max_ids=3, label_delay=5)
+    run_cli("compress", "--data", str(log.path), "--out", str(root / "run"), *STAGE1)
     return root / "run"
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from iat_rec.sharding.describe import describe_plan
 from iat_rec.sharding.plan_json import PLAN_FORMAT, PLAN_VERSION, load_plan, plan_from_json, plan_to_json, save_plan
 from iat_rec.sharding.planning import make_plan, make_plan_with_stats, quiet_planner_logs
 from iat_rec.sharding.topology import GB, build_topology
+from tests.helpers import REPO
 
 SCHEMA = {
     "user": "user_id",
@@ -379,5 +379,5 @@ def test_the_shipped_demo_schema_is_the_demo_logs():
     from iat_rec.data.schema import load_schema
     from iat_rec.data.synth import SynthConfig, synth_schema
 
-    shipped = load_schema(Path(__file__).resolve().parents[1] / "iat_rec" / "configs" / "demo_schema.yaml")
+    shipped = load_schema(REPO / "iat_rec" / "configs" / "demo_schema.yaml")
     assert shipped == synth_schema(SynthConfig(users=2000, mean_instances=100.0, seed=0))

@@ -2,17 +2,21 @@
 cross-domain requests, and the experiment report."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from iat_rec.cli import main
 from iat_rec.data.instance_log import InstanceLog, time_split
-from tests.conftest import run_cli
+from iat_rec.dist import checkpoint as ckpt
+from iat_rec.dist.env import DistEnv
+from iat_rec.sharding.plan_json import load_plan
+from iat_rec.train.stage1 import build_compressor, load_stage1
+from iat_rec.train.trainer import DistributedModelParallel, Trainer, make_optimizer
+from pipelines.rank import RankConfig, build, dataset
+from tests.helpers import on_ranks, run_cli, synth_log
 
-REPO = Path(__file__).resolve().parents[1]
 RANK_YAML = """
 steps: 6
 batch_size: 32
@@ -130,35 +134,68 @@ def test_evaluate_reproduces_the_run_metrics(experiment, capsys):
     assert after["auc"] == pytest.approx(before["auc"], abs=1e-6) and after["n"] == before["n"]
 
 
-def test_warm_start_loads_stage1_weights_and_tokens_stay_frozen(tiny_log, stage1_run, tokens, tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=2",
-            str(REPO / "tests" / "rank_check.py"),
-            str(tiny_log),
-            str(tokens),
-            str(stage1_run),
-            str(tmp_path / "r"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
+def local(state: dict, prefix: str) -> dict[str, torch.Tensor]:
+    """This rank's shards (or whole tensors) of the entries under ``prefix``, copied."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith(prefix):
+            parts = [s.tensor.flatten() for s in v.local_shards()] if hasattr(v, "local_shards") else [v.flatten()]
+            out[k] = torch.cat(parts).detach().clone() if parts else torch.empty(0)
+    return out
+
+
+def warm_start_and_frozen_tokens(env: DistEnv, data: str, tokens: str, stage1: str, out: str) -> dict:
+    """On each rank (run by on_ranks): stage 2 with --warm-start and --stage1 loads the stage-1
+    feature weights with the stage-1 plan, and training never changes the token table."""
+    cfg = RankConfig(
+        data=data, out=out, tokens=tokens, stage1=stage1, warm_start=True, steps=6, batch_size=32, progress=False
     )
-    assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(next(x for x in out.stdout.splitlines() if x.startswith("RESULT"))[6:])
+    cfg.ranker.history, cfg.ranker.max_len = "both", 16
+    built = build(cfg, env, plan_out=None)
+    s1cfg, _, s1log = load_stage1(stage1)
+    compressor = DistributedModelParallel(
+        build_compressor(s1log, s1cfg), device=env.device, plan=load_plan(f"{stage1}/plan.json")
+    )
+    ckpt.load_weights(ckpt.latest(stage1), compressor)
+    want = local(compressor.state_dict(), "base.sparse.")
+    got = local(built.model.state_dict(), "base.sparse.")
+    warm = sorted(want) == sorted(got) and all(torch.equal(want[k], got[k]) for k in want)
+    before = local(built.model.state_dict(), "tokens.")
+    trainer = Trainer(
+        env,
+        cfg,
+        built.model,
+        make_optimizer(built.model, 1e-2),
+        dataset(built, cfg, "train"),
+        None,
+        built.log.schema.task_names,
+        32,
+    )
+    trainer.fit()
+    after = local(built.model.state_dict(), "tokens.")
+    changed_features = any(
+        not torch.equal(got[k], v) for k, v in local(built.model.state_dict(), "base.sparse.").items()
+    )
+    frozen = sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
+    result = torch.tensor([warm, frozen, changed_features], dtype=torch.int64)
+    torch.distributed.all_reduce(result, op=torch.distributed.ReduceOp.MIN)
+    return {
+        "warm_start_equal": bool(result[0]),
+        "tokens_unchanged": bool(result[1]),
+        "features_trained": bool(result[2]),
+        "token_params": sorted(before),
+    }
+
+
+def test_warm_start_loads_stage1_weights_and_tokens_stay_frozen(tiny_log, stage1_run, tokens, tmp_path):
+    got = on_ranks(warm_start_and_frozen_tokens, tiny_log, tokens, stage1_run, tmp_path / "r")[0]  # rank 0's
     assert got["token_params"], "the model holds the token table"
     assert got == {**got, "warm_start_equal": True, "tokens_unchanged": True, "features_trained": True}
 
 
 def test_cross_domain_requests_read_the_source_token_table(tiny_log, tokens, tmp_path):
     """Requests from another log (same user ids, other instances) fetch from the source table."""
-    from iat_rec.data.synth import generate
-
-    other = generate(tmp_path / "other", users=120, mean_instances=20, seed=5)  # same user keys, new events
+    other = synth_log(tmp_path / "other", users=120, mean_instances=20, seed=5)  # same user keys, new events
     args = [
         "rank",
         "--data",

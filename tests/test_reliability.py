@@ -22,9 +22,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from iat_rec.cli import main
 from iat_rec.dist.checkpoint import dcp_load
-from tests.conftest import STAGE1, run_cli
-from tests.test_ingest import ROWS, SCHEMA_YAML, write_csv
-from tests.test_torchx import BIN, COMPONENT, REPO
+from tests.helpers import BIN, COMPONENT, INGEST_ROWS, INGEST_SCHEMA_YAML, REPO, STAGE1, run_cli, synth_log, write_csv
 
 ONE_RANK = [
     "--nproc",
@@ -248,14 +246,14 @@ def single_instance_csv(path: Path, users: int) -> Path:
     """The ingest tests' rows, each under a user of its own."""
     rows = []
     for i in range(users):
-        row = ROWS[i % len(ROWS)]
+        row = INGEST_ROWS[i % len(INGEST_ROWS)]
         ts = 1_000 + 7 * i
         rows.append(dict(row, uid=f"s{i}", ts=ts, conv_time=ts + row["conv_time"] - row["ts"]))
     return write_csv(path, rows)
 
 
 def test_users_with_a_single_instance_ingest_and_train(tmp_path):
-    (tmp_path / "schema.yaml").write_text(SCHEMA_YAML)
+    (tmp_path / "schema.yaml").write_text(INGEST_SCHEMA_YAML)
     log = tmp_path / "log"
     run_cli(
         "data",
@@ -292,7 +290,7 @@ def test_users_with_a_single_instance_ingest_and_train(tmp_path):
 
 
 def test_a_split_without_validation_rows_is_refused_before_anything_is_written(tmp_path, capsys):
-    (tmp_path / "schema.yaml").write_text(SCHEMA_YAML)
+    (tmp_path / "schema.yaml").write_text(INGEST_SCHEMA_YAML)
     log = tmp_path / "log"  # 8 rows over 6 timestamps: the 0.8 and 0.9 quantiles are the same one
     run_cli(
         "data",
@@ -524,9 +522,9 @@ def test_an_existing_log_is_replaced_only_with_overwrite(tmp_path, capsys):
 
 
 def test_ingest_never_writes_into_its_input(tmp_path, capsys):
-    src = write_csv(tmp_path / "a.csv", ROWS)
+    src = write_csv(tmp_path / "a.csv", INGEST_ROWS)
     schema = tmp_path / "s.yaml"
-    schema.write_text(SCHEMA_YAML)
+    schema.write_text(INGEST_SCHEMA_YAML)
     before = src.read_bytes()
     assert main(["data", "ingest", "--input", str(src), "--schema", str(schema), "--out", str(src)]) == 2
     assert "would overwrite the input" in capsys.readouterr().err
@@ -579,9 +577,7 @@ def test_resume_with_another_config_is_refused_before_anything_is_written(
 
 
 def test_resume_on_another_log_is_refused(one_rank_run, tmp_path, capsys):
-    from iat_rec.data.synth import generate
-
-    other = generate(tmp_path / "other", users=120, mean_instances=50, seed=7)  # same schema, other events
+    other = synth_log(tmp_path / "other", users=120, mean_instances=50, seed=7)  # same schema, other events
     run = tmp_path / "copy"
     shutil.copytree(one_rank_run, run)
     before = files(run)

@@ -5,12 +5,13 @@ import json
 import numpy as np
 import pytest
 
-from iat_rec.data import stats, synth
+from iat_rec.data import stats
+from tests.helpers import synth_log
 
 
 @pytest.fixture(scope="module")
 def log(tmp_path_factory):
-    return synth.generate(tmp_path_factory.mktemp("stats") / "log", users=50, mean_instances=20, seed=3)
+    return synth_log(tmp_path_factory.mktemp("stats") / "log", users=50, mean_instances=20, seed=3)
 
 
 def test_log_stats(log):

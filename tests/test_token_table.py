@@ -1,60 +1,39 @@
 """The token table: round trip on 1 and 2 ranks, fp16, clear errors, the tokens CLI."""
 
-import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from iat_rec.cli import main
 from iat_rec.data.instance_log import InstanceLog
+from iat_rec.dist.env import DistEnv
 from iat_rec.errors import IatError
+from iat_rec.tables import TOKEN_FEATURE
+from iat_rec.tokens.export import shard_token_table
 from iat_rec.tokens.table import TokenTable
-from tests.conftest import run_cli
+from tests.helpers import on_ranks, run_cli, synth_log
 
-REPO = Path(__file__).resolve().parents[1]
+
+def sharded_rows(env: DistEnv, tokens: str, rows: list[int]) -> list[list[float]]:
+    """On each rank (run by on_ranks): the rows as looked up in a token table loaded into a sharded
+    EmbeddingCollection (every rank looks up the same ids)."""
+    t = TokenTable(tokens)
+    dmp = shard_token_table(t.rows, t.dim, t.dtype, env, batch_size=8)
+    t.load_into(dmp.module.tokens)
+    ids = torch.tensor(rows)
+    kjt = KeyedJaggedTensor.from_lengths_sync([TOKEN_FEATURE], ids, torch.ones(len(ids), dtype=torch.int32))
+    with torch.no_grad():
+        out = dmp.module.tokens(kjt)[TOKEN_FEATURE].values()
+    return out.float().tolist()
 
 
 def two_rank_rows(tokens: Path, rows: list[int]) -> np.ndarray:
-    """The rows as seen through a token table loaded into a 2-rank sharded EmbeddingCollection."""
-    code = f"""
-import json, sys, torch, numpy as np
-from iat_rec.dist.env import init_distributed
-from iat_rec.tokens.table import TokenTable, WEIGHT_KEY
-from iat_rec.tokens.export import shard_token_table
-from iat_rec.tables import TOKEN_FEATURE
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-env = init_distributed("cpu")
-t = TokenTable({str(tokens)!r})
-dmp = shard_token_table(t.rows, t.dim, t.dtype, env, batch_size=8)
-t.load_into(dmp.module.tokens)
-ids = torch.tensor({rows!r})
-kjt = KeyedJaggedTensor.from_lengths_sync([TOKEN_FEATURE], ids, torch.ones(len(ids), dtype=torch.int32))
-with torch.no_grad():
-    out = dmp.module.tokens(kjt)[TOKEN_FEATURE].values()  # each rank looks up the same ids
-if env.rank == 0:
-    print("ROWS" + json.dumps(out.float().tolist()))
-# an exit with the gloo group alive can abort a rank in teardown ("terminate called without an active exception")
-torch.distributed.barrier()
-torch.distributed.destroy_process_group()
-"""
-    script = REPO / "tests" / ".two_rank_rows.py"
-    script.write_text(code)
-    try:
-        out = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-        )
-    finally:
-        script.unlink()
-    assert out.returncode == 0, out.stderr[-3000:]
-    line = next(x for x in out.stdout.splitlines() if x.startswith("ROWS"))
-    return np.array(json.loads(line[4:]))
+    """The rows as seen through a token table loaded into a 2-rank sharded EmbeddingCollection (rank 0's)."""
+    return np.array(on_ranks(sharded_rows, tokens, rows, nproc=2)[0])
 
 
 def test_round_trip_on_one_and_two_ranks_and_fp16(stage1_run, tokens, tmp_path):
@@ -87,9 +66,7 @@ def test_side_info_and_history_index_travel_with_the_table(tokens):
 
 
 def test_a_table_of_another_log_is_refused(tokens, tmp_path):
-    from iat_rec.data.synth import generate
-
-    other = generate(tmp_path / "other", users=10, mean_instances=5, seed=7)
+    other = synth_log(tmp_path / "other", users=10, mean_instances=5, seed=7)
     with pytest.raises(IatError, match="exported from instance log"):
         TokenTable(tokens).check_log(other)
 

@@ -23,8 +23,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -33,11 +31,9 @@ from torchx.components.component_test_base import ComponentTestCase
 from torchx.schedulers import get_scheduler_factories
 
 from iat_rec.data.instance_log import InstanceLog, time_split
+from tests.helpers import BIN, COMPONENT, REPO, synth_log
 from torchx_components import iat, resources
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent  # the venv's bin: torchx, and torchrun for the launched job
-COMPONENT = "torchx_components/iat.py"
 MODULES = {
     "compress": "pipelines.compress",
     "export": "pipelines.export",
@@ -568,10 +564,8 @@ def test_dockerignore_keeps_data_runs_and_environments_out():
 @pytest.mark.slow
 def test_local_cwd_run_pipeline_2_ranks(tmp_path):
     """``torchx run -s local_cwd ...:pipeline -j 1x2``: every stage on two gloo ranks under torchrun."""
-    from iat_rec.data.synth import generate
-
     log, work = tmp_path / "log", tmp_path / "work"
-    generate(log, users=100, mean_instances=30, seed=0)
+    synth_log(log, users=100, mean_instances=30, seed=0)
     (tmp_path / "c1.yaml").write_text("steps: 3\nbatch_size: 64\nwindow: 8\neval_batches: 2\nprogress: false\n")
     (tmp_path / "c2.yaml").write_text(
         "steps: 3\nbatch_size: 32\neval_batches: 2\nprogress: false\nranker: {max_len: 16}\n"
