@@ -3,8 +3,6 @@ position helpers. Masks are boolean, True = attend, broadcastable to [B, heads, 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,12 +95,3 @@ def small_table_lookup(table: nn.Embedding, index: torch.Tensor) -> torch.Tensor
     rows, dim = table.weight.shape
     index = index.long()[..., None].expand(b, length, dim)
     return torch.gather(table.weight[None].expand(b, rows, dim), 1, index)
-
-
-def sinusoidal(pos: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embeddings (Vaswani et al. 2017) of integer positions: [..] -> [.., dim]."""
-    half = dim // 2
-    freq = torch.exp(torch.arange(half, device=pos.device, dtype=torch.float32) * (-math.log(10000.0) / max(half, 1)))
-    ang = pos.float()[..., None] * freq
-    emb = torch.cat([ang.sin(), ang.cos()], -1)
-    return F.pad(emb, (0, dim - 2 * half))

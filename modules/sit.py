@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modules.attention import TransformerBlock, forward_positions, sinusoidal
+from modules.attention import TransformerBlock, forward_positions
 
 RELEVANCE = 4.0  # initial attention logit per unit of token cosine
 
@@ -43,17 +43,13 @@ class SourceInstanceTransformer(nn.Module):
         ffn_mult: int = 4,
         dropout: float = 0.0,
         max_len: int = 4096,
-        pos_emb: str = "learned",
         relevance: float | None = None,  # initial scale of the content-relevance term; None: off
     ) -> None:
         super().__init__()
-        if pos_emb not in ("learned", "sinusoidal"):
-            raise ValueError(f"pos_emb must be 'learned' or 'sinusoidal', got {pos_emb!r}")
         self.dim = dim
         self.max_len = max_len
-        self.pos = nn.Embedding(max_len, dim) if pos_emb == "learned" else None
-        if self.pos is not None:
-            nn.init.normal_(self.pos.weight, std=0.02)
+        self.pos = nn.Embedding(max_len, dim)
+        nn.init.normal_(self.pos.weight, std=0.02)
         self.blocks = nn.ModuleList(TransformerBlock(dim, heads, ffn_mult, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
         self.relevance = nn.Parameter(torch.tensor(float(relevance))) if relevance is not None else None
@@ -89,7 +85,7 @@ class SourceInstanceTransformer(nn.Module):
         if side is not None:
             x = x + nn.functional.pad(side.to(x.dtype), (0, 0, n - w, 0))
         pos = forward_positions(v, self.max_len)
-        x = x + (self.pos(pos) if self.pos is not None else sinusoidal(pos, self.dim).to(x.dtype))
+        x = x + self.pos(pos)
         for blk in self.blocks:
             x = blk(x, mask)
         out = self.norm(x[:, n - w :])
