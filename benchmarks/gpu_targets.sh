@@ -12,13 +12,14 @@ B="python -m benchmarks.run"
 declare -A STEPS=(
   [fetch]="fetch"
   [rank-fast]="rank --history iat,handcrafted --token-fetch ranges --bf16 --compile"
+  [rank-fast-h1]="rank --history iat --token-fetch ranges --bf16 --compile --reader-heads 1 --no-reader-only"
   [compress-fast]="compress --batch 32768 --bf16"
   [rank-d128]="rank --history iat --token-fetch ranges --bf16 --compile --reader-dim 128 --reader-heads 4 --no-reader-only"
   [rank-before]="rank --history iat --bf16 --no-reader-only"
   [compress-before]="compress"
   [tbe]="tbe"
 )
-ORDER="fetch rank-fast compress-fast rank-d128 rank-before compress-before tbe"
+ORDER="fetch rank-fast rank-fast-h1 compress-fast rank-d128 rank-before compress-before tbe"
 for name in ${ONLY:-$ORDER}; do
   echo "== $name: iat-rec bench ${STEPS[$name]}"
   start=$(date +%s)

@@ -128,7 +128,7 @@ def measure(run: common.Run, env, ts: TableSet, optimizer: str) -> list[dict[str
 
     dim = ts.tables[0].embedding_dim
     out = []
-    step_model, _ = shard(StepArch(ts.tables), env, cfg, plan_out=None)
+    step_model, step_plan = shard(StepArch(ts.tables), env, cfg, plan_out=None)
     host = [SparseBatch(k.to("cpu")) for k in kjts]
     host = [b.pin_memory() for b in host] if run.cuda else host
     common.reset_peak_memory(run.device)
@@ -149,6 +149,7 @@ def measure(run: common.Run, env, ts: TableSet, optimizer: str) -> list[dict[str
             gbs=gbs,
             copy_ratio=common.ratio(gbs, run.limits["copy_gbs"]),
             pipelined_modules=pipelined,
+            plan=sorted(set(common.plan_summary(step_plan).values())),
         )
     )
     step_model = None  # release before the next cases
