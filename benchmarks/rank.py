@@ -58,7 +58,7 @@ def step_reader_flops(r: RankerConfig, m: ModelConfig, batch: int) -> float:
     """Forward FLOPs of the readers in one step (every branch reads the same T)."""
     if branches(r.history) == 0:
         return 0.0
-    return branches(r.history) * reader_flops(r.reader, batch, r.max_len, r.reader_dim, m.token_dim, **reader_kwargs(r))
+    return branches(r.history) * reader_flops(r.reader, batch, r.max_len, r.reader_dim, m.group_dim, **reader_kwargs(r))
 
 
 def rank_dataset(
@@ -182,7 +182,7 @@ def measure_reader_only(
 ) -> dict[str, Any]:
     """The reader alone, forward + backward, with the real batches' validity masks."""
     dev = run.device
-    reader = make_reader(r.reader, r.reader_dim, m.token_dim, **reader_kwargs(r)).to(dev)
+    reader = make_reader(r.reader, r.reader_dim, m.group_dim, **reader_kwargs(r)).to(dev)
     run_reader = torch.compile(reader) if run.args.compile else reader
     seq = torch.randn(batch, r.max_len, r.reader_dim, device=dev, requires_grad=True)
     query = torch.randn(batch, r.reader_dim, device=dev, requires_grad=True)
@@ -198,7 +198,7 @@ def measure_reader_only(
     common.reset_peak_memory(dev)
     t = common.time_fn(step, dev, run.warmup, run.iters)
     common.profile_case(run, "reader_only", step)
-    flops = reader_flops(r.reader, batch, r.max_len, r.reader_dim, m.token_dim, **reader_kwargs(r))
+    flops = reader_flops(r.reader, batch, r.max_len, r.reader_dim, m.group_dim, **reader_kwargs(r))
     tflops = 3 * flops / (t.median_ms * 1e-3) / 1e12
     out = common.row(
         "reader_only",

@@ -25,11 +25,11 @@ from iat_rec.batching.batch import Batch
 from iat_rec.batching.history import LABEL_UNKNOWN
 from iat_rec.tables import TOKEN_FEATURE
 from iat_rec.train.config import ModelConfig
+from modules.feature_groups import FeatureGroups
 from modules.interaction import make_interaction
 from modules.mlp import MLP
 from modules.sit import RELEVANCE as SIT_RELEVANCE
 from modules.sit import SourceInstanceTransformer
-from modules.tokenizer import FeatureTokenizer
 
 BOTTLENECK_ACTS = ("tanh", "identity")
 
@@ -92,7 +92,7 @@ class BaseRanker(nn.Module):
         tables: tuple[list[EmbeddingBagConfig], list[EmbeddingConfig]],
         dense_in: int,
         cfg: ModelConfig,
-        extra_tokens: int = 0,
+        extra_groups: int = 0,
     ):
         super().__init__()
         bags, shared = tables
@@ -101,11 +101,11 @@ class BaseRanker(nn.Module):
         self.shared = EmbeddingCollection(tables=shared, device=torch.device("meta")) if shared else None
         self.bag_names = [n for t in bags for n in t.feature_names]
         self.shared_names = [t.feature_names[0] for t in shared]  # the candidate's own features
-        self.tokenizer = FeatureTokenizer(
-            len(self.bag_names) + len(self.shared_names), cfg.emb_dim, dense_in, cfg.num_tokens, cfg.token_dim
+        self.grouping = FeatureGroups(
+            len(self.bag_names) + len(self.shared_names), cfg.emb_dim, dense_in, cfg.num_groups, cfg.group_dim
         )
         self.interaction = make_interaction(
-            cfg.interaction, cfg.num_tokens + extra_tokens, cfg.token_dim, cfg.hidden, layers=cfg.interaction_layers
+            cfg.interaction, cfg.num_groups + extra_groups, cfg.group_dim, cfg.hidden, layers=cfg.interaction_layers
         )
 
     def embed(self, batch: Batch) -> tuple[torch.Tensor, dict[str, JaggedTensor]]:
@@ -120,8 +120,8 @@ class BaseRanker(nn.Module):
             parts += [pool_jagged(looked_up[f], rows) for f in self.shared_names]
         return torch.cat(parts, dim=1), looked_up
 
-    def feature_tokens(self, pooled: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        return self.tokenizer(pooled, dense)
+    def group_features(self, pooled: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        return self.grouping(pooled, dense)
 
 
 class InstanceReconstruction(nn.Module):
@@ -246,7 +246,7 @@ class Compressor(nn.Module):
     def token(self, pooled: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         """The instance token from the pooled feature embeddings (bag-then-shared feature order)
         and the dense features: everything after the lookups, also served by ``iat_rec.tokens.online``."""
-        return self.bottleneck(self.base.interaction(self.base.feature_tokens(pooled, dense)))
+        return self.bottleneck(self.base.interaction(self.base.group_features(pooled, dense)))
 
     def logits(self, batch: Batch, token: torch.Tensor) -> torch.Tensor:
         if self.sit is not None:

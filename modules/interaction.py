@@ -12,14 +12,14 @@ from torch import nn
 from modules.mlp import MLP, make_act
 
 
-class PerTokenLinear(nn.Module):
-    """A separate Linear for each of `num_tokens` tokens: [B, T, in] -> [B, T, out]."""
+class PerGroupLinear(nn.Module):
+    """A separate Linear for each of `num_groups` tokens: [B, T, in] -> [B, T, out]."""
 
-    def __init__(self, num_tokens: int, in_dim: int, out_dim: int) -> None:
+    def __init__(self, num_groups: int, in_dim: int, out_dim: int) -> None:
         super().__init__()
         bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default init range
-        self.weight = nn.Parameter(torch.empty(num_tokens, in_dim, out_dim).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(num_tokens, out_dim).uniform_(-bound, bound))
+        self.weight = nn.Parameter(torch.empty(num_groups, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(num_groups, out_dim).uniform_(-bound, bound))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.einsum("btd,tdh->bth", x, self.weight) + self.bias
@@ -33,18 +33,18 @@ class RankMixerLayer(nn.Module):
     concatenation of head h of every token, so each output token sees all features at
     O(1) cost. PFFN gives every token its own FFN weights (heterogeneous feature spaces)."""
 
-    def __init__(self, num_tokens: int, dim: int, ffn_mult: int = 4, dropout: float = 0.0, act: str = "gelu") -> None:
+    def __init__(self, num_groups: int, dim: int, ffn_mult: int = 4, dropout: float = 0.0, act: str = "gelu") -> None:
         super().__init__()
-        if dim % num_tokens:
-            raise ValueError(f"RankMixer width {dim} must be divisible by num_tokens {num_tokens}")
-        self.t, self.d = num_tokens, dim
+        if dim % num_groups:
+            raise ValueError(f"RankMixer width {dim} must be divisible by num_groups {num_groups}")
+        self.t, self.d = num_groups, dim
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(
-            PerTokenLinear(num_tokens, dim, ffn_mult * dim),
+            PerGroupLinear(num_groups, dim, ffn_mult * dim),
             make_act(act),
             nn.Dropout(dropout),
-            PerTokenLinear(num_tokens, ffn_mult * dim, dim),
+            PerGroupLinear(num_groups, ffn_mult * dim, dim),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +65,7 @@ class RankMixer(nn.Module):
 
     def __init__(
         self,
-        num_tokens: int,
+        num_groups: int,
         dim: int,
         layers: int = 2,
         ffn_mult: int = 4,
@@ -74,12 +74,12 @@ class RankMixer(nn.Module):
         act: str = "gelu",
     ) -> None:
         super().__init__()
-        width = -(-dim // num_tokens) * num_tokens
-        self.num_tokens, self.dim, self.width, self.ffn_mult = num_tokens, dim, width, ffn_mult
-        self.proj = PerTokenLinear(num_tokens, dim, width) if width != dim else nn.Identity()
-        self.layers = nn.ModuleList(RankMixerLayer(num_tokens, width, ffn_mult, dropout, act) for _ in range(layers))
-        self.out = nn.Linear(num_tokens * width, out_dim) if out_dim is not None else nn.Identity()
-        self.out_dim = out_dim if out_dim is not None else num_tokens * width
+        width = -(-dim // num_groups) * num_groups
+        self.num_groups, self.dim, self.width, self.ffn_mult = num_groups, dim, width, ffn_mult
+        self.proj = PerGroupLinear(num_groups, dim, width) if width != dim else nn.Identity()
+        self.layers = nn.ModuleList(RankMixerLayer(num_groups, width, ffn_mult, dropout, act) for _ in range(layers))
+        self.out = nn.Linear(num_groups * width, out_dim) if out_dim is not None else nn.Identity()
+        self.out_dim = out_dim if out_dim is not None else num_groups * width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)
@@ -88,7 +88,7 @@ class RankMixer(nn.Module):
         return self.out(x.flatten(1))
 
     def flops(self, batch: int) -> float:
-        t, w = self.num_tokens, self.width
+        t, w = self.num_groups, self.width
         macs = (t * self.dim * w if w != self.dim else 0) + len(self.layers) * 2 * t * w * self.ffn_mult * w
         macs += t * w * self.out_dim if isinstance(self.out, nn.Linear) else 0
         return 2.0 * batch * macs
@@ -115,7 +115,7 @@ class DCNv2(nn.Module):
 
     def __init__(
         self,
-        num_tokens: int,
+        num_groups: int,
         dim: int,
         layers: int = 2,
         low_rank: int | None = None,
@@ -125,7 +125,7 @@ class DCNv2(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        n = num_tokens * dim
+        n = num_groups * dim
         self.cross = nn.ModuleList(CrossLayer(n, low_rank) for _ in range(layers))
         self.deep = MLP(n, deep_hidden, out_dim if out_dim is not None else n, act=act, dropout=dropout)
         self.out_dim = self.deep.out_dim
@@ -143,11 +143,11 @@ class DCNv2(nn.Module):
 
 
 def make_interaction(
-    kind: str, num_tokens: int, dim: int, out_dim: int | None, layers: int = 2, **kw: Any
+    kind: str, num_groups: int, dim: int, out_dim: int | None, layers: int = 2, **kw: Any
 ) -> nn.Module:
     """Interaction block by name: "rankmixer" | "dcnv2"; `kw` go to its constructor."""
     if kind == "rankmixer":
-        return RankMixer(num_tokens, dim, layers=layers, out_dim=out_dim, **kw)
+        return RankMixer(num_groups, dim, layers=layers, out_dim=out_dim, **kw)
     if kind == "dcnv2":
-        return DCNv2(num_tokens, dim, layers=layers, out_dim=out_dim, **kw)
+        return DCNv2(num_groups, dim, layers=layers, out_dim=out_dim, **kw)
     raise ValueError(f"unknown interaction {kind!r}; expected 'rankmixer' or 'dcnv2'")

@@ -156,7 +156,7 @@ class Ranker(nn.Module):
         self.token_query = self.use_iat and cfg.query == "token"
         self.max_len = cfg.max_len
         branches = int(self.use_iat) + int(self.use_hand) + int(self.use_labels)
-        self.base = BaseRanker(tables, dense_in, model, extra_tokens=branches)
+        self.base = BaseRanker(tables, dense_in, model, extra_groups=branches)
         side = side_tasks or num_tasks
         shared = len(self.base.shared_names)
         self.shared_width = shared * model.emb_dim
@@ -177,13 +177,13 @@ class Ranker(nn.Module):
             self.register_buffer(
                 "token_std", torch.as_tensor(std, dtype=torch.float32).clamp(min=1e-6), persistent=False
             )
-            self.iat = HistoryBranch(dim, dim if self.token_query else 0, side, cfg, model.token_dim, adapt=True)
+            self.iat = HistoryBranch(dim, dim if self.token_query else 0, side, cfg, model.group_dim, adapt=True)
         if self.use_hand:
             if not shared:
                 raise ValueError("the hand-crafted history needs the schema's sequence features")
-            self.hand = HistoryBranch(self.shared_width, self.shared_width, side, cfg, model.token_dim, adapt=False)
+            self.hand = HistoryBranch(self.shared_width, self.shared_width, side, cfg, model.group_dim, adapt=False)
         if self.use_labels:
-            self.labels = HistoryBranch(0, 0, side, cfg, model.token_dim, adapt=False)
+            self.labels = HistoryBranch(0, 0, side, cfg, model.group_dim, adapt=False)
         self.head = MLP(model.hidden, cfg.head, num_tasks)
         if cfg.compile:
             for branch in (m for m in self.children() if isinstance(m, HistoryBranch)):
@@ -205,7 +205,7 @@ class Ranker(nn.Module):
 
     def forward(self, batch):
         pooled, looked_up = self.base.embed(batch)
-        feats = self.base.feature_tokens(pooled, batch.dense)  # [B, G, D]
+        feats = self.base.group_features(pooled, batch.dense)  # [B, G, D]
         side = (batch.hist_labels, batch.hist_gap, batch.hist_valid)
         extra, query_in = [], [pooled, batch.dense]
         if self.use_iat:

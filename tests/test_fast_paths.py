@@ -27,7 +27,7 @@ def ranker(log: InstanceLog, fetch: str, query: str, dtype: str, **options):
     torch.manual_seed(0)
     model = build_ranker(
         log.schema,
-        ModelConfig(emb_dim=8, hidden=32, num_tokens=4, token_dim=16, decompress=(16,)),
+        ModelConfig(emb_dim=8, hidden=32, num_groups=4, group_dim=16, decompress=(16,)),
         RankerConfig(history="iat", query=query, max_len=T, reader_layers=1, head=(16,), token_fetch=fetch, **options),
         len(log.schema.labels),
         token_rows=log.rows,

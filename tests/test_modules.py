@@ -69,15 +69,15 @@ def test_query_compressor() -> None:
     torch.testing.assert_close(q([x[:, :5], x[:, 5:]]), q(x))
 
 
-@pytest.mark.parametrize("num_tokens,dim", [(4, 16), (5, 16)])  # 16 % 5 != 0: widened to 20
-def test_rankmixer_shapes_and_grads(num_tokens: int, dim: int) -> None:
-    x = torch.randn(3, num_tokens, dim, requires_grad=True)
-    m = RankMixer(num_tokens, dim, layers=2, ffn_mult=2, out_dim=7)
+@pytest.mark.parametrize("num_groups,dim", [(4, 16), (5, 16)])  # 16 % 5 != 0: widened to 20
+def test_rankmixer_shapes_and_grads(num_groups: int, dim: int) -> None:
+    x = torch.randn(3, num_groups, dim, requires_grad=True)
+    m = RankMixer(num_groups, dim, layers=2, ffn_mult=2, out_dim=7)
     y = m(x)
     assert y.shape == (3, 7) and m.out_dim == 7
     y.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
-    assert RankMixer(num_tokens, dim, layers=1).out_dim == num_tokens * m.width
+    assert RankMixer(num_groups, dim, layers=1).out_dim == num_groups * m.width
 
 
 def test_rankmixer_token_mixing_gathers_one_head_from_every_token() -> None:

@@ -50,9 +50,9 @@ STAGE1 = [
     "16",
     "--iat-dim",
     "8",
-    "--num-tokens",
+    "--num-groups",
     "4",
-    "--token-dim",
+    "--group-dim",
     "16",
 ]
 TIGHT = dict(rtol=1e-5, atol=1e-6)

@@ -6,7 +6,7 @@ A serving process encodes a new instance when it is logged, with the weights tha
 token table (``iat-rec export --tokens-from final`` from the same checkpoint gives the same
 rows). The module holds the trained embedding tables as plain ``torch.nn.EmbeddingBag``s (the
 EmbeddingBagCollection's pooling; the sequence features' unpooled tables summed, as stage 1
-pools them) and the Compressor's own tokenizer, interaction block and bottleneck
+pools them) and the Compressor's own feature groups, interaction block and bottleneck
 (``Compressor.token``): no TorchRec, sharding or FBGEMM at inference. In the user-order scheme
 it gives the token before the SIT, the one the table stores.
 
@@ -129,7 +129,7 @@ class OnlineCompressor(nn.Module):
         self.modes = [lookups[f][3] for f in features]
         self._lookups = [lookups[f][:3] for f in features]
         self._order = [features.index(f) for f in model_order]  # pooled inputs -> the model's concat order
-        self.dense_dim = base.tokenizer.dense.in_dim if base.tokenizer.dense is not None else 0
+        self.dense_dim = base.grouping.dense.in_dim if base.grouping.dense is not None else 0
         self.iat_dim = compressor.bottleneck.proj.out_features
 
     def table(self, k: int) -> nn.EmbeddingBag:

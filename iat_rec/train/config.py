@@ -23,8 +23,8 @@ from iat_rec.errors import IatError
 @dataclasses.dataclass
 class ModelConfig:
     emb_dim: int = 16  # every feature table's embedding dim
-    num_tokens: int = 8  # feature-group tokens fed to the interaction block
-    token_dim: int = 64  # width of each feature-group token
+    num_groups: int = 8  # feature-group tokens fed to the interaction block
+    group_dim: int = 64  # width of each feature-group token
     interaction: str = "rankmixer"  # rankmixer | dcnv2
     interaction_layers: int = 2  # layers of the interaction block
     hidden: int = 256  # the base ranker's wide hidden vector h
@@ -190,8 +190,8 @@ _AT_LEAST_1 = (
     "window",
     "keep_checkpoints",
     "emb_dim",
-    "num_tokens",
-    "token_dim",
+    "num_groups",
+    "group_dim",
     "interaction_layers",
     "hidden",
     "iat_dim",
