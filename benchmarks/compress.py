@@ -22,7 +22,7 @@ from typing import Any
 from benchmarks import common
 from iat_rec.data.instance_log import time_split
 from iat_rec.train.config import CompressConfig, ModelConfig
-from iat_rec.train.stage1 import build_compressor, make_dataset
+from iat_rec.train.stage1 import build_compressor, make_dataset, units_per_batch
 from iat_rec.train.trainer import make_optimizer, shard
 
 
@@ -45,7 +45,7 @@ def measure_scheme(
         out=str(run.work / f"run-{scheme}"),
         scheme=scheme,
         window=window,
-        batch_size=max(1, instances // per),
+        batch_size=instances,
         model=model_cfg,
         device=run.device.type,
         constraints=constraints,
@@ -61,14 +61,14 @@ def measure_scheme(
     flops = common.linear_flops(dmp, cached[0], run.device)
     common.reset_peak_memory(run.device)
     timing, pipelined = common.time_train_pipeline(run, scheme, dmp, opt, cached)
-    samples = cfg.batch_size * per
+    samples = units_per_batch(cfg) * per
     dense_tflops = 3 * flops / (timing.median_ms * 1e-3) / 1e12
     out = common.row(
         scheme,
         timing,
         samples,
         common.peak_memory_bytes(run.device),
-        batch_size=cfg.batch_size,
+        batch_size=units_per_batch(cfg),
         window=window if scheme == "user" else None,
         valid_fraction=valid,
         valid_samples_per_s=samples * valid / (timing.median_ms * 1e-3),

@@ -20,7 +20,14 @@ from iat_rec.dist.env import init_distributed, provenance, rank_main
 from iat_rec.errors import IatError
 from iat_rec.tokens.table import TokenTable, token_constraints
 from iat_rec.train.config import SCHEMES, CompressConfig, check_values, to_dict
-from iat_rec.train.stage1 import RUN_FORMAT, build_compressor, check_run_out, make_dataset, slice_steps
+from iat_rec.train.stage1 import (
+    RUN_FORMAT,
+    build_compressor,
+    check_run_out,
+    make_dataset,
+    slice_steps,
+    units_per_batch,
+)
 from iat_rec.train.trainer import (
     Trainer,
     check_resume,
@@ -93,7 +100,7 @@ def train(cfg: CompressConfig) -> dict:
     )
     if table is not None:
         table.load_into(dmp.module.tokens)
-    per_batch = cfg.batch_size * (cfg.window if cfg.scheme == "user" else 1)
+    per_batch = units_per_batch(cfg) * (cfg.window if cfg.scheme == "user" else 1)
     info = {
         "format": RUN_FORMAT,
         "stage": "compress",

@@ -58,15 +58,13 @@ def check_stage_yaml(c1: dict, c2: dict) -> None:
 
 
 def stage1_config(base: dict, data: str, out: Path, scheme: str, seed: int, device: str) -> CompressConfig:
-    """``batch_size`` counts instances for both schemes here, so that temporal and user-order
-    runs of one config see the same instances per step (user order: batch_size / window windows)."""
+    """``batch_size`` counts instances for both schemes (``stage1.units_per_batch``), so
+    temporal and user-order runs of one config see the same instances per step."""
     # the experiment owns its work dir: a stage it reruns (unfinished, or another config) is replaced
     cfg = from_dict(
         CompressConfig,
         {**base, "data": data, "out": str(out), "scheme": scheme, "seed": seed, "device": device, "overwrite": True},
     )
-    if scheme == "user":
-        cfg.batch_size = max(1, cfg.batch_size // cfg.window)
     compress.check_config(cfg)
     return cfg
 

@@ -55,7 +55,7 @@ STAGE1 = [
     "--window",
     "8",
     "--batch-size",
-    "8",
+    "64",  # instances: 8 windows of 8
     "--steps",
     "12",
     "--eval-batches",

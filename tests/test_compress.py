@@ -192,3 +192,19 @@ def test_streaming_refuses_a_table_of_another_log(tiny_log, tokens, tmp_path, ca
     )
     assert "was exported from instance log" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_batch_size_counts_instances_in_both_schemes(tiny_log):
+    """One meaning of --batch-size: a temporal batch holds batch_size instances, a user-order
+    batch batch_size // window windows of window instances (so one YAML gives both schemes
+    the same instances a step, whether run by compress or by experiment)."""
+    log = InstanceLog(tiny_log)
+    train = time_split(log)["train"]
+    sizes = {}
+    for scheme in ("temporal", "user"):
+        cfg = CompressConfig(data=str(tiny_log), scheme=scheme, window=8, batch_size=64)
+        batch = make_dataset(log, train, cfg, 0, 1)[0]
+        sizes[scheme] = batch.weights.numel()
+    assert sizes == {"temporal": 64, "user": 64}
+    small = CompressConfig(data=str(tiny_log), scheme="user", window=8, batch_size=5)  # less than a window: one
+    assert make_dataset(log, train, small, 0, 1)[0].weights.numel() == 8

@@ -48,7 +48,7 @@ def none_run(click_log, tmp_path_factory) -> Path:
 def stage1(click_log, tmp_path_factory):
     """Both schemes with the same instances per step (user order: 16 windows of 16)."""
     runs = {}
-    for scheme, batch in (("temporal", ["--batch-size", "256"]), ("user", ["--batch-size", "16", "--window", "16"])):
+    for scheme, batch in (("temporal", ["--batch-size", "256"]), ("user", ["--batch-size", "256", "--window", "16"])):
         runs[scheme] = tmp_path_factory.mktemp(scheme) / "run"
         run_cli("compress", "--data", str(click_log), "--out", str(runs[scheme]), "--scheme", scheme, *batch, *BUDGET)
     return runs
@@ -165,7 +165,7 @@ def seen(tmp_path_factory):
         "--window",
         str(T),
         "--batch-size",
-        "8",
+        str(8 * T),  # instances: 8 windows
         *BUDGET,
     )
     run_cli(
@@ -243,7 +243,7 @@ def test_tokens_trained_on_their_own_label_alone_lose_the_item(seen, tmp_path):
         "--window",
         str(T),
         "--batch-size",
-        "8",
+        str(8 * T),  # instances: 8 windows
         "--reconstruct",
         "0",
         *BUDGET,

@@ -34,7 +34,7 @@ STAGE1 = [
     "--window",
     "4",
     "--batch-size",
-    "16",
+    "64",  # instances: 16 windows of 4
     "--steps",
     "6",
     "--slices",

@@ -151,7 +151,7 @@ def compress(
         scheme: temporal | user (default: the program's or the config's)
         steps: training steps (default: --epochs)
         epochs: epochs over the train split, used when steps is not given
-        batch_size: per rank: instances (temporal) or windows (user)
+        batch_size: instances per rank and step, both schemes (user order: batch_size // window windows)
         config: YAML with any pipelines.compress option (flags override it)
         resume: continue from the latest checkpoint in out (none yet: start fresh); set it with max_restarts or
             max_retries, so that a restarted job resumes

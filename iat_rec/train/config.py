@@ -42,7 +42,8 @@ class TrainConfig:
     data: str = ""  # instance log directory
     out: str = ""  # run directory
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    batch_size: int = 256  # per rank: instances (temporal) or windows (user order)
+    batch_size: int = 256  # per rank and step: instances (stage 1, either scheme) or requests (stage 2)
+    #   (user order: batch_size // window windows of window instances)
     steps: int = 0  # 0: run --epochs
     epochs: float = 1.0  # passes over the training split (fractions allowed), unless --steps
     dense_lr: float = 1e-3  # Adam learning rate of the dense parameters

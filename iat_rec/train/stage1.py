@@ -74,6 +74,13 @@ class StreamBatchMaker:
         )
 
 
+def units_per_batch(cfg: CompressConfig) -> int:
+    """What a rank's batch holds: ``batch_size`` instances (temporal), or ``batch_size //
+    window`` windows of ``window`` instances (user order, at least one): one meaning of
+    ``--batch-size`` for both schemes, so one config gives both the same instances a step."""
+    return max(1, cfg.batch_size // cfg.window) if cfg.scheme == "user" else cfg.batch_size
+
+
 def make_dataset(log: InstanceLog, rows: np.ndarray, cfg: CompressConfig, rank: int, world_size: int) -> BatchDataset:
     """Temporal: instances in global time order. User: windows of one user's consecutive
     instances, ordered by their first instance's time. Both schemes train in time order, as a
@@ -87,7 +94,7 @@ def make_dataset(log: InstanceLog, rows: np.ndarray, cfg: CompressConfig, rank: 
     return BatchDataset(
         log,
         units,
-        cfg.batch_size,
+        units_per_batch(cfg),
         rank,
         world_size,
         window=window,
@@ -115,7 +122,7 @@ def first_train_step(log: InstanceLog, cfg: CompressConfig, world_size: int, aft
     Global batch g (rank g % world at step g // world) holds units
     ``[g * batch, (g + 1) * batch)`` of the first epoch's order."""
     ds = make_dataset(log, time_split(log, cfg.split, after)["train"], cfg, 0, world_size)
-    unit_step = np.arange(len(ds.units)) // (cfg.batch_size * world_size)
+    unit_step = np.arange(len(ds.units)) // (units_per_batch(cfg) * world_size)
     step = np.full(log.rows, -1, dtype=np.int64)
     if ds.window is None:
         step[ds.units] = unit_step
