@@ -22,7 +22,7 @@ from typing import Any
 from benchmarks import common
 from iat_rec.data.instance_log import time_split
 from iat_rec.train.config import CompressConfig, ModelConfig
-from iat_rec.train.stage1 import build_compressor, make_dataset, units_per_batch
+from iat_rec.train.stage1 import build_compressor, make_dataset, plan_batch, units_per_batch
 from iat_rec.train.trainer import make_optimizer, shard
 
 
@@ -56,7 +56,7 @@ def measure_scheme(
     model = build_compressor(log, cfg)
     if bf16:
         model = common.Autocast(model, run.device.type)
-    dmp, plan = shard(model, env, cfg, plan_out=None)
+    dmp, plan = shard(model, env, cfg, plan_out=None, plan_batch=plan_batch(cfg))
     opt = make_optimizer(dmp, cfg.dense_lr)
     flops = common.linear_flops(dmp, cached[0], run.device)
     common.reset_peak_memory(run.device)

@@ -25,6 +25,7 @@ from iat_rec.train.stage1 import (
     build_compressor,
     check_run_out,
     make_dataset,
+    plan_batch,
     slice_steps,
     units_per_batch,
 )
@@ -97,6 +98,7 @@ def train(cfg: CompressConfig) -> dict:
         plan_out=out / "plan.json",
         trainable=embedding_params(model.base),
         extra_constraints=constraints,
+        plan_batch=plan_batch(cfg),
     )
     if table is not None:
         table.load_into(dmp.module.tokens)

@@ -80,8 +80,10 @@ def shard(
     plan=None,
     trainable: Iterable[nn.Parameter] | None = None,
     extra_constraints: dict | None = None,
+    plan_batch: int | None = None,
 ) -> tuple[DistributedModelParallel, Any]:
-    """Fuses the sparse optimizer, plans (or reuses ``plan``), shards; returns (dmp, plan)."""
+    """Fuses the sparse optimizer, plans (or reuses ``plan``), shards; returns (dmp, plan).
+    ``plan_batch``: the per-rank batch the planner is told (default ``cfg.batch_size``)."""
     cls, kw = _sparse_optimizer(cfg.sparse_optimizer, cfg.sparse_lr)
     params = list(trainable) if trainable is not None else embedding_params(model)
     if params:
@@ -94,7 +96,7 @@ def shard(
             if not path.is_file():
                 raise IatError(f"constraints file not found: {path}")
             constraints.update(parse_constraints(json.loads(path.read_text())))
-        plan = make_plan(model, topology, cfg.batch_size, constraints or None, pg=dist.group.WORLD)
+        plan = make_plan(model, topology, plan_batch or cfg.batch_size, constraints or None, pg=dist.group.WORLD)
     if env.is_main and plan_out is not None:
         save_plan(plan, plan_out)
         print(f"sharding plan ({len(plan.plan)} modules) saved to {plan_out}", flush=True)
