@@ -22,7 +22,7 @@ from typing import Any
 from benchmarks import common
 from iat_rec.data.instance_log import time_split
 from iat_rec.train.config import CompressConfig, ModelConfig
-from iat_rec.train.stage1 import build_compressor, make_dataset, plan_batch, units_per_batch
+from iat_rec.train.stage1 import build_compressor, instances_per_batch, make_dataset, plan_batch, units_per_batch
 from iat_rec.train.trainer import make_optimizer, shard
 
 
@@ -39,7 +39,6 @@ def measure_scheme(
     constraints: str = "",
 ) -> dict[str, Any]:
     """``constraints``: a planner constraints JSON file (TrainConfig.constraints), "" for the planner's choice."""
-    per = window if scheme == "user" else 1
     cfg = CompressConfig(
         data=str(log.path),
         out=str(run.work / f"run-{scheme}"),
@@ -61,7 +60,7 @@ def measure_scheme(
     flops = common.linear_flops(dmp, cached[0], run.device)
     common.reset_peak_memory(run.device)
     timing, pipelined = common.time_train_pipeline(run, scheme, dmp, opt, cached)
-    samples = units_per_batch(cfg) * per
+    samples = instances_per_batch(cfg)
     dense_tflops = 3 * flops / (timing.median_ms * 1e-3) / 1e12
     out = common.row(
         scheme,

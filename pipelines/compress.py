@@ -24,10 +24,10 @@ from iat_rec.train.stage1 import (
     RUN_FORMAT,
     build_compressor,
     check_run_out,
+    instances_per_batch,
     make_dataset,
     plan_batch,
     slice_steps,
-    units_per_batch,
 )
 from iat_rec.train.trainer import (
     Trainer,
@@ -102,7 +102,7 @@ def train(cfg: CompressConfig) -> dict:
     )
     if table is not None:
         table.load_into(dmp.module.tokens)
-    per_batch = units_per_batch(cfg) * (cfg.window if cfg.scheme == "user" else 1)
+    per_batch = instances_per_batch(cfg)
     info = {
         "format": RUN_FORMAT,
         "stage": "compress",

@@ -34,7 +34,7 @@ from iat_rec.errors import IatError
 from iat_rec.sharding.plan_json import load_plan
 from iat_rec.sharding.planning import make_plan
 from iat_rec.sharding.topology import build_topology
-from iat_rec.tables import TOKENS_PATH
+from iat_rec.tables import TOKENS_PATH, table_bytes, token_table_config
 from iat_rec.tokens.table import TokenTable, token_constraints
 from iat_rec.train.config import TrainConfig, check_values, from_dict, to_dict
 from iat_rec.train.stage1 import RUN_FORMAT, check_run_out, load_stage1
@@ -192,7 +192,7 @@ def build(cfg: RankConfig, env: DistEnv, plan_out: Path | None, after: int | Non
 
 def read_replica(table: TokenTable, device: torch.device) -> torch.Tensor:
     """The whole token table on ``device`` (``--token-fetch ranges``: every rank holds it all)."""
-    need = table.rows * table.dim * (2 if table.dtype == "fp16" else 4)
+    need = table_bytes(token_table_config(table.rows, table.dim, table.dtype))
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         if need > total // 2:

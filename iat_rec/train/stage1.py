@@ -81,6 +81,11 @@ def units_per_batch(cfg: CompressConfig) -> int:
     return max(1, cfg.batch_size // cfg.window) if cfg.scheme == "user" else cfg.batch_size
 
 
+def instances_per_batch(cfg: CompressConfig) -> int:
+    """Instance slots in a rank's batch (user order: whole windows, padding included)."""
+    return units_per_batch(cfg) * (cfg.window if cfg.scheme == "user" else 1)
+
+
 def plan_batch(cfg: CompressConfig) -> int:
     """The batch stage 1's planner is told: ``units_per_batch`` (windows in user order), as
     before --batch-size counted instances in both schemes. Told the instances, TorchRec's
