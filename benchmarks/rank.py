@@ -40,7 +40,7 @@ from iat_rec.sharding.planning import make_plan
 from iat_rec.sharding.topology import build_topology
 from iat_rec.tokens.table import token_constraints
 from iat_rec.train.config import ModelConfig, TrainConfig
-from iat_rec.train.trainer import embedding_params, make_optimizer, shard
+from iat_rec.train.trainer import make_optimizer, shard
 from modules.ranker import TOKEN_FETCHES, Ranker, RankerConfig, build_ranker
 from modules.readers import make_reader, reader_flops
 
@@ -123,14 +123,13 @@ def build_case(
     ranker's own bf16 history branches (``RankerConfig.bf16``), as a training run has them."""
     r = dataclasses.replace(ranker, history=history, bf16=bf16)
     ranker_model = build_model(log, r, model_cfg, token_dim, token_dtype)
-    trainable = [p for name, m in ranker_model.named_children() if name != "tokens" for p in embedding_params(m)]
     model: nn.Module = ranker_model
     topology = build_topology(env.world_size, env.local_world_size, run.device.type)
     plan = make_plan(
         model, topology, batch, model_constraints(ranker_model, run.device.type, constraints), pg=dist.group.WORLD
     )
     cfg = TrainConfig(batch_size=batch, device=run.device.type)
-    dmp, _ = shard(model, env, cfg, plan_out=None, plan=plan, trainable=trainable)
+    dmp, _ = shard(model, env, cfg, plan_out=None, plan=plan)
     ranges = hasattr(ranker_model, "token_rows")
     if ranges:  # the replicated table of --token-fetch ranges: random rows, as the lookup's
         rows = torch.empty(log.rows, token_dim, device=run.device).uniform_(-1, 1)

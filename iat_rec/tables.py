@@ -27,8 +27,8 @@ TOKEN_TABLE = "iat_tokens"
 TOKEN_FEATURE = "history_ids"
 CANDIDATE_FEATURE = "candidate_ids"  # stage 2's token query: the candidate instance's own row
 
-# Module paths of the tables: the token table is at TOKENS_PATH in every model that has one
-# (frozen: never in an optimizer or a checkpoint); build_tables_module also uses FEATURES_PATH.
+# Module paths of the tables: the token table is at TOKENS_PATH in every model that has one;
+# build_tables_module also uses FEATURES_PATH. Frozen is marked by requires_grad (frozen_collection).
 FEATURES_PATH = "features"
 TOKENS_PATH = "tokens"
 
@@ -115,8 +115,14 @@ def build_tables_module(
     if feature_tables:
         m.add_module(FEATURES_PATH, EmbeddingBagCollection(tables=feature_tables, device=torch.device(device)))
     if token_table is not None:
-        m.add_module(TOKENS_PATH, EmbeddingCollection(tables=[token_table], device=torch.device(device)))
+        m.add_module(TOKENS_PATH, frozen_collection(token_table, device))
     return m
+
+
+def frozen_collection(table: EmbeddingConfig, device: str | torch.device = "meta") -> EmbeddingCollection:
+    """An EmbeddingCollection marked frozen (``requires_grad=False``): the trainer gives it no
+    optimizer and leaves it out of checkpoints (``train.trainer.frozen_tables``)."""
+    return EmbeddingCollection(tables=[table], device=torch.device(device)).requires_grad_(False)
 
 
 def table_bytes(cfg: BaseEmbeddingConfig) -> int:

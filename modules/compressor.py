@@ -23,7 +23,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedTensor
 
 from iat_rec.batching.batch import Batch
 from iat_rec.batching.history import LABEL_UNKNOWN
-from iat_rec.tables import TOKEN_FEATURE
+from iat_rec.tables import TOKEN_FEATURE, frozen_collection
 from iat_rec.train.config import ModelConfig
 from modules.feature_groups import FeatureGroups
 from modules.interaction import make_interaction
@@ -195,8 +195,8 @@ class Compressor(nn.Module):
         self.bottleneck = Bottleneck(cfg.hidden, cfg.iat_dim, cfg.bottleneck_act)
         self.window, self.prefix_len = window, prefix_len
         self.stream = prefix_table is not None
-        if self.stream:  # frozen: its lookup is detached and it gets no optimizer
-            self.tokens = EmbeddingCollection(tables=[prefix_table], device=torch.device("meta"))
+        if self.stream:  # frozen: its lookup is detached, and it gets no optimizer and no checkpoint
+            self.tokens = frozen_collection(prefix_table)
         self.sit = (
             SourceInstanceTransformer(
                 cfg.iat_dim,

@@ -33,10 +33,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, data_type_to_dtype
-from torchrec.modules.embedding_modules import EmbeddingCollection
 
 from iat_rec.batching.history import GAP_BUCKETS, LABEL_UNKNOWN
-from iat_rec.tables import CANDIDATE_FEATURE, TOKEN_FEATURE, history_feature, model_tables, token_table_config
+from iat_rec.tables import (
+    CANDIDATE_FEATURE,
+    TOKEN_FEATURE,
+    frozen_collection,
+    history_feature,
+    model_tables,
+    token_table_config,
+)
 from iat_rec.train.config import ModelConfig
 from modules.attention import small_table_lookup
 from modules.compressor import BaseRanker, weighted_bce
@@ -169,7 +175,7 @@ class Ranker(nn.Module):
             if cfg.token_fetch == "ranges":
                 self.token_rows = RangeTokenTable(token_table.embedding_dim, data_type_to_dtype(token_table.data_type))
             else:
-                self.tokens = EmbeddingCollection(tables=[token_table], device=torch.device("meta"))
+                self.tokens = frozen_collection(token_table)
             dim = token_table.embedding_dim
             mean, std = token_stats if token_stats is not None else (torch.zeros(dim), torch.ones(dim))
             # from the table's manifest, like the table itself: not part of the checkpoints

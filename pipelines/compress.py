@@ -33,7 +33,6 @@ from iat_rec.train.trainer import (
     Trainer,
     check_resume,
     check_resume_from,
-    embedding_params,
     make_optimizer,
     program_cli,
     program_parser,
@@ -96,7 +95,6 @@ def train(cfg: CompressConfig) -> dict:
         env,
         cfg,
         plan_out=out / "plan.json",
-        trainable=embedding_params(model.base),
         extra_constraints=constraints,
         plan_batch=plan_batch(cfg),
     )

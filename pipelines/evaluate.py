@@ -17,8 +17,7 @@ from iat_rec.dist import checkpoint as ckpt
 from iat_rec.dist.atomic import write_json
 from iat_rec.dist.env import init_distributed, rank_main, run_ranks
 from iat_rec.errors import IatError
-from iat_rec.tables import TOKENS_PATH
-from iat_rec.train.trainer import BEST
+from iat_rec.train.trainer import BEST, frozen_tables
 from pipelines.rank import build, load_rank_config, test_metrics
 
 
@@ -31,7 +30,7 @@ def evaluate_run(run: str) -> dict:
         raise IatError(f"{run}: no checkpoint to evaluate")
     resumed = json.loads((Path(run) / "run.json").read_text()).get("resume_from") or {}
     built = build(cfg, env, plan_out=None, after=resumed.get("train_until"))  # the run's own test split
-    ckpt.load_weights(last, built.model, skip=TOKENS_PATH + ".")  # build() loaded the token table
+    ckpt.load_weights(last, built.model, skip=frozen_tables(built.model))  # build() loaded the token table
     metrics = test_metrics(built, cfg)
     if env.is_main:
         write_json(Path(run) / "metrics.json", metrics)

@@ -42,7 +42,6 @@ from iat_rec.train.trainer import (
     Trainer,
     check_resume,
     check_resume_from,
-    embedding_params,
     evaluate,
     make_optimizer,
     program_cli,
@@ -173,8 +172,7 @@ def build(cfg: RankConfig, env: DistEnv, plan_out: Path | None, after: int | Non
         ),
     )
     plan = _plan(model, env, cfg, stage1_plan)
-    trainable = [p for name, m in model.named_children() if name != TOKENS_PATH for p in embedding_params(m)]
-    dmp, _ = shard(model, env, cfg, plan_out=plan_out, plan=plan, trainable=trainable)
+    dmp, _ = shard(model, env, cfg, plan_out=plan_out, plan=plan)
     if table is not None and r.token_fetch == "ranges":
         dmp.module.token_rows.load(read_replica(table, env.device))
     elif table is not None:

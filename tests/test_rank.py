@@ -13,7 +13,7 @@ from iat_rec.dist import checkpoint as ckpt
 from iat_rec.dist.env import DistEnv
 from iat_rec.sharding.plan_json import load_plan
 from iat_rec.train.stage1 import build_compressor, load_stage1
-from iat_rec.train.trainer import DistributedModelParallel, Trainer, make_optimizer
+from iat_rec.train.trainer import DistributedModelParallel, Trainer, frozen_tables, make_optimizer
 from pipelines.rank import RankConfig, build, dataset
 from tests.helpers import on_ranks, run_cli, synth_log
 
@@ -180,6 +180,9 @@ def warm_start_and_frozen_tokens(env: DistEnv, data: str, tokens: str, stage1: s
     result = torch.tensor([warm, frozen, changed_features], dtype=torch.int64)
     torch.distributed.all_reduce(result, op=torch.distributed.ReduceOp.MIN)
     return {
+        "frozen_tables": frozen_tables(built.model),  # marked by requires_grad before sharding
+        "optimized_token_keys": [k for k in trainer.optimizer.state_dict()["state"] if k.startswith("tokens.")],
+        "checkpointed_token_keys": [k for k in trainer._weights() if k.startswith("tokens.")],
         "warm_start_equal": bool(result[0]),
         "tokens_unchanged": bool(result[1]),
         "features_trained": bool(result[2]),
@@ -190,7 +193,15 @@ def warm_start_and_frozen_tokens(env: DistEnv, data: str, tokens: str, stage1: s
 def test_warm_start_loads_stage1_weights_and_tokens_stay_frozen(tiny_log, stage1_run, tokens, tmp_path):
     got = on_ranks(warm_start_and_frozen_tokens, tiny_log, tokens, stage1_run, tmp_path / "r")[0]  # rank 0's
     assert got["token_params"], "the model holds the token table"
-    assert got == {**got, "warm_start_equal": True, "tokens_unchanged": True, "features_trained": True}
+    assert got == {
+        **got,
+        "frozen_tables": ["tokens"],
+        "optimized_token_keys": [],
+        "checkpointed_token_keys": [],
+        "warm_start_equal": True,
+        "tokens_unchanged": True,
+        "features_trained": True,
+    }
 
 
 def test_cross_domain_requests_read_the_source_token_table(tiny_log, tokens, tmp_path):

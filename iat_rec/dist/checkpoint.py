@@ -113,9 +113,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
-def load_weights(path: str | Path | None, model: torch.nn.Module, prefix: str = "", skip: str | None = None) -> None:
-    """Loads model weights whose names start with ``prefix`` and not with ``skip`` (any world
-    size: DCP reshards), for export, evaluation and warm starts.
+def under(key: str, paths: tuple[str, ...]) -> bool:
+    """Whether the state-dict key or module path ``key`` is one of ``paths`` or inside one."""
+    return any(key == p or key.startswith(p + ".") for p in paths)
+
+
+def load_weights(
+    path: str | Path | None, model: torch.nn.Module, prefix: str = "", skip: tuple[str, ...] = ()
+) -> None:
+    """Loads model weights whose names start with ``prefix`` and lie in no module of ``skip``
+    (any world size: DCP reshards), for export, evaluation and warm starts.
 
     DCP loads in place, but a state dict may hold copies (data-parallel tables, for one), so
     the loaded entries are handed back through ``load_state_dict``.
@@ -123,7 +130,7 @@ def load_weights(path: str | Path | None, model: torch.nn.Module, prefix: str = 
     if path is None or not (Path(path) / ".metadata").is_file():
         raise IatError(f"{path}: not a complete checkpoint (missing .metadata)")
     full = model.state_dict()
-    state = {"model": {k: v for k, v in full.items() if k.startswith(prefix) and not (skip and k.startswith(skip))}}
+    state = {"model": {k: v for k, v in full.items() if k.startswith(prefix) and not under(k, skip)}}
     if not state["model"]:
         raise IatError(f"the model has no weights named {prefix}* to load from {path}")
     dcp_load(state, Path(path))

@@ -36,7 +36,7 @@ from iat_rec.dist import checksums
 from iat_rec.dist.atomic import collective_atomic_dir, read_manifest, write_json
 from iat_rec.dist.checkpoint import dcp_load, read_metadata
 from iat_rec.errors import IatError
-from iat_rec.tables import TOKEN_TABLE, token_table_config
+from iat_rec.tables import TOKEN_TABLE, frozen_collection, token_table_config
 
 FORMAT = "iat-token-table"
 VERSION = 3  # 2: token_stats, tokens_from and health in the manifest; 3: side arrays' sizes and checksums
@@ -51,7 +51,7 @@ def token_constraints(device_type: str) -> dict[str, ParameterConstraints]:
 
 
 def token_collection(rows: int, dim: int, dtype: str, device: torch.device | str = "meta") -> EmbeddingCollection:
-    return EmbeddingCollection(tables=[token_table_config(rows, dim, dtype)], device=torch.device(device))
+    return frozen_collection(token_table_config(rows, dim, dtype), device)
 
 
 class TokenTable:

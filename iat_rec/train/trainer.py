@@ -17,6 +17,7 @@ import math
 import shutil
 import sys
 import time
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,6 @@ from iat_rec.sharding.constraints import parse_constraints
 from iat_rec.sharding.plan_json import load_plan, plan_to_json, save_plan
 from iat_rec.sharding.planning import make_plan
 from iat_rec.sharding.topology import build_topology
-from iat_rec.tables import TOKENS_PATH
 from iat_rec.train.config import TrainConfig, add_flags, resolve, to_dict
 
 
@@ -78,14 +78,15 @@ def shard(
     cfg: TrainConfig,
     plan_out: Path | None,
     plan=None,
-    trainable: Iterable[nn.Parameter] | None = None,
     extra_constraints: dict | None = None,
     plan_batch: int | None = None,
 ) -> tuple[DistributedModelParallel, Any]:
-    """Fuses the sparse optimizer, plans (or reuses ``plan``), shards; returns (dmp, plan).
-    ``plan_batch``: the per-rank batch the planner is told (default ``cfg.batch_size``)."""
+    """Fuses the sparse optimizer into every table not frozen, plans (or reuses ``plan``),
+    shards; returns (dmp, plan). ``plan_batch``: the per-rank batch the planner is told
+    (default ``cfg.batch_size``)."""
     cls, kw = _sparse_optimizer(cfg.sparse_optimizer, cfg.sparse_lr)
-    params = list(trainable) if trainable is not None else embedding_params(model)
+    frozen = frozen_tables(model)
+    params = [p for p in embedding_params(model) if p.requires_grad]
     if params:
         apply_optimizer_in_backward(cls, params, kw)
     if plan is None:
@@ -101,11 +102,29 @@ def shard(
         save_plan(plan, plan_out)
         print(f"sharding plan ({len(plan.plan)} modules) saved to {plan_out}", flush=True)
     dmp = DistributedModelParallel(module=model, device=env.device, plan=plan)
+    _FROZEN[dmp] = frozen
     return dmp, plan
 
 
-# Module attribute of the frozen token table (stage 2, streaming stage 1): no optimizer steps
-# it and checkpoints leave it out; it is always reloaded from its token-table directory.
+# The frozen tables of each sharded model, read before sharding: TorchRec's sharded modules
+# do not keep requires_grad.
+_FROZEN: weakref.WeakKeyDictionary[nn.Module, tuple[str, ...]] = weakref.WeakKeyDictionary()
+
+
+def frozen_tables(model: nn.Module) -> tuple[str, ...]:
+    """Module paths of the embedding collections marked ``requires_grad=False`` (the token
+    table, ``tables.frozen_collection``): no optimizer steps them and checkpoints leave them
+    out; they are always reloaded from their token-table directory."""
+    if isinstance(model, DistributedModelParallel):
+        return _FROZEN.get(model, ())
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+    return tuple(
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection))
+        and not any(p.requires_grad for p in m.parameters())
+    )
 
 
 BEST = "best"  # RUN/best: the weights of the best evaluation (early stopping)
@@ -115,17 +134,14 @@ def snapshot_path(run: Path, step: int) -> Path:
     return Path(run) / "snapshots" / f"step_{step:08d}"
 
 
-def _frozen(name: str) -> bool:
-    return name == TOKENS_PATH or name.startswith(TOKENS_PATH + ".")
-
-
 def make_optimizer(model: DistributedModelParallel, lr: float) -> CombinedOptimizer:
     """Fused sparse optimizers (applied in backward) of every trainable table, and Adam."""
     dense = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(model.named_parameters())),
         lambda params: torch.optim.Adam(params, lr=lr),
     )
-    fused = [(key, opt) for key, opt in model.fused_optimizer.optimizers if not _frozen(key)]
+    frozen = frozen_tables(model)
+    fused = [(key, opt) for key, opt in model.fused_optimizer.optimizers if not ckpt.under(key, frozen)]
     return CombinedOptimizer(fused + [dense])
 
 
@@ -185,7 +201,7 @@ class Trainer:
         """--resume-from: the weights and optimizer state of another run's latest checkpoint;
         the frozen token table stays this run's. DCP reshards across world sizes, but the
         optimizer state has the shape of its plan: a table sharded otherwise is refused."""
-        check_same_sharding(self.model.plan, load_plan(Path(run) / "plan.json"), run)
+        check_same_sharding(self.model.plan, load_plan(Path(run) / "plan.json"), run, frozen_tables(self.model))
         path = ckpt.latest(run)
         self._load_trained_state(lambda state: ckpt.dcp_load(state, path))  # any world size
         if self.env.is_main:
@@ -196,7 +212,8 @@ class Trainer:
         return json.loads(path.read_text()) if self.cfg.resume and path.is_file() else []
 
     def _weights(self) -> dict[str, Any]:
-        return {k: v for k, v in self.model.state_dict().items() if not _frozen(k)}
+        frozen = frozen_tables(self.model)
+        return {k: v for k, v in self.model.state_dict().items() if not ckpt.under(k, frozen)}
 
     def _snapshot(self, step: int) -> None:
         ckpt.save_snapshot(
@@ -221,7 +238,7 @@ class Trainer:
         """Loads RUN/best into the model (early stopping); returns its meta (step, auc, metrics)."""
         best = self._best()
         if best is not None:
-            ckpt.load_weights(self.out / BEST, self.model, skip=TOKENS_PATH + ".")
+            ckpt.load_weights(self.out / BEST, self.model, skip=frozen_tables(self.model))
             if self.env.is_main:
                 print(f"restored the best model: step {best['step']}, valid auc {best['auc']:.4f}", flush=True)
         return best
@@ -476,7 +493,7 @@ def check_resume_from(cfg: TrainConfig, stage: str, log) -> dict:
     }
 
 
-def check_same_sharding(plan, earlier, run: str) -> None:
+def check_same_sharding(plan, earlier, run: str, frozen: tuple[str, ...] = ()) -> None:
     """Refuses a plan whose tables are sharded otherwise (type, kernel, column shards) than
     ``earlier``'s: their optimizer state (fused row-wise Adagrad, or a data-parallel table's
     Adam) would not load."""
@@ -484,7 +501,7 @@ def check_same_sharding(plan, earlier, run: str) -> None:
     def shape(p) -> dict:
         out = {}
         for path, tables in plan_to_json(p)["plan"].items():
-            if _frozen(path):  # the token table: frozen, no optimizer state
+            if ckpt.under(path, frozen):  # the token table: no optimizer state
                 continue
             for name, ps in tables.items():
                 columns = len(ps.get("ranks") or []) if "column" in ps["sharding_type"] else 1
