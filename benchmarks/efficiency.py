@@ -22,7 +22,7 @@ import dataclasses
 from typing import Any
 
 from benchmarks import common
-from benchmarks import rank as rank_bench
+from benchmarks import rank as stage2_bench
 from iat_rec.train.config import ModelConfig
 from modules.ranker import TOKEN_FETCHES, RankerConfig
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--users", type=int, default=None, help="synthetic users (default 1500; tiny 40)")
     p.add_argument("--mean-instances", type=float, default=None, help="per user (default 1200; tiny 30)")
     p.add_argument("--token-fetch", default="ranges", choices=list(TOKEN_FETCHES), help="IAT's token fetch")
-    p.add_argument("--bf16", action=rank_bench.argparse_bool(), default=True, help="bf16 history branches")
+    p.add_argument("--bf16", action=stage2_bench.argparse_bool(), default=True, help="bf16 history branches")
     p.add_argument("--compile", action="store_true", help="torch.compile the history branches")
     args = p.parse_args(argv)
     with common.bench_run("efficiency", args, warmup=(2, 5), iters=(3, 20)) as run, common.dist_env(run.device) as env:
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                 r.head = (32,)
             cases = [("iat", 0, log)] + [("handcrafted", k, with_sequence(log, k)) for k in fields]
             for history, k, view in cases:
-                case = rank_bench.build_case(run, env, view, history, r, m, batch, args.bf16)
-                row = rank_bench.measure_case(run, case)
+                case = stage2_bench.build_case(run, env, view, history, r, m, batch, args.bf16)
+                row = stage2_bench.measure_case(run, case)
                 row.update(case=f"{history}-K{k}-T{t}" if k else f"iat-T{t}", fields=k, max_len=t, batch=batch)
                 rows.append(row)
                 case = None

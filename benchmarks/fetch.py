@@ -75,7 +75,7 @@ def ranges_kjt(first: torch.Tensor, length: torch.Tensor, total: int) -> KeyedJa
 
 
 def ids_kjt(first: np.ndarray, length: np.ndarray) -> KeyedJaggedTensor:
-    """What the stage-2 batch maker builds on the CPU (RankBatchMaker.history_ids)."""
+    """What the stage-2 batch maker builds on the CPU (Stage2BatchMaker.history_ids)."""
     return KeyedJaggedTensor.from_lengths_sync(
         keys=[TOKEN_FEATURE],
         values=torch.from_numpy(expand_ranges(first, length)),

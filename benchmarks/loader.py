@@ -7,9 +7,9 @@ Per core: one process, one torch thread, ``EpochLoader(BatchDataset, num_workers
 trainer's loader: StatefulDataLoader with a state snapshot per batch) pulling batches of
 
 * ``stage1_temporal``: ``make_batch`` (KJT of every sparse feature, dense, labels),
-* ``stage2_iat``: ``RankBatchMaker`` without hand-crafted features (history ranges, KJT of
+* ``stage2_iat``: ``Stage2BatchMaker`` without hand-crafted features (history ranges, KJT of
   history ids, label and time-gap side info),
-* ``stage2_both``: ``RankBatchMaker`` with the hand-crafted sequence ids too.
+* ``stage2_both``: ``Stage2BatchMaker`` with the hand-crafted sequence ids too.
 
 ``workers_W`` runs the stage-2 IAT loader with W worker processes (pinned memory on CUDA), to
 check that throughput scales with cores. The GPU side is the compress (temporal) and rank
@@ -30,7 +30,7 @@ import torch
 
 from benchmarks import common
 from benchmarks import compress as compress_bench
-from benchmarks import rank as rank_bench
+from benchmarks import rank as stage2_bench
 from iat_rec.batching.loaders import BatchDataset, EpochLoader, time_order
 from iat_rec.data.instance_log import time_split
 
@@ -54,7 +54,7 @@ def time_loader(ds, batches: int, warmup: int, workers: int = 0, pin: bool = Fal
 
 def main(argv: list[str] | None = None) -> int:
     p = common.base_parser("loader", __doc__)
-    rank_bench.add_model_flags(p)
+    stage2_bench.add_model_flags(p)
     p.set_defaults(bf16=None)
     p.add_argument("--loader-batches", type=int, default=None, help="timed batches per loader case (default 6; tiny 3)")
     p.add_argument("--cores", type=int, default=None, help="cores per GPU for the ratio (default: cores / GPUs)")
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     with common.bench_run("loader", args, warmup=(1, 5), iters=(3, 20)) as run, common.dist_env(run.device) as env:
         tiny = run.tiny
         bf16 = run.cuda if args.bf16 is None else args.bf16
-        r, m, batch = rank_bench.configs(args, tiny)
-        log = rank_bench.rank_log(run, args)
+        r, m, batch = stage2_bench.configs(args, tiny)
+        log = stage2_bench.stage2_log(run, args)
         n = common.pick(args.loader_batches, tiny, 3, 6)
         gpus = torch.cuda.device_count() if run.cuda else 1
         cores = args.cores or max(1, (os.cpu_count() or 1) // max(1, gpus))
@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 
         datasets = {
             "stage1_temporal": BatchDataset(log, time_order(log, time_split(log)["train"]), batch),
-            "stage2_iat": rank_bench.rank_dataset(log, "iat", batch, r.max_len, 0, 1, args.seed),
-            "stage2_both": rank_bench.rank_dataset(log, "both", batch, r.max_len, 0, 1, args.seed),
+            "stage2_iat": stage2_bench.stage2_dataset(log, "iat", batch, r.max_len, 0, 1, args.seed),
+            "stage2_both": stage2_bench.stage2_dataset(log, "both", batch, r.max_len, 0, 1, args.seed),
         }
         rows: list[dict[str, Any]] = []
         threads = torch.get_num_threads()
@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.gpu_step:
             s1 = compress_bench.measure_scheme(run, env, log, "temporal", batch, 1, m, bf16=bf16)
             gpu["stage1_temporal"] = s1["samples_per_s"]
-            case = rank_bench.build_case(run, env, log, "iat", r, m, batch, bf16)
-            s2 = rank_bench.measure_case(run, case)
+            case = stage2_bench.build_case(run, env, log, "iat", r, m, batch, bf16)
+            s2 = stage2_bench.measure_case(run, case)
             del case
             common.free(run.device)
             gpu["stage2_iat"] = s2["samples_per_s"]

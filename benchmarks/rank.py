@@ -3,11 +3,11 @@ IAT against the hand-crafted sequence at the same history length T, in the same 
 
     iat-rec bench rank [--bf16] [--batch 8192] [--max-len 256] [--reader transformer] [--history iat,handcrafted]
 
-The model is the project's ``Ranker`` built directly (as ``pipelines.rank.build`` does) over a
+The model is the project's ``Ranker`` built directly (as ``iat_rec.train.stage2.build`` does) over a
 synthetic log, with a synthetic token table (rows = the log's instances, randomly
 initialised by TorchRec, frozen, planned row-wise on GPU like the export's): the planner,
 ``shard`` (fused optimizer on every table but the token table), ``make_optimizer`` and
-``TrainPipelineSparseDist``. Batches come from the real ``RankBatchMaker`` over the log's
+``TrainPipelineSparseDist``. Batches come from the real ``Stage2BatchMaker`` over the log's
 history index (requests drawn at random from the train split), built before timing (pinned
 on CUDA) and cycled. The model's own options: ``--bf16`` runs the history branches under bf16
 autocast, ``--compile`` compiles them, ``--token-fetch ranges`` reads the token table by row
@@ -34,7 +34,7 @@ from torchrec.distributed.planner.types import ParameterConstraints
 
 from benchmarks import common
 from iat_rec.batching.loaders import BatchDataset
-from iat_rec.batching.rank_data import HistorySource, RankBatchMaker
+from iat_rec.batching.stage2_data import HistorySource, Stage2BatchMaker
 from iat_rec.data.instance_log import time_split
 from iat_rec.sharding.planning import make_plan
 from iat_rec.sharding.topology import build_topology
@@ -61,16 +61,16 @@ def step_reader_flops(r: RankerConfig, m: ModelConfig, batch: int) -> float:
     return branches(r.history) * reader_flops(r.reader, batch, r.max_len, r.reader_dim, m.group_dim, **reader_kwargs(r))
 
 
-def rank_dataset(
+def stage2_dataset(
     log, history: str, batch: int, max_len: int, rank: int, world: int, seed: int, token_ids: bool = True
 ) -> BatchDataset:
     seq = list(log.schema.sequence) if history in ("handcrafted", "both") else []
-    maker = RankBatchMaker(HistorySource.from_log(log, seq), max_len, same_log=True, token_ids=token_ids)
+    maker = Stage2BatchMaker(HistorySource.from_log(log, seq), max_len, same_log=True, token_ids=token_ids)
     return BatchDataset(log, time_split(log)["train"], batch, rank, world, shuffle=True, seed=seed, make=maker)
 
 
 @dataclasses.dataclass
-class RankCase:
+class Stage2Case:
     name: str
     model: nn.Module  # DistributedModelParallel
     optimizer: Any
@@ -118,7 +118,7 @@ def build_case(
     token_dtype: str = "fp16",
     batches: int = 4,
     constraints: dict[str, ParameterConstraints] | None = None,
-) -> RankCase:
+) -> Stage2Case:
     """The sharded ranker for ``history``, its optimizer and cached batches. ``bf16``: the
     ranker's own bf16 history branches (``RankerConfig.bf16``), as a training run has them."""
     r = dataclasses.replace(ranker, history=history, bf16=bf16)
@@ -134,10 +134,10 @@ def build_case(
     if ranges:  # the replicated table of --token-fetch ranges: random rows, as the lookup's
         rows = torch.empty(log.rows, token_dim, device=run.device).uniform_(-1, 1)
         ranker_model.token_rows.load(rows)
-    ds = rank_dataset(log, history, batch, r.max_len, env.rank, env.world_size, run.args.seed, token_ids=not ranges)
+    ds = stage2_dataset(log, history, batch, r.max_len, env.rank, env.world_size, run.args.seed, token_ids=not ranges)
     cached = common.cached_batches(ds, batches, run.device)
     mean_len = float(np.mean([b.hist_valid.float().sum(1).mean().item() for b in cached]))
-    return RankCase(
+    return Stage2Case(
         history,
         dmp,
         make_optimizer(dmp, cfg.dense_lr),
@@ -150,7 +150,7 @@ def build_case(
     )
 
 
-def measure_case(run: common.Run, case: RankCase) -> dict[str, Any]:
+def measure_case(run: common.Run, case: Stage2Case) -> dict[str, Any]:
     dense = common.linear_flops(case.model, case.batches[0], run.device)
     common.reset_peak_memory(run.device)
     timing, pipelined = common.time_train_pipeline(run, case.name, case.model, case.optimizer, case.batches)
@@ -257,7 +257,7 @@ def configs(args, tiny: bool) -> tuple[RankerConfig, ModelConfig, int]:
     return r, m, common.pick(args.batch, tiny, 32, 8192)
 
 
-def rank_log(run: common.Run, args):
+def stage2_log(run: common.Run, args):
     return common.synth_log(
         run, "rank", common.pick(args.users, run.tiny, 60, 3000), common.pick(args.mean_instances, run.tiny, 40, 300)
     )
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with common.bench_run("rank", args, warmup=(2, 10), iters=(3, 40)) as run, common.dist_env(run.device) as env:
         r, m, batch = configs(args, run.tiny)
-        log = rank_log(run, args)
+        log = stage2_log(run, args)
         histories = [h.strip() for h in args.history.split(",") if h.strip()]
         rows = []
         valid = None
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             "histories": histories,
             "log_rows": log.rows,
             "token_table": {"rows": log.rows, "dim": 64, "dtype": "fp16"},
-            "batches": "RankBatchMaker, train-split requests shuffled; cached, pinned, cycled",
+            "batches": "Stage2BatchMaker, train-split requests shuffled; cached, pinned, cycled",
         }
         columns = common.DEFAULT_COLUMNS + (
             ("mean len", "mean_history_len", ""),

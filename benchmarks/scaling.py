@@ -34,7 +34,7 @@ from torchrec.distributed.planner.types import ParameterConstraints
 
 from benchmarks import common
 from benchmarks import compress as compress_bench
-from benchmarks import rank as rank_bench
+from benchmarks import rank as stage2_bench
 from iat_rec.data.instance_log import InstanceLog
 from iat_rec.dist.env import drop_flag, init_distributed, launch
 from iat_rec.errors import IatError
@@ -70,7 +70,7 @@ def scaling_constraints(log, device_type: str, choice: str, stage: int = 2) -> d
 
 def measure_stage(run: common.Run, env, log, stage: int, args) -> dict[str, Any]:
     """One stage's step on this rank (the row of benchmarks.compress or benchmarks.rank)."""
-    r, m, batch = rank_bench.configs(args, run.tiny)
+    r, m, batch = stage2_bench.configs(args, run.tiny)
     if stage == 1:
         features = feature_sharding(log, env.device.type, args.feature_sharding)
         spec = {name: {"sharding_types": types} for name, types in features.items()}
@@ -80,8 +80,8 @@ def measure_stage(run: common.Run, env, log, stage: int, args) -> dict[str, Any]
         )
         return {**row, "plan_types": row["plan"]}
     cons = scaling_constraints(log, env.device.type, args.feature_sharding)
-    case = rank_bench.build_case(run, env, log, "iat", r, m, batch, bool(args.bf16), constraints=cons)
-    row = rank_bench.measure_case(run, case)
+    case = stage2_bench.build_case(run, env, log, "iat", r, m, batch, bool(args.bf16), constraints=cons)
+    row = stage2_bench.measure_case(run, case)
     del case
     common.free(run.device)
     return {**row, "plan_types": sorted(set(row["plan"].values()))}
@@ -148,13 +148,13 @@ def worker(args) -> int:
 def planner_sparse_ms(run: common.Run, log, stage: int, world: int, hbm_gb: float | None) -> float:
     """The planner's estimated sparse time per step (slowest rank) of ``stage`` on ``world`` ranks."""
     args, device_type = run.args, run.device.type
-    r, m, batch = rank_bench.configs(args, run.tiny)
+    r, m, batch = stage2_bench.configs(args, run.tiny)
     topology = build_topology(world, min(world, 8), device_type, hbm_gb=hbm_gb)
     cons = scaling_constraints(log, device_type, args.feature_sharding, stage)
     if stage == 1:
         model = build_compressor(log, CompressConfig(data=str(log.path), model=m, device=device_type))
     else:
-        model = rank_bench.build_model(log, dataclasses.replace(r, history="iat"), m)
+        model = stage2_bench.build_model(log, dataclasses.replace(r, history="iat"), m)
     with quiet_planner_logs():
         result = make_plan_with_stats(model, topology, batch, cons, debug=False)
     return float(result.perf_ms)
@@ -204,7 +204,7 @@ def rank_counts(args, cuda: bool) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = common.base_parser("scaling", __doc__)
-    rank_bench.add_model_flags(p)
+    stage2_bench.add_model_flags(p)
     p.set_defaults(bf16=None)
     p.add_argument("--ranks", default="1,2", help="comma list of rank counts (default 1,2); 1 is the baseline")
     p.add_argument(
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         wanted = stages(args)
         if counts[0] != 1:
             counts = [1, *counts]
-        log = rank_bench.rank_log(run, args)
+        log = stage2_bench.stage2_log(run, args)
         child = drop_flag(drop_flag(argv, "--out"), "--work")
         rows: list[dict[str, Any]] = []
         for n in counts:
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                         x["estimated_efficiency"],
                     )
                 )
-        r, _, batch = rank_bench.configs(args, run.tiny)
+        r, _, batch = stage2_bench.configs(args, run.tiny)
         config = {
             "ranks": counts,
             "plan_ranks": worlds,

@@ -17,12 +17,12 @@ from iat_rec.dist import checkpoint as ckpt
 from iat_rec.dist.atomic import write_json
 from iat_rec.dist.env import init_distributed, rank_main, run_ranks
 from iat_rec.errors import IatError
+from iat_rec.train.stage2 import build, load_stage2_config, test_metrics
 from iat_rec.train.trainer import BEST, frozen_tables
-from pipelines.rank import build, load_rank_config, test_metrics
 
 
 def evaluate_run(run: str) -> dict:
-    cfg = load_rank_config(run)
+    cfg = load_stage2_config(run)
     cfg.warm_start = False  # the run's own checkpoint has every weight
     env = init_distributed(cfg.device)
     last = Path(run) / BEST if cfg.early_stop and (Path(run) / BEST / ".metadata").is_file() else ckpt.latest(run)
@@ -48,7 +48,7 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--run", required=True, help="stage-2 run directory")
     p.add_argument("--nproc", type=int, default=None, help="local ranks to launch (default: GPUs, else 2)")
     args = p.parse_args(argv)
-    load_rank_config(args.run)
+    load_stage2_config(args.run)
     return run_ranks("pipelines.evaluate", argv, args.nproc, lambda: evaluate_run(args.run))
 
 

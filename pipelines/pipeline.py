@@ -24,9 +24,9 @@ from iat_rec.dist.env import init_distributed, rank_main, run_ranks
 from iat_rec.errors import IatError
 from iat_rec.tables import TOKEN_DTYPES
 from iat_rec.train.config import DEVICES, SCHEMES, CompressConfig, check_values, from_dict, load_yaml, to_dict
+from iat_rec.train.stage2 import Stage2Config
 from pipelines import compress, rank
 from pipelines.export import export
-from pipelines.rank import RankConfig
 
 
 @dataclasses.dataclass
@@ -54,7 +54,7 @@ class Variant:
 def check_stage_yaml(c1: dict, c2: dict) -> None:
     """The stage configs' values (type, range, choices), before any rank starts."""
     check_values(from_dict(CompressConfig, c1, where="--compress-config"))
-    check_values(from_dict(RankConfig, c2, where="--rank-config"))
+    check_values(from_dict(Stage2Config, c2, where="--rank-config"))
 
 
 def stage1_config(base: dict, data: str, out: Path, scheme: str, seed: int, device: str) -> CompressConfig:
@@ -71,14 +71,14 @@ def stage1_config(base: dict, data: str, out: Path, scheme: str, seed: int, devi
 
 def stage2_config(
     base: dict, data: str, out: Path, v: Variant, seed: int, device: str, tokens: Path | None, stage1: Path | None
-) -> RankConfig:
+) -> Stage2Config:
     ranker = {**base.get("ranker", {}), "history": v.history, "reader": v.reader}
     if v.history not in ("iat", "both"):
         ranker.pop("query", None)  # the token query needs tokens; the other variants read the features
     d = {**base, "data": data, "out": str(out), "seed": seed, "device": device, "ranker": ranker, "overwrite": True}
     if tokens is not None:  # the stage-1 plan for the shared tables; no warm start: every variant starts alike
         d.update(tokens=str(tokens), stage1=str(stage1))
-    cfg = from_dict(RankConfig, d)
+    cfg = from_dict(Stage2Config, d)
     rank.check_config(cfg)
     return cfg
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from iat_rec.batching.rank_data import HistorySource, RankBatchMaker
+from iat_rec.batching.stage2_data import HistorySource, Stage2BatchMaker
 from iat_rec.data.instance_log import InstanceLog
 from iat_rec.tables import TOKEN_TABLE
 from iat_rec.train.config import ModelConfig
@@ -62,8 +62,8 @@ def test_ranges_give_the_lookups_tokens_and_logits(tiny_log, query, dtype):
     candidate = query == "token"
     rows = np.concatenate([np.arange(log.rows), [-1, -1]])  # every request, then two padding rows
     for chunk in np.array_split(rows, 8):
-        with_ids = RankBatchMaker(source, T, same_log=True, candidate=candidate)(log, chunk)
-        without = RankBatchMaker(source, T, same_log=True, candidate=candidate, token_ids=False)(log, chunk)
+        with_ids = Stage2BatchMaker(source, T, same_log=True, candidate=candidate)(log, chunk)
+        without = Stage2BatchMaker(source, T, same_log=True, candidate=candidate, token_ids=False)(log, chunk)
         assert without.history_ids is None and torch.equal(with_ids.hist_first, without.hist_first)
         with torch.no_grad():
             steps_a, cand_a = lookup._fetch(with_ids)
@@ -116,7 +116,7 @@ def test_triton_kernel_matches_the_torch_path():
 def test_bf16_and_compiled_branches_match_the_eager_fp32_model(tiny_log):
     log = InstanceLog(tiny_log)
     source = HistorySource.from_log(log, [])
-    batch = RankBatchMaker(source, T, same_log=True, candidate=True, token_ids=False)(log, np.arange(96))
+    batch = Stage2BatchMaker(source, T, same_log=True, candidate=True, token_ids=False)(log, np.arange(96))
     table = torch.randn(log.rows, DIM)
     models = {}
     for name, options in {"eager": {}, "bf16": {"bf16": True}, "compiled": {"compile": True}}.items():

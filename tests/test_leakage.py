@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iat_rec.batching.rank_data import HistorySource, RankBatchMaker
+from iat_rec.batching.stage2_data import HistorySource, Stage2BatchMaker
 from iat_rec.data.instance_log import InstanceLog
 from iat_rec.tables import CANDIDATE_FEATURE
 from iat_rec.train.config import ModelConfig
@@ -73,7 +73,7 @@ def perturbed(log: InstanceLog, t: int, own: int, rng: np.random.Generator) -> I
 
 def request(log: InstanceLog, model, row: int):
     source = HistorySource.from_log(log, list(log.schema.sequence))
-    batch = RankBatchMaker(source, T, same_log=True, candidate=True)(log, np.array([row]))
+    batch = Stage2BatchMaker(source, T, same_log=True, candidate=True)(log, np.array([row]))
     with torch.no_grad():
         _, (_, logits, *_rest) = model(batch)
     return batch, logits

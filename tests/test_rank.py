@@ -13,8 +13,8 @@ from iat_rec.dist import checkpoint as ckpt
 from iat_rec.dist.env import DistEnv
 from iat_rec.sharding.plan_json import load_plan
 from iat_rec.train.stage1 import build_compressor, load_stage1
+from iat_rec.train.stage2 import Stage2Config, build, dataset
 from iat_rec.train.trainer import DistributedModelParallel, Trainer, frozen_tables, make_optimizer
-from pipelines.rank import RankConfig, build, dataset
 from tests.helpers import on_ranks, run_cli, synth_log
 
 RANK_YAML = """
@@ -147,7 +147,7 @@ def local(state: dict, prefix: str) -> dict[str, torch.Tensor]:
 def warm_start_and_frozen_tokens(env: DistEnv, data: str, tokens: str, stage1: str, out: str) -> dict:
     """On each rank (run by on_ranks): stage 2 with --warm-start and --stage1 loads the stage-1
     feature weights with the stage-1 plan, and training never changes the token table."""
-    cfg = RankConfig(
+    cfg = Stage2Config(
         data=data, out=out, tokens=tokens, stage1=stage1, warm_start=True, steps=6, batch_size=32, progress=False
     )
     cfg.ranker.history, cfg.ranker.max_len = "both", 16

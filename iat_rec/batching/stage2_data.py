@@ -21,7 +21,7 @@ from iat_rec.tables import CANDIDATE_FEATURE, TOKEN_FEATURE, history_feature
 
 
 @dataclasses.dataclass
-class RankBatch(Batch):
+class Stage2Batch(Batch):
     """``shared`` also holds the hand-crafted history: key ``history_feature(f)`` per sequence
     feature f, the ids of the history steps (same lengths as ``history_ids``)."""
 
@@ -68,8 +68,8 @@ class HistorySource:
         return np.asarray(col[rows], dtype=np.int64)
 
 
-class RankBatchMaker:
-    """Callable (log, rows) -> RankBatch for BatchDataset; picklable for loader workers.
+class Stage2BatchMaker:
+    """Callable (log, rows) -> Stage2Batch for BatchDataset; picklable for loader workers.
     ``candidate``: the token lookup also gets each request's own row (stage 2's token query).
     ``token_ids=False``: no id list for a TorchRec lookup (the model reads ranges)."""
 
@@ -88,7 +88,7 @@ class RankBatchMaker:
             users = self.source.index.user_index(log.user_keys[users])
         return np.where(valid, users, -1)
 
-    def __call__(self, log: InstanceLog, rows: np.ndarray) -> RankBatch:
+    def __call__(self, log: InstanceLog, rows: np.ndarray) -> Stage2Batch:
         base = make_batch(log, rows)
         rows = np.asarray(rows, dtype=np.int64)
         times = np.asarray(log.ts)[np.where(rows >= 0, rows, 0)]
@@ -122,7 +122,7 @@ class RankBatchMaker:
             )
         return extend(
             base,
-            RankBatch,
+            Stage2Batch,
             shared=shared,
             history_ids=KeyedJaggedTensor.from_lengths_sync(
                 keys=keys,
