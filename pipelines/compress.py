@@ -20,10 +20,9 @@ from iat_rec.dist.env import init_distributed, provenance, rank_main
 from iat_rec.errors import IatError
 from iat_rec.tokens.table import TokenTable, token_constraints
 from iat_rec.train.config import SCHEMES, CompressConfig, check_values, to_dict
+from iat_rec.train.run_dir import RUN_FORMAT, check_run_out
 from iat_rec.train.stage1 import (
-    RUN_FORMAT,
     build_compressor,
-    check_run_out,
     instances_per_batch,
     make_dataset,
     plan_batch,

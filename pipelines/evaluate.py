@@ -10,13 +10,13 @@ an early-stopped run, else its latest checkpoint), and writes
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from iat_rec.dist import checkpoint as ckpt
 from iat_rec.dist.atomic import write_json
 from iat_rec.dist.env import init_distributed, rank_main, run_ranks
 from iat_rec.errors import IatError
+from iat_rec.train.run_dir import read_run
 from iat_rec.train.stage2 import build, load_stage2_config, test_metrics
 from iat_rec.train.trainer import BEST, frozen_tables
 
@@ -28,7 +28,7 @@ def evaluate_run(run: str) -> dict:
     last = Path(run) / BEST if cfg.early_stop and (Path(run) / BEST / ".metadata").is_file() else ckpt.latest(run)
     if last is None:
         raise IatError(f"{run}: no checkpoint to evaluate")
-    resumed = json.loads((Path(run) / "run.json").read_text()).get("resume_from") or {}
+    resumed = read_run(run, "rank").get("resume_from") or {}
     built = build(cfg, env, plan_out=None, after=resumed.get("train_until"))  # the run's own test split
     ckpt.load_weights(last, built.model, skip=frozen_tables(built.model))  # build() loaded the token table
     metrics = test_metrics(built, cfg)

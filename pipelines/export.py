@@ -46,6 +46,7 @@ from iat_rec.tokens.health import format_health, table_health
 from iat_rec.tokens.table import FORMAT as TABLE_FORMAT
 from iat_rec.tokens.table import SIDE_ARRAYS, WEIGHT_KEY, TokenTable, save_table
 from iat_rec.train.config import DEVICES
+from iat_rec.train.run_dir import RUN_INFO
 from iat_rec.train.stage1 import build_compressor, load_stage1
 from iat_rec.train.trainer import progress_bar, shard
 
@@ -115,7 +116,7 @@ def export(
     mean, std = local_stats(weight, cfg.model.iat_dim, env.device)
     final = ckpt.latest(run)
     source = hashlib.blake2b(
-        (Path(run) / "run.json").read_bytes() + final.name.encode() + tokens_from.encode(), digest_size=16
+        (Path(run) / RUN_INFO).read_bytes() + final.name.encode() + tokens_from.encode(), digest_size=16
     ).hexdigest()
     segment = {
         "rows": int((source_of_row >= 0).sum()),

@@ -24,6 +24,7 @@ from iat_rec.dist.env import init_distributed, rank_main, run_ranks
 from iat_rec.errors import IatError
 from iat_rec.tables import TOKEN_DTYPES
 from iat_rec.train.config import DEVICES, SCHEMES, CompressConfig, check_values, from_dict, load_yaml, to_dict
+from iat_rec.train.run_dir import RUN_INFO, read_run
 from iat_rec.train.stage2 import Stage2Config
 from pipelines import compress, rank
 from pipelines.export import export
@@ -175,14 +176,13 @@ class Stages:
 
 def _done(run: Path, final_file: str, cfg) -> bool:
     """True when ``run`` finished (``final_file`` written) with this very config."""
-    info = run / "run.json"
-    if not ((run / final_file).is_file() and info.is_file()):
+    if not ((run / final_file).is_file() and (run / RUN_INFO).is_file()):
         return False
 
     def how(config: dict) -> dict:  # showing progress or not changes no result
         return {k: v for k, v in config.items() if k != "progress"}
 
-    return how(json.loads(info.read_text())["config"]) == how(json.loads(json.dumps(to_dict(cfg))))  # tuples -> lists
+    return how(read_run(run)["config"]) == how(json.loads(json.dumps(to_dict(cfg))))  # tuples -> lists
 
 
 def parser() -> argparse.ArgumentParser:

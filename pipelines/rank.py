@@ -26,7 +26,7 @@ from iat_rec.dist.env import init_distributed, provenance, rank_main
 from iat_rec.errors import IatError
 from iat_rec.tokens.table import TokenTable
 from iat_rec.train.config import check_values, to_dict
-from iat_rec.train.stage1 import RUN_FORMAT, check_run_out
+from iat_rec.train.run_dir import RUN_FORMAT, check_run_out
 from iat_rec.train.stage2 import Stage2Config, build, dataset, take_stage1_shape, test_metrics
 from iat_rec.train.trainer import (
     Trainer,

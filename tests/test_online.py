@@ -218,7 +218,7 @@ def test_bad_runs_and_outputs_are_refused(run, online, tmp_path, capsys):
         assert main(["tokens", "compressor", *argv]) == 2
         return capsys.readouterr().err
 
-    assert "not a stage-1 run (no run.json)" in fails(
+    assert "not a stage-1 (compress) run (no run.json)" in fails(
         "--stage1", str(tmp_path / "nothing"), "--out", str(tmp_path / "o1")
     )
     no_ckpt = tmp_path / "fresh"

@@ -176,6 +176,7 @@ def resolve_checkpoint(run: str | Path, name: str | None = None) -> Path:
 
 def build_online(run: str | Path, checkpoint: str | None = None) -> tuple[OnlineCompressor, dict, InstanceLog]:
     """(the module with the checkpoint's weights, in eval mode; its metadata; the run's log)."""
+    from iat_rec.train.run_dir import RUN_INFO
     from iat_rec.train.stage1 import build_compressor, load_stage1  # the stage-1 code: only to build
 
     cfg, info, log = load_stage1(run)
@@ -184,7 +185,7 @@ def build_online(run: str | Path, checkpoint: str | None = None) -> tuple[Online
     online = OnlineCompressor(build_compressor(log, cfg), schema.sparse_names)
     ckpt.load_weights(path, online.compressor)  # as export loads it: DCP, any world size, checked
     online.eval().requires_grad_(False)
-    run_json = (Path(run) / "run.json").read_bytes()
+    run_json = (Path(run) / RUN_INFO).read_bytes()
     from iat_rec.dist.env import versions
 
     pooling = dict(zip(online.features, online.modes))

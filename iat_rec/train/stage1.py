@@ -4,7 +4,6 @@ the loading of a finished run (used by export, stage 2, serving, benchmarks and 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +14,13 @@ from iat_rec.batching.batch import StreamBatch, extend, make_batch, make_window_
 from iat_rec.batching.history import expand_ranges
 from iat_rec.batching.loaders import BatchDataset, SelectTasks, select_tasks, time_order, user_windows
 from iat_rec.data.instance_log import InstanceLog, time_split
-from iat_rec.dist.atomic import check_out
 from iat_rec.errors import IatError
 from iat_rec.tables import TOKEN_FEATURE, model_tables, token_table_config
 from iat_rec.tokens.table import TokenTable
 from iat_rec.train.config import CompressConfig, from_dict
+from iat_rec.train.run_dir import RUN_INFO, read_run
 from iat_rec.train.trainer import total_steps
 from modules.compressor import Compressor
-
-RUN_FORMAT = "iat-rec-run"
 
 
 def build_compressor(log: InstanceLog, cfg: CompressConfig, prefix_table: TokenTable | None = None) -> Compressor:
@@ -145,22 +142,11 @@ def first_train_step(log: InstanceLog, cfg: CompressConfig, world_size: int, aft
     return np.where(step < total, step, -1)
 
 
-def check_run_out(cfg, inputs: tuple[str, ...]) -> None:
-    """A training run's ``--out``: never an input; an existing run only with --resume (continue
-    it) or --overwrite (replace it)."""
-    check_out(cfg.out, "a run", {RUN_FORMAT}, "run.json", cfg.resume or cfg.overwrite, tuple(i for i in inputs if i))
-
-
 def load_stage1(run: str | Path) -> tuple[CompressConfig, dict, InstanceLog]:
     """A stage-1 run's config, run info and instance log; refuses a log changed since training."""
-    path = Path(run) / "run.json"
-    if not path.is_file():
-        raise IatError(f"{run}: not a stage-1 run (no run.json)")
-    info = json.loads(path.read_text())
-    if info.get("format") != RUN_FORMAT or info.get("stage") != "compress":
-        raise IatError(f"{path}: not a stage-1 (compress) run")
+    info = read_run(run, "compress")
     # runs made before the reconstruction loss existed trained without it
-    cfg = from_dict(CompressConfig, {"reconstruct": 0.0, **info["config"]}, where=str(path))
+    cfg = from_dict(CompressConfig, {"reconstruct": 0.0, **info["config"]}, where=str(Path(run) / RUN_INFO))
     log = InstanceLog(cfg.data)
     if log.fingerprint != info["log_fingerprint"]:
         raise IatError(

@@ -8,7 +8,6 @@ plans its new tables beside the stage-1 plan (``--stage1``) and shards it.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -28,7 +27,8 @@ from iat_rec.sharding.topology import build_topology
 from iat_rec.tables import TOKENS_PATH, table_bytes, token_table_config
 from iat_rec.tokens.table import TokenTable, token_constraints
 from iat_rec.train.config import TrainConfig, from_dict
-from iat_rec.train.stage1 import RUN_FORMAT, load_stage1
+from iat_rec.train.run_dir import RUN_INFO, read_run
+from iat_rec.train.stage1 import load_stage1
 from iat_rec.train.trainer import evaluate, shard
 from modules.ranker import Ranker, RankerConfig, build_ranker
 
@@ -167,10 +167,4 @@ def test_metrics(built: Built, cfg: Stage2Config) -> dict:
 
 
 def load_stage2_config(run: str | Path) -> Stage2Config:
-    path = Path(run) / "run.json"
-    if not path.is_file():
-        raise IatError(f"{run}: not a run (no run.json)")
-    info = json.loads(path.read_text())
-    if info.get("format") != RUN_FORMAT or info.get("stage") != "rank":
-        raise IatError(f"{path}: not a stage-2 (rank) run")
-    return from_dict(Stage2Config, info["config"], where=str(path))
+    return from_dict(Stage2Config, read_run(run, "rank")["config"], where=str(Path(run) / RUN_INFO))

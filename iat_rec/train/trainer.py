@@ -44,6 +44,7 @@ from iat_rec.sharding.plan_json import load_plan, plan_to_json, save_plan
 from iat_rec.sharding.planning import make_plan
 from iat_rec.sharding.topology import build_topology
 from iat_rec.train.config import TrainConfig, add_flags, resolve, to_dict
+from iat_rec.train.run_dir import RUN_INFO, read_run
 
 
 def _sparse_optimizer(name: str, lr: float) -> tuple[type, dict[str, Any]]:
@@ -256,7 +257,7 @@ class Trainer:
         if start == 0 and self.cfg.resume_from:
             self._start_from(self.cfg.resume_from)
         if self.env.is_main and self.run_info is not None:
-            write_json(self.out / "run.json", self.run_info)
+            write_json(self.out / RUN_INFO, self.run_info)
         steps = self.total_steps()
         writer = _writer(self.out / "tb") if self.env.is_main else None
         log_file = None
@@ -424,7 +425,7 @@ def check_resume(cfg: TrainConfig, env: DistEnv, log_fingerprint: str) -> None:
     if path is None:
         return
     ckpt.check_world_size(path, env.world_size)
-    info = json.loads((Path(cfg.out) / "run.json").read_text())
+    info = read_run(cfg.out)
     if info.get("log_fingerprint") != log_fingerprint:
         raise IatError(
             f"--resume: {cfg.out} was trained on instance log {info.get('log_fingerprint')}, "
@@ -461,12 +462,7 @@ def check_resume_from(cfg: TrainConfig, stage: str, log) -> dict:
     if not cfg.resume_from:
         return {}
     run = Path(cfg.resume_from)
-    path = run / "run.json"
-    if not path.is_file():
-        raise IatError(f"--resume-from {run}: not a run (no run.json)")
-    info = json.loads(path.read_text())
-    if info.get("stage") != stage:
-        raise IatError(f"--resume-from {run}: a {info.get('stage')} run, not {stage}")
+    info = read_run(run, stage, "--resume-from")
     last = ckpt.latest(run)
     if last is None:
         raise IatError(f"--resume-from {run}: no checkpoint (it has not finished)")
