@@ -47,7 +47,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from benchmarks import common
 from iat_rec.batching.history import HistoryIndex, expand_ranges
 from iat_rec.data.instance_log import time_split
-from iat_rec.tables import TOKEN_FEATURE, TOKEN_TABLE
+from iat_rec.tables import TOKEN_DTYPES, TOKEN_FEATURE, TOKEN_TABLE
 from iat_rec.tokens.export import shard_token_table
 from iat_rec.tokens.table import token_constraints
 from modules.range_gather import RangeTokenTable, reference
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=None, help="requests per step B (default 8192; tiny 32)")
     p.add_argument("--max-len", type=int, default=None, help="history length T (default 256; tiny 16)")
     p.add_argument("--dim", type=int, default=64, help="token dim (default 64)")
-    p.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"], help="token table dtype")
+    p.add_argument("--dtype", default="fp16", choices=sorted(TOKEN_DTYPES), help="token table dtype")
     p.add_argument("--tile", type=int, default=None, help="table = log rows x tile (default 8; tiny 2)")
     p.add_argument("--users", type=int, default=None, help="synthetic users (default 4000; tiny 60)")
     p.add_argument("--mean-instances", type=float, default=None, help="per user (default 300; tiny 40)")
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--output-dtype",
         default=None,
-        choices=["fp32", "fp16"],
+        choices=sorted(TOKEN_DTYPES),
         help="the EmbeddingCollection's output dtype (default: TorchRec's, fp32)",
     )
     args = p.parse_args(argv)

@@ -41,7 +41,7 @@ from iat_rec.sharding.topology import build_topology
 from iat_rec.tokens.table import token_constraints
 from iat_rec.train.config import ModelConfig, TrainConfig
 from iat_rec.train.trainer import make_optimizer, shard
-from modules.ranker import TOKEN_FETCHES, Ranker, RankerConfig, build_ranker
+from modules.ranker import READERS, TOKEN_FETCHES, Ranker, RankerConfig, build_ranker
 from modules.readers import make_reader, reader_flops
 
 
@@ -219,7 +219,7 @@ def measure_reader_only(
 def add_model_flags(p) -> None:
     p.add_argument("--batch", type=int, default=None, help="requests per step B (default 8192; tiny 32)")
     p.add_argument("--max-len", type=int, default=None, help="history length T (default 256; tiny 16)")
-    p.add_argument("--reader", default="transformer", choices=["transformer", "din", "longer"])
+    p.add_argument("--reader", default="transformer", choices=list(READERS))
     p.add_argument("--reader-dim", type=int, default=None, help="default: RankerConfig's (64)")
     p.add_argument("--reader-layers", type=int, default=None, help="default: RankerConfig's (2)")
     p.add_argument("--reader-heads", type=int, default=None, help="default: RankerConfig's (2)")

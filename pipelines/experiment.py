@@ -23,8 +23,8 @@ from iat_rec.dist.env import init_distributed, rank_main, run_ranks
 from iat_rec.errors import IatError
 from iat_rec.eval.report import markdown_table, summarise, write_report
 from iat_rec.tables import TOKEN_DTYPES
-from iat_rec.train.config import DEVICES, SCHEMES, load_yaml
-from pipelines.pipeline import Stages, Variant, check_stage_yaml
+from iat_rec.train.config import SCHEMES, load_yaml
+from pipelines.pipeline import Stages, Variant, add_launch_flags, check_stage_yaml
 
 DEFAULT_VARIANTS = "none,labels-only,handcrafted,iat-temporal,iat-user,both-user,iat-untrained"
 ALIASES = {"labels-only": "labels", "iat-untrained": "iat-user@initial"}
@@ -108,11 +108,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="report directory (default WORK/report)")
     p.add_argument("--title", default="IAT history variants")
     p.add_argument("--dataset", help="dataset name in the results (default: the log directory's name)")
-    p.add_argument("--device", default="auto", choices=DEVICES)
-    p.add_argument("--nproc", type=int, default=None, help="local ranks to launch (default: GPUs, else 2)")
-    p.add_argument(
-        "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars in every stage"
-    )
+    add_launch_flags(p)
     return p
 
 

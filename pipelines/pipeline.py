@@ -23,9 +23,11 @@ from iat_rec.dist.atomic import write_json
 from iat_rec.dist.env import init_distributed, rank_main, run_ranks
 from iat_rec.errors import IatError
 from iat_rec.tables import TOKEN_DTYPES
+from iat_rec.tokens.export import TOKENS_FROM
 from iat_rec.train.config import DEVICES, SCHEMES, CompressConfig, check_values, from_dict, load_yaml, to_dict
 from iat_rec.train.run_dir import RUN_INFO, read_run
 from iat_rec.train.stage2 import Stage2Config
+from modules.ranker import READERS
 from pipelines import compress, rank
 from pipelines.export import export
 
@@ -193,18 +195,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--work", required=True, help="directory for every stage's output")
     p.add_argument("--scheme", default="user", choices=SCHEMES)
     p.add_argument("--history", default="iat", choices=["iat", "both"])
-    p.add_argument("--tokens-from", default="time-consistent", choices=["time-consistent", "final", "initial"])
-    p.add_argument("--reader", default="transformer", choices=["transformer", "din", "longer"])
+    p.add_argument("--tokens-from", default=TOKENS_FROM[0], choices=TOKENS_FROM)
+    p.add_argument("--reader", default="transformer", choices=list(READERS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="fp32", choices=sorted(TOKEN_DTYPES))
     p.add_argument("--compress-config", help="YAML of iat-rec compress options")
     p.add_argument("--rank-config", help="YAML of iat-rec rank options")
+    add_launch_flags(p)
+    return p
+
+
+def add_launch_flags(p: argparse.ArgumentParser) -> None:
+    """--device, --nproc and --progress of the programs that run every stage (pipeline, experiment)."""
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--nproc", type=int, default=None, help="local ranks to launch (default: GPUs, else 2)")
     p.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars in every stage"
     )
-    return p
 
 
 def cli(argv: list[str]) -> int:

@@ -147,146 +147,7 @@ dense:
 sequence: [item, genre]
 """
 
-INGEST_COLUMNS = [
-    "uid",
-    "ts",
-    "click",
-    "conv",
-    "conv_time",
-    "item",
-    "genre",
-    "tags",
-    "kw",
-    "price",
-    "age",
-    "score",
-    "raw",
-]
-
-# input order is deliberately not (user, ts) order; rows 0/4 and 2/5 tie on (user, ts)
-INGEST_ROWS = [
-    dict(
-        uid="u2",
-        ts=50,
-        click=1,
-        conv=0,
-        conv_time=60,
-        item=7,
-        genre="a",
-        tags="x|y",
-        kw="k1;k2;k3",
-        price=10.0,
-        age=30,
-        score=0.5,
-        raw=-1.25,
-    ),
-    dict(
-        uid="u10",
-        ts=20,
-        click=0,
-        conv=0,
-        conv_time=20,
-        item=8,
-        genre="b",
-        tags="",
-        kw="",
-        price=0.0,
-        age=41,
-        score=2.0,
-        raw=3.5,
-    ),
-    dict(
-        uid="u1",
-        ts=30,
-        click=1,
-        conv=1,
-        conv_time=90,
-        item=9,
-        genre="c",
-        tags="z",
-        kw="k2",
-        price=99.5,
-        age=25,
-        score=-1.0,
-        raw=0.0,
-    ),
-    dict(
-        uid="u2",
-        ts=10,
-        click=0,
-        conv=0,
-        conv_time=10,
-        item=7,
-        genre="a",
-        tags="x||z",
-        kw="k4",
-        price=1.0,
-        age=30,
-        score=0.0,
-        raw=2.0,
-    ),
-    dict(
-        uid="u2",
-        ts=50,
-        click=0,
-        conv=1,
-        conv_time=55,
-        item=11,
-        genre="b",
-        tags="y",
-        kw="k1",
-        price=3.0,
-        age=31,
-        score=1.5,
-        raw=7.0,
-    ),
-    dict(
-        uid="u1",
-        ts=30,
-        click=0,
-        conv=0,
-        conv_time=30,
-        item=12,
-        genre="b",
-        tags="",
-        kw="k3;k3",
-        price=5.0,
-        age=25,
-        score=0.25,
-        raw=-3.0,
-    ),
-    dict(
-        uid="u10",
-        ts=5,
-        click=1,
-        conv=0,
-        conv_time=5,
-        item=13,
-        genre="c",
-        tags="x|y|z",
-        kw="k5",
-        price=2.5,
-        age=40,
-        score=1.0,
-        raw=1.0,
-    ),
-    dict(
-        uid="u1",
-        ts=100,
-        click=1,
-        conv=1,
-        conv_time=100,
-        item=9,
-        genre="a",
-        tags="y|x",
-        kw="",
-        price=7.0,
-        age=26,
-        score=0.75,
-        raw=4.0,
-    ),
-]
-
+# the raw columns and their Parquet types
 INGEST_PARQUET_TYPES = dict(
     uid=pa.string(),
     ts=pa.int64(),
@@ -302,6 +163,22 @@ INGEST_PARQUET_TYPES = dict(
     score=pa.float64(),
     raw=pa.float64(),
 )
+INGEST_COLUMNS = list(INGEST_PARQUET_TYPES)
+
+# input order is deliberately not (user, ts) order; rows 0/4 and 2/5 tie on (user, ts)
+INGEST_ROWS = [
+    dict(zip(INGEST_COLUMNS, row))
+    for row in (
+        ("u2", 50, 1, 0, 60, 7, "a", "x|y", "k1;k2;k3", 10.0, 30, 0.5, -1.25),
+        ("u10", 20, 0, 0, 20, 8, "b", "", "", 0.0, 41, 2.0, 3.5),
+        ("u1", 30, 1, 1, 90, 9, "c", "z", "k2", 99.5, 25, -1.0, 0.0),
+        ("u2", 10, 0, 0, 10, 7, "a", "x||z", "k4", 1.0, 30, 0.0, 2.0),
+        ("u2", 50, 0, 1, 55, 11, "b", "y", "k1", 3.0, 31, 1.5, 7.0),
+        ("u1", 30, 0, 0, 30, 12, "b", "", "k3;k3", 5.0, 25, 0.25, -3.0),
+        ("u10", 5, 1, 0, 5, 13, "c", "x|y|z", "k5", 2.5, 40, 1.0, 1.0),
+        ("u1", 100, 1, 1, 100, 9, "a", "y|x", "", 7.0, 26, 0.75, 4.0),
+    )
+]
 
 
 def write_csv(path: str | Path, rows: list[dict] = INGEST_ROWS, columns: list[str] = INGEST_COLUMNS) -> Path:

@@ -137,6 +137,17 @@ def test_profile_writes_the_top_ops_of_each_case(tmp_path):
     assert "Self CPU" in text and "embedding" in text.lower()
 
 
+def oracle_argv(tmp_path, out: str, seed: int) -> list[str]:
+    """benchmarks.oracle_tokens' argv for the log at tmp_path/log (40 users, 10 instances each)."""
+    return [
+        "--data",
+        str(tmp_path / "log"),
+        "--out",
+        str(tmp_path / out),
+        *f"--users 40 --mean-instances 10 --seed {seed}".split(),
+    ]
+
+
 def test_oracle_tokens_hold_the_generators_hidden_state(tmp_path):
     from benchmarks.oracle_tokens import main as oracle
     from iat_rec.data import synth
@@ -144,20 +155,7 @@ def test_oracle_tokens_hold_the_generators_hidden_state(tmp_path):
 
     args = dict(users=40, mean_instances=10, seed=2)
     synth_log(tmp_path / "log", **args)
-    oracle(
-        [
-            "--data",
-            str(tmp_path / "log"),
-            "--out",
-            str(tmp_path / "tok"),
-            "--users",
-            "40",
-            "--mean-instances",
-            "10",
-            "--seed",
-            "2",
-        ]
-    )
+    oracle(oracle_argv(tmp_path, "tok", seed=2))
     hidden: dict = {}
     synth.build_columns(synth.SynthConfig(**args), hidden=hidden)
     table = TokenTable(tmp_path / "tok")
@@ -165,20 +163,7 @@ def test_oracle_tokens_hold_the_generators_hidden_state(tmp_path):
     np.testing.assert_array_equal(rows[:, :8], hidden["z"])
     assert table.stats()[1].shape == (16,)
     with pytest.raises(Exception, match="not the log of these generator arguments"):
-        oracle(
-            [
-                "--data",
-                str(tmp_path / "log"),
-                "--out",
-                str(tmp_path / "t2"),
-                "--users",
-                "40",
-                "--mean-instances",
-                "10",
-                "--seed",
-                "3",
-            ]
-        )
+        oracle(oracle_argv(tmp_path, "t2", seed=3))
 
 
 def test_shuffled_copy_permutes_rows_and_keeps_side_info(tmp_path):
@@ -186,20 +171,7 @@ def test_shuffled_copy_permutes_rows_and_keeps_side_info(tmp_path):
     from iat_rec.tokens.table import TokenTable
 
     synth_log(tmp_path / "log", users=40, mean_instances=10, seed=2)
-    tables(
-        [
-            "--data",
-            str(tmp_path / "log"),
-            "--out",
-            str(tmp_path / "tok"),
-            "--users",
-            "40",
-            "--mean-instances",
-            "10",
-            "--seed",
-            "2",
-        ]
-    )
+    tables(oracle_argv(tmp_path, "tok", seed=2))
     tables(["--shuffle", str(tmp_path / "tok"), "--out", str(tmp_path / "shuf")])
     a, b = TokenTable(tmp_path / "tok"), TokenTable(tmp_path / "shuf")
     ra, rb = a.read_rows(0, a.rows).numpy(), b.read_rows(0, b.rows).numpy()

@@ -18,7 +18,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 def artifact_format(path: str | os.PathLike, manifest: str) -> str | None:
@@ -29,19 +29,27 @@ def artifact_format(path: str | os.PathLike, manifest: str) -> str | None:
         return None
 
 
+def read_json(path: str | os.PathLike, missing: str) -> Any:
+    """The JSON file at ``path``, refused with one clear error line when it is absent (the
+    message ``missing``) or not valid JSON."""
+    from iat_rec.errors import IatError
+
+    path = Path(path)
+    if not path.is_file():
+        raise IatError(missing)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IatError(f"{path}: corrupt, not valid JSON: {e}") from None
+
+
 def read_manifest(path: str | os.PathLike, name: str, what: str, fmt: str, version: int, remedy: str) -> dict:
     """The JSON file ``name`` of the artifact directory ``path`` (``what``, with its article:
     "a token table"), refused with one clear error when it is absent, corrupt, or of another
     format or version (``remedy`` says how to write it again)."""
     from iat_rec.errors import IatError
 
-    mf = Path(path) / name
-    if not mf.is_file():
-        raise IatError(f"{path}: not {what} (no {name})")
-    try:
-        manifest = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
-        raise IatError(f"{mf}: corrupt {name}: {e}") from None
+    manifest = read_json(Path(path) / name, f"{path}: not {what} (no {name})")
     if not isinstance(manifest, dict) or manifest.get("format") != fmt or manifest.get("version") != version:
         got = manifest if not isinstance(manifest, dict) else f"{manifest.get('format')} v{manifest.get('version')}"
         raise IatError(f"{path}: format {got}, expected {fmt} v{version}: {remedy}")

@@ -39,6 +39,7 @@ import yaml
 from torchrec.distributed.planner.constants import DDR_CAP
 
 from iat_rec.data.schema import Schema, load_schema
+from iat_rec.dist.atomic import read_json
 from iat_rec.errors import IatError
 from iat_rec.sharding.constraints import parse_constraints
 from iat_rec.sharding.describe import describe_plan
@@ -169,12 +170,7 @@ def _load_inputs(args: argparse.Namespace) -> tuple[Schema | None, str | None, i
     if args.schema:
         return load_schema(args.schema), str(args.schema), 0
     mf = Path(args.data) / "manifest.json"
-    if not mf.is_file():
-        raise IatError(f"{args.data}: not an instance log (no manifest.json)")
-    try:
-        manifest = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
-        raise IatError(f"{mf}: corrupt manifest: {e}") from None
+    manifest = read_json(mf, f"{args.data}: not an instance log (no manifest.json)")
     if "schema" not in manifest:
         raise IatError(f"{mf}: no 'schema' key")
     return Schema.from_dict(manifest["schema"], source=str(mf)), str(mf), int(manifest.get("rows") or 0)

@@ -4,9 +4,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 from torchrec.distributed.types import (
@@ -21,7 +19,7 @@ from torchrec.distributed.types import (
 )
 from torchrec.modules.embedding_configs import DataType
 
-from iat_rec.dist.atomic import write_json
+from iat_rec.dist.atomic import read_json, write_json
 from iat_rec.errors import IatError
 
 PLAN_FORMAT = "iat-rec-sharding-plan"
@@ -67,13 +65,7 @@ def save_plan(plan: ShardingPlan, path: str | os.PathLike) -> None:
 
 
 def load_plan(path: str | os.PathLike) -> ShardingPlan:
-    path = Path(path)
-    if not path.is_file():
-        raise IatError(f"sharding plan not found: {path}")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise IatError(f"{path}: not valid JSON: {e}") from None
+    d = read_json(path, f"sharding plan not found: {path}")
     try:
         return plan_from_json(d)
     except IatError as e:

@@ -8,11 +8,10 @@ Everything that reads a run (export, stage 2's ``--stage1``, evaluate, ``--resum
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from iat_rec.dist.atomic import check_out
+from iat_rec.dist.atomic import check_out, read_json
 from iat_rec.errors import IatError
 
 RUN_FORMAT = "iat-rec-run"
@@ -26,12 +25,7 @@ def read_run(run: str | Path, stage: str | None = None, option: str = "") -> dic
     where = f"{option} {run}" if option else str(run)
     kind = f"a {STAGES[stage]} run" if stage else "a run"
     path = Path(run) / RUN_INFO
-    if not path.is_file():
-        raise IatError(f"{where}: not {kind} (no {RUN_INFO})")
-    try:
-        info = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IatError(f"{path}: not valid JSON ({e})") from None
+    info = read_json(path, f"{where}: not {kind} (no {RUN_INFO})")
     if not isinstance(info, dict) or info.get("format") != RUN_FORMAT:
         raise IatError(f"{path}: not {kind} (format is not {RUN_FORMAT})")
     if stage is not None and info.get("stage") != stage:
