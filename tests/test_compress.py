@@ -15,8 +15,15 @@ from iat_rec.sharding.plan_json import load_plan, plan_to_json
 from iat_rec.tokens.export import token_sources
 from iat_rec.tokens.table import TokenTable
 from iat_rec.train.config import CompressConfig, from_dict
-from iat_rec.train.stage1 import build_compressor, first_train_step, load_stage1, make_dataset
-from iat_rec.train.trainer import shard
+from iat_rec.train.stage1 import (
+    build_compressor,
+    first_train_step,
+    instances_per_batch,
+    load_stage1,
+    make_dataset,
+    plan_batch,
+)
+from iat_rec.train.trainer import Trainer, make_optimizer, shard
 from tests.helpers import STAGE1, on_ranks, run_cli, synth_log
 
 
@@ -208,3 +215,59 @@ def test_batch_size_counts_instances_in_both_schemes(tiny_log):
     assert sizes == {"temporal": 64, "user": 64}
     small = CompressConfig(data=str(tiny_log), scheme="user", window=8, batch_size=5)  # less than a window: one
     assert make_dataset(log, train, small, 0, 1)[0].weights.numel() == 8
+
+
+def replicated_tables_after_training(env: DistEnv, data: str, out: str) -> dict:
+    """On each rank (run by on_ranks): stage 1 with --replicate-rows 32 for 6 steps; which tables
+    the plan replicates, which optimizer steps them, and whether every rank's copy is the same."""
+    cfg = from_dict(CompressConfig, {"data": data, "out": out, "scheme": "user", "window": 8, "batch_size": 64})
+    cfg.steps, cfg.progress, cfg.replicate_rows, cfg.model.emb_dim, cfg.model.hidden = 6, False, 32, 8, 64
+    torch.manual_seed(cfg.seed)
+    log = InstanceLog(data)
+    train_rows = time_split(log, cfg.split)["train"]
+    dmp, plan = shard(build_compressor(log, cfg), env, cfg, plan_out=None, plan_batch=plan_batch(cfg))
+    replicated = sorted(t for t, ps in plan.plan["base.sparse"].items() if ps.sharding_type == "data_parallel")
+    keys = [f"base.sparse.embedding_bags.{t}.weight" for t in replicated]
+    before = {k: dmp.state_dict()[k].detach().clone() for k in keys}
+    optimizer = make_optimizer(dmp, cfg.dense_lr)
+    ds = make_dataset(log, train_rows, cfg, env.rank, env.world_size)
+    Trainer(env, cfg, dmp, optimizer, ds, None, list(log.schema.task_names), instances_per_batch(cfg)).fit()
+    after = {k: dmp.state_dict()[k].detach() for k in keys}
+    copies = [None] * env.world_size
+    torch.distributed.all_gather_object(copies, {k: v.tolist() for k, v in after.items()})
+    dense_state = optimizer.state_dict()["state"]
+    return {
+        "replicated": replicated,
+        "rows": {t: int(before[f"base.sparse.embedding_bags.{t}.weight"].shape[0]) for t in replicated},
+        "same_on_every_rank": all(c == copies[0] for c in copies),
+        "trained": all(not torch.equal(before[k], after[k]) for k in keys),
+        "adam_state": all("exp_avg" in str(dense_state.get(k, {})) for k in keys),
+        "fused": sorted(k for k, _ in dmp.fused_optimizer.optimizers),
+    }
+
+
+def test_small_tables_replicated_train_in_sync_with_the_dense_optimizer(tiny_log, tmp_path):
+    """--replicate-rows: tables of <= 32 rows are data-parallel, DDP keeps every copy equal and
+    Adam (the dense optimizer) steps them; the other tables keep the fused sparse optimizer."""
+    got = on_ranks(replicated_tables_after_training, tiny_log, tmp_path / "r")
+    small = {f"t_{f.name}" for f in InstanceLog(tiny_log).schema.sparse if f.num_embeddings <= 32}
+    for rank in got:
+        assert set(rank["replicated"]) == small and len(small) == 12, rank["replicated"]
+        assert rank == {**rank, "same_on_every_rank": True, "trained": True, "adam_state": True}
+        assert not any(t in k for t in small for k in rank["fused"]), rank["fused"]
+
+
+def test_resume_with_replicated_tables_continues_exactly(tiny_log, tmp_path):
+    """Replicated tables' Adam state goes through DCP and comes back: 5 + 5 steps equal 10."""
+    args = ["--data", str(tiny_log), "--nproc", "2", *STAGE1, "--replicate-rows", "32"]
+    i = args.index("--steps")
+    del args[i : i + 2]
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_cli("compress", *args, "--out", str(full), "--steps", "10")
+    run_cli("compress", *args, "--out", str(part), "--steps", "5")
+    run_cli("compress", *args, "--out", str(part), "--steps", "10", "--resume")
+    assert losses(part)[-5:] == losses(full)[-5:]
+    plan = json.loads((full / "plan.json").read_text())["plan"]["base.sparse"]
+    assert sorted(t for t, ps in plan.items() if ps["sharding_type"] == "data_parallel") == sorted(
+        f"t_{f.name}" for f in InstanceLog(tiny_log).schema.sparse if f.num_embeddings <= 32
+    )

@@ -7,6 +7,7 @@ from typing import Any
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.planner import ParameterConstraints
 from torchrec.distributed.types import CacheParams, ShardingType
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 
 from iat_rec.errors import IatError
 
@@ -38,6 +39,19 @@ def parse_constraints(spec: dict[str, dict] | None) -> dict[str, ParameterConstr
     if not isinstance(spec, dict):
         raise IatError("constraints: expected a mapping of table name -> constraints")
     return {str(table): _parse_table_constraints(str(table), c) for table, c in spec.items()}
+
+
+def replicate_small(
+    tables: list[BaseEmbeddingConfig], max_rows: int, constraints: dict[str, ParameterConstraints] | None
+) -> dict[str, ParameterConstraints] | None:
+    """``constraints`` plus data-parallel for each table of at most ``max_rows`` rows that
+    ``constraints`` does not name (``--replicate-rows``; 0 adds nothing)."""
+    small = {
+        t.name: ParameterConstraints(sharding_types=[ShardingType.DATA_PARALLEL.value])
+        for t in tables
+        if 0 < t.num_embeddings <= max_rows and t.name not in (constraints or {})
+    }
+    return {**small, **(constraints or {})} or None
 
 
 def _parse_table_constraints(table: str, c: Any) -> ParameterConstraints:
