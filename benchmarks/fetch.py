@@ -22,6 +22,13 @@ Cases (N = total history ids of the batch, about B x mean length):
   ``RangeTokenTable`` (``modules.range_gather``; Triton on CUDA) copies each request's
   contiguous block of rows straight into the padded [B, T, dim] tensor the reader consumes,
   from (first, length) on the device; its bytes count the padded output written.
+* ``model_sharded_ranges``: the model's path with ``--ranker.token_fetch sharded_ranges``:
+  each rank holds one block of rows (``even_bounds``); the ranges are cut at the bounds and
+  sent to their owners, and the rows come back by all-to-all (``exchange_ranges``). On one
+  rank the all-to-alls are local copies; launched on W ranks (torchrun) it is the cross-GPU
+  fetch of a table too large to replicate.
+* ``all_to_all``: ``all_to_all_single`` of as many bytes as the rows ``model_sharded_ranges``
+  moves, evenly split: the interconnect's bandwidth in the same run (its peer on W ranks).
 * ``ec_lookup``: the sharded EmbeddingCollection on a KJT already on the device.
 * ``ids_kjt``: a KJT of the N ids built on the CPU (``expand_ranges``, pinned) copied to the
   device (8 N bytes), then looked up; ``cpu_build_ms`` is what the loader pays to build it.
@@ -40,6 +47,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.modules.embedding_configs import DataType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -50,7 +58,7 @@ from iat_rec.data.instance_log import time_split
 from iat_rec.tables import TOKEN_DTYPES, TOKEN_FEATURE, TOKEN_TABLE
 from iat_rec.tokens.export import shard_token_table
 from iat_rec.tokens.table import token_constraints
-from modules.range_gather import RangeTokenTable, reference
+from modules.range_gather import RangeTokenTable, even_bounds, reference
 
 
 def complete_cumsum(lengths: torch.Tensor) -> torch.Tensor:
@@ -190,6 +198,19 @@ def main(argv: list[str] | None = None) -> int:
         dev_ranges = [(f.to(dev), ln.to(dev)) for f, ln, _ in host_ranges]
         model_rows = RangeTokenTable(args.dim, wdtype).to(dev)
         model_rows.load(dense)
+        bounds = even_bounds(rows_total, env.world_size)
+        sharded_rows = RangeTokenTable(args.dim, wdtype, sharded=True).to(dev)
+        sharded_rows.load(dense[bounds[env.rank] : bounds[env.rank + 1]], bounds)
+        a2a_rows = -(-int(n_ids) // env.world_size) * env.world_size
+        a2a_in = torch.empty(a2a_rows, args.dim, dtype=wdtype, device=dev)
+        a2a_out = torch.empty_like(a2a_in)
+
+        def case_model_sharded_ranges():
+            f, ln = dev_ranges[nxt()]
+            sharded_rows(f, ln, max_len)
+
+        def case_all_to_all():
+            dist.all_to_all_single(a2a_out, a2a_in)
 
         def case_model_ranges():
             f, ln = dev_ranges[nxt()]
@@ -208,10 +229,13 @@ def main(argv: list[str] | None = None) -> int:
         elem = dense.element_size()
         f, ln = dev_ranges[0]
         gather_ok = torch.equal(model_rows(f, ln, max_len), reference(dense, f, ln, max_len))
+        sharded_ok = torch.equal(sharded_rows(f, ln, max_len), reference(dense, f, ln, max_len))
         cases = (
             ("index_select", case_index_select, elem, 0, 0.0),
             ("fbgemm_index_select", case_fbgemm_index_select, elem, 0, 0.0),
             ("model_ranges", case_model_ranges, elem, 0, 0.0),
+            ("model_sharded_ranges", case_model_sharded_ranges, elem, 0, 0.0),
+            ("all_to_all", case_all_to_all, elem, 0, 0.0),
             ("ec_lookup", case_ec, out_elem, 0, 0.0),
             ("ids_kjt", case_ids, out_elem, 8 * n_ids + 4 * batch, cpu_build_ms),
             ("ranges_device", case_ranges, out_elem, 12 * batch, 0.0),
@@ -223,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
                 t = common.time_fn(fn, dev, run.warmup, run.iters)
                 common.profile_case(run, name, fn)
                 nbytes = n_ids * args.dim * (elem + oelem)
-                if name == "model_ranges":  # rows read + the padded [B, T, dim] output written
+                if name in ("model_ranges", "model_sharded_ranges"):  # rows read + the padded output written
                     nbytes = n_ids * args.dim * elem + batch * max_len * args.dim * oelem
+                if name == "all_to_all":  # each row sent and received once
+                    nbytes = 2 * a2a_rows * args.dim * elem
                 gbs = nbytes / (t.median_ms * 1e-3) / 1e9
                 rows.append(
                     common.row(
@@ -261,8 +287,19 @@ def main(argv: list[str] | None = None) -> int:
             "token_sharding": args.token_sharding,
             "output_dtype": args.output_dtype,
             "model_ranges_matches": gather_ok,
+            "model_sharded_ranges_matches": sharded_ok,
+            "world_size": env.world_size,
         }
+        moved = n_ids * args.dim * elem  # token bytes a sharded fetch moves: the rows, once
         summary = [
+            common.summary_item(
+                run,
+                f"sharded range fetch on {env.world_size} rank(s), token bytes/s",
+                moved / (by["model_sharded_ranges"]["ms_per_step"] * 1e-3) / 1e9,
+                "GB/s",
+                "all-to-all of the same bytes",
+                common.ratio(by["all_to_all"]["ms_per_step"], by["model_sharded_ranges"]["ms_per_step"]),
+            ),
             common.summary_item(
                 run,
                 "token fetch in the model's path (ranges)",

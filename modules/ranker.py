@@ -54,7 +54,7 @@ from modules.readers import make_reader
 HISTORY_MODES = ("none", "labels", "handcrafted", "iat", "both")
 READERS = ("transformer", "din", "longer")
 QUERIES = ("features", "token")
-TOKEN_FETCHES = ("lookup", "ranges")
+TOKEN_FETCHES = ("lookup", "ranges", "sharded_ranges")
 RELEVANCE = 4.0  # initial attention logit of a step per unit of candidate cosine (HistoryBranch)
 
 
@@ -64,6 +64,7 @@ class RankerConfig:
     reader: str = "transformer"  # transformer | din | longer
     query: str = "features"  # features | token: the candidate's own instance token joins the query (iat/both)
     token_fetch: str = "lookup"  # lookup: a TorchRec table, sharded | ranges: on every rank, one row range per history
+    #   | sharded_ranges: a block of rows per rank, histories sent to their owners as ranges (modules/range_gather.py)
     max_len: int = 256  # T: history steps per request
     reader_dim: int = 64  # width of the history sequence and its reader
     reader_layers: int = 2  # layers of the reader (transformer, longer)
@@ -172,8 +173,12 @@ class Ranker(nn.Module):
             self.query = QueryCompressor(raw + (token_dim if self.token_query else 0), cfg.reader_dim)
         if self.use_iat:
             assert token_table is not None
-            if cfg.token_fetch == "ranges":
-                self.token_rows = RangeTokenTable(token_table.embedding_dim, data_type_to_dtype(token_table.data_type))
+            if cfg.token_fetch != "lookup":
+                self.token_rows = RangeTokenTable(
+                    token_table.embedding_dim,
+                    data_type_to_dtype(token_table.data_type),
+                    sharded=cfg.token_fetch == "sharded_ranges",
+                )
             else:
                 self.tokens = frozen_collection(token_table)
             dim = token_table.embedding_dim
@@ -200,7 +205,7 @@ class Ranker(nn.Module):
 
     def _fetch(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Standardised history tokens [B, T, d] and, for the token query, the candidate's own [B, d]."""
-        if self.token_fetch == "ranges":
+        if self.token_fetch != "lookup":
             steps = self.token_rows(batch.hist_first, batch.hist_valid.sum(1), self.max_len)
             candidate = self.token_rows.take(batch.ids) if self.token_query else None
         else:

@@ -79,9 +79,19 @@ def test_compress(tmp_path):
 def test_fetch(tmp_path):
     data = bench("fetch", tmp_path)
     rows = cases(data)
-    assert set(rows) == {"index_select", "fbgemm_index_select", "model_ranges", "ec_lookup", "ids_kjt", "ranges_device"}
-    # the model's range path (torch on CPU, Triton on CUDA) gives the reference's padded tokens
-    assert data["config"]["ids_match"] is True and data["config"]["model_ranges_matches"] is True
+    assert set(rows) == {
+        "index_select",
+        "fbgemm_index_select",
+        "model_ranges",
+        "model_sharded_ranges",
+        "all_to_all",
+        "ec_lookup",
+        "ids_kjt",
+        "ranges_device",
+    }
+    # the model's range paths (torch on CPU, Triton on CUDA; row shards) give the reference's padded tokens
+    config = data["config"]
+    assert config["ids_match"] and config["model_ranges_matches"] and config["model_sharded_ranges_matches"]
     assert not data["notes"]
     assert rows["ranges_device"]["h2d_bytes_per_step"] < rows["ids_kjt"]["h2d_bytes_per_step"]
     for r in rows.values():

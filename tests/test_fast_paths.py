@@ -16,8 +16,9 @@ from iat_rec.batching.stage2_data import HistorySource, Stage2BatchMaker
 from iat_rec.data.instance_log import InstanceLog
 from iat_rec.tables import TOKEN_TABLE
 from iat_rec.train.config import ModelConfig
-from modules.range_gather import RangeTokenTable, range_gather, reference
+from modules.range_gather import RangeTokenTable, even_bounds, range_gather, reference, split_at_bounds
 from modules.ranker import RankerConfig, build_ranker
+from tests.helpers import on_ranks
 
 T = 16
 DIM = 8
@@ -101,6 +102,65 @@ def test_range_table_takes_candidates_and_rejects_a_wrong_width():
     assert torch.equal(got[0], rows[5].half()) and not got[1].any() and torch.equal(got[2], rows[0].half())
     with pytest.raises(ValueError, match="expected"):
         t.load(torch.zeros(3, 5))
+
+
+@pytest.mark.parametrize("bounds", [[0, 10], [0, 4, 10], [0, 3, 3, 7, 10], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
+def test_ranges_split_at_shard_bounds_cover_each_range_once(bounds):
+    """Every row of every request lands in exactly one piece, owned by the shard that holds it,
+    at its place in the request (empty shards and zero lengths included)."""
+    gen = torch.Generator().manual_seed(len(bounds))
+    first = torch.randint(0, 10, (200,), generator=gen)
+    length = torch.minimum(torch.randint(0, 6, (200,), generator=gen), 10 - first)
+    b = torch.tensor(bounds)
+    req, owner, start, n, offset = split_at_bounds(b, first, length)
+    assert (n > 0).all() and torch.equal(owner, owner.sort().values)  # grouped by owner, for the all-to-all
+    assert (start >= b[owner]).all() and (start + n <= b[owner + 1]).all()
+    got = sorted((int(r), int(o) + t, int(s) + t) for r, o, s, k in zip(req, offset, start, n) for t in range(int(k)))
+    want = sorted((r, t, int(first[r]) + t) for r in range(200) for t in range(int(length[r])))
+    assert got == want
+
+
+def exchanged_ranges(env, dtype: str, rows: int) -> dict:
+    """On each rank (run by on_ranks): a table of ``rows`` rows cut by even_bounds, random
+    requests of this rank read through exchange_ranges, beside the whole table's reference."""
+    full = torch.randn(rows, 8, generator=torch.Generator().manual_seed(3)).to(getattr(torch, dtype))
+    bounds = even_bounds(rows, env.world_size)
+    table = RangeTokenTable(8, full.dtype, sharded=True)
+    table.load(full[bounds[env.rank] : bounds[env.rank + 1]], bounds)
+    gen = torch.Generator().manual_seed(10 + env.rank)
+    batch = 64 + 7 * env.rank  # ranks ask for different numbers of requests
+    first = torch.randint(0, rows, (batch,), generator=gen)
+    length = torch.minimum(torch.randint(0, 12, (batch,), generator=gen), rows - first)
+    own = torch.cat([torch.randint(0, rows, (batch - 5,), generator=gen), torch.full((5,), -1)])
+    return {
+        "steps": torch.equal(table(first, length, 12), reference(full, first, length, 12)),
+        "take": torch.equal(table.take(own), reference(full, own.clamp(min=0), (own >= 0).long(), 1)[:, 0]),
+        "crossing": int(((first < bounds[1]) & (first + length > bounds[1])).sum()),
+    }
+
+
+@pytest.mark.parametrize("dtype, rows", [("float32", 301), ("float16", 301), ("float32", 1)])
+def test_sharded_ranges_on_two_ranks_equal_the_whole_table(dtype, rows):
+    """Row shards with the range all-to-all return what the whole table would, row for row,
+    ranges that cross the shard bound included (and a one-row table: rank 1's shard is empty)."""
+    got = on_ranks(exchanged_ranges, dtype, rows)
+    assert all(r["steps"] and r["take"] for r in got), got
+    assert rows == 1 or sum(r["crossing"] for r in got) > 0, "no request crossed the bound: the test tests nothing"
+
+
+def read_token_shard(env, tokens: str) -> bool:
+    from iat_rec.tokens.table import TokenTable
+
+    table = TokenTable(tokens)
+    bounds = even_bounds(table.rows, env.world_size)
+    return torch.equal(
+        table.read_shard(bounds[env.rank], bounds[env.rank + 1]),
+        table.read_rows(bounds[env.rank], bounds[env.rank + 1]),
+    )
+
+
+def test_each_rank_reads_its_row_shard_of_the_token_table(tokens):
+    assert on_ranks(read_token_shard, tokens) == [True, True]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on CUDA")

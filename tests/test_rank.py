@@ -300,8 +300,9 @@ def test_each_result_is_written_once(experiment):
 
 
 def test_range_reads_train_the_same_model_as_the_lookup(tiny_log, stage1_run, tokens, tmp_path):
-    """--token-fetch ranges (a replicated table read by row ranges) fetches exactly the tokens
-    of TorchRec's sharded lookup, so the same seed trains the same model to the same losses.
+    """--token-fetch ranges (a replicated table read by row ranges) and sharded_ranges (row
+    shards, histories sent to their owners as ranges) fetch exactly the tokens of TorchRec's
+    sharded lookup, so the same seed trains the same model to the same losses.
     The feature tables are warm-started: a fresh sharded table's random init depends on the
     rank that holds it, and the plan differs once the token table is not TorchRec's."""
     args = ["rank", "--data", str(tiny_log), "--tokens", str(tokens), "--history", "iat", "--query", "token"]
@@ -310,12 +311,13 @@ def test_range_reads_train_the_same_model_as_the_lookup(tiny_log, stage1_run, to
     args += ["--head", "32"]
     losses = {}
     metrics = {}
-    for fetch in ("lookup", "ranges"):
+    for fetch in ("lookup", "ranges", "sharded_ranges"):
         run_cli(*args, "--token-fetch", fetch, "--out", str(tmp_path / fetch))
         metrics[fetch] = json.loads((tmp_path / fetch / "metrics.json").read_text())
         losses[fetch] = [json.loads(x)["loss"] for x in (tmp_path / fetch / "train_log.jsonl").read_text().splitlines()]
         plan = json.loads((tmp_path / fetch / "plan.json").read_text())
         assert ("iat_tokens" in json.dumps(plan)) == (fetch == "lookup")  # ranges: no TorchRec token table
-    assert len(losses["ranges"]) == 6 and losses["ranges"] == pytest.approx(losses["lookup"], abs=1e-6)
-    assert metrics["ranges"]["auc"] == pytest.approx(metrics["lookup"]["auc"], abs=1e-6)
-    assert metrics["ranges"]["logloss"] == pytest.approx(metrics["lookup"]["logloss"], abs=1e-6)
+    for fetch in ("ranges", "sharded_ranges"):
+        assert len(losses[fetch]) == 6 and losses[fetch] == pytest.approx(losses["lookup"], abs=1e-6), fetch
+        assert metrics[fetch]["auc"] == pytest.approx(metrics["lookup"]["auc"], abs=1e-6), fetch
+        assert metrics[fetch]["logloss"] == pytest.approx(metrics["lookup"]["logloss"], abs=1e-6), fetch

@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.modules.embedding_configs import data_type_to_dtype
 from torchrec.modules.embedding_modules import EmbeddingCollection
 
 from iat_rec.batching.history import HistoryIndex
@@ -36,7 +37,7 @@ from iat_rec.dist import checksums
 from iat_rec.dist.atomic import collective_atomic_dir, read_manifest, write_json
 from iat_rec.dist.checkpoint import dcp_load, read_metadata
 from iat_rec.errors import IatError
-from iat_rec.tables import TOKEN_TABLE, frozen_collection, token_table_config
+from iat_rec.tables import TOKEN_DTYPES, TOKEN_TABLE, frozen_collection, token_table_config
 
 FORMAT = "iat-token-table"
 VERSION = 3  # 2: token_stats, tokens_from and health in the manifest; 3: side arrays' sizes and checksums
@@ -124,6 +125,23 @@ class TokenTable:
         if WEIGHT_KEY not in state:
             raise IatError(f"the module has no {WEIGHT_KEY} to load the token table into")
         dcp_load({WEIGHT_KEY: state[WEIGHT_KEY]}, self.path / "table", what="token table")
+
+    def read_shard(self, start: int, stop: int) -> torch.Tensor:
+        """Collective: rows [start, stop) on each rank, read from the DCP files without the rest
+        of the table (one local shard of a row-sharded tensor; DCP reads the overlap)."""
+        from torch.distributed._shard.sharded_tensor import Shard, ShardMetadata, init_from_local_shards
+
+        if not 0 <= start <= stop <= self.rows:
+            raise IatError(f"rows [{start}, {stop}) are not within the {self.rows} rows of {self.path}")
+        if not dist.is_initialized():
+            return self.read_rows(start, stop)
+        local = torch.empty(stop - start, self.dim, dtype=data_type_to_dtype(TOKEN_DTYPES[self.dtype]))
+        placement = f"rank:{dist.get_rank()}/cpu"
+        shards = [Shard(local, ShardMetadata([start, 0], [stop - start, self.dim], placement))] if stop > start else []
+        dcp_load(
+            {WEIGHT_KEY: init_from_local_shards(shards, [self.rows, self.dim])}, self.path / "table", "token table"
+        )
+        return local
 
     def read_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) in one process (loads the whole table: for inspection and tests)."""

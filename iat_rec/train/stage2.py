@@ -30,6 +30,7 @@ from iat_rec.train.config import TrainConfig, from_dict
 from iat_rec.train.run_dir import RUN_INFO, read_run
 from iat_rec.train.stage1 import load_stage1
 from iat_rec.train.trainer import evaluate, shard
+from modules.range_gather import even_bounds
 from modules.ranker import Ranker, RankerConfig, build_ranker
 
 
@@ -108,9 +109,13 @@ def build(cfg: Stage2Config, env: DistEnv, plan_out: Path | None, after: int | N
         ),
     )
     plan = _plan(model, env, cfg, stage1_plan)
-    dmp, _ = shard(model, env, cfg, plan_out=plan_out, plan=plan)
+    tokens = token_constraints(env.device.type) if hasattr(model, TOKENS_PATH) else None
+    dmp, _ = shard(model, env, cfg, plan_out=plan_out, plan=plan, extra_constraints=tokens)
     if table is not None and r.token_fetch == "ranges":
         dmp.module.token_rows.load(read_replica(table, env.device))
+    elif table is not None and r.token_fetch == "sharded_ranges":
+        bounds = even_bounds(table.rows, env.world_size)
+        dmp.module.token_rows.load(table.read_shard(bounds[env.rank], bounds[env.rank + 1]).to(env.device), bounds)
     elif table is not None:
         table.load_into(dmp.module.tokens)
     if cfg.warm_start:
@@ -132,17 +137,18 @@ def read_replica(table: TokenTable, device: torch.device) -> torch.Tensor:
         if need > total // 2:
             raise IatError(
                 f"token table {table.path} is {need / 2**30:.1f} GiB, more than half of this GPU's "
-                f"{total / 2**30:.0f} GiB: --token-fetch ranges keeps a whole copy on every rank; use lookup (sharded)"
+                f"{total / 2**30:.0f} GiB: --token-fetch ranges keeps a whole copy on every rank; use sharded_ranges"
             )
     return table.read_rows(0, table.rows).to(device)
 
 
-def _plan(model: Ranker, env: DistEnv, cfg: Stage2Config, stage1_plan: ShardingPlan | None) -> ShardingPlan:
-    """Stage-1 plan for the shared feature tables, plus a fresh plan for the new tables."""
+def _plan(model: Ranker, env: DistEnv, cfg: Stage2Config, stage1_plan: ShardingPlan | None) -> ShardingPlan | None:
+    """Stage-1 plan for the shared feature tables, plus a fresh plan for the new tables; None
+    without --stage1 (``shard`` plans the whole model, with --constraints and --replicate-rows)."""
+    if stage1_plan is None:
+        return None
     topology = build_topology(env.world_size, env.local_world_size, env.device.type, hbm_gb=cfg.hbm_gb or None)
     constraints = token_constraints(env.device.type) if hasattr(model, TOKENS_PATH) else None
-    if stage1_plan is None:
-        return make_plan(model, topology, cfg.batch_size, constraints, pg=dist.group.WORLD)
     holder = nn.Module()
     if hasattr(model, TOKENS_PATH):
         holder.add_module(TOKENS_PATH, model.tokens)
