@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from iat_rec.batching.batch import make_batch
@@ -88,8 +89,10 @@ def test_two_rank_user_order_run(stage1_run):
     assert list((stage1_run / "tb").iterdir()), "TensorBoard events written"
 
 
-def test_resume_continues_exactly(tiny_log, tmp_path):
-    args = ["--data", str(tiny_log), "--nproc", "2", *STAGE1]
+@pytest.mark.parametrize("replicate_rows", [0, 32])
+def test_resume_continues_exactly(tiny_log, tmp_path, replicate_rows):
+    """5 + 5 resumed steps equal 10, also with replicated tables (their Adam state goes through DCP)."""
+    args = ["--data", str(tiny_log), "--nproc", "2", *STAGE1, "--replicate-rows", str(replicate_rows)]
     i = args.index("--steps")
     del args[i : i + 2]
     full, part = tmp_path / "full", tmp_path / "part"
@@ -97,6 +100,11 @@ def test_resume_continues_exactly(tiny_log, tmp_path):
     run_cli("compress", *args, "--out", str(part), "--steps", "5")
     run_cli("compress", *args, "--out", str(part), "--steps", "10", "--resume")
     assert losses(part)[-5:] == losses(full)[-5:]
+    plan = json.loads((full / "plan.json").read_text())["plan"]["base.sparse"]
+    replicated = {t for t, ps in plan.items() if ps["sharding_type"] == "data_parallel"}
+    assert replicated, "the planner replicates the 4-row tables by itself; --replicate-rows adds more"
+    if replicate_rows:
+        assert replicated == {f"t_{f.name}" for f in InstanceLog(tiny_log).schema.sparse if f.num_embeddings <= 32}
 
 
 def test_saved_plan_reloads(stage1_run):
@@ -255,19 +263,3 @@ def test_small_tables_replicated_train_in_sync_with_the_dense_optimizer(tiny_log
         assert set(rank["replicated"]) == small and len(small) == 12, rank["replicated"]
         assert rank == {**rank, "same_on_every_rank": True, "trained": True, "adam_state": True}
         assert not any(t in k for t in small for k in rank["fused"]), rank["fused"]
-
-
-def test_resume_with_replicated_tables_continues_exactly(tiny_log, tmp_path):
-    """Replicated tables' Adam state goes through DCP and comes back: 5 + 5 steps equal 10."""
-    args = ["--data", str(tiny_log), "--nproc", "2", *STAGE1, "--replicate-rows", "32"]
-    i = args.index("--steps")
-    del args[i : i + 2]
-    full, part = tmp_path / "full", tmp_path / "part"
-    run_cli("compress", *args, "--out", str(full), "--steps", "10")
-    run_cli("compress", *args, "--out", str(part), "--steps", "5")
-    run_cli("compress", *args, "--out", str(part), "--steps", "10", "--resume")
-    assert losses(part)[-5:] == losses(full)[-5:]
-    plan = json.loads((full / "plan.json").read_text())["plan"]["base.sparse"]
-    assert sorted(t for t, ps in plan.items() if ps["sharding_type"] == "data_parallel") == sorted(
-        f"t_{f.name}" for f in InstanceLog(tiny_log).schema.sparse if f.num_embeddings <= 32
-    )
