@@ -228,6 +228,9 @@ def add_model_flags(p) -> None:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the history branches (and reader_only)")
     p.add_argument("--bf16", action=argparse_bool(), default=False, help="the history branches in bf16 autocast")
+    p.add_argument(
+        "--pre-project", action=argparse_bool(), default=False, help="side-info tables added after the projection"
+    )
     p.add_argument("--users", type=int, default=None, help="synthetic users (default 3000; tiny 60)")
     p.add_argument("--mean-instances", type=float, default=None, help="per user (default 300; tiny 40)")
 
@@ -244,6 +247,7 @@ def configs(args, tiny: bool) -> tuple[RankerConfig, ModelConfig, int]:
         max_len=common.pick(args.max_len, tiny, 16, 256),
         token_fetch=args.token_fetch,
         compile=args.compile,
+        pre_project=args.pre_project,
     )
     if args.reader_dim:
         r.reader_dim = args.reader_dim

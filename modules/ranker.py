@@ -72,20 +72,29 @@ class RankerConfig:
     head: tuple[int, ...] = (256, 128)  # hidden widths of the MLP from the interaction output to the heads
     bf16: bool = False  # the history branches under bf16 autocast (their outputs, the rest and the loss in fp32)
     compile: bool = False  # torch.compile each history branch (in place: its state-dict keys are unchanged)
+    pre_project: bool = False  # side-info tables at reader width, added after the projection instead of
+    #   concatenated before it: the same functions, without the concat and with a narrower projection
 
 
 class HistoryBranch(nn.Module):
     """[adapt(steps) | steps] ++ target products ++ side-info embeddings -> reader width ->
-    reader(query) -> one token. ``step_in`` or ``target_in`` may be 0 (labels only)."""
+    reader(query) -> one token. ``step_in`` or ``target_in`` may be 0 (labels only).
+
+    With ``pre_project`` the side-info embeddings (labels known before t, time gap) are added
+    after the projection: W [x; e_1; ...; e_k] = W_x x + sum_i W_i e_i, and W_i e_i is a lookup
+    in the table W_i E_i, so each side table holds its projected rows and neither the concat
+    nor the projection's side-info columns exist (no bias for a labels-only branch)."""
 
     def __init__(self, step_in: int, target_in: int, num_tasks: int, cfg: RankerConfig, out_dim: int, adapt: bool):
         super().__init__()
         d = cfg.reader_dim
         self.adapt = MLP(step_in, [2 * d], d) if adapt and step_in else None
-        width = (d if self.adapt is not None else step_in) + target_in + (num_tasks + 1) * d
+        self.pre_project = cfg.pre_project
+        width = (d if self.adapt is not None else step_in) + target_in
+        width += 0 if self.pre_project else (num_tasks + 1) * d
         self.label_emb = nn.ModuleList(nn.Embedding(LABEL_UNKNOWN + 1, d) for _ in range(num_tasks))
         self.gap_emb = nn.Embedding(GAP_BUCKETS, d)
-        self.proj = nn.Linear(width, d)
+        self.proj = nn.Linear(width, d) if width else None
         # Target-aware relevance of each step: a logit added to the reader's attention toward it.
         # Initialised to RELEVANCE x the sum of the per-feature cosines (the products of a group
         # sum to its cosine), so an exact match starts out attended: from a zero start Adam moves
@@ -123,10 +132,14 @@ class HistoryBranch(nn.Module):
             parts.append(self.adapt(steps) if self.adapt is not None else steps)
         if target is not None:
             parts.append(target)
-        parts += [small_table_lookup(emb, labels[..., k]) for k, emb in enumerate(self.label_emb)]
-        parts.append(small_table_lookup(self.gap_emb, gap))
+        side = [small_table_lookup(emb, labels[..., k]) for k, emb in enumerate(self.label_emb)]
+        side.append(small_table_lookup(self.gap_emb, gap))
+        if self.pre_project:
+            x = sum(side) if self.proj is None else sum(side, self.proj(torch.cat(parts, -1)))
+        else:
+            x = self.proj(torch.cat(parts + side, -1))
         bias = self.relevance(target).squeeze(-1) if self.relevance is not None else None
-        return self.reader(self.proj(torch.cat(parts, -1)), valid, query, bias)
+        return self.reader(x, valid, query, bias)
 
 
 def target_products(candidate: torch.Tensor, steps: torch.Tensor, groups: int) -> torch.Tensor:

@@ -8,6 +8,8 @@ The bf16 history branches stay close to fp32, and a compiled branch computes wha
 one does under the same parameter names (checkpoints load either way).
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -193,3 +195,42 @@ def test_bf16_and_compiled_branches_match_the_eager_fp32_model(tiny_log):
     torch.testing.assert_close(out["compiled"][1], grad, rtol=1e-3, atol=1e-5)
     assert out["bf16"][0].dtype == torch.float32 and not torch.equal(out["bf16"][0], logits)  # it did run in bf16
     torch.testing.assert_close(out["bf16"][0], logits, rtol=0, atol=0.05)
+
+
+@pytest.mark.parametrize("step_in, target_in", [(16, 16), (0, 0)])
+def test_pre_projected_side_tables_compute_the_same_functions(step_in, target_in):
+    """RankerConfig.pre_project is a reparametrisation: the concat model's weights, with each
+    side table multiplied by its block of the projection, give the same outputs (for a
+    labels-only branch the projection's bias moves into the time-gap table)."""
+    from iat_rec.batching.history import GAP_BUCKETS, LABEL_UNKNOWN
+    from modules.ranker import HistoryBranch
+
+    torch.manual_seed(0)
+    d, tasks = 64, 2
+    cfg = RankerConfig(max_len=12, reader_layers=1)
+    concat = HistoryBranch(step_in, target_in, tasks, cfg, 32, adapt=step_in > 0).eval()
+    pre = HistoryBranch(step_in, target_in, tasks, dataclasses.replace(cfg, pre_project=True), 32, adapt=step_in > 0)
+    state = {k: v for k, v in concat.state_dict().items() if not k.startswith(("proj.", "label_emb", "gap_emb"))}
+    w, b = concat.proj.weight.detach(), concat.proj.bias.detach()
+    main = w.shape[1] - (tasks + 1) * d
+    blocks = [w[:, main + i * d : main + (i + 1) * d] for i in range(tasks + 1)]
+    for i in range(tasks):
+        state[f"label_emb.{i}.weight"] = concat.label_emb[i].weight.detach() @ blocks[i].T
+    state["gap_emb.weight"] = concat.gap_emb.weight.detach() @ blocks[tasks].T
+    if main:
+        state["proj.weight"], state["proj.bias"] = w[:, :main], b
+    else:
+        state["gap_emb.weight"] = state["gap_emb.weight"] + b
+    pre.load_state_dict(state)
+    pre.eval()
+    batch, t = 5, 12
+    steps = torch.randn(batch, t, step_in) if step_in else None
+    target = torch.randn(batch, t, target_in) if target_in else None
+    labels = torch.randint(0, LABEL_UNKNOWN + 1, (batch, t, tasks))
+    gap = torch.randint(0, GAP_BUCKETS, (batch, t))
+    valid = torch.arange(t)[None, :] < torch.tensor([0, 3, 12, 7, 1])[:, None]
+    query = torch.randn(batch, d)
+    want = concat(steps, target, labels, gap, valid, query)
+    got = pre(steps, target, labels, gap, valid, query)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert sum(p.numel() for p in pre.parameters()) < sum(p.numel() for p in concat.parameters())
