@@ -33,6 +33,7 @@ FEATURES_PATH = "features"
 TOKENS_PATH = "tokens"
 
 TOKEN_DTYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}
+TABLE_DTYPES = TOKEN_DTYPES  # the feature tables' weights (ModelConfig.table_dtype)
 
 
 def feature_table_configs(schema: Schema, dim: int) -> list[EmbeddingBagConfig]:
@@ -54,7 +55,7 @@ def history_feature(feature: str) -> str:
 
 
 def model_tables(
-    schema: Schema, dim: int, history: bool = False
+    schema: Schema, dim: int, history: bool = False, dtype: str = "fp32"
 ) -> tuple[list[EmbeddingBagConfig], list[EmbeddingConfig]]:
     """The base ranker's tables, named ``t_<feature>`` in both stages (one sharding plan).
 
@@ -62,12 +63,19 @@ def model_tables(
     schema's sequence features get unpooled tables (an EmbeddingCollection) so that, with
     ``history``, one table serves both the candidate's feature and its hand-crafted history
     (key ``history_feature(f)``): an exact id match between them is a match in one
-    embedding space, as in DIN, BST and TorchRec's sequence examples.
+    embedding space, as in DIN, BST and TorchRec's sequence examples. ``dtype``: the weights'
+    (fp16 halves their memory and bandwidth; FBGEMM's fused optimizer rounds stochastically).
     """
+    if dtype not in TABLE_DTYPES:
+        raise IatError(f"table dtype '{dtype}' not in {sorted(TABLE_DTYPES)}")
     shared = set(schema.sequence)
     bags = [
         EmbeddingBagConfig(
-            name=f"t_{f.name}", feature_names=[f.name], num_embeddings=f.num_embeddings, embedding_dim=dim
+            name=f"t_{f.name}",
+            feature_names=[f.name],
+            num_embeddings=f.num_embeddings,
+            embedding_dim=dim,
+            data_type=TABLE_DTYPES[dtype],
         )
         for f in schema.sparse
         if f.name not in shared
@@ -78,6 +86,7 @@ def model_tables(
             feature_names=[f, history_feature(f)] if history else [f],
             num_embeddings=schema.feature(f).num_embeddings,
             embedding_dim=dim,
+            data_type=TABLE_DTYPES[dtype],
         )
         for f in schema.sequence
     ]

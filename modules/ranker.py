@@ -274,5 +274,5 @@ def build_ranker(
     if cfg.history in ("iat", "both"):
         features = (TOKEN_FEATURE, CANDIDATE_FEATURE) if cfg.query == "token" else (TOKEN_FEATURE,)
         token_table = token_table_config(token_rows, token_dim, token_dtype, features)
-    tables = model_tables(schema, model.emb_dim, history=cfg.history in ("handcrafted", "both"))
+    tables = model_tables(schema, model.emb_dim, cfg.history in ("handcrafted", "both"), model.table_dtype)
     return Ranker(tables, len(schema.dense), num_tasks, model, cfg, token_table, token_stats, side_tasks)

@@ -8,14 +8,15 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from torchrec.modules.embedding_configs import DataType
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 
 from iat_rec import tables as T
 from iat_rec.cli import main
 from iat_rec.data.schema import Schema
 from iat_rec.errors import IatError
 from iat_rec.sharding import plan_cli
-from iat_rec.sharding.constraints import parse_constraints
+from iat_rec.sharding.constraints import parse_constraints, placement_constraints
 from iat_rec.sharding.describe import describe_plan
 from iat_rec.sharding.plan_json import PLAN_FORMAT, PLAN_VERSION, load_plan, plan_from_json, plan_to_json, save_plan
 from iat_rec.sharding.planning import make_plan, make_plan_with_stats, quiet_planner_logs
@@ -381,3 +382,19 @@ def test_the_shipped_demo_schema_is_the_demo_logs():
 
     shipped = load_schema(REPO / "iat_rec" / "configs" / "demo_schema.yaml")
     assert shipped == synth_schema(SynthConfig(users=2000, mean_instances=100.0, seed=0))
+
+
+def test_placement_constraints_replicate_small_tables_and_keep_fp16_tables_fused():
+    def table(name: str, rows: int, dtype=DataType.FP32) -> EmbeddingBagConfig:
+        return EmbeddingBagConfig(
+            name=name, feature_names=[name], num_embeddings=rows, embedding_dim=8, data_type=dtype
+        )
+
+    given = {"t_named": ParameterConstraints(sharding_types=["table_wise"])}
+    tables = [table("t_small", 10), table("t_named", 5), table("t_big", 10_000), table("t_half", 10_000, DataType.FP16)]
+    got = placement_constraints(tables, 32, given)
+    assert got["t_small"].sharding_types == ["data_parallel"] and got["t_named"] is given["t_named"]
+    assert "t_big" not in got and "data_parallel" not in got["t_half"].sharding_types
+    assert placement_constraints(tables[2:3], 0, None) is None
+    with pytest.raises(IatError, match="fp16 tables \\['t_tiny'\\]"):
+        placement_constraints([table("t_tiny", 4, DataType.FP16)], 32, None)

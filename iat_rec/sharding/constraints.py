@@ -7,7 +7,7 @@ from typing import Any
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.planner import ParameterConstraints
 from torchrec.distributed.types import CacheParams, ShardingType
-from torchrec.modules.embedding_configs import BaseEmbeddingConfig
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig, DataType
 
 from iat_rec.errors import IatError
 
@@ -41,17 +41,26 @@ def parse_constraints(spec: dict[str, dict] | None) -> dict[str, ParameterConstr
     return {str(table): _parse_table_constraints(str(table), c) for table, c in spec.items()}
 
 
-def replicate_small(
+def placement_constraints(
     tables: list[BaseEmbeddingConfig], max_rows: int, constraints: dict[str, ParameterConstraints] | None
 ) -> dict[str, ParameterConstraints] | None:
     """``constraints`` plus data-parallel for each table of at most ``max_rows`` rows that
-    ``constraints`` does not name (``--replicate-rows``; 0 adds nothing)."""
-    small = {
-        t.name: ParameterConstraints(sharding_types=[ShardingType.DATA_PARALLEL.value])
-        for t in tables
-        if 0 < t.num_embeddings <= max_rows and t.name not in (constraints or {})
-    }
-    return {**small, **(constraints or {})} or None
+    ``constraints`` does not name (``--replicate-rows``; 0 adds nothing), and never
+    data-parallel for an fp16 table: a data-parallel table is stepped by the dense optimizer
+    (Adam), which needs fp32 weights (its eps underflows in fp16: NaN within a step), where
+    FBGEMM's fused optimizers update fp16 rows with stochastic rounding."""
+    given = constraints or {}
+    small = [t.name for t in tables if 0 < t.num_embeddings <= max_rows and t.name not in given]
+    half = [t.name for t in tables if t.name in small and t.data_type == DataType.FP16]
+    if half:
+        raise IatError(
+            f"--replicate-rows {max_rows} would make the fp16 tables {half} data-parallel: Adam steps data-parallel "
+            "tables and needs fp32 weights; lower --replicate-rows or use --table-dtype fp32"
+        )
+    fused = [t.value for t in ShardingType if t != ShardingType.DATA_PARALLEL]
+    out = {t: ParameterConstraints(sharding_types=[ShardingType.DATA_PARALLEL.value]) for t in small}
+    out |= {t.name: ParameterConstraints(sharding_types=fused) for t in tables if t.data_type == DataType.FP16}
+    return {**out, **given} or None
 
 
 def _parse_table_constraints(table: str, c: Any) -> ParameterConstraints:

@@ -23,6 +23,7 @@ from iat_rec.errors import IatError
 @dataclasses.dataclass
 class ModelConfig:
     emb_dim: int = 16  # every feature table's embedding dim
+    table_dtype: str = "fp32"  # fp32 | fp16: the feature tables' weights (fp16: stochastic rounding on CUDA)
     num_groups: int = 8  # feature-group tokens fed to the interaction block
     group_dim: int = 64  # width of each feature-group token
     interaction: str = "rankmixer"  # rankmixer | dcnv2

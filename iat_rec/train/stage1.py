@@ -26,7 +26,7 @@ from modules.compressor import Compressor
 def build_compressor(log: InstanceLog, cfg: CompressConfig, prefix_table: TokenTable | None = None) -> Compressor:
     """The stage-1 model; with ``prefix_table`` (streaming) it also holds that frozen table."""
     return Compressor(
-        model_tables(log.schema, cfg.model.emb_dim),
+        model_tables(log.schema, cfg.model.emb_dim, dtype=cfg.model.table_dtype),
         dense_in=len(log.schema.dense),
         num_tasks=len(select_tasks(log.schema, cfg.tasks)[0]),
         side_tasks=len(log.schema.labels),

@@ -55,9 +55,10 @@ class Built:
 
 
 def take_stage1_shape(cfg: Stage2Config) -> None:
-    """With --stage1 the shared feature tables keep their stage-1 shape (its plan applies)."""
+    """With --stage1 the shared feature tables keep their stage-1 shape and dtype (its plan applies)."""
     if cfg.stage1:
-        cfg.model.emb_dim = load_stage1(cfg.stage1)[0].model.emb_dim
+        stage1 = load_stage1(cfg.stage1)[0].model
+        cfg.model.emb_dim, cfg.model.table_dtype = stage1.emb_dim, stage1.table_dtype
 
 
 def build(cfg: Stage2Config, env: DistEnv, plan_out: Path | None, after: int | None = None) -> Built:

@@ -39,7 +39,7 @@ from iat_rec.dist.atomic import write_json, write_text
 from iat_rec.dist.env import DistEnv, run_ranks
 from iat_rec.errors import IatError
 from iat_rec.eval.metrics import EvalMetrics
-from iat_rec.sharding.constraints import parse_constraints, replicate_small
+from iat_rec.sharding.constraints import parse_constraints, placement_constraints
 from iat_rec.sharding.plan_json import load_plan, plan_to_json, save_plan
 from iat_rec.sharding.planning import make_plan
 from iat_rec.sharding.topology import build_topology
@@ -99,7 +99,7 @@ def shard(
             if not path.is_file():
                 raise IatError(f"constraints file not found: {path}")
             constraints.update(parse_constraints(json.loads(path.read_text())))
-        constraints = replicate_small(module_table_configs(model), cfg.replicate_rows, constraints)
+        constraints = placement_constraints(module_table_configs(model), cfg.replicate_rows, constraints)
         plan = make_plan(model, topology, plan_batch or cfg.batch_size, constraints, pg=dist.group.WORLD)
     if env.is_main and plan_out is not None:
         save_plan(plan, plan_out)
