@@ -39,6 +39,6 @@ def stage1_run(tiny_log, tmp_path_factory) -> Path:
 def tokens(stage1_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tokens") / "tokens"
     run_cli(
-        "export", "--stage1", str(stage1_run), "--out", str(out), "--nproc", "2", "--batch-size", "512", "--no-progress"
+        "export", "--stage1", str(stage1_run), "--out", str(out), *"--nproc 2 --batch-size 512 --no-progress".split()
     )
     return out

@@ -58,17 +58,8 @@ STAGE1 = [
     "64",  # instances: 8 windows of 8
     "--steps",
     "12",
-    "--eval-batches",
-    "2",
-    "--no-progress",
-    "--emb-dim",
-    "8",
-    "--hidden",
-    "64",
-    "--decompress",
-    "64",
-    "--iat-dim",
-    "16",
+    *"--eval-batches 2 --no-progress --emb-dim 8 --hidden 64".split(),
+    *"--decompress 64 --iat-dim 16".split(),
 ]
 
 # ---------------------------------------------------------------- synthetic logs (the generator)

@@ -154,23 +154,9 @@ def test_day_by_day_refresh_matches_a_full_export(tmp_path):
     )  # run 1 continued nothing
 
     rank = [
-        "--history",
-        "iat",
-        "--batch-size",
-        "32",
-        "--steps",
-        "6",
-        "--eval-batches",
-        "2",
-        "--max-len",
-        "8",
-        "--no-progress",
-        "--emb-dim",
-        "8",
-        "--hidden",
-        "32",
-        "--nproc",
-        "2",
+        *"--history iat --batch-size 32 --steps 6 --eval-batches 2".split(),
+        *"--max-len 8 --no-progress --emb-dim 8 --hidden 32".split(),
+        *"--nproc 2".split(),
     ]
     run_cli("rank", "--data", str(v1.path), "--tokens", str(tmp_path / "tok1"), "--out", str(tmp_path / "r1"), *rank)
     run_cli(

@@ -14,7 +14,7 @@ from benchmarks.common import RESULT_KEYS, ROW_KEYS, SUMMARY_KEYS
 from iat_rec.cli import main
 from tests.helpers import REPO, synth_log
 
-TINY = ["--device", "cpu", "--tiny", "--warmup", "1", "--iters", "2"]
+TINY = [*"--device cpu --tiny --warmup 1 --iters 2".split()]
 
 
 def bench(name: str, out: Path, *extra: str) -> dict:
@@ -99,7 +99,7 @@ def test_fetch(tmp_path):
 
 
 def test_fetch_with_another_sharding_and_output_dtype(tmp_path):
-    data = bench("fetch", tmp_path, "--token-sharding", "table_wise", "--output-dtype", "fp16")
+    data = bench("fetch", tmp_path, *"--token-sharding table_wise --output-dtype fp16".split())
     assert data["config"]["plan"] == {"iat_tokens": "table_wise/fused"}
     assert data["config"]["output_element_bytes"] == 2
 

@@ -41,21 +41,8 @@ def test_one_rank_temporal_run_pipelines_both_sharded_inputs(tiny_log, tmp_path)
         str(tiny_log),
         "--out",
         str(run),
-        "--nproc",
-        "1",
-        "--scheme",
-        "temporal",
-        "--batch-size",
-        "64",
-        "--steps",
-        "6",
-        "--slices",
-        "3",
-        "--no-progress",
-        "--emb-dim",
-        "8",
-        "--hidden",
-        "64",
+        *"--nproc 1 --scheme temporal --batch-size 64 --steps 6".split(),
+        *"--slices 3 --no-progress --emb-dim 8 --hidden 64".split(),
     )
     result = json.loads((run / "result.json").read_text())
     # the EBC and the shared-id EC inputs are both pipelined (a KJT changed in the model would not be)
@@ -196,10 +183,7 @@ def test_streaming_refuses_a_table_of_another_log(tiny_log, tokens, tmp_path, ca
                 str(other.path),
                 "--out",
                 str(tmp_path / "r"),
-                "--scheme",
-                "user",
-                "--stream",
-                "--tokens",
+                *"--scheme user --stream --tokens".split(),
                 str(tokens),
             ]
         )

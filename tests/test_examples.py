@@ -28,21 +28,8 @@ def test_the_ads_example_ingests_and_a_ranker_on_it_beats_chance(tmp_path):
         str(tmp_path / "log"),
         "--out",
         str(tmp_path / "r"),
-        "--history",
-        "labels",
-        "--nproc",
-        "1",
-        "--max-len",
-        "16",
-        "--batch-size",
-        "32",
-        "--epochs",
-        "3",
-        "--emb-dim",
-        "8",
-        "--hidden",
-        "64",
-        "--no-progress",
+        *"--history labels --nproc 1 --max-len 16 --batch-size 32".split(),
+        *"--epochs 3 --emb-dim 8 --hidden 64 --no-progress".split(),
     )
     assert (
         json.loads((tmp_path / "r" / "metrics.json").read_text())["auc"] > 0.6

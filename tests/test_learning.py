@@ -18,8 +18,8 @@ from benchmarks.oracle_tokens import shuffled_copy
 from iat_rec.tokens.table import TokenTable
 from tests.helpers import run_cli, synth_log
 
-BUDGET = ["--nproc", "1", "--steps", "300", "--eval-every", "300", "--eval-batches", "40", "--no-progress"]
-STAGE2 = ["--batch-size", "256", "--max-len", "32", "--reader-layers", "1"]
+BUDGET = [*"--nproc 1 --steps 300 --eval-every 300 --eval-batches 40".split(), "--no-progress"]
+STAGE2 = [*"--batch-size 256 --max-len 32 --reader-layers 1".split()]
 
 
 def result(run: Path) -> dict:
@@ -48,7 +48,7 @@ def none_run(click_log, tmp_path_factory) -> Path:
 def stage1(click_log, tmp_path_factory):
     """Both schemes with the same instances per step (user order: 16 windows of 16)."""
     runs = {}
-    for scheme, batch in (("temporal", ["--batch-size", "256"]), ("user", ["--batch-size", "256", "--window", "16"])):
+    for scheme, batch in (("temporal", ["--batch-size", "256"]), ("user", [*"--batch-size 256 --window 16".split()])):
         runs[scheme] = tmp_path_factory.mktemp(scheme) / "run"
         run_cli("compress", "--data", str(click_log), "--out", str(runs[scheme]), "--scheme", scheme, *batch, *BUDGET)
     return runs
@@ -174,11 +174,7 @@ def seen(tmp_path_factory):
         str(root / "s1"),
         "--out",
         str(root / "tok"),
-        "--tokens-from",
-        "final",
-        "--nproc",
-        "1",
-        "--no-progress",
+        *"--tokens-from final --nproc 1 --no-progress".split(),
     )
     return log, root / "tok"
 
@@ -254,11 +250,7 @@ def test_tokens_trained_on_their_own_label_alone_lose_the_item(seen, tmp_path):
         str(tmp_path / "s1"),
         "--out",
         str(tmp_path / "tok"),
-        "--tokens-from",
-        "final",
-        "--nproc",
-        "1",
-        "--no-progress",
+        *"--tokens-from final --nproc 1 --no-progress".split(),
     )
     plain = seen_auc(log, tmp_path / "iat", "--history", "iat", "--tokens", str(tmp_path / "tok"), "--query", "token")
     assert plain < 0.7, plain
@@ -268,7 +260,7 @@ def test_stage1_with_fp16_tables_learns_as_fp32(click_log, stage1, tmp_path):
     """--table-dtype fp16: half the table bytes, updated in place by FBGEMM's fused optimizer;
     the temporal scheme learns within 0.01 valid AUC of its fp32 run (same budget and seed)."""
     run = tmp_path / "fp16"
-    args = ["--scheme", "temporal", "--batch-size", "256", "--table-dtype", "fp16", *BUDGET]
+    args = [*"--scheme temporal --batch-size 256 --table-dtype fp16".split(), *BUDGET]
     run_cli("compress", "--data", str(click_log), "--out", str(run), *args)
     plan = json.loads((run / "plan.json").read_text())["plan"]["base.sparse"]
     assert all(ps["sharding_type"] != "data_parallel" for ps in plan.values()), "fp16 tables are never Adam's"

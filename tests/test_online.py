@@ -27,33 +27,10 @@ from iat_rec.tokens.table import TokenTable
 from tests.helpers import REPO, random_log, run_cli
 
 STAGE1 = [
-    "--nproc",
-    "1",
-    "--scheme",
-    "user",
-    "--window",
-    "4",
-    "--batch-size",
-    "64",  # instances: 16 windows of 4
-    "--steps",
-    "6",
-    "--slices",
-    "2",
-    "--eval-batches",
-    "1",
-    "--no-progress",
-    "--emb-dim",
-    "4",
-    "--hidden",
-    "32",
-    "--decompress",
-    "16",
-    "--iat-dim",
-    "8",
-    "--num-groups",
-    "4",
-    "--group-dim",
-    "16",
+    *"--nproc 1 --scheme user --window 4 --batch-size 64".split(),  # instances: 16 windows of 4
+    *"--steps 6 --slices 2 --eval-batches 1 --no-progress".split(),
+    *"--emb-dim 4 --hidden 32 --decompress 16 --iat-dim 8".split(),
+    *"--num-groups 4 --group-dim 16".split(),
 ]
 TIGHT = dict(rtol=1e-5, atol=1e-6)
 
@@ -108,15 +85,8 @@ def final_table(run) -> Path:
         str(run),
         "--out",
         str(out),
-        "--nproc",
-        "1",
-        "--tokens-from",
-        "final",
-        "--dtype",
-        "fp32",
-        "--batch-size",
-        "256",
-        "--no-progress",
+        *"--nproc 1 --tokens-from final --dtype fp32 --batch-size".split(),
+        *"256 --no-progress".split(),
     )
     return out
 
@@ -161,7 +131,7 @@ def test_exported_compressor_gives_the_token_table_rows(run, final_table, online
 def test_torchscript_alternative_of_a_named_snapshot_gives_the_initial_tokens(run):
     out, table = run.parent / "online_ts", run.parent / "tokens_initial"
     run_cli(
-        "export", "--stage1", str(run), "--out", str(table), "--nproc", "1", "--tokens-from", "initial", "--no-progress"
+        "export", "--stage1", str(run), "--out", str(table), *"--nproc 1 --tokens-from initial --no-progress".split()
     )
     run_cli(
         "tokens",
@@ -170,9 +140,7 @@ def test_torchscript_alternative_of_a_named_snapshot_gives_the_initial_tokens(ru
         str(run),
         "--out",
         str(out),
-        "--format",
-        "torchscript",
-        "--checkpoint",
+        *"--format torchscript --checkpoint".split(),
         "snapshots/step_00000000",
     )
     meta = json.loads((out / "compressor.json").read_text())

@@ -251,17 +251,8 @@ def test_cli_json_schema(tmp_path, capsys):
         capsys,
         "--schema",
         str(schema),
-        "--world-size",
-        "16",
-        "--local-world-size",
-        "8",
-        "--hbm-gb",
-        "80",
-        "--token-rows",
-        "1e9",
-        "--token-dtype",
-        "fp16",
-        "--save",
+        *"--world-size 16 --local-world-size 8 --hbm-gb 80".split(),
+        *"--token-rows 1e9 --token-dtype fp16 --save".split(),
         str(tmp_path / "plan.json"),
     )
     assert set(r) == {
@@ -333,12 +324,7 @@ def test_cli_data_dir_and_text(tmp_path, capsys):
     args = [
         "--data",
         str(tmp_path),
-        "--world-size",
-        "8",
-        "--local-world-size",
-        "8",
-        "--hbm-gb",
-        "40",
+        *"--world-size 8 --local-world-size 8 --hbm-gb 40".split(),
         "--constraints",
         '{"t_item_id": {"sharding_types": ["row_wise"]}}',
     ]
@@ -370,9 +356,9 @@ def test_quick_sweep_runs(tmp_path):
 
 
 def test_the_token_table_alone_plans_without_a_schema(capsys):
-    r = _cli_json(capsys, "--token-rows", "1e9", "--world-size", "8", "--local-world-size", "8", "--hbm-gb", "80")
+    r = _cli_json(capsys, *"--token-rows 1e9 --world-size 8 --local-world-size 8".split(), *"--hbm-gb 80".split())
     assert [t["name"] for t in r["tables"]] == [T.TOKEN_TABLE] and r["inputs"]["schema_source"] is None
-    assert main(["plan", "--world-size", "8", "--local-world-size", "8", "--hbm-gb", "80"]) == 2
+    assert main([*"plan --world-size 8 --local-world-size 8 --hbm-gb 80".split()]) == 2
     assert "give its --token-rows" in capsys.readouterr().err
 
 

@@ -45,15 +45,9 @@ def experiment(tiny_log, tmp_path_factory):
         str(tiny_log),
         "--work",
         str(work),
-        "--seeds",
-        "1",
-        "--nproc",
-        "2",
-        "--variants",
+        *"--seeds 1 --nproc 2 --variants".split(),
         "none,labels-only,handcrafted,iat-temporal,both-user",
-        "--readers",
-        "transformer,din,longer",
-        "--compress-config",
+        *"--readers transformer,din,longer --compress-config".split(),
         str(work / "c1.yaml"),
         "--rank-config",
         str(work / "c2.yaml"),
@@ -72,16 +66,9 @@ def test_no_progress_reaches_every_stage_and_changes_no_result(experiment, tiny_
         str(tiny_log),
         "--work",
         str(experiment),
-        "--seeds",
-        "1",
-        "--nproc",
-        "1",
-        "--report-only",
-        "--variants",
+        *"--seeds 1 --nproc 1 --report-only --variants".split(),
         "none,labels-only,handcrafted,iat-temporal,both-user",
-        "--readers",
-        "transformer,din,longer",
-        "--compress-config",
+        *"--readers transformer,din,longer --compress-config".split(),
         str(experiment / "c1.yaml"),
         "--rank-config",
         str(experiment / "c2.yaml"),
@@ -217,17 +204,8 @@ def test_cross_domain_requests_read_the_source_token_table(tiny_log, tokens, tmp
         "iat",
         "--out",
         str(tmp_path / "x"),
-        "--nproc",
-        "2",
-        "--steps",
-        "4",
-        "--batch-size",
-        "32",
-        "--max-len",
-        "16",
-        "--no-progress",
-        "--emb-dim",
-        "8",
+        *"--nproc 2 --steps 4 --batch-size 32 --max-len 16".split(),
+        *"--no-progress --emb-dim 8".split(),
     ]
     assert main(args) == 2, "a table of another log is cross-domain only when asked for"
     assert not (tmp_path / "x").exists()
@@ -250,20 +228,8 @@ def test_stage2_resume_continues_exactly_with_loader_workers(tiny_log, tokens, t
         str(tiny_log),
         "--tokens",
         str(tokens),
-        "--history",
-        "both",
-        "--nproc",
-        "2",
-        "--batch-size",
-        "32",
-        "--max-len",
-        "16",
-        "--emb-dim",
-        "8",
-        "--num-workers",
-        "1",
-        "--eval-batches",
-        "1",
+        *"--history both --nproc 2 --batch-size 32 --max-len 16".split(),
+        *"--emb-dim 8 --num-workers 1 --eval-batches 1".split(),
         "--no-progress",
     ]
     full, part = tmp_path / "full", tmp_path / "part"
@@ -305,9 +271,9 @@ def test_range_reads_train_the_same_model_as_the_lookup(tiny_log, stage1_run, to
     sharded lookup, so the same seed trains the same model to the same losses.
     The feature tables are warm-started: a fresh sharded table's random init depends on the
     rank that holds it, and the plan differs once the token table is not TorchRec's."""
-    args = ["rank", "--data", str(tiny_log), "--tokens", str(tokens), "--history", "iat", "--query", "token"]
-    args += ["--stage1", str(stage1_run), "--warm-start", "--nproc", "2", "--steps", "6", "--batch-size", "32"]
-    args += ["--max-len", "16", "--eval-every", "3", "--eval-batches", "2", "--no-progress", "--reader-layers", "1"]
+    args = ["rank", "--data", str(tiny_log), "--tokens", str(tokens), *"--history iat --query token".split()]
+    args += ["--stage1", str(stage1_run), *"--warm-start --nproc 2 --steps 6 --batch-size 32".split()]
+    args += [*"--max-len 16 --eval-every 3 --eval-batches 2".split(), *"--no-progress --reader-layers 1".split()]
     args += ["--head", "32"]
     losses = {}
     metrics = {}

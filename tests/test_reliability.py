@@ -25,21 +25,8 @@ from iat_rec.dist.checkpoint import dcp_load
 from tests.helpers import BIN, COMPONENT, INGEST_ROWS, INGEST_SCHEMA_YAML, REPO, STAGE1, run_cli, synth_log, write_csv
 
 ONE_RANK = [
-    "--nproc",
-    "1",
-    "--scheme",
-    "temporal",
-    "--steps",
-    "6",
-    "--batch-size",
-    "32",
-    "--eval-batches",
-    "2",
-    "--no-progress",
-    "--emb-dim",
-    "8",
-    "--hidden",
-    "32",
+    *"--nproc 1 --scheme temporal --steps 6 --batch-size 32".split(),
+    *"--eval-batches 2 --no-progress --emb-dim 8 --hidden 32".split(),
 ]
 
 
@@ -225,15 +212,9 @@ def test_token_table_of_another_dim_is_one_clear_error(tiny_log, tokens, tmp_pat
                 str(tiny_log),
                 "--out",
                 str(out),
-                "--scheme",
-                "user",
-                "--stream",
-                "--tokens",
+                *"--scheme user --stream --tokens".split(),
                 str(tokens),
-                "--iat-dim",
-                "32",
-                "--nproc",
-                "1",
+                *"--iat-dim 32 --nproc 1".split(),
             ]
         )
         == 2
@@ -268,22 +249,11 @@ def test_users_with_a_single_instance_ingest_and_train(tmp_path):
     common = [
         "--data",
         str(log),
-        "--nproc",
-        "1",
-        "--steps",
-        "3",
-        "--batch-size",
-        "8",
-        "--eval-batches",
-        "1",
-        "--no-progress",
-        "--emb-dim",
-        "4",
-        "--hidden",
-        "16",
+        *"--nproc 1 --steps 3 --batch-size 8 --eval-batches 1".split(),
+        *"--no-progress --emb-dim 4 --hidden 16".split(),
     ]
-    run_cli("compress", *common, "--out", str(tmp_path / "s1"), "--scheme", "user", "--window", "4")
-    run_cli("rank", *common, "--out", str(tmp_path / "s2"), "--history", "handcrafted", "--max-len", "4")
+    run_cli("compress", *common, "--out", str(tmp_path / "s1"), *"--scheme user --window 4".split())
+    run_cli("rank", *common, "--out", str(tmp_path / "s2"), *"--history handcrafted --max-len 4".split())
     for run in ("s1", "s2"):
         assert all(np.isfinite([x for _, x in losses(tmp_path / run)])), run
     assert json.loads((tmp_path / "s2" / "metrics.json").read_text())["n"] > 0
@@ -344,10 +314,7 @@ def test_a_cleared_bit_in_a_token_tables_label_times_is_refused(tiny_log, tokens
                 str(table),
                 "--out",
                 str(out),
-                "--history",
-                "iat",
-                "--nproc",
-                "1",
+                *"--history iat --nproc 1".split(),
             ]
         )
         == 2
@@ -368,9 +335,7 @@ def test_a_truncated_column_is_refused(tiny_log, tmp_path, capsys):
 def test_artifacts_follow_the_umask(tmp_path, umask):
     old = os.umask(umask)
     try:
-        run_cli(
-            "data", "synth", "--out", str(tmp_path / "log"), "--users", "4", "--mean-instances", "3", "--no-progress"
-        )
+        run_cli("data", "synth", "--out", str(tmp_path / "log"), *"--users 4 --mean-instances 3 --no-progress".split())
     finally:
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in [tmp_path / "log", *(tmp_path / "log").iterdir()]}
@@ -453,11 +418,7 @@ def test_rank_killed_mid_training_restarts_and_ends_as_an_uninterrupted_run(stag
         "-cfg",
         f"log_dir={tmp_path / 'torchx_logs'}",
         f"{COMPONENT}:compress",
-        "-j",
-        "1x2",
-        "--max_restarts",
-        "1",
-        "--data",
+        *"-j 1x2 --max_restarts 1 --data".split(),
         str(tiny_log),
         "--out",
         str(run),
@@ -505,19 +466,19 @@ def test_an_out_that_is_not_an_artifact_of_its_kind_is_never_replaced(tmp_path, 
     keep = tmp_path / "mine"
     keep.mkdir()
     (keep / "notes.txt").write_text("precious")
-    assert main(["data", "synth", "--out", str(keep), "--users", "5", "--mean-instances", "3"]) == 2
+    assert main(["data", "synth", "--out", str(keep), *"--users 5 --mean-instances 3".split()]) == 2
     assert "exists and is not an instance log" in capsys.readouterr().err
     assert (keep / "notes.txt").read_text() == "precious" and len(list(keep.iterdir())) == 1
 
 
 def test_an_existing_log_is_replaced_only_with_overwrite(tmp_path, capsys):
     log = tmp_path / "log"
-    run_cli("data", "synth", "--out", str(log), "--users", "5", "--mean-instances", "3")
+    run_cli("data", "synth", "--out", str(log), *"--users 5 --mean-instances 3".split())
     before = (log / "manifest.json").read_bytes()
-    assert main(["data", "synth", "--out", str(log), "--users", "6", "--mean-instances", "3"]) == 2
+    assert main(["data", "synth", "--out", str(log), *"--users 6 --mean-instances 3".split()]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
     assert (log / "manifest.json").read_bytes() == before
-    run_cli("data", "synth", "--out", str(log), "--users", "6", "--mean-instances", "3", "--overwrite")
+    run_cli("data", "synth", "--out", str(log), *"--users 6 --mean-instances 3 --overwrite".split())
     assert json.loads((log / "manifest.json").read_text())["users"] == 6
 
 
@@ -557,7 +518,7 @@ def test_a_run_is_continued_with_resume_or_replaced_with_overwrite_never_pruned(
 
 
 @pytest.mark.parametrize(
-    "change", [["--dense-lr", "0.5"], ["--hidden", "64"], ["--scheme", "user", "--window", "4"], ["--seed", "9"]]
+    "change", [["--dense-lr", "0.5"], ["--hidden", "64"], [*"--scheme user --window 4".split()], ["--seed", "9"]]
 )
 def test_resume_with_another_config_is_refused_before_anything_is_written(
     tiny_log, one_rank_run, tmp_path, capsys, change
@@ -630,10 +591,7 @@ def start_two_ranks(tiny_log: Path, out: Path, tmp: Path) -> subprocess.Popen:
             "--out",
             str(out),
             *STAGE1,
-            "--steps",
-            "100000",
-            "--nproc",
-            "2",
+            *"--steps 100000 --nproc 2".split(),
         ],
         cwd=REPO,
         env=env,
@@ -696,7 +654,7 @@ def test_a_killed_writers_temporary_directory_is_removed_by_the_next_write(tmp_p
     for d in (orphan, live, elsewhere):
         d.mkdir()
         (d / "ts.npy").write_bytes(b"half")
-    run_cli("data", "synth", "--out", str(tmp_path / "log"), "--users", "4", "--mean-instances", "3", "--no-progress")
+    run_cli("data", "synth", "--out", str(tmp_path / "log"), *"--users 4 --mean-instances 3 --no-progress".split())
     assert not orphan.exists() and live.exists() and elsewhere.exists()  # a live writer's directory is never touched
 
 
@@ -712,10 +670,7 @@ def test_an_error_inside_the_ranks_is_printed_once(tiny_log, tmp_path):
             "--out",
             str(out),
             *STAGE1,
-            "--nproc",
-            "2",
-            "--device",
-            "cuda",
+            *"--nproc 2 --device cuda".split(),
         ],
         cwd=REPO,
         capture_output=True,

@@ -83,7 +83,7 @@ def test_sorted_by_user_then_time(log):
 
 
 def test_cli(tmp_path, capsys):
-    assert synth.cli(["--out", str(tmp_path / "c"), "--users", "20", "--mean-instances", "5"]) == 0
+    assert synth.cli(["--out", str(tmp_path / "c"), *"--users 20 --mean-instances 5".split()]) == 0
     out = capsys.readouterr().out
     assert "rows" in out and "20 users" in out and str(tmp_path / "c") in out
     assert InstanceLog(tmp_path / "c").users == 20
@@ -304,14 +304,8 @@ def test_seen_before_cli(tmp_path):
             [
                 "--out",
                 str(out),
-                "--users",
-                "20",
-                "--mean-instances",
-                "5",
-                "--label",
-                "seen-before",
-                "--history-len",
-                "4",
+                *"--users 20 --mean-instances 5 --label seen-before".split(),
+                *"--history-len 4".split(),
             ]
         )
         == 0
@@ -319,6 +313,6 @@ def test_seen_before_cli(tmp_path):
     log = InstanceLog(out)
     assert log.schema.task_names == ["seen_before"] and "history_len=4" in log.manifest["source"]
     with pytest.raises(IatError, match="history-len"):
-        synth.cli(["--out", str(tmp_path / "d"), "--label", "seen-before", "--history-len", "0"])
+        synth.cli(["--out", str(tmp_path / "d"), *"--label seen-before --history-len 0".split()])
     with pytest.raises(IatError, match="label"):
         synth.SynthConfig(label="clicks")

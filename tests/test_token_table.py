@@ -48,9 +48,7 @@ def test_round_trip_on_one_and_two_ranks_and_fp16(stage1_run, tokens, tmp_path):
     assert health["saturation"] < 0.01 and health["dead_dims"] == 0 and health["dim_std"]["min"] > 0.01
 
     half = tmp_path / "half"
-    run_cli(
-        "export", "--stage1", str(stage1_run), "--out", str(half), "--dtype", "fp16", "--nproc", "2", "--no-progress"
-    )
+    run_cli("export", "--stage1", str(stage1_run), "--out", str(half), *"--dtype fp16 --nproc 2 --no-progress".split())
     h = TokenTable(half)
     assert h.dtype == "fp16"
     got = h.read_rows(0, h.rows).float().numpy()

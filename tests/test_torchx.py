@@ -131,11 +131,11 @@ def test_linter_accepts_every_component():
 
 
 def test_options_left_unset_are_not_passed_and_extra_comes_last():
-    argv = torchrun_argv(iat.compress("--emb-dim", "8", "--steps", "2", data="LOG", out="RUN", steps=5))
+    argv = torchrun_argv(iat.compress(*"--emb-dim 8 --steps 2".split(), data="LOG", out="RUN", steps=5))
     program = argv[argv.index("-m") + 2 :]
     assert argv[argv.index("-m") + 1] == "pipelines.compress"
     # only what was given (no --scheme/--batch-size/--config/--resume), extra last so it wins
-    assert program == ["--data", "LOG", "--out", "RUN", "--steps", "5", "--emb-dim", "8", "--steps", "2"]
+    assert program == [*"--data LOG --out RUN --steps 5 --emb-dim 8 --steps 2".split()]
 
 
 def test_single_node_defaults():
@@ -213,15 +213,9 @@ def test_component_defaults_section_applies(tmp_path):
     cfg = tmp_path / "torchxconfig"
     cfg.write_text(f"[component:{COMPONENT}:compress]\nj = 1x4\nh = iat.gpu.4\n")
     out = torchx(
-        "run",
-        "--dryrun",
-        "-s",
-        "local_cwd",
+        *"run --dryrun -s local_cwd".split(),
         f"{COMPONENT}:compress",
-        "--data",
-        "LOG",
-        "--out",
-        "RUN",
+        *"--data LOG --out RUN".split(),
         env={"TORCHXCONFIG": str(cfg)},
     ).stdout
     assert "--nproc_per_node 4" in out
@@ -295,17 +289,9 @@ def test_unknown_named_resource_is_refused_with_the_registered_names(name, h):
 
 def test_unknown_named_resource_fails_the_cli():
     proc = torchx(
-        "run",
-        "--dryrun",
-        "-s",
-        "local_cwd",
+        *"run --dryrun -s local_cwd".split(),
         f"{COMPONENT}:compress",
-        "-h",
-        "gpu.huge",
-        "--data",
-        "LOG",
-        "--out",
-        "RUN",
+        *"-h gpu.huge --data LOG --out RUN".split(),
         check=False,
     )
     assert proc.returncode != 0
@@ -342,28 +328,10 @@ def check_2x8_torchrun(cmd: str, module: str = "pipelines.compress") -> list[str
 
 def test_slurm_dryrun_2x8_gpu():
     out = torchx(
-        "run",
-        "--dryrun",
-        "-s",
-        "slurm",
-        "-cfg",
-        "partition=gpu,time=60",
+        *"run --dryrun -s slurm -cfg partition=gpu,time=60".split(),
         f"{COMPONENT}:compress",
-        "-j",
-        "2x8",
-        "-h",
-        "iat.gpu.8",
-        "--data",
-        "/shared/log",
-        "--out",
-        "/shared/run",
-        "--scheme",
-        "user",
-        "--steps",
-        "1000",
-        "--",
-        "--emb-dim",
-        "32",
+        *"-j 2x8 -h iat.gpu.8 --data /shared/log --out /shared/run".split(),
+        *"--scheme user --steps 1000 -- --emb-dim 32".split(),
     ).stdout
     script = out.split("# SBATCH_SCRIPT")[1]
     # one heterogeneous group per node, each one task with the node's 8 GPUs, 88 CPUs and 512 GiB
@@ -389,16 +357,8 @@ def test_slurm_dryrun_2x8_gpu():
     for cmd in commands:
         program = check_2x8_torchrun(cmd)
         assert program == [
-            "--data",
-            "/shared/log",
-            "--out",
-            "/shared/run",
-            "--scheme",
-            "user",
-            "--steps",
-            "1000",
-            "--emb-dim",
-            "32",
+            *"--data /shared/log --out /shared/run --scheme user".split(),
+            *"--steps 1000 --emb-dim 32".split(),
         ]
 
 
@@ -416,18 +376,9 @@ def test_kubernetes_dryrun_2x8_gpu():
         "-cfg",
         "queue=iat,namespace=ml",
         f"{COMPONENT}:compress",
-        "-j",
-        "2x8",
-        "-h",
-        "iat.gpu.8",
-        "--image",
-        "registry.example.com/iat-rec:1",
-        "--data",
-        "/data/log",
-        "--out",
-        "/data/run",
-        "--mounts",
-        "type=volume,src=iat-data,dst=/data",
+        *"-j 2x8 -h iat.gpu.8 --image".split(),
+        *"registry.example.com/iat-rec:1 --data /data/log --out".split(),
+        *"/data/run --mounts type=volume,src=iat-data,dst=/data".split(),
     ).stdout
     job = yaml.safe_load(out.split("=== SCHEDULER REQUEST ===", 1)[1])
     assert (job["kind"], job["spec"]["queue"], job["spec"]["schedulerName"]) == ("Job", "iat", "volcano")
@@ -443,7 +394,7 @@ def test_kubernetes_dryrun_2x8_gpu():
             {k: m[k] for k in ("mountPath", "name")} for m in container["volumeMounts"]
         ]
         assert container["command"][:2] == ["bash", "-c"]
-        assert check_2x8_torchrun(container["command"][2]) == ["--data", "/data/log", "--out", "/data/run"]
+        assert check_2x8_torchrun(container["command"][2]) == [*"--data /data/log --out /data/run".split()]
 
 
 # ---- docker/Dockerfile and .dockerignore ----------------------------------------------------------
@@ -583,11 +534,7 @@ def test_local_cwd_run_pipeline_2_ranks(tmp_path):
         str(log),
         "--work",
         str(work),
-        "--scheme",
-        "user",
-        "--history",
-        "iat",
-        "--compress_config",
+        *"--scheme user --history iat --compress_config".split(),
         str(tmp_path / "c1.yaml"),
         "--rank_config",
         str(tmp_path / "c2.yaml"),
