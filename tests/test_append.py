@@ -158,39 +158,26 @@ def test_day_by_day_refresh_matches_a_full_export(tmp_path):
         *"--max-len 8 --no-progress --emb-dim 8 --hidden 32".split(),
         *"--nproc 2".split(),
     ]
-    run_cli("rank", "--data", str(v1.path), "--tokens", str(tmp_path / "tok1"), "--out", str(tmp_path / "r1"), *rank)
-    run_cli(
-        "rank",
-        "--data",
-        str(v2.path),
-        "--tokens",
-        str(tmp_path / "tok2"),
-        "--out",
-        str(tmp_path / "r2"),
-        "--resume-from",
-        str(tmp_path / "r1"),
-        *rank,
-    )
+
+    def rank_argv(log, tokens: str, out: str, *extra: str) -> list[str]:
+        return [
+            "rank",
+            "--data",
+            str(log.path),
+            "--tokens",
+            str(tmp_path / tokens),
+            "--out",
+            str(tmp_path / out),
+            *extra,
+            *rank,
+        ]
+
+    run_cli(*rank_argv(v1, "tok1", "r1"))
+    run_cli(*rank_argv(v2, "tok2", "r2", "--resume-from", str(tmp_path / "r1")))
     assert json.loads((tmp_path / "r2" / "run.json").read_text())["resume_from"]["run"] == str(
         (tmp_path / "r1").resolve()
     )
-    assert (
-        main(
-            [
-                "rank",
-                "--data",
-                str(v2.path),
-                "--tokens",
-                str(tmp_path / "tok2"),
-                "--out",
-                str(tmp_path / "r3"),
-                "--resume-from",
-                str(tmp_path / "r2"),
-                *rank,
-            ]
-        )
-        == 2
-    )  # r2 is of v2 itself: nothing appended since
+    assert main(rank_argv(v2, "tok2", "r3", "--resume-from", str(tmp_path / "r2"))) == 2  # r2 is of v2: nothing since
     assert (
         main(["export", "--stage1", str(run2), "--append", str(tmp_path / "tok2"), "--out", str(tmp_path / "tok3")])
         == 2

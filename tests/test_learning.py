@@ -141,6 +141,25 @@ def test_stage2_learns_with_every_history_and_reader(click_log, tables, none_run
 T = 32
 
 
+def seen_stage1(log: Path, out: Path, *extra: str) -> None:
+    """Stage 1 in user order on the seen-before log: windows of T, 8 windows a step."""
+    run_cli(
+        "compress",
+        "--data",
+        str(log),
+        "--out",
+        str(out),
+        "--scheme",
+        "user",
+        "--window",
+        str(T),
+        "--batch-size",
+        str(8 * T),
+        *extra,
+        *BUDGET,
+    )
+
+
 @pytest.fixture(scope="module")
 def seen(tmp_path_factory):
     """A seen-before log, its user-order stage 1 and the token table of its final model.
@@ -154,20 +173,7 @@ def seen(tmp_path_factory):
     root = tmp_path_factory.mktemp("seen")
     log = root / "log"
     synth_log(log, users=1000, mean_instances=40, seed=1, label="seen-before", history_len=T)
-    run_cli(
-        "compress",
-        "--data",
-        str(log),
-        "--out",
-        str(root / "s1"),
-        "--scheme",
-        "user",
-        "--window",
-        str(T),
-        "--batch-size",
-        str(8 * T),  # instances: 8 windows
-        *BUDGET,
-    )
+    seen_stage1(log, root / "s1")
     run_cli(
         "export",
         "--stage1",
@@ -228,22 +234,7 @@ def test_tokens_trained_on_their_own_label_alone_lose_the_item(seen, tmp_path):
     """The ablation: the same stage 1 without the reconstruction loss; its tokens keep too
     little of the item for the same reader to find the match."""
     log, _ = seen
-    run_cli(
-        "compress",
-        "--data",
-        str(log),
-        "--out",
-        str(tmp_path / "s1"),
-        "--scheme",
-        "user",
-        "--window",
-        str(T),
-        "--batch-size",
-        str(8 * T),  # instances: 8 windows
-        "--reconstruct",
-        "0",
-        *BUDGET,
-    )
+    seen_stage1(log, tmp_path / "s1", "--reconstruct", "0")
     run_cli(
         "export",
         "--stage1",
