@@ -412,6 +412,12 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def versus(run: Run, metric: str, by: dict[str, dict[str, Any]], case: str, peer: str) -> dict[str, Any]:
+    """A summary item: ``case``'s samples/s and its ratio to ``peer``'s, measured in the same run."""
+    value = by[case]["samples_per_s"]
+    return summary_item(run, metric, value, "samples/s", peer, ratio(value, by[peer]["samples_per_s"]))
+
+
 def out_path(name: str, out: str | None, device: torch.device) -> Path:
     """``--out``: a .json file as given; otherwise a directory for <name>-<device slug>.json."""
     if out and out.endswith(".json"):

@@ -135,16 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows
         ]
         if "temporal" in by and "user" in by:
-            summary.append(
-                common.summary_item(
-                    run,
-                    "user / temporal samples/s",
-                    by["user"]["samples_per_s"],
-                    "samples/s",
-                    "temporal",
-                    common.ratio(by["user"]["samples_per_s"], by["temporal"]["samples_per_s"]),
-                )
-            )
+            summary.append(common.versus(run, "user / temporal samples/s", by, "user", "temporal"))
         columns = common.DEFAULT_COLUMNS + (
             ("valid frac", "valid_fraction", ""),
             ("dense TFLOP/s", "dense_tflops", ""),

@@ -291,57 +291,25 @@ def main(argv: list[str] | None = None) -> int:
             "world_size": env.world_size,
         }
         moved = n_ids * args.dim * elem  # token bytes a sharded fetch moves: the rows, once
+
+        def gbs(metric: str, case: str, vs: str = "copy bandwidth", key: str = "copy_ratio", target: str | None = None):
+            return common.summary_item(run, metric, by[case]["gbs"], "GB/s", vs, by[case][key], target)
+
+        sharded_ms = by["model_sharded_ranges"]["ms_per_step"]
         summary = [
             common.summary_item(
                 run,
                 f"sharded range fetch on {env.world_size} rank(s), token bytes/s",
-                moved / (by["model_sharded_ranges"]["ms_per_step"] * 1e-3) / 1e9,
+                moved / (sharded_ms * 1e-3) / 1e9,
                 "GB/s",
                 "all-to-all of the same bytes",
-                common.ratio(by["all_to_all"]["ms_per_step"], by["model_sharded_ranges"]["ms_per_step"]),
+                common.ratio(by["all_to_all"]["ms_per_step"], sharded_ms),
             ),
-            common.summary_item(
-                run,
-                "token fetch in the model's path (ranges)",
-                by["model_ranges"]["gbs"],
-                "GB/s",
-                "copy bandwidth",
-                by["model_ranges"]["copy_ratio"],
-                "fetch_copy_ratio_model_path",
-            ),
-            common.summary_item(
-                run,
-                "token fetch (ec_lookup)",
-                by["ec_lookup"]["gbs"],
-                "GB/s",
-                "copy bandwidth",
-                by["ec_lookup"]["copy_ratio"],
-                "fetch_copy_ratio",
-            ),
-            common.summary_item(
-                run,
-                "token fetch vs index_select",
-                by["ec_lookup"]["gbs"],
-                "GB/s",
-                "index_select",
-                by["ec_lookup"]["index_select_ratio"],
-            ),
-            common.summary_item(
-                run,
-                "index_select",
-                by["index_select"]["gbs"],
-                "GB/s",
-                "copy bandwidth",
-                by["index_select"]["copy_ratio"],
-            ),
-            common.summary_item(
-                run,
-                "ranges on device vs ids KJT",
-                by["ranges_device"]["samples_per_s"],
-                "samples/s",
-                "ids_kjt",
-                common.ratio(by["ranges_device"]["samples_per_s"], by["ids_kjt"]["samples_per_s"]),
-            ),
+            gbs("token fetch in the model's path (ranges)", "model_ranges", target="fetch_copy_ratio_model_path"),
+            gbs("token fetch (ec_lookup)", "ec_lookup", target="fetch_copy_ratio"),
+            gbs("token fetch vs index_select", "ec_lookup", "index_select", "index_select_ratio"),
+            gbs("index_select", "index_select"),
+            common.versus(run, "ranges on device vs ids KJT", by, "ranges_device", "ids_kjt"),
         ]
         columns = common.DEFAULT_COLUMNS + (
             ("GB/s", "gbs", ""),
@@ -353,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         notes = [] if ids_match else ["ranges expanded on the device differ from expand_ranges: a bug"]
         if not gather_ok:
             notes.append("model_ranges differs from its torch reference: a bug")
+        if not sharded_ok:
+            notes.append("model_sharded_ranges differs from the whole table's reference: a bug")
         common.finish(run, config, rows, summary, columns, notes=notes)
         table = tokens = dense = model_rows = None  # the cases hold them: release before free()
     return 0

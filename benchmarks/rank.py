@@ -315,16 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )
         if "iat" in by and "handcrafted" in by:
-            summary.append(
-                common.summary_item(
-                    run,
-                    "IAT / hand-crafted samples/s",
-                    by["iat"]["samples_per_s"],
-                    "samples/s",
-                    "handcrafted",
-                    common.ratio(by["iat"]["samples_per_s"], by["handcrafted"]["samples_per_s"]),
-                )
-            )
+            summary.append(common.versus(run, "IAT / hand-crafted samples/s", by, "iat", "handcrafted"))
         config = {
             "batch": batch,
             "max_len": r.max_len,
