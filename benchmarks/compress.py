@@ -56,7 +56,7 @@ def measure_scheme(
     if bf16:
         model = common.Autocast(model, run.device.type)
     dmp, plan = shard(model, env, cfg, plan_out=None, plan_batch=plan_batch(cfg))
-    opt = make_optimizer(dmp, cfg.dense_lr)
+    opt = make_optimizer(dmp, cfg)
     flops = common.linear_flops(dmp, cached[0], run.device)
     common.reset_peak_memory(run.device)
     timing, pipelined = common.time_train_pipeline(run, scheme, dmp, opt, cached)

@@ -140,7 +140,7 @@ def build_case(
     return Stage2Case(
         history,
         dmp,
-        make_optimizer(dmp, cfg.dense_lr),
+        make_optimizer(dmp, cfg),
         cached,
         batch,
         r,

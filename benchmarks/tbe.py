@@ -133,7 +133,7 @@ def measure(run: common.Run, env, ts: TableSet, optimizer: str) -> list[dict[str
     host = [b.pin_memory() for b in host] if run.cuda else host
     common.reset_peak_memory(run.device)
     t, pipelined = common.time_train_pipeline(
-        run, f"{ts.name}/pipelined_step", step_model, make_optimizer(step_model, 1e-3), host
+        run, f"{ts.name}/pipelined_step", step_model, make_optimizer(step_model, cfg), host
     )
     step_bytes = 3 * lookups * dim * w + 2 * pooled * 4
     gbs = step_bytes / (t.median_ms * 1e-3) / 1e9

@@ -117,7 +117,7 @@ def train(cfg: CompressConfig) -> dict:
         env,
         cfg,
         dmp,
-        make_optimizer(dmp, cfg.dense_lr),
+        make_optimizer(dmp, cfg),
         train_ds,
         valid_ds,
         select_tasks(log.schema, cfg.tasks)[0],

@@ -107,7 +107,7 @@ def train(cfg: Stage2Config) -> dict:
         env,
         cfg,
         built.model,
-        make_optimizer(built.model, cfg.dense_lr),
+        make_optimizer(built.model, cfg),
         dataset(built, cfg, "train"),
         dataset(built, cfg, "valid"),
         built.tasks,

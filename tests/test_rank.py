@@ -152,7 +152,7 @@ def warm_start_and_frozen_tokens(env: DistEnv, data: str, tokens: str, stage1: s
         env,
         cfg,
         built.model,
-        make_optimizer(built.model, 1e-2),
+        make_optimizer(built.model, cfg),
         dataset(built, cfg, "train"),
         None,
         built.log.schema.task_names,

@@ -46,16 +46,16 @@ def placement_constraints(
 ) -> dict[str, ParameterConstraints] | None:
     """``constraints`` plus data-parallel for each table of at most ``max_rows`` rows that
     ``constraints`` does not name (``--replicate-rows``; 0 adds nothing), and never
-    data-parallel for an fp16 table: a data-parallel table is stepped by the dense optimizer
-    (Adam), which needs fp32 weights (its eps underflows in fp16: NaN within a step), where
+    data-parallel for an fp16 table: a data-parallel table is stepped by a plain torch
+    optimizer, which needs fp32 weights (Adam's eps underflows in fp16: NaN at step 2), where
     FBGEMM's fused optimizers update fp16 rows with stochastic rounding."""
     given = constraints or {}
     small = [t.name for t in tables if 0 < t.num_embeddings <= max_rows and t.name not in given]
     half = [t.name for t in tables if t.name in small and t.data_type == DataType.FP16]
     if half:
         raise IatError(
-            f"--replicate-rows {max_rows} would make the fp16 tables {half} data-parallel: Adam steps data-parallel "
-            "tables and needs fp32 weights; lower --replicate-rows or use --table-dtype fp32"
+            f"--replicate-rows {max_rows} would make the fp16 tables {half} data-parallel: a plain torch optimizer "
+            "steps a data-parallel table and needs fp32 weights: lower --replicate-rows, or --table-dtype fp32"
         )
     fused = [t.value for t in ShardingType if t != ShardingType.DATA_PARALLEL]
     out = {t: ParameterConstraints(sharding_types=[ShardingType.DATA_PARALLEL.value]) for t in small}

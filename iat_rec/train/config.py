@@ -63,8 +63,8 @@ class TrainConfig:
     hbm_gb: float = 0.0  # 0: the device's real memory
     constraints: str = ""  # JSON file of per-table planner constraints
     replicate_rows: int = 0  # tables of at most this many rows are data-parallel: a copy on every rank, no
-    #   all-to-all; DDP averages their gradients and the dense optimizer (Adam, --dense-lr) steps them. 0: the
-    #   planner decides. --constraints and the token table's own constraints take precedence
+    #   all-to-all; DDP averages their gradients, then the sparse optimizer steps them. 0: the planner decides.
+    #   --constraints and the token table's own constraints take precedence
     resume: bool = False  # continue the run at --out from its latest checkpoint (same config but the budget)
     resume_from: str = ""  # a finished run of this stage on an earlier version of --data (iat-rec data append): start
     #   from its weights and optimizer state and train on the rows appended since

@@ -137,15 +137,24 @@ def snapshot_path(run: Path, step: int) -> Path:
     return Path(run) / "snapshots" / f"step_{step:08d}"
 
 
-def make_optimizer(model: DistributedModelParallel, lr: float) -> CombinedOptimizer:
-    """Fused sparse optimizers (applied in backward) of every trainable table, and Adam."""
-    dense = KeyedOptimizerWrapper(
-        dict(in_backward_optimizer_filter(model.named_parameters())),
-        lambda params: torch.optim.Adam(params, lr=lr),
-    )
+def make_optimizer(model: DistributedModelParallel, cfg: TrainConfig) -> CombinedOptimizer:
+    """Every trainable table gets the sparse optimizer (``--sparse-optimizer``, ``--sparse-lr``):
+    fused into the backward where the table is sharded, a plain step after DDP's all-reduce
+    where it is data-parallel, so where the planner puts a table does not change how it
+    learns. The dense parameters get Adam (``--dense-lr``)."""
+    from torchrec.distributed.types import ShardedModule
+
+    cls, kw = _sparse_optimizer(cfg.sparse_optimizer, cfg.sparse_lr)
+    sharded = tuple(path for path, m in model.module.named_modules() if isinstance(m, ShardedModule))
+    loose = dict(in_backward_optimizer_filter(model.named_parameters()))  # no fused optimizer of their own
+    replicated = {k: p for k, p in loose.items() if ckpt.under(k, sharded)}
+    dense = {k: p for k, p in loose.items() if k not in replicated}
     frozen = frozen_tables(model)
-    fused = [(key, opt) for key, opt in model.fused_optimizer.optimizers if not ckpt.under(key, frozen)]
-    return CombinedOptimizer(fused + [dense])
+    parts = [(key, opt) for key, opt in model.fused_optimizer.optimizers if not ckpt.under(key, frozen)]
+    if replicated:
+        parts.append(KeyedOptimizerWrapper(replicated, lambda params: cls(params, **kw)))
+    parts.append(KeyedOptimizerWrapper(dense, lambda params: torch.optim.Adam(params, lr=cfg.dense_lr)))
+    return CombinedOptimizer(parts)
 
 
 @dataclasses.dataclass
