@@ -33,6 +33,16 @@ def test_same_seed_same_fingerprint(log, tmp_path):
     assert other.fingerprint != log.fingerprint
 
 
+@pytest.mark.parametrize("label", ["click", "seen-before"])
+def test_worker_processes_write_the_same_log(tmp_path, label):
+    """Chunks of 1024 users simulated in 2 worker processes give the one-process log, byte for
+    byte (3 chunks: the pool's order is the chunks' order)."""
+    args = dict(users=2100, mean_instances=5, seed=4, label=label)
+    one = synth.generate(tmp_path / "one", **args)
+    two = synth.generate(tmp_path / "two", **args, workers=2)
+    assert two.fingerprint == one.fingerprint and one.rows > 0
+
+
 def test_schema(log):
     s = log.schema
     assert len(s.sparse) >= 20

@@ -95,7 +95,8 @@ Determinism: the world comes from ``default_rng([seed, 0])``, per-user draws fro
 ``default_rng([seed, 1])`` and rows of users ``[c * CHUNK_USERS, (c + 1) * CHUNK_USERS)``
 from ``default_rng([seed, 2, c])`` (seen-before items from ``default_rng([seed, 3, c])``,
 so click-mode output is unchanged by that mode's existence); the same arguments give
-byte-identical columns.
+byte-identical columns, with any number of ``workers`` (chunks are simulated in worker
+processes and written in chunk order).
 Memory: every column is preallocated once (~220 bytes per row) and filled chunk by chunk,
 so 10M rows need a few GiB (the writer's sort and copies included).
 """
@@ -103,9 +104,14 @@ so 10M rows need a few GiB (the writer's sort and copies included).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import multiprocessing as mp
+import os
 import sys
 import time
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -616,9 +622,30 @@ def user_keys(n_users: int) -> np.ndarray:
     return np.array([f"u{i:0{width}d}" for i in range(n_users)])
 
 
-def build_columns(cfg: SynthConfig, progress: bool | None = None, hidden: dict | None = None) -> Columns:
+# a worker's copy of the world and the users, set once per process by _init_worker
+_SHARED: dict = {}
+
+
+def _init_worker(cfg: SynthConfig, world: _World, us: _Users) -> None:
+    _SHARED.update(cfg=cfg, world=world, us=us)
+
+
+def _chunk_in_worker(task: tuple[int, int, int]) -> dict:
+    lo, hi, chunk = task
+    return _simulate_chunk(_SHARED["cfg"], _SHARED["world"], _SHARED["us"], lo, hi, chunk)
+
+
+def default_workers() -> int:
+    """The cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def build_columns(
+    cfg: SynthConfig, progress: bool | None = None, hidden: dict | None = None, workers: int = 1
+) -> Columns:
     """Simulates every user; rows come out sorted by (user, ts). ``hidden`` (a dict) receives the
-    hidden state ``z`` [N, k] and true click probability ``p_click`` [N] aligned with the rows."""
+    hidden state ``z`` [N, k] and true click probability ``p_click`` [N] aligned with the rows.
+    ``workers`` > 1 simulates chunks in that many processes (the same columns, byte for byte)."""
     world = _make_world(cfg)
     us = _make_users(cfg, world)
     schema = synth_schema(cfg)
@@ -636,27 +663,39 @@ def build_columns(cfg: SynthConfig, progress: bool | None = None, hidden: dict |
     if hidden is not None:
         hidden["z"] = np.empty((rows, cfg.latent_dim), np.float32)
         hidden["p_click"] = np.empty(rows, np.float32)
-    starts = range(0, cfg.users, CHUNK_USERS)
-    if progress is None:
-        progress = rows >= 2_000_000
-    if progress:
-        from tqdm import tqdm
+    tasks = [(lo, min(lo + CHUNK_USERS, cfg.users), c) for c, lo in enumerate(range(0, cfg.users, CHUNK_USERS))]
+    workers = max(1, min(workers, len(tasks)))
+    with contextlib.ExitStack() as stack:
+        if workers == 1:
+            chunks: Iterable[dict] = (_simulate_chunk(cfg, world, us, lo, hi, c) for lo, hi, c in tasks)
+        else:  # spawn: a clean interpreter per worker, whatever threads this process runs
+            pool = stack.enter_context(
+                ProcessPoolExecutor(workers, mp.get_context("spawn"), _init_worker, (cfg, world, us))
+            )
+            chunks = pool.map(_chunk_in_worker, tasks)  # in task order
+        if progress is None:
+            progress = rows >= 2_000_000
+        if progress:
+            from tqdm import tqdm
 
-        starts = tqdm(starts, desc="synth", unit="chunk", file=sys.stderr)
-    row = 0
-    for c, lo in enumerate(starts):
-        hi = min(lo + CHUNK_USERS, cfg.users)
-        out = _simulate_chunk(cfg, world, us, lo, hi, c)
-        sl = slice(row, row + len(out["ts"]))
-        cols.user[sl], cols.ts[sl] = out["user"], out["ts"]
-        cols.labels[sl], cols.label_time[sl], cols.dense[sl] = out["labels"], out["label_time"], out["dense"]
-        for name, ids in out["sparse"].items():
-            cols.sparse[name][sl] = ids
-        if hidden is not None:
-            hidden["z"][sl], hidden["p_click"][sl] = out["z"], out["p_click"]
-        row = sl.stop
+            chunks = tqdm(chunks, total=len(tasks), desc=f"synth ({workers} proc)", unit="chunk", file=sys.stderr)
+        row = 0
+        for out in chunks:
+            _store(cols, hidden, row, out)
+            row += len(out["ts"])
     assert row == rows
     return cols
+
+
+def _store(cols: Columns, hidden: dict | None, row: int, out: dict) -> None:
+    """Writes one chunk's columns at ``row``."""
+    sl = slice(row, row + len(out["ts"]))
+    cols.user[sl], cols.ts[sl] = out["user"], out["ts"]
+    cols.labels[sl], cols.label_time[sl], cols.dense[sl] = out["labels"], out["label_time"], out["dense"]
+    for name, ids in out["sparse"].items():
+        cols.sparse[name][sl] = ids
+    if hidden is not None:
+        hidden["z"][sl], hidden["p_click"][sl] = out["z"], out["p_click"]
 
 
 def generate(
@@ -672,11 +711,13 @@ def generate(
     progress: bool | None = None,
     label: str = "click",
     history_len: int = 128,
+    workers: int = 1,
 ) -> InstanceLog:
     """Writes a synthetic instance log to ``out`` (atomically) and returns it.
 
     ``label``: "click" (tasks click and conversion) or "seen-before" (one task ``seen_before``,
     checked against the last ``history_len`` strictly-earlier instances; see the module docstring).
+    ``workers``: processes simulating chunks of users (the same log, byte for byte).
     """
     cfg = SynthConfig(
         users=users,
@@ -690,7 +731,7 @@ def generate(
         label=label,
         history_len=history_len,
     )
-    cols = build_columns(cfg, progress=progress)
+    cols = build_columns(cfg, progress=progress, workers=workers)
     return write_instance_log(out, synth_schema(cfg), cols, source=cfg.describe())
 
 
@@ -727,7 +768,15 @@ def cli(argv: list[str]) -> int:
         default=None,
         help="progress bar (default: on for >= 2M rows)",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help="processes simulating chunks of 1024 users; the log is the same for any number (default: every core)",
+    )
     a = p.parse_args(argv)
+    if a.workers < 1:
+        raise IatError(f"--workers must be >= 1, not {a.workers}")
     check_log_out(a.out, a.overwrite)
     t = time.perf_counter()
     log = generate(
@@ -743,6 +792,7 @@ def cli(argv: list[str]) -> int:
         progress=a.progress,
         label=a.label,
         history_len=a.history_len,
+        workers=a.workers,
     )
     print(
         f"synth: {log.rows:,} rows, {log.users:,} users -> {log.path} "
