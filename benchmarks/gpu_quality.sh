@@ -35,6 +35,6 @@ for work in "${!logs[@]}"; do  # every seed's report of the variants that ran, w
   VARIANTS=${v:-${VARIANTS:-}} timeout 120 benchmarks/quality.sh "${logs[$work]}" "$work" --report-only > "$work.report.log" 2>&1 || tail -2 "$work.report.log"
 done
 cd "$Q" && find . \( -name report.md -o -name results.json -o -name '*.png' -o -name '*.log' -o -name result.json \
-  -o -name metrics.json -o -name eval_history.json -o -name run.json -o -name manifest.json -o -path '*/seconds/*' \) -print0 \
+  -o -name metrics.json -o -name eval_history.json -o -name run.json -o -name manifest.json -o -name plan.json -o -path '*/seconds/*' \) -print0 \
   | tar --null -czf "${OUT:-/tmp}/quality.tgz" -T -
 for f in "$Q"/job*.log "$Q"/*.report.log; do echo "== $f"; grep -E "stage 1 done|stage 2 done|early stop|restored|real" "$f" | tail -12; done
