@@ -86,8 +86,8 @@ def instances_per_batch(cfg: CompressConfig) -> int:
 def plan_batch(cfg: CompressConfig) -> int:
     """The batch stage 1's planner is told: ``units_per_batch`` (windows in user order), as
     before --batch-size counted instances in both schemes. Told the instances, TorchRec's
-    planner makes the small feature tables data-parallel (dense kernel), and how the fused
-    row-wise optimizer then treats them is not verified yet (issue #18, data-parallel tables)."""
+    planner makes the small feature tables data-parallel (dense kernel): another plan, so
+    other random inits and results (ask for that with --replicate-rows)."""
     return units_per_batch(cfg)
 
 

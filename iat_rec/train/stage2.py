@@ -109,8 +109,8 @@ def build(cfg: Stage2Config, env: DistEnv, plan_out: Path | None, after: int | N
             else {}
         ),
     )
-    plan = _plan(model, env, cfg, stage1_plan)
     tokens = token_constraints(env.device.type) if hasattr(model, TOKENS_PATH) else None
+    plan = _plan(model, env, cfg, stage1_plan, tokens)
     dmp, _ = shard(model, env, cfg, plan_out=plan_out, plan=plan, extra_constraints=tokens)
     if table is not None and r.token_fetch == "ranges":
         dmp.module.token_rows.load(read_replica(table, env.device))
@@ -143,13 +143,15 @@ def read_replica(table: TokenTable, device: torch.device) -> torch.Tensor:
     return table.read_rows(0, table.rows).to(device)
 
 
-def _plan(model: Ranker, env: DistEnv, cfg: Stage2Config, stage1_plan: ShardingPlan | None) -> ShardingPlan | None:
-    """Stage-1 plan for the shared feature tables, plus a fresh plan for the new tables; None
-    without --stage1 (``shard`` plans the whole model, with --constraints and --replicate-rows)."""
+def _plan(
+    model: Ranker, env: DistEnv, cfg: Stage2Config, stage1_plan: ShardingPlan | None, constraints: dict | None
+) -> ShardingPlan | None:
+    """Stage-1 plan for the shared feature tables, plus a fresh plan (under ``constraints``) for
+    the new tables; None without --stage1 (``shard`` plans the whole model, with --constraints
+    and --replicate-rows)."""
     if stage1_plan is None:
         return None
     topology = build_topology(env.world_size, env.local_world_size, env.device.type, hbm_gb=cfg.hbm_gb or None)
-    constraints = token_constraints(env.device.type) if hasattr(model, TOKENS_PATH) else None
     holder = nn.Module()
     if hasattr(model, TOKENS_PATH):
         holder.add_module(TOKENS_PATH, model.tokens)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from iat_rec.batching.loaders import BatchDataset, EpochLoader
 from iat_rec.dist import checkpoint as ckpt
-from iat_rec.dist.atomic import write_json, write_text
+from iat_rec.dist.atomic import read_json, write_json, write_text
 from iat_rec.dist.env import DistEnv, run_ranks
 from iat_rec.errors import IatError
 from iat_rec.eval.metrics import EvalMetrics
@@ -95,10 +95,9 @@ def shard(
         topology = build_topology(env.world_size, env.local_world_size, env.device.type, hbm_gb=cfg.hbm_gb or None)
         constraints = dict(extra_constraints or {})
         if cfg.constraints:
-            path = Path(cfg.constraints)
-            if not path.is_file():
-                raise IatError(f"constraints file not found: {path}")
-            constraints.update(parse_constraints(json.loads(path.read_text())))
+            constraints.update(
+                parse_constraints(read_json(cfg.constraints, f"constraints file not found: {cfg.constraints}"))
+            )
         constraints = placement_constraints(module_table_configs(model), cfg.replicate_rows, constraints)
         plan = make_plan(model, topology, plan_batch or cfg.batch_size, constraints, pg=dist.group.WORLD)
     if env.is_main and plan_out is not None:
@@ -502,8 +501,8 @@ def check_resume_from(cfg: TrainConfig, stage: str, log) -> dict:
 
 def check_same_sharding(plan, earlier, run: str, frozen: tuple[str, ...] = ()) -> None:
     """Refuses a plan whose tables are sharded otherwise (type, kernel, column shards) than
-    ``earlier``'s: their optimizer state (fused row-wise Adagrad, or a data-parallel table's
-    Adam) would not load."""
+    ``earlier``'s: their optimizer state (fused in the kernel, or a plain optimizer's for a
+    data-parallel table) would not load."""
 
     def shape(p) -> dict:
         out = {}
