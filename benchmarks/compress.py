@@ -21,6 +21,7 @@ from typing import Any
 
 from benchmarks import common
 from iat_rec.data.instance_log import time_split
+from iat_rec.tables import TABLE_DTYPES
 from iat_rec.train.config import CompressConfig, ModelConfig
 from iat_rec.train.stage1 import build_compressor, instances_per_batch, make_dataset, plan_batch, units_per_batch
 from iat_rec.train.trainer import make_optimizer, shard
@@ -37,8 +38,10 @@ def measure_scheme(
     batches: int = 8,
     bf16: bool = False,
     constraints: str = "",
+    replicate_rows: int = 0,
 ) -> dict[str, Any]:
-    """``constraints``: a planner constraints JSON file (TrainConfig.constraints), "" for the planner's choice."""
+    """``constraints``: a planner constraints JSON file (TrainConfig.constraints), "" for the planner's choice;
+    ``replicate_rows``: tables of at most this many rows data-parallel (TrainConfig.replicate_rows)."""
     cfg = CompressConfig(
         data=str(log.path),
         out=str(run.work / f"run-{scheme}"),
@@ -48,6 +51,7 @@ def measure_scheme(
         model=model_cfg,
         device=run.device.type,
         constraints=constraints,
+        replicate_rows=replicate_rows,
     )
     ds = make_dataset(log, time_split(log, cfg.split)["train"], cfg, env.rank, env.world_size)
     cached = common.cached_batches(ds, batches, run.device)
@@ -90,6 +94,7 @@ def model_config(args) -> ModelConfig:
         m.emb_dim = args.emb_dim
     if args.hidden:
         m.hidden = args.hidden
+    m.table_dtype = args.table_dtype
     return m
 
 
@@ -102,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=None, help="the base ranker's hidden width (default: ModelConfig's)")
     p.add_argument("--schemes", default="temporal,user")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast for the forward")
+    p.add_argument("--table-dtype", default="fp32", choices=sorted(TABLE_DTYPES), help="the feature tables' weights")
+    p.add_argument("--replicate-rows", type=int, default=0, help="tables of at most N rows data-parallel (0: planner)")
     args = p.parse_args(argv)
     with common.bench_run("compress", args, warmup=(2, 10)) as run, common.dist_env(run.device) as env:
         tiny = run.tiny
@@ -111,7 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         log = common.synth_log(run, "compress", users, 40 if tiny else 100)
         model_cfg = model_config(args)
         schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
-        rows = [measure_scheme(run, env, log, s, instances, window, model_cfg, bf16=args.bf16) for s in schemes]
+        rows = [
+            measure_scheme(
+                run, env, log, s, instances, window, model_cfg, bf16=args.bf16, replicate_rows=args.replicate_rows
+            )
+            for s in schemes
+        ]
         config = {
             "instances_per_step": instances,
             "window": window,
@@ -120,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": vars(model_cfg),
             "schemes": schemes,
             "bf16": args.bf16,
+            "replicate_rows": args.replicate_rows,
             "batches": "cached, pinned, cycled",
         }
         by = {r["case"]: r for r in rows}

@@ -13,7 +13,7 @@ Two table sets, both sharded by the project's ``iat_rec.train.trainer.shard`` (T
   synthetic vocabularies are small, so these tables sit in L2: a real-workload figure, not
   a roofline one.
 * ``wide``: ``--tables`` tables named after the stage-1 features, ``--rows`` x ``--dim``
-  fp32 each, ``--pooling`` uniform random ids per feature and sample: the tables dwarf L2,
+  each, ``--pooling`` uniform random ids per feature and sample: the tables dwarf L2,
   so the kernel streams rows from HBM. The TBE target (>= 60% of copy) applies here.
 
 ``pipelined_step`` is the same fused forward + backward inside the trainer's real step:
@@ -25,7 +25,8 @@ against the whole step: the TBE in the pipelined step (issue #18's ``tbe_copy_ra
 Effective bytes (FBGEMM's convention, fp32 pooled outputs): forward = lookups x D x w +
 B x T x D x 4 (rows read, pooled output written); forward + backward adds B x T x D x 4
 (output gradient read) and 2 x lookups x D x w (rows read and written by the fused update);
-the optimizer's one float per row and the index sort are not counted.
+the optimizer's one float per row and the index sort are not counted. ``w`` is the weights'
+bytes: 4, or 2 with ``--weights fp16`` (both sets; FBGEMM's update rounds stochastically).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from iat_rec.batching.batch import PipelineableMixin
 from iat_rec.batching.loaders import BatchDataset, time_order
 from iat_rec.data.instance_log import time_split
 from iat_rec.data.synth import synth_schema
-from iat_rec.tables import model_tables
+from iat_rec.tables import DATA_TYPE_NUM_BITS, TABLE_DTYPES, model_tables
 from iat_rec.train.config import TrainConfig
 from iat_rec.train.trainer import make_optimizer, shard
 
@@ -86,10 +87,15 @@ class TableSet:
     batch: int
 
 
-def wide_tables(n: int, rows: int, dim: int) -> list[EmbeddingBagConfig]:
+def wide_tables(n: int, rows: int, dim: int, dtype: str = "fp32") -> list[EmbeddingBagConfig]:
     names = [f.name for f in synth_schema().sparse]
     names = [names[i % len(names)] + (f"_{i // len(names)}" if i >= len(names) else "") for i in range(n)]
-    return [EmbeddingBagConfig(name=f"t_{f}", feature_names=[f], num_embeddings=rows, embedding_dim=dim) for f in names]
+    return [
+        EmbeddingBagConfig(
+            name=f"t_{f}", feature_names=[f], num_embeddings=rows, embedding_dim=dim, data_type=TABLE_DTYPES[dtype]
+        )
+        for f in names
+    ]
 
 
 def random_kjt(tables: list[EmbeddingBagConfig], batch: int, pooling: int, gen: torch.Generator) -> KeyedJaggedTensor:
@@ -112,7 +118,7 @@ def measure(run: common.Run, env, ts: TableSet, optimizer: str) -> list[dict[str
     kjts = ts.kjts
     lookups = sum(int(k.values().numel()) for k in kjts) / len(kjts)
     pooled = ts.batch * sum(t.embedding_dim for t in ts.tables)  # B x T x D
-    w = 4  # fp32 weights
+    w = DATA_TYPE_NUM_BITS[ts.tables[0].data_type] // 8  # bytes per weight (fp32 4, fp16 2)
     state = {"i": 0}
 
     def next_kjt() -> KeyedJaggedTensor:
@@ -196,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--users", type=int, default=None, help="stage1 set: synthetic users (default 2000; tiny 60)")
     p.add_argument("--optimizer", default="rowwise_adagrad", help="fused sparse optimizer (the trainer's default)")
     p.add_argument("--sets", default="stage1,wide", help="comma list of table sets: stage1, wide")
+    p.add_argument("--weights", default="fp32", choices=sorted(TABLE_DTYPES), help="the tables' weights dtype")
     args = p.parse_args(argv)
     with common.bench_run("tbe", args) as run, common.dist_env(run.device) as env:
         tiny = run.tiny
@@ -209,13 +216,13 @@ def main(argv: list[str] | None = None) -> int:
         sets = [s.strip() for s in args.sets.split(",") if s.strip()]
         gen = torch.Generator().manual_seed(args.seed)
         results: list[dict[str, Any]] = []
-        config: dict[str, Any] = {"batch": batch, "optimizer": args.optimizer, "sets": sets}
+        config: dict[str, Any] = {"batch": batch, "optimizer": args.optimizer, "sets": sets, "weights": args.weights}
         if "stage1" in sets:
             log = common.synth_log(run, "tbe", users, 40 if tiny else 100)
             rows_ = time_order(log, time_split(log)["train"])
             ds = BatchDataset(log, rows_, batch)
             kjts = [b.sparse.to(run.device) for b in common.cached_batches(ds, 4, run.device)]
-            tables = model_tables(log.schema, emb_dim)[0]
+            tables = model_tables(log.schema, emb_dim, dtype=args.weights)[0]
             results += measure(run, env, TableSet("stage1", tables, kjts, batch), args.optimizer)
             config["stage1"] = {
                 "log_rows": log.rows,
@@ -225,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rows_per_table": {t.name: t.num_embeddings for t in tables},
             }
         if "wide" in sets:
-            tables = wide_tables(n_tables, rows, dim)
+            tables = wide_tables(n_tables, rows, dim, args.weights)
             kjts = [random_kjt(tables, batch, pooling, gen).to(run.device) for _ in range(4)]
             results += measure(run, env, TableSet("wide", tables, kjts, batch), args.optimizer)
             config["wide"] = {
@@ -233,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rows": rows,
                 "dim": dim,
                 "pooling": pooling,
-                "table_bytes": n_tables * rows * dim * 4,
+                "table_bytes": n_tables * rows * dim * DATA_TYPE_NUM_BITS[tables[0].data_type] // 8,
             }
         summary = []
         for r in results:

@@ -65,6 +65,15 @@ def test_tbe(tmp_path):
     assert rows["wide/pipelined_step"]["bytes_per_step"] == rows["wide/forward_backward"]["bytes_per_step"]
 
 
+def test_tbe_fp16_weights_count_half_the_row_bytes(tmp_path):
+    fp32 = cases(bench("tbe", tmp_path / "a", *"--sets wide".split()))["wide/forward"]
+    data = bench("tbe", tmp_path / "b", *"--sets wide --weights fp16".split())
+    fp16 = cases(data)["wide/forward"]
+    pooled_out = fp32["bytes_per_step"] - fp32["lookups_per_step"] * fp32["dim"] * 4  # B x T x D x 4, unchanged
+    assert fp16["bytes_per_step"] == fp32["lookups_per_step"] * fp32["dim"] * 2 + pooled_out
+    assert data["config"]["wide"]["table_bytes"] == fp16["rows_total"] * fp16["dim"] * 2
+
+
 def test_compress(tmp_path):
     rows = cases(bench("compress", tmp_path))
     assert set(rows) == {"temporal", "user"}
@@ -74,6 +83,14 @@ def test_compress(tmp_path):
     )
     assert 0 < rows["user"]["valid_fraction"] <= 1
     assert all(r["dense_flops_fwd"] > 0 and r["dense_mfu"] > 0 for r in rows.values())
+
+
+def test_compress_replicated_small_tables_and_fp16_weights(tmp_path):
+    rows = cases(bench("compress", tmp_path / "a", *"--schemes temporal --replicate-rows 32".split()))
+    assert "data_parallel/dense" in rows["temporal"]["plan"]
+    data = bench("compress", tmp_path / "b", *"--schemes temporal --table-dtype fp16".split())
+    assert data["config"]["model"]["table_dtype"] == "fp16"
+    assert "data_parallel/dense" not in cases(data)["temporal"]["plan"]
 
 
 def test_fetch(tmp_path):
