@@ -18,8 +18,15 @@ declare -A STEPS=(
   [rank-before]="rank --history iat --bf16 --no-reader-only"
   [compress-before]="compress"
   [tbe]="tbe"
+  # the #18 options beside the steps above (not target sources): fp16 table weights, replicated small tables,
+  # pre-projected side info
+  [tbe-fp16]="tbe --weights fp16"
+  [compress-fp16]="compress --batch 32768 --bf16 --table-dtype fp16"
+  [compress-replicated]="compress --batch 32768 --bf16 --replicate-rows 64"
+  [rank-pre]="rank --history iat --token-fetch ranges --bf16 --compile --reader-heads 1 --no-reader-only --pre-project"
 )
 ORDER="fetch rank-fast rank-fast-h1 compress-fast rank-d128 rank-before compress-before tbe"
+ORDER="$ORDER tbe-fp16 compress-fp16 compress-replicated rank-pre"
 for name in ${ONLY:-$ORDER}; do
   echo "== $name: iat-rec bench ${STEPS[$name]}"
   start=$(date +%s)
