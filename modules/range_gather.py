@@ -101,38 +101,39 @@ def split_at_bounds(
     return req, owner, start, n, start - first[req]
 
 
+def _spans(start: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """The concatenated ``arange(start_i, start_i + n_i)``."""
+    total = int(n.sum())
+    base = torch.repeat_interleave(start - (torch.cumsum(n, 0) - n), n, output_size=total)
+    return base + torch.arange(total, device=n.device)
+
+
+def _all_to_all(send: torch.Tensor, send_counts: torch.Tensor, recv_counts: torch.Tensor) -> torch.Tensor:
+    out = send.new_empty((int(recv_counts.sum()), *send.shape[1:]))
+    dist.all_to_all_single(out, send.contiguous(), recv_counts.tolist(), send_counts.tolist())
+    return out
+
+
 def exchange_ranges(
     shard: torch.Tensor, bounds: torch.Tensor, first: torch.Tensor, length: torch.Tensor, max_len: int
 ) -> torch.Tensor:
     """Collective: ``range_gather`` of the whole table, where this rank holds rows
-    ``[bounds[rank], bounds[rank + 1])`` as ``shard``. Every rank calls it once per batch.
-
-    Rows travel as blocks: the owner range-gathers each piece asked of it into a zero-padded
-    ``[max_len, dim]`` block (the Triton kernel on CUDA), and the asker copies each block to its
-    request whole. Only the rare requests cut at a bound are placed row by row. The blocks
-    carry padding on the wire (max_len against the mean length), which buys block copies in
-    place of a gather and a scatter by row index (benchmarks/NOTES.md 25 and 27)."""
-    world, dim = bounds.numel() - 1, shard.shape[1]
+    ``[bounds[rank], bounds[rank + 1])`` as ``shard``. Every rank calls it once per batch."""
+    world = bounds.numel() - 1
     first, length = first.long(), length.long()
     req, owner, start, n, offset = split_at_bounds(bounds, first, length)
-    send = torch.bincount(owner, minlength=world)
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send)
-    send_sizes, recv_sizes = torch.stack([send, recv]).tolist()  # the split sizes: one host sync
-    asked = send.new_empty(sum(recv_sizes), 2)  # (local start, length) of each piece asked of this rank
-    dist.all_to_all_single(asked, torch.stack([start - bounds[owner], n], 1), recv_sizes, send_sizes)
-    blocks = range_gather(shard, asked[:, 0], asked[:, 1], max_len)
-    got = blocks.new_empty(req.numel(), max_len, dim)
-    dist.all_to_all_single(got, blocks, send_sizes, recv_sizes)
-    out = got.new_zeros(first.numel(), max_len, dim)
-    out.index_copy_(0, req, got)  # a piece that is its request's whole range: most of them
-    cut = ((offset > 0) | (n < length[req])).nonzero().squeeze(1)  # pieces of requests cut at a bound
-    if cut.numel():
-        r, t = req[cut], torch.arange(max_len, device=got.device)
-        out[r] = 0  # index_copy_ above wrote one of their pieces whole
-        keep = t[None, :] < n[cut][:, None]
-        out[r[:, None].expand(-1, max_len)[keep], (offset[cut][:, None] + t[None, :])[keep]] = got[cut][keep]
-    return out
+    send_pieces = torch.bincount(owner, minlength=world)
+    recv_pieces = torch.empty_like(send_pieces)
+    dist.all_to_all_single(recv_pieces, send_pieces)
+    asked = _all_to_all(torch.stack([start - bounds[owner], n], 1), send_pieces, recv_pieces)  # (local start, n)
+    rows_out = torch.zeros(world, dtype=torch.long, device=n.device).index_add_(
+        0, torch.repeat_interleave(torch.arange(world, device=n.device), recv_pieces), asked[:, 1]
+    )
+    rows_back = torch.zeros(world, dtype=torch.long, device=n.device).index_add_(0, owner, n)
+    got = _all_to_all(shard[_spans(asked[:, 0], asked[:, 1])], rows_out, rows_back)
+    out = shard.new_zeros(first.numel() * max_len, shard.shape[1])
+    out[_spans(req * max_len + offset, n)] = got
+    return out.view(first.numel(), max_len, shard.shape[1])
 
 
 class RangeTokenTable(nn.Module):
