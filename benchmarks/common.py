@@ -623,19 +623,6 @@ def plan_summary(plan) -> dict[str, str]:
     return out
 
 
-class Autocast(torch.nn.Module):
-    """Runs the wrapped model's forward under bf16 autocast (the backward follows its dtypes)."""
-
-    def __init__(self, inner: torch.nn.Module, device_type: str):
-        super().__init__()
-        self.inner = inner
-        self.device_type = device_type
-
-    def forward(self, batch):
-        with torch.autocast(device_type=self.device_type, dtype=torch.bfloat16):
-            return self.inner(batch)
-
-
 def write_constraints(run: Run, name: str, spec: dict[str, dict]) -> str:
     """A constraints JSON file (what TrainConfig.constraints reads) in the work directory."""
     path = run.work / f"constraints-{name}.json"

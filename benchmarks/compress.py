@@ -11,7 +11,7 @@ before timing (pinned on CUDA) and cycled, so the figure is the GPU step, not th
 temporal ``--batch`` instances, user order ``--batch / --window`` windows of ``--window``
 (rows past a user's last instance are padding with weight 0; ``valid_fraction`` says how many
 rows are real). ``dense_mfu``: forward FLOPs of every ``nn.Linear`` (counted by hooks over
-one forward) x 3 / step time / bf16 matmul peak of the same run (``--bf16`` for autocast).
+one forward) x 3 / step time / bf16 matmul peak of the same run (``--bf16``: the trainer's ``--bf16``).
 """
 
 from __future__ import annotations
@@ -52,13 +52,12 @@ def measure_scheme(
         device=run.device.type,
         constraints=constraints,
         replicate_rows=replicate_rows,
+        bf16=bf16,
     )
     ds = make_dataset(log, time_split(log, cfg.split)["train"], cfg, env.rank, env.world_size)
     cached = common.cached_batches(ds, batches, run.device)
     valid = sum(float(b.weights.sum()) for b in cached) / sum(b.weights.numel() for b in cached)
     model = build_compressor(log, cfg)
-    if bf16:
-        model = common.Autocast(model, run.device.type)
     dmp, plan = shard(model, env, cfg, plan_out=None, plan_batch=plan_batch(cfg))
     opt = make_optimizer(dmp, cfg)
     flops = common.linear_flops(dmp, cached[0], run.device)
@@ -106,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--emb-dim", type=int, default=None, help="feature embedding dim (default: ModelConfig's)")
     p.add_argument("--hidden", type=int, default=None, help="the base ranker's hidden width (default: ModelConfig's)")
     p.add_argument("--schemes", default="temporal,user")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast for the forward")
+    p.add_argument(
+        "--bf16", action=argparse.BooleanOptionalAction, default=False, help="the trainer's --bf16 (dense part in bf16)"
+    )
     p.add_argument("--table-dtype", default="fp32", choices=sorted(TABLE_DTYPES), help="the feature tables' weights")
     p.add_argument("--replicate-rows", type=int, default=0, help="tables of at most N rows data-parallel (0: planner)")
     args = p.parse_args(argv)

@@ -189,8 +189,10 @@ class Compressor(nn.Module):
         side_tasks: int = 0,  # label columns of the SIT's side info (cfg.sit_labels)
         reconstruct: float = 0.0,  # weight of the InstanceReconstruction loss (0: off)
         reconstruct_features: tuple[str, ...] = (),  # the sparse features it recovers
+        bf16: bool = False,  # the dense part under bf16 autocast; tokens, logits and the loss in fp32
     ):
         super().__init__()
+        self.bf16 = bf16
         self.base = BaseRanker(tables, dense_in, cfg)
         self.bottleneck = Bottleneck(cfg.hidden, cfg.iat_dim, cfg.bottleneck_act)
         self.window, self.prefix_len = window, prefix_len
@@ -245,10 +247,23 @@ class Compressor(nn.Module):
 
     def token(self, pooled: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         """The instance token from the pooled feature embeddings (bag-then-shared feature order)
-        and the dense features: everything after the lookups, also served by ``iat_rec.tokens.online``."""
-        return self.bottleneck(self.base.interaction(self.base.group_features(pooled, dense)))
+        and the dense features: everything after the lookups, also served by ``iat_rec.tokens.online``.
+        In fp32 whatever ``bf16`` computes in, so the token table's bytes mean one thing."""
+        with self._autocast():
+            token = self.bottleneck(self.base.interaction(self.base.group_features(pooled, dense)))
+        return token.float()
+
+    def _autocast(self):
+        # the device from a parameter, not from an input: TorchRec's pipeline traces this forward
+        # with fx, where an input's device is a proxy and autocast needs a str
+        device = next(self.bottleneck.parameters()).device.type  # the bottleneck: serving keeps it
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=self.bf16)
 
     def logits(self, batch: Batch, token: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self._logits(batch, token).float()
+
+    def _logits(self, batch: Batch, token: torch.Tensor) -> torch.Tensor:
         if self.sit is not None:
             w = self.window
             valid = batch.weights.view(-1, w) > 0

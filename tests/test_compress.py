@@ -249,3 +249,35 @@ def test_small_tables_replicated_train_in_sync_with_the_dense_optimizer(tiny_log
         assert set(rank["replicated"]) == small and len(small) == 12, rank["replicated"]
         assert rank == {**rank, "same_on_every_rank": True, "trained": True, "sparse_optimizer_state": True}
         assert not any(t in k for t in small for k in rank["fused"]), rank["fused"]
+
+
+def bf16_against_fp32(env: DistEnv, data: str, scheme: str) -> dict:
+    """On one rank (run by on_ranks): one sharded compressor built with --bf16, run on one
+    batch with its bf16 switch off and on; per output (token, logits, loss) its dtype with
+    bf16, and how far the two results are apart."""
+    log = InstanceLog(data)
+    cfg = CompressConfig(data=data, scheme=scheme, window=8, batch_size=64, bf16=True)
+    cfg.device = "cpu"
+    dmp, _ = shard(build_compressor(log, cfg), env, cfg, plan_out=None)
+    model, batch = dmp.module, make_dataset(log, time_split(log)["train"], cfg, 0, 1)[0]
+    built, out = model.bf16, {}
+    with torch.no_grad():
+        for bf16 in (False, True):
+            model.bf16 = bf16
+            loss, (_, logits, *_) = model(batch)
+            out[bf16] = {"token": model.encode(batch), "logits": logits, "loss": loss}
+    return {
+        k: {"dtype": str(out[True][k].dtype), "max_diff": float((out[True][k] - out[False][k]).abs().max())}
+        for k in out[True]
+    } | {"built_bf16": built}
+
+
+@pytest.mark.parametrize("scheme", ["temporal", "user"])
+def test_bf16_runs_the_dense_part_in_bf16_and_keeps_tokens_and_loss_fp32(tiny_log, scheme):
+    """--bf16: the same weights give fp32 tokens, logits and loss that differ from fp32's by
+    bf16 rounding only (so autocast is on, and nothing else changed)."""
+    got = on_ranks(bf16_against_fp32, tiny_log, scheme, nproc=1)[0]
+    assert got.pop("built_bf16") is True
+    for what, r in got.items():
+        assert r["dtype"] == "torch.float32", (what, r)
+        assert 0 < r["max_diff"] < 0.05, (what, r)

@@ -257,3 +257,13 @@ def test_stage1_with_fp16_tables_learns_as_fp32(click_log, stage1, tmp_path):
     assert all(ps["sharding_type"] != "data_parallel" for ps in plan.values()), "fp16 tables are never Adam's"
     m, ref = valid(run), valid(stage1["temporal"])
     assert m["ne"] < 0.95 and m["auc"] >= ref["auc"] - 0.01, (m["auc"], ref["auc"])
+
+
+def test_stage1_in_bf16_learns_as_fp32(click_log, stage1, tmp_path):
+    """--bf16 (the dense part under bf16 autocast, tokens and loss fp32): user order, whose SIT
+    also runs in bf16, learns within 0.01 valid AUC of its fp32 run (same budget and seed)."""
+    run = tmp_path / "bf16"
+    args = [*"--scheme user --batch-size 256 --window 16 --bf16".split(), *BUDGET]
+    run_cli("compress", "--data", str(click_log), "--out", str(run), *args)
+    m, ref = valid(run), valid(stage1["user"])
+    assert m["ne"] < 0.95 and m["auc"] >= ref["auc"] - 0.01, (m["auc"], ref["auc"])

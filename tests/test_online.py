@@ -238,3 +238,18 @@ def test_requests_breaking_the_contract_and_damaged_artifacts_are_refused(run, o
         OnlineTokens(damaged)
     with pytest.raises(IatError, match="not an online compressor"):
         OnlineTokens(run)
+
+
+def test_a_bf16_run_serves_the_tokens_its_export_stored(run, tmp_path):
+    """A stage 1 trained with --bf16 encodes under bf16 autocast in export and in the served
+    module alike (Compressor.token), so the artifact gives the table's rows, not fp32's."""
+    log = InstanceLog(run.parent / "log")
+    bf16 = tmp_path / "run"
+    run_cli("compress", "--data", str(log.path), "--out", str(bf16), *STAGE1, "--bf16")
+    table = tmp_path / "tokens"
+    run_cli("export", "--stage1", str(bf16), "--out", str(table), *"--nproc 1 --tokens-from final".split())
+    run_cli("tokens", "compressor", "--stage1", str(bf16), "--out", str(tmp_path / "online"))
+    module = torch.export.load(str(tmp_path / "online" / "compressor.pt2")).module()
+    with torch.no_grad():
+        got = module(*inputs(log, np.arange(log.rows)))
+    torch.testing.assert_close(got, TokenTable(table).read_rows(0, log.rows).float(), **TIGHT)

@@ -83,6 +83,8 @@ class CompressConfig(TrainConfig):
     prefix: int = 64  # --stream: earlier tokens per window
     reconstruct: float = 0.1  # weight of the loss that keeps features recoverable from the token (0: off)
     reconstruct_features: tuple[str, ...] = ()  # default: the schema's sequence features, else every sparse one
+    bf16: bool = False  # the compressor's dense part (groups, interaction, bottleneck, SIT, heads) under bf16
+    #   autocast; the stored token and the loss stay fp32. Export and serving encode the same way
 
 
 def _field_type(cls, name: str):

@@ -38,6 +38,7 @@ def build_compressor(log: InstanceLog, cfg: CompressConfig, prefix_table: TokenT
         prefix_len=cfg.prefix,
         reconstruct=cfg.reconstruct,
         reconstruct_features=reconstructed(log.schema, cfg),
+        bf16=cfg.bf16,
     )
 
 
