@@ -16,7 +16,7 @@ import numpy as np
 from iat_rec.errors import IatError
 
 LABEL_UNKNOWN = 2  # side-info code of a label not yet available at request time
-GAP_BUCKETS = 64
+GAP_BUCKETS = 64  # at most 127: the buckets travel as int8
 
 
 class HistoryIndex:
@@ -79,11 +79,13 @@ def side_info(
     """Per history step: label codes (0/1, or LABEL_UNKNOWN until label_time < t) and gap bucket.
 
     ``rows`` are the concatenated history rows, ``length`` the rows per request, ``times`` the
-    request times. Returns (codes int64 [n, K], gap bucket int64 [n]).
+    request times. Returns (codes int8 [n, K], gap bucket int8 [n]): a stage-2 batch carries
+    them for B x T steps, so their width is most of what its loader workers move.
     """
     t = np.repeat(np.asarray(times, dtype=np.int64), length)
     known = np.asarray(label_time)[rows] < t[:, None]
-    codes = np.where(known, np.asarray(labels)[rows].astype(np.int64), LABEL_UNKNOWN)
-    gap = np.maximum(t - np.asarray(ts)[rows], 0)
-    bucket = np.minimum(np.floor(np.log2(gap + 1.0)).astype(np.int64), GAP_BUCKETS - 1)
+    codes = np.where(known, np.asarray(labels)[rows], LABEL_UNKNOWN).astype(np.int8)
+    gap = np.maximum(t - np.asarray(ts)[rows], 0) + 1
+    # floor(log2(gap + 1)), exact from the float's exponent: no rounding at powers of two
+    bucket = np.minimum(np.frexp(gap.astype(np.float64))[1] - 1, GAP_BUCKETS - 1).astype(np.int8)
     return codes, bucket

@@ -29,8 +29,8 @@ class Stage2Batch(Batch):
     # None where the model reads the token table by ranges (hist_first and the lengths suffice).
     history_ids: KeyedJaggedTensor | None
     hist_first: torch.Tensor  # int64 [B]: first token-table row of each history (its length: hist_valid.sum(1))
-    hist_labels: torch.Tensor  # int64 [B, T, K]: 0/1, or LABEL_UNKNOWN until label_time < t
-    hist_gap: torch.Tensor  # int64 [B, T]: log2 bucket of t - ts
+    hist_labels: torch.Tensor  # int8 [B, T, K]: 0/1, or LABEL_UNKNOWN until label_time < t
+    hist_gap: torch.Tensor  # int8 [B, T]: log2 bucket of t - ts
     hist_valid: torch.Tensor  # bool [B, T]
 
 
@@ -97,9 +97,9 @@ class Stage2BatchMaker:
         codes, gap = side_info(hist, length, times, self.source.labels, self.source.label_time, self.source.index.ts)
         b, t, k = len(rows), self.max_len, self.source.labels.shape[1]
         valid = np.arange(t)[None, :] < length[:, None]
-        hist_labels = np.zeros((b, t, k), dtype=np.int64)
+        hist_labels = np.zeros((b, t, k), dtype=np.int8)
         hist_labels[valid] = codes
-        hist_gap = np.zeros((b, t), dtype=np.int64)
+        hist_gap = np.zeros((b, t), dtype=np.int8)
         hist_gap[valid] = gap
         keys, values, lengths = [TOKEN_FEATURE], [hist], [length]
         if self.candidate:

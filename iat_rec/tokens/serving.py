@@ -84,7 +84,7 @@ class TokenStore:
         times = np.asarray(times, dtype=np.int64)
         first, length = index.ranges(index.user_index(np.asarray(users, dtype=str)), times, last)
         rows = expand_ranges(first, length)
-        codes, _ = side_info(rows, length, times, self.labels, self.label_time, self.ts)
+        codes = side_info(rows, length, times, self.labels, self.label_time, self.ts)[0].astype(np.int64)
         out, start = [], 0
         for user, t, n in zip(users, times, length):
             r = rows[start : start + n]
