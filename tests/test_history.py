@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iat_rec.batching.history import LABEL_UNKNOWN, HistoryIndex, expand_ranges, side_info
+from iat_rec.batching.history import GAP_BUCKETS, LABEL_UNKNOWN, HistoryIndex, expand_ranges, side_info
 
 
 def random_log(rng, users, max_rows):
@@ -76,3 +76,14 @@ def test_request_before_or_after_every_row():
     assert index.ranges(np.array([0]), np.array([10]), 5)[1].tolist() == [0]  # strictly earlier only
     first, length = index.ranges(np.array([0]), np.array([10**9]), 5)
     assert (first.tolist(), length.tolist()) == ([0], [2])
+
+
+def test_gap_bucket_is_floor_log2_of_gap_plus_one_exactly_at_powers_of_two():
+    """The bucket comes from the float's exponent: every gap below 5000 and each gap next to a
+    power of two up to 2^40 lands where integer arithmetic puts it (the top bucket holds the rest)."""
+    near = np.array([2**k + d for k in range(41) for d in (-2, -1, 0, 1)])
+    gap = np.unique(np.concatenate([np.arange(5000), near[near >= 1] - 1]))
+    n, t = len(gap), int(gap.max())  # one request at time t over rows at t - gap
+    _, bucket = side_info(np.arange(n), np.array([n]), np.array([t]), np.zeros((n, 1)), np.zeros((n, 1)), t - gap)
+    want = np.minimum([int(g + 1).bit_length() - 1 for g in gap], GAP_BUCKETS - 1)
+    assert bucket.dtype == np.int8 and np.array_equal(bucket, want)
