@@ -24,9 +24,11 @@ declare -A STEPS=(
   [compress-fp16]="compress --batch 32768 --bf16 --table-dtype fp16"
   [compress-replicated]="compress --batch 32768 --bf16 --replicate-rows 64"
   [rank-pre]="rank --history iat --token-fetch ranges --bf16 --compile --reader-heads 1 --no-reader-only --pre-project"
+  # the loader's 16 worker processes against the fast step (the target: 2x)
+  [loader-fast]="loader --token-fetch ranges --bf16 --compile --reader-heads 1 --workers 16"
 )
 ORDER="fetch rank-fast rank-fast-h1 compress-fast rank-d128 rank-before compress-before tbe"
-ORDER="$ORDER tbe-fp16 compress-fp16 compress-replicated rank-pre"
+ORDER="$ORDER tbe-fp16 compress-fp16 compress-replicated rank-pre loader-fast"
 for name in ${ONLY:-$ORDER}; do
   echo "== $name: iat-rec bench ${STEPS[$name]}"
   start=$(date +%s)
