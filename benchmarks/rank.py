@@ -54,18 +54,36 @@ def branches(history: str) -> int:
     return {"none": 0, "labels": 1, "iat": 1, "handcrafted": 1, "both": 2}[history]
 
 
-def step_reader_flops(r: RankerConfig, m: ModelConfig, batch: int) -> float:
-    """Forward FLOPs of the readers in one step (every branch reads the same T)."""
+def step_reader_flops(r: RankerConfig, m: ModelConfig, batches: list) -> float:
+    """Forward FLOPs the readers execute in one step, averaged over ``batches``: every branch
+    reads T steps, or each length bucket its own width (``hist_buckets``)."""
     if branches(r.history) == 0:
         return 0.0
-    return branches(r.history) * reader_flops(r.reader, batch, r.max_len, r.reader_dim, m.group_dim, **reader_kwargs(r))
+    kw = reader_kwargs(r)
+    total = 0.0
+    for b in batches:
+        start, buckets = 0, b.hist_buckets or ((len(b.ids), r.max_len),)
+        for end, width in buckets:
+            total += reader_flops(r.reader, end - start, width, r.reader_dim, m.group_dim, **kw)
+            start = end
+    return branches(r.history) * total / len(batches)
 
 
 def stage2_dataset(
-    log, history: str, batch: int, max_len: int, rank: int, world: int, seed: int, token_ids: bool = True
+    log,
+    history: str,
+    batch: int,
+    max_len: int,
+    rank: int,
+    world: int,
+    seed: int,
+    token_ids: bool = True,
+    length_bucket: int = 0,
 ) -> BatchDataset:
     seq = list(log.schema.sequence) if history in ("handcrafted", "both") else []
-    maker = Stage2BatchMaker(HistorySource.from_log(log, seq), max_len, same_log=True, token_ids=token_ids)
+    maker = Stage2BatchMaker(
+        HistorySource.from_log(log, seq), max_len, same_log=True, token_ids=token_ids, length_bucket=length_bucket
+    )
     return BatchDataset(log, time_split(log)["train"], batch, rank, world, shuffle=True, seed=seed, make=maker)
 
 
@@ -134,7 +152,17 @@ def build_case(
     if ranges:  # the replicated table of --token-fetch ranges: random rows, as the lookup's
         rows = torch.empty(log.rows, token_dim, device=run.device).uniform_(-1, 1)
         ranker_model.token_rows.load(rows)
-    ds = stage2_dataset(log, history, batch, r.max_len, env.rank, env.world_size, run.args.seed, token_ids=not ranges)
+    ds = stage2_dataset(
+        log,
+        history,
+        batch,
+        r.max_len,
+        env.rank,
+        env.world_size,
+        run.args.seed,
+        token_ids=not ranges,
+        length_bucket=r.length_bucket,
+    )
     cached = common.cached_batches(ds, batches, run.device)
     mean_len = float(np.mean([b.hist_valid.float().sum(1).mean().item() for b in cached]))
     return Stage2Case(
@@ -154,7 +182,7 @@ def measure_case(run: common.Run, case: Stage2Case) -> dict[str, Any]:
     dense = common.linear_flops(case.model, case.batches[0], run.device)
     common.reset_peak_memory(run.device)
     timing, pipelined = common.time_train_pipeline(run, case.name, case.model, case.optimizer, case.batches)
-    flops = step_reader_flops(case.ranker, case.model_cfg, case.batch)
+    flops = step_reader_flops(case.ranker, case.model_cfg, case.batches)
     step_s = timing.median_ms * 1e-3
     reader_tflops = 3 * flops / step_s / 1e12 if flops else None
     return common.row(
@@ -231,6 +259,9 @@ def add_model_flags(p) -> None:
     p.add_argument(
         "--pre-project", action=argparse_bool(), default=False, help="side-info tables added after the projection"
     )
+    p.add_argument(
+        "--length-bucket", type=int, default=0, help="read histories in buckets of lengths rounded up to this (0: at T)"
+    )
     p.add_argument("--users", type=int, default=None, help="synthetic users (default 3000; tiny 60)")
     p.add_argument("--mean-instances", type=float, default=None, help="per user (default 300; tiny 40)")
 
@@ -248,6 +279,7 @@ def configs(args, tiny: bool) -> tuple[RankerConfig, ModelConfig, int]:
         token_fetch=args.token_fetch,
         compile=args.compile,
         pre_project=args.pre_project,
+        length_bucket=args.length_bucket,
     )
     if args.reader_dim:
         r.reader_dim = args.reader_dim

@@ -28,6 +28,7 @@ then sees unit-scale inputs whatever the compressor's output scale.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -71,9 +72,11 @@ class RankerConfig:
     reader_heads: int = 2  # head dim 32 at width 64
     head: tuple[int, ...] = (256, 128)  # hidden widths of the MLP from the interaction output to the heads
     bf16: bool = False  # the history branches under bf16 autocast (their outputs, the rest and the loss in fp32)
-    compile: bool = False  # torch.compile each history branch (in place: its state-dict keys are unchanged)
+    compile: bool = False  # torch.compile each history branch's read (its state-dict keys are unchanged)
     pre_project: bool = False  # side-info tables at reader width, added after the projection instead of
     #   concatenated before it: the same functions, without the concat and with a narrower projection
+    length_bucket: int = 0  # L > 0: each batch's requests sorted by history length and read in buckets of
+    #   lengths rounded up to a multiple of L, not all at max_len: the same outputs, without the padding's work
 
 
 class HistoryBranch(nn.Module):
@@ -83,7 +86,12 @@ class HistoryBranch(nn.Module):
     With ``pre_project`` the side-info embeddings (labels known before t, time gap) are added
     after the projection: W [x; e_1; ...; e_k] = W_x x + sum_i W_i e_i, and W_i e_i is a lookup
     in the table W_i E_i, so each side table holds its projected rows and neither the concat
-    nor the projection's side-info columns exist (no bias for a labels-only branch)."""
+    nor the projection's side-info columns exist (no bias for a labels-only branch).
+
+    ``buckets`` (a batch's ``hist_buckets``: rows sorted by history length, longest first):
+    each run of rows is read at its own number of steps. Everything here is per request and
+    padded steps never reach the output, so this is the same function of the batch, with
+    the work of the padding left out (the history is a prefix of the T steps)."""
 
     def __init__(self, step_in: int, target_in: int, num_tasks: int, cfg: RankerConfig, out_dim: int, adapt: bool):
         super().__init__()
@@ -110,7 +118,7 @@ class HistoryBranch(nn.Module):
             else {"layers": cfg.reader_layers, "heads": cfg.reader_heads, "max_len": cfg.max_len + 1}
         )
         self.reader = make_reader(cfg.reader, d, out_dim, **kw)
-        self.bf16 = cfg.bf16
+        self.bf16, self.compiled = cfg.bf16, cfg.compile
 
     def forward(
         self,
@@ -120,11 +128,31 @@ class HistoryBranch(nn.Module):
         gap: torch.Tensor,
         valid: torch.Tensor,
         query: torch.Tensor,
+        buckets: tuple[tuple[int, int], ...] | None = None,
     ) -> torch.Tensor:
         # Autocast here, not around the ranker: the branch is a leaf of TorchRec's pipeline
         # tracer, so the context is entered when the step really runs (and inside torch.compile).
         with torch.autocast(valid.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return self._read(steps, target, labels, gap, valid, query).float()
+            # compiled per call of _read, not around the bucket loop: the graphs specialise on the
+            # bucket widths (at most T / L of them) and take the bucket's rows as a dynamic size
+            read = functools.partial(compiled_read(), self) if self.compiled else self._read
+            if buckets is None:
+                return read(steps, target, labels, gap, valid, query).float()
+            outs, start = [], 0
+            for end, width in buckets:
+                rows = slice(start, end)
+                outs.append(
+                    read(
+                        None if steps is None else steps[rows, :width],
+                        None if target is None else target[rows, :width],
+                        labels[rows, :width],
+                        gap[rows, :width],
+                        valid[rows, :width],
+                        query[rows],
+                    )
+                )
+                start = end
+            return torch.cat(outs).float()
 
     def _read(self, steps, target, labels, gap, valid, query) -> torch.Tensor:
         parts = []
@@ -140,6 +168,13 @@ class HistoryBranch(nn.Module):
             x = self.proj(torch.cat(parts + side, -1))
         bias = self.relevance(target).squeeze(-1) if self.relevance is not None else None
         return self.reader(x, valid, query, bias)
+
+
+@functools.cache
+def compiled_read():
+    """``HistoryBranch._read`` under torch.compile, one for every branch: a function, not a
+    bound method kept on the module, so the module deep-copies and pickles as before."""
+    return torch.compile(HistoryBranch._read)
 
 
 def target_products(candidate: torch.Tensor, steps: torch.Tensor, groups: int) -> torch.Tensor:
@@ -209,9 +244,6 @@ class Ranker(nn.Module):
         if self.use_labels:
             self.labels = HistoryBranch(0, 0, side, cfg, model.group_dim, adapt=False)
         self.head = MLP(model.hidden, cfg.head, num_tasks)
-        if cfg.compile:
-            for branch in (m for m in self.children() if isinstance(m, HistoryBranch)):
-                branch.compile()  # in place: parameter names and checkpoints stay those of the eager model
 
     def _standard(self, tokens: torch.Tensor) -> torch.Tensor:
         return (tokens.detach().float() - self.token_mean) / self.token_std  # frozen table: detached
@@ -231,6 +263,7 @@ class Ranker(nn.Module):
         pooled, looked_up = self.base.embed(batch)
         feats = self.base.group_features(pooled, batch.dense)  # [B, G, D]
         side = (batch.hist_labels, batch.hist_gap, batch.hist_valid)
+        buckets = batch.hist_buckets
         extra, query_in = [], [pooled, batch.dense]
         if self.use_iat:
             steps, candidate = self._fetch(batch)
@@ -241,16 +274,16 @@ class Ranker(nn.Module):
         if hasattr(self, "query"):  # some history branch reads with it
             query = self.query(torch.cat(query_in, -1))
         if self.use_iat:
-            extra.append(self.iat(steps, target, *side, query))
+            extra.append(self.iat(steps, target, *side, query, buckets))
         if self.use_hand:
             names = self.base.shared_names
             hist = torch.cat(
                 [looked_up[history_feature(f)].to_padded_dense(desired_length=self.max_len) for f in names], -1
             )
             candidate = pooled[:, pooled.shape[1] - self.shared_width :]
-            extra.append(self.hand(hist, target_products(candidate, hist, len(names)), *side, query))
+            extra.append(self.hand(hist, target_products(candidate, hist, len(names)), *side, query, buckets))
         if self.use_labels:
-            extra.append(self.labels(None, None, *side, query))
+            extra.append(self.labels(None, None, *side, query, buckets))
         tokens = torch.cat([feats] + [e.unsqueeze(1) for e in extra], 1) if extra else feats
         logits = self.head(self.base.interaction(tokens))
         loss = weighted_bce(logits, batch.labels, batch.weights)

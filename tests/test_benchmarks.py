@@ -133,6 +133,15 @@ def test_rank(tmp_path):
     assert any(s["metric"].startswith("IAT / hand-crafted") for s in data["summary"])
 
 
+def test_rank_in_length_buckets_counts_the_flops_it_reads(tmp_path):
+    """With --length-bucket the step reads fewer steps than T: the reader FLOPs (and so its
+    MFU) count what the buckets execute, never the padding they skip."""
+    plain = cases(bench("rank", tmp_path / "plain", "--history", "iat", "--no-reader-only"))["iat"]
+    data = bench("rank", tmp_path / "buckets", *"--history iat --no-reader-only --length-bucket 4".split())
+    assert data["config"]["ranker"]["length_bucket"] == 4
+    assert 0 < cases(data)["iat"]["reader_flops_fwd"] < plain["reader_flops_fwd"]
+
+
 def test_loader(tmp_path):
     rows = cases(bench("loader", tmp_path))
     assert {"stage1_temporal", "stage2_iat", "stage2_both", "gpu_step_compress_temporal", "gpu_step_rank_iat"} <= set(

@@ -234,3 +234,62 @@ def test_pre_projected_side_tables_compute_the_same_functions(step_in, target_in
     got = pre(steps, target, labels, gap, valid, query)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert sum(p.numel() for p in pre.parameters()) < sum(p.numel() for p in concat.parameters())
+
+
+def test_length_buckets_sort_and_cut_the_batch(tiny_log):
+    """The bucketed batch is the plain batch of the same requests, longest history first, and
+    each bucket's width covers its rows' histories (padding rows last, at the smallest width)."""
+    log = InstanceLog(tiny_log)
+    source = HistorySource.from_log(log, [])
+    rows = np.concatenate([np.arange(0, log.rows, 3), [-1, -1]])
+    bucketed = Stage2BatchMaker(source, T, same_log=True, length_bucket=4)(log, rows)
+    lengths = bucketed.hist_valid.sum(1)
+    assert torch.equal(lengths, lengths.sort(descending=True, stable=True).values)
+    plain = Stage2BatchMaker(source, T, same_log=True)(log, bucketed.ids.numpy())
+    assert plain.hist_buckets is None
+    for f in ("dense", "labels", "weights", "ids", "users", "hist_first", "hist_labels", "hist_gap", "hist_valid"):
+        assert torch.equal(getattr(bucketed, f), getattr(plain, f)), f
+    assert torch.equal(bucketed.history_ids.values(), plain.history_ids.values())
+    start, widths = 0, []
+    for end, width in bucketed.hist_buckets:
+        assert end > start and width % 4 == 0 and int(lengths[start:end].max()) <= width
+        assert start == 0 or int(lengths[start - 1]) > width  # each bucket is as narrow as its rows allow
+        start, widths = end, widths + [width]
+    assert start == len(rows) and widths == sorted(set(widths), reverse=True) and len(widths) >= 3
+    assert bucketed.ids[-2:].tolist() == [-1, -1]
+
+
+@pytest.mark.parametrize(
+    "reader, options",
+    [
+        ("transformer", {}),
+        ("din", {}),
+        ("longer", {}),
+        ("transformer", {"bf16": True}),
+        ("transformer", {"compile": True}),
+    ],
+)
+def test_length_buckets_compute_the_same_loss_and_gradients(tiny_log, reader, options):
+    """Reading each bucket at its own width is the same function of the batch as reading every
+    history at T: the same logits and gradients, for every reader (and bf16, and compiled)."""
+    log = InstanceLog(tiny_log)
+    source = HistorySource.from_log(log, [])
+    batch = Stage2BatchMaker(source, T, same_log=True, candidate=True, token_ids=False, length_bucket=4)(
+        log, np.arange(120)
+    )
+    assert len(batch.hist_buckets) >= 3
+    table = torch.randn(log.rows, DIM)
+    model = ranker(log, "ranges", "token", "fp32", reader=reader, length_bucket=4, **options).train()
+    model.token_rows.load(table)
+    out = []
+    for buckets in (None, batch.hist_buckets):
+        model.zero_grad()
+        loss, (_, logits, *_rest) = model(dataclasses.replace(batch, hist_buckets=buckets))
+        loss.backward()
+        out.append((logits, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (want, want_grads), (got, got_grads) = out
+    tol = {"rtol": 0, "atol": 0.02} if options.get("bf16") else {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(got, want, **tol)
+    assert got_grads.keys() == want_grads.keys() and any(n.startswith("iat.reader") for n in got_grads)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, **tol, msg=name)

@@ -2,6 +2,7 @@
 cross-domain requests, and the experiment report."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -265,24 +266,35 @@ def test_each_result_is_written_once(experiment):
     assert json.loads((run / "run.json").read_text())["config"]["out"] == str(run)
 
 
-def test_range_reads_train_the_same_model_as_the_lookup(tiny_log, stage1_run, tokens, tmp_path):
+def test_range_reads_train_the_same_model_as_the_lookup(tiny_log, stage1_run, tokens, tmp_path, capfd):
     """--token-fetch ranges (a replicated table read by row ranges) and sharded_ranges (row
     shards, histories sent to their owners as ranges) fetch exactly the tokens of TorchRec's
     sharded lookup, so the same seed trains the same model to the same losses.
     The feature tables are warm-started: a fresh sharded table's random init depends on the
-    rank that holds it, and the plan differs once the token table is not TorchRec's."""
+    rank that holds it, and the plan differs once the token table is not TorchRec's.
+    Reading the histories in length buckets (rows sorted by length within each batch) is the
+    same function of each batch: the same losses up to summation order."""
     args = ["rank", "--data", str(tiny_log), "--tokens", str(tokens), *"--history iat --query token".split()]
     args += ["--stage1", str(stage1_run), *"--warm-start --nproc 2 --steps 6 --batch-size 32".split()]
     args += [*"--max-len 16 --eval-every 3 --eval-batches 2".split(), *"--no-progress --reader-layers 1".split()]
     args += ["--head", "32"]
     losses = {}
     metrics = {}
-    for fetch in ("lookup", "ranges", "sharded_ranges"):
-        run_cli(*args, "--token-fetch", fetch, "--out", str(tmp_path / fetch))
+    runs = {"lookup": [], "ranges": [], "sharded_ranges": [], "buckets": ["--length-bucket", "4"]}
+    for fetch, extra in runs.items():
+        run_cli(
+            *args, "--token-fetch", "ranges" if fetch == "buckets" else fetch, *extra, "--out", str(tmp_path / fetch)
+        )
         metrics[fetch] = json.loads((tmp_path / fetch / "metrics.json").read_text())
         losses[fetch] = [json.loads(x)["loss"] for x in (tmp_path / fetch / "train_log.jsonl").read_text().splitlines()]
         plan = json.loads((tmp_path / fetch / "plan.json").read_text())
         assert ("iat_tokens" in json.dumps(plan)) == (fetch == "lookup")  # ranges: no TorchRec token table
+    shares = re.findall(
+        r"length buckets of 4: the first batch is read in (\d+) buckets, (\d+)% of the steps", capfd.readouterr().out
+    )
+    assert len(shares) == 1 and int(shares[0][1]) < 100, shares  # the buckets were read
+    assert losses["buckets"] == pytest.approx(losses["ranges"], abs=1e-5)
+    assert metrics["buckets"]["auc"] == pytest.approx(metrics["ranges"]["auc"], abs=1e-4)
     for fetch in ("ranges", "sharded_ranges"):
         assert len(losses[fetch]) == 6 and losses[fetch] == pytest.approx(losses["lookup"], abs=1e-6), fetch
         assert metrics[fetch]["auc"] == pytest.approx(metrics["lookup"]["auc"], abs=1e-6), fetch

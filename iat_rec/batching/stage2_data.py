@@ -32,6 +32,10 @@ class Stage2Batch(Batch):
     hist_labels: torch.Tensor  # int8 [B, T, K]: 0/1, or LABEL_UNKNOWN until label_time < t
     hist_gap: torch.Tensor  # int8 [B, T]: log2 bucket of t - ts
     hist_valid: torch.Tensor  # bool [B, T]
+    # With a length bucket (Stage2BatchMaker): rows sorted by history length, longest first, and
+    # (end row, steps) per bucket: rows [previous end, end) have at most ``steps`` valid steps.
+    # Host ints, never moved to the device, so the model slices by them without a sync.
+    hist_buckets: tuple[tuple[int, int], ...] | None = None
 
 
 class HistorySource:
@@ -71,15 +75,26 @@ class HistorySource:
 class Stage2BatchMaker:
     """Callable (log, rows) -> Stage2Batch for BatchDataset; picklable for loader workers.
     ``candidate``: the token lookup also gets each request's own row (stage 2's token query).
-    ``token_ids=False``: no id list for a TorchRec lookup (the model reads ranges)."""
+    ``token_ids=False``: no id list for a TorchRec lookup (the model reads ranges).
+    ``length_bucket`` L > 0: the batch's rows are sorted by history length, longest first, and
+    cut into buckets of lengths rounded up to a multiple of L (``hist_buckets``), so the model
+    reads each bucket's histories at that length, not all at T (``HistoryBranch``)."""
 
     def __init__(
-        self, source: HistorySource, max_len: int, same_log: bool, candidate: bool = False, token_ids: bool = True
+        self,
+        source: HistorySource,
+        max_len: int,
+        same_log: bool,
+        candidate: bool = False,
+        token_ids: bool = True,
+        length_bucket: int = 0,
     ):
+        if length_bucket < 0:
+            raise ValueError(f"length_bucket must be >= 0, not {length_bucket}")
         if candidate and not same_log:
             raise ValueError("the candidate's own token exists only for requests of the token table's log")
         self.source, self.max_len, self.same_log, self.candidate = source, max_len, same_log, candidate
-        self.token_ids = token_ids
+        self.token_ids, self.length_bucket = token_ids, length_bucket
 
     def history_users(self, log: InstanceLog, rows: np.ndarray) -> np.ndarray:
         valid = rows >= 0
@@ -89,10 +104,15 @@ class Stage2BatchMaker:
         return np.where(valid, users, -1)
 
     def __call__(self, log: InstanceLog, rows: np.ndarray) -> Stage2Batch:
-        base = make_batch(log, rows)
-        rows = np.asarray(rows, dtype=np.int64)
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         times = np.asarray(log.ts)[np.where(rows >= 0, rows, 0)]
         first, length = self.source.index.ranges(self.history_users(log, rows), times, self.max_len)
+        buckets = None
+        if self.length_bucket:
+            order = np.argsort(-length, kind="stable")
+            rows, times, first, length = rows[order], times[order], first[order], length[order]
+            buckets = length_buckets(length, self.length_bucket, self.max_len)
+        base = make_batch(log, rows)
         hist = expand_ranges(first, length)
         codes, gap = side_info(hist, length, times, self.source.labels, self.source.label_time, self.source.index.ts)
         b, t, k = len(rows), self.max_len, self.source.labels.shape[1]
@@ -136,4 +156,23 @@ class Stage2BatchMaker:
             hist_labels=torch.from_numpy(hist_labels),
             hist_gap=torch.from_numpy(hist_gap),
             hist_valid=torch.from_numpy(valid),
+            hist_buckets=buckets,
         )
+
+
+def length_buckets(length: np.ndarray, bucket: int, max_len: int) -> tuple[tuple[int, int], ...]:
+    """(end row, steps) per run of equal ``min(ceil(length / bucket) * bucket, max_len)`` over
+    lengths sorted longest first; an empty history counts as one step (no bucket of width 0)."""
+    if not len(length):
+        return ()
+    steps = np.minimum(-(-np.maximum(length, 1) // bucket) * bucket, max_len)
+    ends = np.flatnonzero(np.diff(steps)) + 1
+    return tuple((int(e), int(steps[e - 1])) for e in [*ends, len(steps)])
+
+
+def bucket_share(buckets: tuple[tuple[int, int], ...], max_len: int) -> float:
+    """The share of the history steps read at T that the buckets read (query step included)."""
+    start, steps = 0, 0
+    for end, width in buckets:
+        steps, start = steps + (end - start) * (width + 1), end
+    return steps / max(start * (max_len + 1), 1)

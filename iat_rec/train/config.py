@@ -222,6 +222,7 @@ _AT_LEAST_0 = (
     "hbm_gb",
     "slices",
     "reconstruct",
+    "length_bucket",
 )
 _POSITIVE = ("epochs", "dense_lr", "sparse_lr")
 DEVICES = ("auto", "cpu", "cuda")  # --device of every program

@@ -16,7 +16,7 @@ from torch import nn
 from torchrec.distributed.types import ShardingPlan
 
 from iat_rec.batching.loaders import BatchDataset, SelectTasks, select_tasks, time_order
-from iat_rec.batching.stage2_data import HistorySource, Stage2BatchMaker
+from iat_rec.batching.stage2_data import HistorySource, Stage2BatchMaker, bucket_share
 from iat_rec.data.instance_log import InstanceLog, time_split
 from iat_rec.dist import checkpoint as ckpt
 from iat_rec.dist.env import DistEnv
@@ -124,10 +124,23 @@ def build(cfg: Stage2Config, env: DistEnv, plan_out: Path | None, after: int | N
             if any(k.startswith(prefix) for k in dmp.state_dict()):
                 ckpt.load_weights(ckpt.latest(cfg.stage1), dmp, prefix=prefix)
     maker = Stage2BatchMaker(
-        source, r.max_len, same_log, candidate=model.token_query, token_ids=r.token_fetch == "lookup"
+        source,
+        r.max_len,
+        same_log,
+        candidate=model.token_query,
+        token_ids=r.token_fetch == "lookup",
+        length_bucket=r.length_bucket,
     )
     maker = SelectTasks(maker, task_index)
-    return Built(env, log, dmp, maker, time_split(log, cfg.split, after), tasks)
+    splits = time_split(log, cfg.split, after)
+    if r.length_bucket and env.is_main and len(splits["train"]):
+        first = maker(log, time_order(log, splits["train"])[: cfg.batch_size]).hist_buckets
+        print(
+            f"length buckets of {r.length_bucket}: the first batch is read in {len(first)} buckets, "
+            f"{bucket_share(first, r.max_len):.0%} of the steps at --max-len {r.max_len}",
+            flush=True,
+        )
+    return Built(env, log, dmp, maker, splits, tasks)
 
 
 def read_replica(table: TokenTable, device: torch.device) -> torch.Tensor:
