@@ -6,8 +6,13 @@ Runs the real commands one after the other, as a user would (``iat-rec data synt
 ``compress``, ``export --dtype fp16``, ``rank``), with the quality configs of the synthetic
 log (``iat_rec/configs/synthetic_*.yaml``: one epoch of user-order stage 1 with snapshots for
 time-consistent export; stage 2 on the fast paths, ``synthetic_rank_fast.yaml``) and one
-epoch of each stage. A stage whose output is already complete in DIR is not rerun (so a job
-cut at its time limit resumes from the previous job's artifacts: run the same command again).
+epoch of each stage. A stage whose output is already complete in DIR is not rerun.
+
+Jobs of bounded time (``--job-s S``, e.g. 600 for 10-minute jobs): the job stops where its
+time runs out and exits 75; the same command again resumes from the artifacts. Stage 1 and 2
+get ``--time-limit`` (they checkpoint and stop after their current step) and ``--resume``
+when an earlier job started them. Generation and export write atomically, so one cut at the
+job's end starts again in the next job. Each stage's figures sum over its jobs.
 Per stage: wall seconds, the child's peak host RSS (``getrusage``), the GPU's peak memory in
 use (``nvidia-smi`` polled every 0.5 s; whole device, so it includes the CUDA context), and
 at the end the token table's bytes on disk. Writes one JSON.
@@ -17,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -63,19 +70,41 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def run_stage(name: str, argv: list[str], done: Path, log: Path) -> dict:
+EXIT_STOPPED = 75  # iat-rec's exit code of a run stopped at --time-limit; this script's when its job's time is up
+
+
+def run_stage(name: str, argv: list[str], done: Path, log: Path, timeout: float | None = None) -> dict:
+    """Runs one stage (unless ``done`` exists), at most ``timeout`` seconds: past it the stage's
+    whole process group is killed (``cut``)."""
     if done.exists():
         return {"stage": name, "skipped": f"{done} exists (finished by an earlier job)"}
     start = time.perf_counter()
     with GpuPeak() as gpu, log.open("w") as f:
-        code = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT).returncode
+        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            code = proc.wait()
     wall = time.perf_counter() - start
     # RUSAGE_CHILDREN: the largest peak RSS of any waited-for descendant so far (Linux: KiB)
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     out = {"stage": name, "command": " ".join(argv), "wall_s": wall, "exit": code, "peak_gpu_mib": gpu.peak}
     out["peak_host_rss_bytes_so_far"] = rss
-    if code != 0:
+    if timeout is not None and code < 0:
+        out["cut"] = True
+    elif code not in (0, EXIT_STOPPED):
         out["log_tail"] = log.read_text()[-2000:]
+    return out
+
+
+def merge(earlier: dict | None, now: dict) -> dict:
+    """A stage's figures over its jobs: wall seconds summed, peaks the largest, the last exit."""
+    if not earlier:
+        return {**now, "jobs": 1}
+    out = {**now, "jobs": earlier.get("jobs", 1) + 1, "wall_s": earlier["wall_s"] + now["wall_s"]}
+    for k in ("peak_gpu_mib", "peak_host_rss_bytes_so_far"):
+        out[k] = max((v for v in (earlier.get(k), now.get(k)) if v is not None), default=None)
     return out
 
 
@@ -87,7 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank-batch", type=int, default=8192, help="stage-2 requests per step")
     p.add_argument("--workers", type=int, default=8, help="loader worker processes per stage")
     p.add_argument("--out", default=None, help="JSON path (default WORK/e2e.json)")
+    p.add_argument("--job-s", type=float, default=0, help="this job's seconds (0: no limit); exit 75 when cut")
+    p.add_argument(
+        "--wind-down-s", type=float, default=120, help="of a stage's time, what startup, checkpoint and test take"
+    )
     args = p.parse_args(argv)
+    t0 = time.perf_counter()
     w = Path(args.work)
     w.mkdir(parents=True, exist_ok=True)
     cli = [sys.executable, "-m", "iat_rec.cli"]
@@ -123,12 +157,26 @@ def main(argv: list[str] | None = None) -> int:
     out_path = Path(args.out) if args.out else w / "e2e.json"
     report = json.loads(out_path.read_text()) if out_path.exists() else {"stages": {}}
     report.update(users=args.users, mean_instances=args.mean_instances, gpu=gpu_used_mib() is not None)
+    trainers = {"stage1": w / "stage1", "stage2": w / "stage2"}
     for name, argv_, done in stages:
-        result = run_stage(name, argv_, done, w / f"{name}.log")
+        timeout = None
+        if args.job_s:
+            timeout = args.job_s - (time.perf_counter() - t0)
+            if timeout < args.wind_down_s and not done.exists():
+                print(f"{timeout:.0f} s of this job left: {name} goes on in the next job", flush=True)
+                return EXIT_STOPPED
+            if name in trainers:
+                argv_ = argv_ + ["--time-limit", str(max(1, round(timeout - args.wind_down_s)))]
+        if name in trainers and (trainers[name] / "run.json").exists():
+            argv_ = argv_ + ["--resume"]  # an earlier job started it
+        result = run_stage(name, argv_, done, w / f"{name}.log", timeout)
         if "skipped" not in result:
-            report["stages"][name] = result
+            report["stages"][name] = merge(report["stages"].get(name), result)
         print(json.dumps({k: v for k, v in result.items() if k != "log_tail"}), flush=True)
         out_path.write_text(json.dumps(report, indent=1) + "\n")
+        if result.get("cut") or result.get("exit") == EXIT_STOPPED:
+            print(f"{name} stopped at this job's time: run the same command again to go on", flush=True)
+            return EXIT_STOPPED
         if result.get("exit"):
             print(result["log_tail"], file=sys.stderr)
             return 1

@@ -126,6 +126,8 @@ def train(cfg: CompressConfig) -> dict:
         snapshots=snapshots,
     )
     result = trainer.fit()
+    if result["stopped_at_time_limit"]:
+        return result  # unfinished: no result.json until --resume finishes it
     if env.is_main:
         write_json(out / "result.json", result)
         print(f"stage 1 done: {out} ({result['steps']} steps)", flush=True)

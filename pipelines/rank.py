@@ -115,6 +115,8 @@ def train(cfg: Stage2Config) -> dict:
         info,
     )
     result = trainer.fit()
+    if result["stopped_at_time_limit"]:
+        return result  # unfinished: no test pass and no metrics.json until --resume finishes it
     metrics = test_metrics(built, cfg)
     if env.is_main:
         write_json(out / "metrics.json", metrics)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -277,3 +278,36 @@ def test_e2e_stage_runs_once_and_records_its_failure(tmp_path):
     assert "skipped" in run_stage("s", argv, done, tmp_path / "s.log")
     bad = run_stage("b", [sys.executable, "-c", "raise SystemExit('boom')"], tmp_path / "never", tmp_path / "b.log")
     assert bad["exit"] == 1 and "boom" in bad["log_tail"]
+
+
+def test_e2e_cuts_a_stage_at_the_jobs_time_and_sums_its_jobs(tmp_path):
+    import sys
+
+    from benchmarks.e2e import merge, run_stage
+
+    # a stage that starts a child of its own (as iat-rec starts its ranks): a cut kills both
+    pid_file = tmp_path / "child.pid"
+    code = (
+        "import pathlib, subprocess, sys, time; "
+        "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"pathlib.Path({str(pid_file)!r}).write_text(str(c.pid)); time.sleep(60)"
+    )
+    start = time.perf_counter()
+    cut = run_stage("s", [sys.executable, "-c", code], tmp_path / "never", tmp_path / "s.log", timeout=3.0)
+    assert cut["cut"] and time.perf_counter() - start < 30 and "log_tail" not in cut
+    child = int(pid_file.read_text())
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie is dead, not yet reaped
+        except FileNotFoundError:
+            return False
+
+    deadline = time.perf_counter() + 5
+    while alive(child) and time.perf_counter() < deadline:
+        time.sleep(0.1)
+    assert not alive(child), "the stage's child outlived the cut"
+    again = run_stage("s", [sys.executable, "-c", "pass"], tmp_path / "never", tmp_path / "s.log", timeout=30)
+    assert again["exit"] == 0 and "cut" not in again
+    both = merge(merge(None, cut), again)
+    assert both["jobs"] == 2 and both["wall_s"] == pytest.approx(cut["wall_s"] + again["wall_s"]) and both["exit"] == 0

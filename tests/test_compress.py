@@ -94,6 +94,39 @@ def test_resume_continues_exactly(tiny_log, tmp_path, replicate_rows):
         assert replicated == {f"t_{f.name}" for f in InstanceLog(tiny_log).schema.sparse if f.num_embeddings <= 32}
 
 
+def test_time_limited_jobs_resume_to_the_same_run(tiny_log, tmp_path):
+    """--time-limit: a job stops after its current step once past the limit (one step at least),
+    saves a checkpoint and exits 75 without result.json; --resume jobs finish the run as one
+    uninterrupted run would (the same losses and the same time-consistent snapshots)."""
+    from iat_rec.cli import main
+    from iat_rec.train.trainer import EXIT_STOPPED, STOPPED
+
+    args = ["--data", str(tiny_log), "--nproc", "2", *STAGE1, "--num-workers", "1"]
+    i = args.index("--steps")
+    args[i + 1] = "6"
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_cli("compress", *args, "--out", str(full))
+    assert main(["compress", *args, "--out", str(part), "--time-limit", "1e-9"]) == EXIT_STOPPED
+    assert json.loads((part / STOPPED).read_text())["step"] == 1 and not (part / "result.json").exists()
+    assert main(["compress", *args, "--out", str(part), "--time-limit", "1e-9", "--resume"]) == EXIT_STOPPED
+    assert json.loads((part / STOPPED).read_text())["step"] == 2
+    run_cli("compress", *args, "--out", str(part), "--resume")
+    assert not (part / STOPPED).exists() and json.loads((part / "result.json").read_text())["steps"] == 6
+    assert losses(part) == losses(full) and len(losses(full)) == 6
+    snaps = sorted(p.name for p in (full / "snapshots").iterdir())
+    assert snaps and snaps == sorted(p.name for p in (part / "snapshots").iterdir())
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    for name in snaps:
+        weights = []
+        for run in (full, part):
+            dcp_to_torch_save(run / "snapshots" / name, tmp_path / f"{run.name}-{name}.pt")
+            weights.append(torch.load(tmp_path / f"{run.name}-{name}.pt", weights_only=False)["model"])
+        assert weights[0].keys() == weights[1].keys() and len(weights[0]) > 10
+        for k, v in weights[0].items():
+            assert torch.equal(v, weights[1][k]), (name, k)
+
+
 def test_saved_plan_reloads(stage1_run):
     plan = load_plan(stage1_run / "plan.json")
     assert "base.sparse" in plan.plan

@@ -55,6 +55,8 @@ class TrainConfig:
     early_stop: int = 0  # evaluations without a better valid AUC (first task) before stopping; 0: off.
     # With it the best evaluated model is kept (RUN/best) and restored at the end.
     ckpt_every: int = 0  # steps; 0: at the end only
+    time_limit: float = 0.0  # seconds of training in this job (0: none): past it the run saves a checkpoint
+    #   after its current step and stops, unfinished (exit code 75); --resume goes on. For jobs of bounded time
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     seed: int = 0  # seeds the model init and the data order
     split: tuple[float, float] = (0.8, 0.9)  # time quantiles: train | valid | test
@@ -223,6 +225,7 @@ _AT_LEAST_0 = (
     "slices",
     "reconstruct",
     "length_bucket",
+    "time_limit",
 )
 _POSITIVE = ("epochs", "dense_lr", "sparse_lr")
 DEVICES = ("auto", "cpu", "cuda")  # --device of every program

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from iat_rec.batching.loaders import BatchDataset, EpochLoader
 from iat_rec.dist import checkpoint as ckpt
 from iat_rec.dist.atomic import read_json, write_json, write_text
-from iat_rec.dist.env import DistEnv, run_ranks
+from iat_rec.dist.env import DistEnv, launched, run_ranks
 from iat_rec.errors import IatError
 from iat_rec.eval.metrics import EvalMetrics
 from iat_rec.sharding.constraints import parse_constraints, placement_constraints
@@ -130,6 +130,8 @@ def frozen_tables(model: nn.Module) -> tuple[str, ...]:
 
 
 BEST = "best"  # RUN/best: the weights of the best evaluation (early stopping)
+STOPPED = "stopped.json"  # RUN/stopped.json: the run stopped at --time-limit, unfinished (removed when it goes on)
+EXIT_STOPPED = 75  # the exit code of a program whose run stopped at --time-limit (EX_TEMPFAIL: run it again)
 
 
 def snapshot_path(run: Path, step: int) -> Path:
@@ -268,6 +270,9 @@ class Trainer:
             self._start_from(self.cfg.resume_from)
         if self.env.is_main and self.run_info is not None:
             write_json(self.out / RUN_INFO, self.run_info)
+        if self.env.is_main:
+            (self.out / STOPPED).unlink(missing_ok=True)
+        deadline = time.monotonic() + self.cfg.time_limit if self.cfg.time_limit else None
         steps = self.total_steps()
         writer = _writer(self.out / "tb") if self.env.is_main else None
         log_file = None
@@ -285,7 +290,7 @@ class Trainer:
         snapshots = {s for s in self.snapshots if start <= s <= steps}
         if start == 0 and 0 in snapshots:
             self._snapshot(0)
-        stopped = False
+        stopped = timed_out = False
         for seg_start, seg_end in segments(start, steps, self.cfg.eval_every, self.cfg.ckpt_every, snapshots):
             # One pipeline per segment over exactly its batches: it drains at the segment's end,
             # so evaluation and checkpoints never interleave with an in-flight input dist, and
@@ -293,6 +298,10 @@ class Trainer:
             pipeline = TrainPipelineSparseDist(self.model, self.optimizer, self.env.device, execute_all_batches=True)
             seg_it = itertools.islice(it, seg_end - seg_start)
             for step in range(seg_start + 1, seg_end + 1):
+                # at least one step a job, so that every job moves the run on
+                if deadline is not None and step > start + 1 and self._past(deadline):
+                    step, timed_out = step - 1, True
+                    break
                 loss_value = float(pipeline.progress(seg_it)[0])
                 if not pipelined:
                     # a sharded module whose input the model changes first is silently not pipelined
@@ -310,7 +319,17 @@ class Trainer:
                     writer.add_scalar("train/dense_lr", self.cfg.dense_lr, step)
                     bar.set_postfix(loss=f"{loss_value:.4f}", sps=f"{sps:,.0f}", refresh=False)
                     bar.update(1)
+            # a batch the pipeline had prefetched is dropped: the loader state saved counts consumed ones
             pipeline.detach()
+            if timed_out:
+                self._save(step, loader, consumed=step - start)
+                if self.env.is_main:
+                    write_json(self.out / STOPPED, {"step": step, "steps": steps, "time_limit": self.cfg.time_limit})
+                    tqdm.write(
+                        f"stopped at --time-limit {self.cfg.time_limit:g} s after step {step} of {steps}: "
+                        "run the same command with --resume to go on"
+                    )
+                break
             if step in snapshots and step > 0:
                 self._snapshot(step)
             if self.valid is not None and (step == steps or (self.cfg.eval_every and step % self.cfg.eval_every == 0)):
@@ -325,12 +344,12 @@ class Trainer:
                     tqdm.write(f"early stop at step {step}: no better valid auc in {self.cfg.early_stop} evaluations")
                 break
         bar.close()
-        result: dict[str, Any] = {"steps": step, "pipelined_modules": pipelined}
+        result: dict[str, Any] = {"steps": step, "pipelined_modules": pipelined, "stopped_at_time_limit": timed_out}
         if len(durations) > 10:  # the first steps trace the model and warm up kernels
             result["samples_per_s"] = self.samples_per_batch * self.env.world_size / float(np.median(durations[5:]))
         if self.valid is not None and history:
             result["valid"] = history[-1]["metrics"]
-        if self.cfg.early_stop:
+        if self.cfg.early_stop and not timed_out:
             best = self.restore_best()
             if best is not None:
                 result.update(valid=best["metrics"], best_step=best["step"], stopped_early=stopped)
@@ -339,6 +358,13 @@ class Trainer:
             writer.close()
             write_json(self.out / "eval_history.json", history)  # the config is in run.json, once
         return result
+
+    def _past(self, deadline: float) -> bool:
+        """Whether any rank is past ``deadline``: every rank stops after the same step."""
+        late = torch.tensor([float(time.monotonic() > deadline)], device=self.env.device)
+        if dist.is_initialized():
+            dist.all_reduce(late, op=dist.ReduceOp.MAX)
+        return bool(late.item())
 
     def _log_eval(self, step: int, metrics: dict, writer) -> dict:
         if self.env.is_main:
@@ -416,6 +442,7 @@ RESUMABLE = {
     "device",
     "hbm_gb",
     "constraints",
+    "time_limit",
     "out",
     "data",
 }
@@ -544,7 +571,10 @@ def program_cli(argv: list[str], module: str, parser: argparse.ArgumentParser, c
     args = parser.parse_args(argv)
     cfg = resolve(cls, args, args.config)
     check(cfg)
-    return run_ranks(module, argv, args.nproc, lambda: train(cfg))
+    code = run_ranks(module, argv, args.nproc, lambda: train(cfg))
+    if code == 0 and not launched() and (Path(cfg.out) / STOPPED).is_file():
+        return EXIT_STOPPED  # a launched rank exits 0: its launcher (torchrun) would call a stopped job a failure
+    return code
 
 
 def progress_bar(total: int, initial: int, desc: str, unit: str, enabled: bool) -> tqdm:
