@@ -39,6 +39,7 @@ def measure_scheme(
     bf16: bool = False,
     constraints: str = "",
     replicate_rows: int = 0,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """``constraints``: a planner constraints JSON file (TrainConfig.constraints), "" for the planner's choice;
     ``replicate_rows``: tables of at most this many rows data-parallel (TrainConfig.replicate_rows)."""
@@ -53,11 +54,14 @@ def measure_scheme(
         constraints=constraints,
         replicate_rows=replicate_rows,
         bf16=bf16,
+        compile=compile,
     )
     ds = make_dataset(log, time_split(log, cfg.split)["train"], cfg, env.rank, env.world_size)
     cached = common.cached_batches(ds, batches, run.device)
     valid = sum(float(b.weights.sum()) for b in cached) / sum(b.weights.numel() for b in cached)
     model = build_compressor(log, cfg)
+    if cfg.compile:
+        model.compile_dense()
     dmp, plan = shard(model, env, cfg, plan_out=None, plan_batch=plan_batch(cfg))
     opt = make_optimizer(dmp, cfg)
     flops = common.linear_flops(dmp, cached[0], run.device)
@@ -75,6 +79,7 @@ def measure_scheme(
         valid_fraction=valid,
         valid_samples_per_s=samples * valid / (timing.median_ms * 1e-3),
         bf16=bf16,
+        compiled=compile,
         dense_flops_fwd=flops,
         dense_tflops=dense_tflops,
         dense_mfu=common.ratio(dense_tflops, run.limits.get("bf16_tflops")),
@@ -110,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--table-dtype", default="fp32", choices=sorted(TABLE_DTYPES), help="the feature tables' weights")
     p.add_argument("--replicate-rows", type=int, default=0, help="tables of at most N rows data-parallel (0: planner)")
+    p.add_argument("--compile", action="store_true", help="the trainer's --compile (dense part as CUDA graphs)")
     args = p.parse_args(argv)
     with common.bench_run("compress", args, warmup=(2, 10)) as run, common.dist_env(run.device) as env:
         tiny = run.tiny
@@ -121,7 +127,16 @@ def main(argv: list[str] | None = None) -> int:
         schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
         rows = [
             measure_scheme(
-                run, env, log, s, instances, window, model_cfg, bf16=args.bf16, replicate_rows=args.replicate_rows
+                run,
+                env,
+                log,
+                s,
+                instances,
+                window,
+                model_cfg,
+                bf16=args.bf16,
+                replicate_rows=args.replicate_rows,
+                compile=args.compile,
             )
             for s in schemes
         ]
@@ -133,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": vars(model_cfg),
             "schemes": schemes,
             "bf16": args.bf16,
+            "compile": args.compile,
             "replicate_rows": args.replicate_rows,
             "batches": "cached, pinned, cycled",
         }

@@ -28,10 +28,12 @@ declare -A STEPS=(
   [loader-fast]="loader --token-fetch ranges --bf16 --compile --reader-heads 1 --workers 16"
   # the fast step reading each batch in length buckets (attempt 30)
   [rank-buckets]="rank --history iat --token-fetch ranges --bf16 --compile --reader-heads 1 --no-reader-only --length-bucket 64"
+  # stage 1's dense part compiled as CUDA graphs (attempt 32)
+  [compress-graphs]="compress --batch 32768 --bf16 --compile"
   [rank-buckets32]="rank --history iat --token-fetch ranges --bf16 --compile --reader-heads 1 --no-reader-only --length-bucket 32"
 )
 ORDER="fetch rank-fast rank-fast-h1 compress-fast rank-d128 rank-before compress-before tbe"
-ORDER="$ORDER tbe-fp16 compress-fp16 compress-replicated rank-pre loader-fast rank-buckets rank-buckets32"
+ORDER="$ORDER tbe-fp16 compress-fp16 compress-replicated rank-pre loader-fast rank-buckets rank-buckets32 compress-graphs"
 for name in ${ONLY:-$ORDER}; do
   echo "== $name: iat-rec bench ${STEPS[$name]}"
   start=$(date +%s)

@@ -236,6 +236,19 @@ class Compressor(nn.Module):
             )  # derived from the config: not checkpointed
             self.reconstruction = InstanceReconstruction(cfg.iat_dim, len(reconstruct_features), cfg.emb_dim)
 
+    def compile_dense(self, mode: str = "reduce-overhead") -> None:
+        """torch.compile each dense module in place: feature groups, interaction, bottleneck,
+        SIT, heads (and the reconstruction). Each is a leaf of TorchRec's pipeline tracer (no
+        sharded module inside), and its state-dict keys stay the eager model's. The default mode
+        replays each region as a CUDA graph on a GPU: stage 1's dense part is many small
+        kernels whose launches the host would otherwise issue one by one. On a CPU the mode only
+        compiles."""
+        for m in (self.base.grouping, self.base.interaction, self.bottleneck, self.sit, self.decompress):
+            if m is not None:
+                m.compile(mode=mode)
+        if self.reconstruction is not None:
+            self.reconstruction.compile(mode=mode)
+
     def encode(self, batch: Batch) -> torch.Tensor:
         """The instance token of every row: [N, iat_dim]."""
         return self._encode(batch)[0]

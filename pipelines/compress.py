@@ -88,6 +88,8 @@ def train(cfg: CompressConfig) -> dict:
     out = Path(cfg.out)
     table = TokenTable(cfg.tokens) if cfg.stream else None
     model = build_compressor(log, cfg, table)
+    if cfg.compile:
+        model.compile_dense()
     constraints = token_constraints(env.device.type) if table else None
     dmp, _ = shard(
         model,

@@ -127,6 +127,22 @@ def test_time_limited_jobs_resume_to_the_same_run(tiny_log, tmp_path):
             assert torch.equal(v, weights[1][k]), (name, k)
 
 
+def test_compiled_dense_part_trains_as_the_eager_one(tiny_log, tmp_path):
+    """--compile (the dense part compiled in place, as CUDA graphs on a GPU): TorchRec's pipeline
+    still traces the model and pipelines its sharded lookups, and the run's losses are the
+    eager run's up to the compiled kernels' rounding."""
+    args = ["--data", str(tiny_log), "--nproc", "2", *STAGE1]
+    i = args.index("--steps")
+    args[i + 1] = "4"
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    run_cli("compress", *args, "--out", str(eager))
+    run_cli("compress", *args, "--out", str(compiled), "--compile")
+    assert len(losses(eager)) == 4 and losses(compiled) == pytest.approx(losses(eager), rel=1e-4, abs=1e-5)
+    result = json.loads((compiled / "result.json").read_text())
+    assert result["pipelined_modules"] == json.loads((eager / "result.json").read_text())["pipelined_modules"]
+    assert result["pipelined_modules"], "the sharded lookups are pipelined"
+
+
 def test_saved_plan_reloads(stage1_run):
     plan = load_plan(stage1_run / "plan.json")
     assert "base.sparse" in plan.plan

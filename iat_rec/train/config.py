@@ -87,6 +87,8 @@ class CompressConfig(TrainConfig):
     reconstruct_features: tuple[str, ...] = ()  # default: the schema's sequence features, else every sparse one
     bf16: bool = False  # the compressor's dense part (groups, interaction, bottleneck, SIT, heads) under bf16
     #   autocast; the stored token and the loss stay fp32. Export and serving encode the same way
+    compile: bool = False  # torch.compile the compressor's dense part for training, as CUDA graphs on a GPU
+    #   (mode reduce-overhead); export and serving run it eagerly
 
 
 def _field_type(cls, name: str):
