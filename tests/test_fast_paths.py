@@ -31,7 +31,10 @@ def ranker(log: InstanceLog, fetch: str, query: str, dtype: str, **options):
     model = build_ranker(
         log.schema,
         ModelConfig(emb_dim=8, hidden=32, num_groups=4, group_dim=16, decompress=(16,)),
-        RankerConfig(history="iat", query=query, max_len=T, reader_layers=1, head=(16,), token_fetch=fetch, **options),
+        RankerConfig(
+            **{"history": "iat", "query": query, "max_len": T, "reader_layers": 1, "head": (16,), "token_fetch": fetch}
+            | options
+        ),
         len(log.schema.labels),
         token_rows=log.rows,
         token_dim=DIM,
@@ -267,20 +270,26 @@ def test_length_buckets_sort_and_cut_the_batch(tiny_log):
         ("longer", {}),
         ("transformer", {"bf16": True}),
         ("transformer", {"compile": True}),
+        ("transformer", {"history": "both", "token_fetch": "lookup"}),  # the hand-crafted branch too
     ],
 )
 def test_length_buckets_compute_the_same_loss_and_gradients(tiny_log, reader, options):
     """Reading each bucket at its own width is the same function of the batch as reading every
-    history at T: the same logits and gradients, for every reader (and bf16, and compiled)."""
+    history at T: the same logits and gradients, for every reader (and bf16, compiled, and the
+    hand-crafted branch beside IAT's)."""
     log = InstanceLog(tiny_log)
-    source = HistorySource.from_log(log, [])
-    batch = Stage2BatchMaker(source, T, same_log=True, candidate=True, token_ids=False, length_bucket=4)(
-        log, np.arange(120)
-    )
+    fetch = options.get("token_fetch", "ranges")
+    source = HistorySource.from_log(log, list(log.schema.sequence) if options.get("history") == "both" else [])
+    maker = Stage2BatchMaker(source, T, same_log=True, candidate=True, token_ids=fetch == "lookup", length_bucket=4)
+    batch = maker(log, np.arange(120))
     assert len(batch.hist_buckets) >= 3
     table = torch.randn(log.rows, DIM)
-    model = ranker(log, "ranges", "token", "fp32", reader=reader, length_bucket=4, **options).train()
-    model.token_rows.load(table)
+    model = ranker(log, fetch, "token", "fp32", **{"reader": reader, "length_bucket": 4} | options).train()
+    if fetch == "lookup":
+        with torch.no_grad():
+            model.tokens.embeddings[TOKEN_TABLE].weight.copy_(table)
+    else:
+        model.token_rows.load(table)
     out = []
     for buckets in (None, batch.hist_buckets):
         model.zero_grad()
@@ -291,5 +300,6 @@ def test_length_buckets_compute_the_same_loss_and_gradients(tiny_log, reader, op
     tol = {"rtol": 0, "atol": 0.02} if options.get("bf16") else {"rtol": 1e-4, "atol": 1e-5}
     torch.testing.assert_close(got, want, **tol)
     assert got_grads.keys() == want_grads.keys() and any(n.startswith("iat.reader") for n in got_grads)
+    assert options.get("history") != "both" or any(n.startswith("hand.reader") for n in got_grads)
     for name, grad in want_grads.items():
         torch.testing.assert_close(got_grads[name], grad, **tol, msg=name)
