@@ -62,7 +62,7 @@ def measure_scheme(
     model = build_compressor(log, cfg)
     if cfg.compile:
         model.compile_dense()
-    dmp, plan = shard(model, env, cfg, plan_out=None, plan_batch=plan_batch(cfg))
+    dmp, plan = shard(model, env, cfg, plan_out=None, plan_batch=plan_batch(cfg), bounds_check=False)
     opt = make_optimizer(dmp, cfg)
     flops = common.linear_flops(dmp, cached[0], run.device)
     common.reset_peak_memory(run.device)

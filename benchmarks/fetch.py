@@ -153,7 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         ranges = request_ranges(log, batch, max_len, tile, count=4, seed=args.seed)
         rows_total = log.rows * tile
         table = shard_token_table(
-            rows_total, args.dim, args.dtype, env, batch, constraints=table_constraints(args, run.device)
+            rows_total,
+            args.dim,
+            args.dtype,
+            env,
+            batch,
+            constraints=table_constraints(args, run.device),
+            bounds_check=False,
         )
         tokens = table.module.tokens
         plan = common.plan_summary(table.plan)

@@ -147,7 +147,7 @@ def build_case(
         model, topology, batch, model_constraints(ranker_model, run.device.type, constraints), pg=dist.group.WORLD
     )
     cfg = TrainConfig(batch_size=batch, device=run.device.type)
-    dmp, _ = shard(model, env, cfg, plan_out=None, plan=plan)
+    dmp, _ = shard(model, env, cfg, plan_out=None, plan=plan, bounds_check=False)
     ranges = hasattr(ranker_model, "token_rows")
     if ranges:  # the replicated table of --token-fetch ranges: random rows, as the lookup's
         rows = torch.empty(log.rows, token_dim, device=run.device).uniform_(-1, 1)

@@ -114,7 +114,7 @@ def measure(run: common.Run, env, ts: TableSet, optimizer: str) -> list[dict[str
         sparse_lr=0.01,
         constraints=common.write_constraints(run, ts.name, spec),
     )
-    model, plan = shard(SparseArch(ts.tables), env, cfg, plan_out=None)
+    model, plan = shard(SparseArch(ts.tables), env, cfg, plan_out=None, bounds_check=False)
     kjts = ts.kjts
     lookups = sum(int(k.values().numel()) for k in kjts) / len(kjts)
     pooled = ts.batch * sum(t.embedding_dim for t in ts.tables)  # B x T x D
@@ -134,7 +134,7 @@ def measure(run: common.Run, env, ts: TableSet, optimizer: str) -> list[dict[str
 
     dim = ts.tables[0].embedding_dim
     out = []
-    step_model, step_plan = shard(StepArch(ts.tables), env, cfg, plan_out=None)
+    step_model, step_plan = shard(StepArch(ts.tables), env, cfg, plan_out=None, bounds_check=False)
     host = [SparseBatch(k.to("cpu")) for k in kjts]
     host = [b.pin_memory() for b in host] if run.cuda else host
     common.reset_peak_memory(run.device)

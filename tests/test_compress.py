@@ -321,6 +321,32 @@ def bf16_against_fp32(env: DistEnv, data: str, scheme: str) -> dict:
     } | {"built_bf16": built}
 
 
+def tbe_bounds_checks(env: DistEnv, data: str) -> dict:
+    """On one rank (run by on_ranks): the bounds-check mode of every FBGEMM kernel of a sharded
+    compressor, sharded as training does and as the benchmarks do (``bounds_check=False``)."""
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
+
+    log = InstanceLog(data)
+    cfg = CompressConfig(data=data, batch_size=64, device="cpu")
+    out = {}
+    for check in (True, False):
+        dmp, plan = shard(build_compressor(log, cfg), env, cfg, plan_out=None, bounds_check=check)
+        base = dmp.module.base
+        lookups = [lk for sharded in (base.sparse, base.shared) for lk in sharded._lookups]  # not submodules
+        kernels = [m for lk in lookups for m in lk.modules() if hasattr(m, "bounds_check_mode_int")]
+        out["on" if check else "off"] = [
+            sorted({BoundsCheckMode(m.bounds_check_mode_int).name for m in kernels}),
+            len(kernels),
+        ]
+    return out
+
+
+def test_benchmarks_shard_with_fbgemms_bounds_check_off(tiny_log):
+    got = on_ranks(tbe_bounds_checks, tiny_log, nproc=1)[0]
+    assert got["on"][0] == ["WARNING"] and got["on"][1] > 0  # FBGEMM's default: ids checked, clamped
+    assert got["off"] == [["NONE"], got["on"][1]]
+
+
 @pytest.mark.parametrize("scheme", ["temporal", "user"])
 def test_bf16_runs_the_dense_part_in_bf16_and_keeps_tokens_and_loss_fp32(tiny_log, scheme):
     """--bf16: the same weights give fp32 tokens, logits and loss that differ from fp32's by

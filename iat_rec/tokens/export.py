@@ -16,7 +16,7 @@ from torchrec.distributed.planner.types import ParameterConstraints
 
 from iat_rec.dist import checkpoint as ckpt
 from iat_rec.errors import IatError
-from iat_rec.sharding.planning import make_plan
+from iat_rec.sharding.planning import make_plan, without_bounds_check
 from iat_rec.sharding.topology import build_topology
 from iat_rec.tokens.table import TokenTable, token_collection, token_constraints
 from iat_rec.train.stage1 import first_train_step
@@ -30,16 +30,20 @@ def shard_token_table(
     batch_size: int,
     hbm_gb: float = 0.0,
     constraints: dict[str, ParameterConstraints] | None = None,
+    bounds_check: bool = True,
 ) -> DistributedModelParallel:
     """The token table alone, planned and sharded (frozen: no optimizer ever touches it).
-    ``constraints`` replaces ``token_constraints`` (benchmarks try other shardings with it)."""
+    ``constraints`` replaces ``token_constraints`` (benchmarks try other shardings with it);
+    ``bounds_check=False``: FBGEMM's id check off (benchmarks)."""
     holder = nn.Module()
     holder.tokens = token_collection(rows, dim, dtype)
     topology = build_topology(env.world_size, env.local_world_size, env.device.type, hbm_gb=hbm_gb or None)
     plan = make_plan(
         holder, topology, batch_size, constraints or token_constraints(env.device.type), pg=dist.group.WORLD
     )
-    return DistributedModelParallel(holder, device=env.device, plan=plan)
+    return DistributedModelParallel(
+        holder, device=env.device, plan=plan if bounds_check else without_bounds_check(plan)
+    )
 
 
 def local_row_blocks(weight) -> list[tuple[int, int, list[tuple[int, torch.Tensor]]]]:

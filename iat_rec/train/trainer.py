@@ -41,7 +41,7 @@ from iat_rec.errors import IatError
 from iat_rec.eval.metrics import EvalMetrics
 from iat_rec.sharding.constraints import parse_constraints, placement_constraints
 from iat_rec.sharding.plan_json import load_plan, plan_to_json, save_plan
-from iat_rec.sharding.planning import make_plan
+from iat_rec.sharding.planning import make_plan, without_bounds_check
 from iat_rec.sharding.topology import build_topology
 from iat_rec.tables import module_table_configs
 from iat_rec.train.config import TrainConfig, add_flags, resolve, to_dict
@@ -82,10 +82,11 @@ def shard(
     plan=None,
     extra_constraints: dict | None = None,
     plan_batch: int | None = None,
+    bounds_check: bool = True,
 ) -> tuple[DistributedModelParallel, Any]:
     """Fuses the sparse optimizer into every table not frozen, plans (or reuses ``plan``),
     shards; returns (dmp, plan). ``plan_batch``: the per-rank batch the planner is told
-    (default ``cfg.batch_size``)."""
+    (default ``cfg.batch_size``); ``bounds_check=False``: FBGEMM's id check off (benchmarks)."""
     cls, kw = _sparse_optimizer(cfg.sparse_optimizer, cfg.sparse_lr)
     frozen = frozen_tables(model)
     params = [p for p in embedding_params(model) if p.requires_grad]
@@ -100,6 +101,8 @@ def shard(
             )
         constraints = placement_constraints(module_table_configs(model), cfg.replicate_rows, constraints)
         plan = make_plan(model, topology, plan_batch or cfg.batch_size, constraints, pg=dist.group.WORLD)
+    if not bounds_check:
+        plan = without_bounds_check(plan)
     if env.is_main and plan_out is not None:
         save_plan(plan, plan_out)
         print(f"sharding plan ({len(plan.plan)} modules) saved to {plan_out}", flush=True)
