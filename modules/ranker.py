@@ -50,7 +50,7 @@ from modules.compressor import BaseRanker, weighted_bce
 from modules.mlp import MLP
 from modules.query import QueryCompressor
 from modules.range_gather import RangeTokenTable
-from modules.readers import make_reader
+from modules.readers import LONGER_MERGE, make_reader
 
 HISTORY_MODES = ("none", "labels", "handcrafted", "iat", "both")
 READERS = ("transformer", "din", "longer")
@@ -77,6 +77,20 @@ class RankerConfig:
     #   concatenated before it: the same functions, without the concat and with a narrower projection
     length_bucket: int = 0  # L > 0: each batch's requests sorted by history length and read in buckets of
     #   lengths rounded up to a multiple of L, not all at max_len: the same outputs, without the padding's work
+
+
+def length_bucket_problem(cfg: RankerConfig) -> str | None:
+    """Why ``cfg.length_bucket`` would change what the reader computes, or None. LONGER merges
+    fixed groups of steps, counted from a left padding to a multiple of the group: a bucket's
+    groups are T's only if every width and T are multiples of the group."""
+    if not cfg.length_bucket or cfg.reader != "longer":
+        return None
+    if cfg.length_bucket % LONGER_MERGE or cfg.max_len % LONGER_MERGE:
+        return (
+            f"--length-bucket {cfg.length_bucket} with --max-len {cfg.max_len}: the LONGER reader merges groups of "
+            f"{LONGER_MERGE} steps, so both must be multiples of {LONGER_MERGE}"
+        )
+    return None
 
 
 class HistoryBranch(nn.Module):
@@ -117,6 +131,9 @@ class HistoryBranch(nn.Module):
             if cfg.reader == "din"
             else {"layers": cfg.reader_layers, "heads": cfg.reader_heads, "max_len": cfg.max_len + 1}
         )
+        problem = length_bucket_problem(cfg)
+        if problem:
+            raise ValueError(problem)
         self.reader = make_reader(cfg.reader, d, out_dim, **kw)
         self.bf16, self.compiled = cfg.bf16, cfg.compile
 

@@ -159,6 +159,9 @@ class DINReader(nn.Module):
         return 2.0 * batch * (d * h0 + T * per_step + d * self.out_dim)
 
 
+LONGER_MERGE = 4  # history tokens per merged LONGER token
+
+
 class LongerReader(nn.Module):
     """LONGER-style reader (ByteDance 2025, "LONGER: Scaling Up Long Sequence Modeling in
     Industrial Recommenders"): global tokens (learned ones plus the query) summarise a
@@ -180,7 +183,7 @@ class LongerReader(nn.Module):
         layers: int = 2,
         heads: int = 4,
         num_global: int = 4,
-        merge: int = 4,
+        merge: int = LONGER_MERGE,
         ffn_mult: int = 4,
         dropout: float = 0.0,
         max_len: int = 1024,

@@ -37,7 +37,7 @@ from iat_rec.train.trainer import (
     program_parser,
     train_until,
 )
-from modules.ranker import HISTORY_MODES, QUERIES, READERS, TOKEN_FETCHES
+from modules.ranker import HISTORY_MODES, QUERIES, READERS, TOKEN_FETCHES, length_bucket_problem
 
 
 def check_config(cfg: Stage2Config) -> None:
@@ -59,6 +59,9 @@ def check_config(cfg: Stage2Config) -> None:
         raise IatError(
             f"--query token reads the candidate's own token: it needs --history iat or both, not {r.history}"
         )
+    problem = length_bucket_problem(r)
+    if problem:
+        raise IatError(problem)
     if cfg.warm_start and not cfg.stage1:
         raise IatError("--warm-start needs --stage1 RUN")
     log = InstanceLog(cfg.data)

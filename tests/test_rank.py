@@ -220,6 +220,19 @@ def test_bad_input_is_one_clear_error(tiny_log, tmp_path, capsys):
     assert "needs --tokens" in capsys.readouterr().err
     assert main(["rank", "--data", str(tiny_log), "--reader", "lstm", "--out", str(tmp_path / "r")]) == 2
     assert main(["evaluate", "--run", str(tmp_path / "nothing")]) == 2
+    longer = [
+        "rank",
+        "--data",
+        str(tiny_log),
+        "--history",
+        "labels",
+        "--reader",
+        "longer",
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    assert main([*longer, "--length-bucket", "6"]) == 2  # LONGER's groups of 4 steps would move
+    assert "multiples of 4" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 
