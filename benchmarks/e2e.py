@@ -32,6 +32,9 @@ import threading
 import time
 from pathlib import Path
 
+from iat_rec.dist.atomic import write_json
+from iat_rec.dist.env import die_with_parent
+
 
 def gpu_used_mib() -> int | None:
     if shutil.which("nvidia-smi") is None:
@@ -79,19 +82,29 @@ def run_stage(name: str, argv: list[str], done: Path, log: Path, timeout: float 
     if done.exists():
         return {"stage": name, "skipped": f"{done} exists (finished by an earlier job)"}
     start = time.perf_counter()
-    with GpuPeak() as gpu, log.open("w") as f:
-        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    cut = False
+    with GpuPeak() as gpu, log.open("a") as f:  # "a": a stage run over several jobs keeps each job's log
+        f.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(argv)}\n")
+        f.flush()
+        # its own process group, so a cut reaches its children; and it dies with this job
+        proc = subprocess.Popen(
+            argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent
+        )
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            cut = True
             os.killpg(proc.pid, signal.SIGKILL)
             code = proc.wait()
+        except BaseException:  # Ctrl-C, or SIGTERM (main turns it into SystemExit): the stage goes too
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
     wall = time.perf_counter() - start
     # RUSAGE_CHILDREN: the largest peak RSS of any waited-for descendant so far (Linux: KiB)
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     out = {"stage": name, "command": " ".join(argv), "wall_s": wall, "exit": code, "peak_gpu_mib": gpu.peak}
     out["peak_host_rss_bytes_so_far"] = rss
-    if timeout is not None and code < 0:
+    if cut:
         out["cut"] = True
     elif code not in (0, EXIT_STOPPED):
         out["log_tail"] = log.read_text()[-2000:]
@@ -121,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         "--wind-down-s", type=float, default=120, help="of a stage's time, what startup, checkpoint and test take"
     )
     args = p.parse_args(argv)
+    if args.job_s < 0 or args.wind_down_s < 0:
+        p.error("--job-s and --wind-down-s take seconds >= 0")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a scheduler's stop: run_stage kills the stage
     t0 = time.perf_counter()
     w = Path(args.work)
     w.mkdir(parents=True, exist_ok=True)
@@ -169,11 +185,13 @@ def main(argv: list[str] | None = None) -> int:
                 argv_ = argv_ + ["--time-limit", str(max(1, round(timeout - args.wind_down_s)))]
         if name in trainers and (trainers[name] / "run.json").exists():
             argv_ = argv_ + ["--resume"]  # an earlier job started it
+        elif name in trainers and trainers[name].exists():
+            shutil.rmtree(trainers[name])  # cut before its run.json: a plan at most, and not a run to resume
         result = run_stage(name, argv_, done, w / f"{name}.log", timeout)
         if "skipped" not in result:
             report["stages"][name] = merge(report["stages"].get(name), result)
         print(json.dumps({k: v for k, v in result.items() if k != "log_tail"}), flush=True)
-        out_path.write_text(json.dumps(report, indent=1) + "\n")
+        write_json(out_path, report)
         if result.get("cut") or result.get("exit") == EXIT_STOPPED:
             print(f"{name} stopped at this job's time: run the same command again to go on", flush=True)
             return EXIT_STOPPED
@@ -188,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         report["stage2_test"] = json.loads((w / "stage2" / "metrics.json").read_text())
     done = [s for s in ("generate", "stage1", "export", "stage2") if s in report["stages"]]
     report["e2e_wall_s"] = sum(report["stages"][s]["wall_s"] for s in done) if len(done) == 4 else None
-    out_path.write_text(json.dumps(report, indent=1) + "\n")
+    write_json(out_path, report)
     print(json.dumps({k: report.get(k) for k in ("rows", "token_table_bytes", "e2e_wall_s")}))
     return 0
 

@@ -150,26 +150,26 @@ class HistoryBranch(nn.Module):
         # Autocast here, not around the ranker: the branch is a leaf of TorchRec's pipeline
         # tracer, so the context is entered when the step really runs (and inside torch.compile).
         with torch.autocast(valid.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            # compiled per call of _read, not around the bucket loop: the graphs specialise on the
-            # bucket widths (at most T / L of them) and take the bucket's rows as a dynamic size
-            read = functools.partial(compiled_read(), self) if self.compiled else self._read
             if buckets is None:
-                return read(steps, target, labels, gap, valid, query).float()
+                return self._reader()(steps, target, labels, gap, valid, query).float()
             outs, start = [], 0
             for end, width in buckets:
                 rows = slice(start, end)
-                outs.append(
-                    read(
-                        None if steps is None else steps[rows, :width],
-                        None if target is None else target[rows, :width],
-                        labels[rows, :width],
-                        gap[rows, :width],
-                        valid[rows, :width],
-                        query[rows],
-                    )
-                )
+                part = (steps, target, labels, gap, valid)
+                outs.append(self._reader()(*(_bucket(t, rows, width) for t in part), _bucket(query, rows)))
                 start = end
             return torch.cat(outs).float()
+
+    def _reader(self):
+        """``_read``, compiled with ``compile``: one function for every branch, so its compiled
+        graphs are told apart by guards on the branch (at most two kinds), grad mode (training,
+        evaluation), and, unbucketed, the static shape. Bucketed inputs come contiguous and marked
+        dynamic in rows and width, so one graph serves every bucket of a branch and grad mode:
+        slices of the [B, T] tensors would be guarded on their offsets and strides, and widths
+        seen one by one would compile static first."""
+        if not self.compiled:
+            return self._read
+        return functools.partial(compiled_read(), self)
 
     def _read(self, steps, target, labels, gap, valid, query) -> torch.Tensor:
         parts = []
@@ -185,6 +185,17 @@ class HistoryBranch(nn.Module):
             x = self.proj(torch.cat(parts + side, -1))
         bias = self.relevance(target).squeeze(-1) if self.relevance is not None else None
         return self.reader(x, valid, query, bias)
+
+
+def _bucket(t: torch.Tensor | None, rows: slice, width: int | None = None) -> torch.Tensor | None:
+    """Rows ``rows`` (and the first ``width`` steps) of a branch input, contiguous, with rows
+    and steps marked dynamic for torch.compile (see ``HistoryBranch._reader``)."""
+    if t is None:
+        return None
+    t = (t[rows] if width is None else t[rows, :width]).contiguous()
+    for dim in range(min(t.dim(), 2)):
+        torch._dynamo.maybe_mark_dynamic(t, dim)
+    return t
 
 
 @functools.cache

@@ -55,9 +55,12 @@ class Variant:
 
 
 def check_stage_yaml(c1: dict, c2: dict) -> None:
-    """The stage configs' values (type, range, choices), before any rank starts."""
-    check_values(from_dict(CompressConfig, c1, where="--compress-config"))
-    check_values(from_dict(Stage2Config, c2, where="--rank-config"))
+    """The stage configs' values (type, range, choices), before any rank starts. A stage here
+    runs to its end: ``time_limit`` (a job's bound, resumed with --resume) is refused."""
+    for flag, c, cls in (("--compress-config", c1, CompressConfig), ("--rank-config", c2, Stage2Config)):
+        check_values(from_dict(cls, c, where=flag))
+        if c.get("time_limit"):
+            raise IatError(f"{flag}: time_limit stops a run unfinished; the pipeline runs each stage to its end")
 
 
 def stage1_config(base: dict, data: str, out: Path, scheme: str, seed: int, device: str) -> CompressConfig:

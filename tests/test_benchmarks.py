@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import time
 from pathlib import Path
 
@@ -307,6 +308,29 @@ def test_e2e_cuts_a_stage_at_the_jobs_time_and_sums_its_jobs(tmp_path):
     while alive(child) and time.perf_counter() < deadline:
         time.sleep(0.1)
     assert not alive(child), "the stage's child outlived the cut"
+    # a stage that dies by itself (killed for memory, a crash) within the job's time is a failure, not a cut
+    crash = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+    died = run_stage("c", crash, tmp_path / "never", tmp_path / "c.log", timeout=30)
+    assert died["exit"] == -9 and "cut" not in died and "log_tail" in died
+    # the job itself killed (a scheduler's SIGKILL): its stage goes with it (the stage's own
+    # children are its business: iat-rec's ranks die with their launcher)
+    stage_pid = tmp_path / "stage.pid"
+    stage = f"import os, pathlib, time; pathlib.Path({str(stage_pid)!r}).write_text(str(os.getpid())); time.sleep(60)"
+    job = (
+        "import sys; from pathlib import Path; from benchmarks.e2e import run_stage; "
+        f"run_stage('s', [sys.executable, '-c', {stage!r}], Path('/nonexistent'), Path({str(tmp_path / 'j.log')!r}))"
+    )
+    runner = subprocess.Popen([sys.executable, "-c", job], cwd=REPO)
+    deadline = time.perf_counter() + 30
+    while not stage_pid.exists() and time.perf_counter() < deadline:
+        time.sleep(0.1)
+    runner.kill()
+    runner.wait()
+    orphan = int(stage_pid.read_text())
+    deadline = time.perf_counter() + 5
+    while alive(orphan) and time.perf_counter() < deadline:
+        time.sleep(0.1)
+    assert not alive(orphan), "the stage outlived its job"
     again = run_stage("s", [sys.executable, "-c", "pass"], tmp_path / "never", tmp_path / "s.log", timeout=30)
     assert again["exit"] == 0 and "cut" not in again
     both = merge(merge(None, cut), again)

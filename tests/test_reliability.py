@@ -768,6 +768,11 @@ def test_experiment_stage_yaml_is_checked_before_any_rank_starts(tiny_log, tmp_p
     )
     assert "--batch-size must be >= 1" in one_error_line(capsys)
     assert not work.exists()
+    (tmp_path / "c1.yaml").write_text("time_limit: 600\n")  # a job's bound: the experiment runs stages to the end
+    args = ["experiment", "--data", str(tiny_log), "--work", str(work), "--compress-config", str(tmp_path / "c1.yaml")]
+    assert main(args) == 2
+    assert "time_limit stops a run unfinished" in one_error_line(capsys)
+    assert not work.exists()
 
 
 def test_checksums_are_computed_once_per_file_and_process(tiny_log, monkeypatch):

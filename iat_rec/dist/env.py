@@ -158,7 +158,7 @@ def rank_main(cli: Callable[[list[str]], int]) -> None:
     dies with its launcher: were the launcher killed, its agent could not stop the ranks,
     and they would go on training and writing to --out."""
     if launched():
-        _die_with_parent()
+        die_with_parent()
     # Ctrl-C reaches every rank at once. A rank unwinding a KeyboardInterrupt breaks the
     # collective its peers wait in, and they print that error: leave at once instead, with
     # nothing to unwind (artifacts are renamed into place only when complete)
@@ -178,8 +178,8 @@ ERRORS_ENV = "IAT_REC_RANK_ERRORS"
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """SIGKILL this process when its parent (the launcher's agent) dies (Linux prctl)."""
+def die_with_parent() -> None:
+    """SIGKILL this process when its parent (the launcher's agent, or the job running a stage) dies (Linux prctl)."""
     if sys.platform != "linux":
         return
     parent = os.getppid()
