@@ -129,7 +129,9 @@ def train(cfg: CompressConfig) -> dict:
     )
     result = trainer.fit()
     if result["stopped_at_time_limit"]:
-        return result  # unfinished: no result.json until --resume finishes it
+        if env.is_main:  # unfinished: no result.json (one of a shorter run, continued) until --resume finishes it
+            (out / "result.json").unlink(missing_ok=True)
+        return result
     if env.is_main:
         write_json(out / "result.json", result)
         print(f"stage 1 done: {out} ({result['steps']} steps)", flush=True)

@@ -119,7 +119,10 @@ def train(cfg: Stage2Config) -> dict:
     )
     result = trainer.fit()
     if result["stopped_at_time_limit"]:
-        return result  # unfinished: no test pass and no metrics.json until --resume finishes it
+        if env.is_main:  # unfinished: no test pass and no results (of a shorter run, continued) until --resume ends it
+            for name in ("metrics.json", "result.json"):
+                (out / name).unlink(missing_ok=True)
+        return result
     metrics = test_metrics(built, cfg)
     if env.is_main:
         write_json(out / "metrics.json", metrics)

@@ -7,6 +7,7 @@ Memory figures use TorchRec's convention: 1 GB = 1024**3 bytes.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import math
@@ -56,9 +57,10 @@ class PlanResult:
 
 
 def without_bounds_check(plan: ShardingPlan) -> ShardingPlan:
-    """``plan`` with FBGEMM's check of every id against its table's rows off (it is on by
-    default: out-of-range ids are clamped, with a warning). For benchmarks, whose ids are in
-    range by construction: they time the kernels, not the check."""
+    """A copy of ``plan`` with FBGEMM's check of every id against its table's rows off (it is
+    on by default: out-of-range ids are clamped, with a warning). For benchmarks, whose ids are
+    in range by construction: they time the kernels, not the check."""
+    plan = copy.deepcopy(plan)
     for module_plan in plan.plan.values():
         for sharding in module_plan.values():
             sharding.bounds_check_mode = BoundsCheckMode.NONE
