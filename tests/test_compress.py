@@ -121,7 +121,7 @@ def test_time_limited_jobs_resume_to_the_same_run(tiny_log, tmp_path):
         weights = []
         for run in (full, part):
             dcp_to_torch_save(run / "snapshots" / name, tmp_path / f"{run.name}-{name}.pt")
-            weights.append(torch.load(tmp_path / f"{run.name}-{name}.pt", weights_only=False)["model"])
+            weights.append(torch.load(tmp_path / f"{run.name}-{name}.pt", weights_only=True)["model"])
         assert weights[0].keys() == weights[1].keys() and len(weights[0]) > 10
         for k, v in weights[0].items():
             assert torch.equal(v, weights[1][k]), (name, k)
