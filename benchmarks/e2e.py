@@ -78,7 +78,8 @@ EXIT_STOPPED = 75  # iat-rec's exit code of a run stopped at --time-limit; this 
 
 def run_stage(name: str, argv: list[str], done: Path, log: Path, timeout: float | None = None) -> dict:
     """Runs one stage (unless ``done`` exists), at most ``timeout`` seconds: past it the stage's
-    whole process group is killed (``cut``)."""
+    process group is killed (``cut``). iat-rec's ranks run in sessions of their own and die
+    with their launcher, the stage's process (PR_SET_PDEATHSIG)."""
     if done.exists():
         return {"stage": name, "skipped": f"{done} exists (finished by an earlier job)"}
     start = time.perf_counter()
