@@ -30,10 +30,11 @@ declare -A STEPS=(
   [rank-buckets]="rank --history iat --token-fetch ranges --bf16 --compile --reader-heads 1 --no-reader-only --length-bucket 64"
   # stage 1's dense part compiled as CUDA graphs (attempt 32)
   [compress-graphs]="compress --batch 32768 --bf16 --compile"
+  [loader-buckets]="loader --token-fetch ranges --bf16 --compile --reader-heads 1 --workers 16 --length-bucket 64"
   [rank-buckets32]="rank --history iat --token-fetch ranges --bf16 --compile --reader-heads 1 --no-reader-only --length-bucket 32"
 )
 ORDER="fetch rank-fast rank-fast-h1 compress-fast rank-d128 rank-before compress-before tbe"
-ORDER="$ORDER tbe-fp16 compress-fp16 compress-replicated rank-pre loader-fast rank-buckets rank-buckets32 compress-graphs"
+ORDER="$ORDER tbe-fp16 compress-fp16 compress-replicated rank-pre loader-fast rank-buckets rank-buckets32 compress-graphs loader-buckets"
 for name in ${ONLY:-$ORDER}; do
   echo "== $name: iat-rec bench ${STEPS[$name]}"
   start=$(date +%s)

@@ -82,8 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         datasets = {
             "stage1_temporal": BatchDataset(log, time_order(log, time_split(log)["train"]), batch),
             # the batches the GPU step below reads: no token id list where it reads ranges
-            "stage2_iat": stage2_bench.stage2_dataset(log, "iat", batch, r.max_len, 0, 1, args.seed, token_ids),
-            "stage2_both": stage2_bench.stage2_dataset(log, "both", batch, r.max_len, 0, 1, args.seed, token_ids),
+            **{
+                f"stage2_{h}": stage2_bench.stage2_dataset(
+                    log, h, batch, r.max_len, 0, 1, args.seed, token_ids, length_bucket=r.length_bucket
+                )
+                for h in ("iat", "both")
+            },
         }
         rows: list[dict[str, Any]] = []
         threads = torch.get_num_threads()
