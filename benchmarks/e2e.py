@@ -34,6 +34,7 @@ from pathlib import Path
 
 from iat_rec.dist.atomic import write_json
 from iat_rec.dist.env import die_with_parent
+from iat_rec.train.trainer import EXIT_STOPPED  # iat-rec's code for a run stopped at its time limit; also this job's
 
 
 def gpu_used_mib() -> int | None:
@@ -71,9 +72,6 @@ class GpuPeak:
 
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-EXIT_STOPPED = 75  # iat-rec's exit code of a run stopped at --time-limit; this script's when its job's time is up
 
 
 def run_stage(name: str, argv: list[str], done: Path, log: Path, timeout: float | None = None) -> dict:
