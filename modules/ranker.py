@@ -150,13 +150,13 @@ class HistoryBranch(nn.Module):
         # Autocast here, not around the ranker: the branch is a leaf of TorchRec's pipeline
         # tracer, so the context is entered when the step really runs (and inside torch.compile).
         with torch.autocast(valid.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            read = self._reader()
             if buckets is None:
-                return self._reader()(steps, target, labels, gap, valid, query).float()
-            outs, start = [], 0
+                return read(steps, target, labels, gap, valid, query).float()
+            per_step, outs, start = (steps, target, labels, gap, valid), [], 0
             for end, width in buckets:
                 rows = slice(start, end)
-                part = (steps, target, labels, gap, valid)
-                outs.append(self._reader()(*(_bucket(t, rows, width) for t in part), _bucket(query, rows)))
+                outs.append(read(*(_bucket(t, rows, width) for t in per_step), _bucket(query, rows)))
                 start = end
             return torch.cat(outs).float()
 
