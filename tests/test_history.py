@@ -4,7 +4,14 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iat_rec.batching.history import GAP_BUCKETS, LABEL_UNKNOWN, HistoryIndex, expand_ranges, side_info
+from iat_rec.batching.history import (
+    GAP_BUCKETS,
+    LABEL_UNKNOWN,
+    HistoryIndex,
+    expand_ranges,
+    padded_side_info,
+    side_info,
+)
 
 
 def random_log(rng, users, max_rows):
@@ -52,6 +59,26 @@ def test_fetch_is_the_latest_T_strictly_earlier_rows_of_the_user(seed, users, ma
                 else:
                     assert code[k] == labels[r, k]
     assert (gap >= 0).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), users=st.integers(1, 12), max_rows=st.integers(1, 30), T=st.integers(1, 10))
+def test_padded_side_info_is_the_flat_side_info_laid_out_by_step(seed, users, max_rows, T):
+    """The loader's [B, T] layout (read on a grid of rows) holds exactly the flat per-step side
+    info at each history's first steps and zeros after, also where every history is empty."""
+    rng = np.random.default_rng(seed)
+    user, ts, offsets, keys, labels, label_time = random_log(rng, users, max_rows)
+    index = HistoryIndex(ts, offsets, keys)
+    req_t = rng.integers(-5, 60, size=40)
+    first, length = index.ranges(rng.integers(-1, users, size=40), req_t, T)
+    codes, gap, valid = padded_side_info(first, length, req_t, labels, label_time, ts, T)
+    assert codes.shape == (40, T, 2) and gap.shape == valid.shape == (40, T)
+    assert codes.dtype == gap.dtype == np.int8 and valid.tolist() == (np.arange(T) < length[:, None]).tolist()
+    want_codes, want_gap = np.zeros_like(codes), np.zeros_like(gap)
+    if len(ts):
+        flat_codes, flat_gap = side_info(expand_ranges(first, length), length, req_t, labels, label_time, ts)
+        want_codes[valid], want_gap[valid] = flat_codes, flat_gap
+    assert np.array_equal(codes, want_codes) and np.array_equal(gap, want_gap)
 
 
 def test_cross_domain_users_match_by_key_and_unknown_users_get_nothing():

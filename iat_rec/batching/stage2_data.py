@@ -15,7 +15,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from iat_rec.batching.batch import Batch, extend, make_batch
-from iat_rec.batching.history import HistoryIndex, expand_ranges, side_info
+from iat_rec.batching.history import HistoryIndex, expand_ranges, padded_side_info
 from iat_rec.data.instance_log import InstanceLog
 from iat_rec.tables import CANDIDATE_FEATURE, TOKEN_FEATURE, history_feature
 
@@ -113,21 +113,25 @@ class Stage2BatchMaker:
             rows, times, first, length = rows[order], times[order], first[order], length[order]
             buckets = length_buckets(length, self.length_bucket, self.max_len)
         base = make_batch(log, rows)
-        hist = expand_ranges(first, length)
-        codes, gap = side_info(hist, length, times, self.source.labels, self.source.label_time, self.source.index.ts)
-        b, t, k = len(rows), self.max_len, self.source.labels.shape[1]
-        valid = np.arange(t)[None, :] < length[:, None]
-        hist_labels = np.zeros((b, t, k), dtype=np.int8)
-        hist_labels[valid] = codes
-        hist_gap = np.zeros((b, t), dtype=np.int8)
-        hist_gap[valid] = gap
-        keys, values, lengths = [TOKEN_FEATURE], [hist], [length]
-        if self.candidate:
-            own = rows >= 0
-            keys.append(CANDIDATE_FEATURE)
-            values.append(rows[own])
-            lengths.append(own.astype(np.int64))
-        feats = self.source.seq_features
+        src, feats, b = self.source, self.source.seq_features, len(rows)
+        hist_labels, hist_gap, valid = padded_side_info(
+            first, length, times, src.labels, src.label_time, src.index.ts, self.max_len
+        )
+        hist = expand_ranges(first, length) if self.token_ids or feats else None  # the ranges' row ids
+        history_ids = None
+        if self.token_ids:
+            keys, values, lengths = [TOKEN_FEATURE], [hist], [length]
+            if self.candidate:
+                own = rows >= 0
+                keys.append(CANDIDATE_FEATURE)
+                values.append(rows[own])
+                lengths.append(own.astype(np.int64))
+            history_ids = KeyedJaggedTensor.from_lengths_sync(
+                keys=keys,
+                values=torch.from_numpy(np.concatenate(values)),
+                lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)),
+                stride=b,
+            )
         shared = base.shared
         if feats:  # the candidate's own ids, then the history's ids under their history keys
             shared = KeyedJaggedTensor.from_lengths_sync(
@@ -144,14 +148,7 @@ class Stage2BatchMaker:
             base,
             Stage2Batch,
             shared=shared,
-            history_ids=KeyedJaggedTensor.from_lengths_sync(
-                keys=keys,
-                values=torch.from_numpy(np.concatenate(values)),
-                lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)),
-                stride=b,
-            )
-            if self.token_ids
-            else None,
+            history_ids=history_ids,
             hist_first=torch.from_numpy(first.astype(np.int64)),
             hist_labels=torch.from_numpy(hist_labels),
             hist_gap=torch.from_numpy(hist_gap),
