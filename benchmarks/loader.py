@@ -35,6 +35,7 @@ from benchmarks import compress as compress_bench
 from benchmarks import rank as stage2_bench
 from iat_rec.batching.loaders import BatchDataset, EpochLoader, time_order
 from iat_rec.data.instance_log import time_split
+from modules.ranker import bucket_prefix
 
 
 def time_loader(ds, batches: int, warmup: int, workers: int = 0, pin: bool = False) -> dict[str, float]:
@@ -84,7 +85,16 @@ def main(argv: list[str] | None = None) -> int:
             # the batches the GPU step below reads: no token id list where it reads ranges
             **{
                 f"stage2_{h}": stage2_bench.stage2_dataset(
-                    log, h, batch, r.max_len, 0, 1, args.seed, token_ids, length_bucket=r.length_bucket
+                    log,
+                    h,
+                    batch,
+                    r.max_len,
+                    0,
+                    1,
+                    args.seed,
+                    token_ids,
+                    length_bucket=r.length_bucket,
+                    bucket_prefix=bucket_prefix(r),
                 )
                 for h in ("iat", "both")
             },

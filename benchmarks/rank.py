@@ -41,7 +41,7 @@ from iat_rec.sharding.topology import build_topology
 from iat_rec.tokens.table import token_constraints
 from iat_rec.train.config import ModelConfig, TrainConfig
 from iat_rec.train.trainer import make_optimizer, shard
-from modules.ranker import READERS, TOKEN_FETCHES, Ranker, RankerConfig, build_ranker
+from modules.ranker import READERS, TOKEN_FETCHES, Ranker, RankerConfig, bucket_prefix, build_ranker
 from modules.readers import make_reader, reader_flops
 
 
@@ -79,10 +79,16 @@ def stage2_dataset(
     seed: int,
     token_ids: bool = True,
     length_bucket: int = 0,
+    bucket_prefix: int = 0,
 ) -> BatchDataset:
     seq = list(log.schema.sequence) if history in ("handcrafted", "both") else []
     maker = Stage2BatchMaker(
-        HistorySource.from_log(log, seq), max_len, same_log=True, token_ids=token_ids, length_bucket=length_bucket
+        HistorySource.from_log(log, seq),
+        max_len,
+        same_log=True,
+        token_ids=token_ids,
+        length_bucket=length_bucket,
+        bucket_prefix=bucket_prefix,
     )
     return BatchDataset(log, time_split(log)["train"], batch, rank, world, shuffle=True, seed=seed, make=maker)
 
@@ -162,6 +168,7 @@ def build_case(
         run.args.seed,
         token_ids=not ranges,
         length_bucket=r.length_bucket,
+        bucket_prefix=bucket_prefix(r),
     )
     cached = common.cached_batches(ds, batches, run.device)
     mean_len = float(np.mean([b.hist_valid.float().sum(1).mean().item() for b in cached]))

@@ -79,6 +79,13 @@ class RankerConfig:
     #   lengths rounded up to a multiple of L, not all at max_len: the same outputs, without the padding's work
 
 
+def bucket_prefix(cfg: RankerConfig) -> int:
+    """Tokens the reader puts before a history's steps: the transformer prepends the query. Length
+    buckets round prefix + steps up to a multiple of L, so a bucket's sequences fill whole
+    attention tiles (at L 64, a width of 64 would make sequences of 65: two tiles of 64 rows)."""
+    return 1 if cfg.reader == "transformer" else 0
+
+
 def length_bucket_problem(cfg: RankerConfig) -> str | None:
     """Why ``cfg.length_bucket`` would change what the reader computes, or None. LONGER merges
     fixed groups of steps, counted from a left padding to a multiple of the group: a bucket's

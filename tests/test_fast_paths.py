@@ -19,7 +19,7 @@ from iat_rec.data.instance_log import InstanceLog
 from iat_rec.tables import TOKEN_TABLE
 from iat_rec.train.config import ModelConfig
 from modules.range_gather import RangeTokenTable, even_bounds, range_gather, reference, split_at_bounds
-from modules.ranker import RankerConfig, build_ranker
+from modules.ranker import RankerConfig, bucket_prefix, build_ranker
 from tests.helpers import on_ranks
 
 T = 16
@@ -239,13 +239,15 @@ def test_pre_projected_side_tables_compute_the_same_functions(step_in, target_in
     assert sum(p.numel() for p in pre.parameters()) < sum(p.numel() for p in concat.parameters())
 
 
-def test_length_buckets_sort_and_cut_the_batch(tiny_log):
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_length_buckets_sort_and_cut_the_batch(tiny_log, prefix):
     """The bucketed batch is the plain batch of the same requests, longest history first, and
-    each bucket's width covers its rows' histories (padding rows last, at the smallest width)."""
+    each bucket's width covers its rows' histories (padding rows last, at the smallest width);
+    with the reader's prefix, prefix + width is a multiple of the bucket (or the width is T)."""
     log = InstanceLog(tiny_log)
     source = HistorySource.from_log(log, [])
     rows = np.concatenate([np.arange(0, log.rows, 3), [-1, -1]])
-    bucketed = Stage2BatchMaker(source, T, same_log=True, length_bucket=4)(log, rows)
+    bucketed = Stage2BatchMaker(source, T, same_log=True, length_bucket=4, bucket_prefix=prefix)(log, rows)
     lengths = bucketed.hist_valid.sum(1)
     assert torch.equal(lengths, lengths.sort(descending=True, stable=True).values)
     plain = Stage2BatchMaker(source, T, same_log=True)(log, bucketed.ids.numpy())
@@ -255,7 +257,7 @@ def test_length_buckets_sort_and_cut_the_batch(tiny_log):
     assert torch.equal(bucketed.history_ids.values(), plain.history_ids.values())
     start, widths = 0, []
     for end, width in bucketed.hist_buckets:
-        assert end > start and width % 4 == 0 and int(lengths[start:end].max()) <= width
+        assert end > start and ((width + prefix) % 4 == 0 or width == T) and int(lengths[start:end].max()) <= width
         assert start == 0 or int(lengths[start - 1]) > width  # each bucket is as narrow as its rows allow
         start, widths = end, widths + [width]
     assert start == len(rows) and widths == sorted(set(widths), reverse=True) and len(widths) >= 3
@@ -280,7 +282,15 @@ def test_length_buckets_compute_the_same_loss_and_gradients(tiny_log, reader, op
     log = InstanceLog(tiny_log)
     fetch = options.get("token_fetch", "ranges")
     source = HistorySource.from_log(log, list(log.schema.sequence) if options.get("history") == "both" else [])
-    maker = Stage2BatchMaker(source, T, same_log=True, candidate=True, token_ids=fetch == "lookup", length_bucket=4)
+    maker = Stage2BatchMaker(
+        source,
+        T,
+        same_log=True,
+        candidate=True,
+        token_ids=fetch == "lookup",
+        length_bucket=4,
+        bucket_prefix=bucket_prefix(RankerConfig(reader=reader)),
+    )
     batch = maker(log, np.arange(120))
     assert len(batch.hist_buckets) >= 3
     table = torch.randn(log.rows, DIM)

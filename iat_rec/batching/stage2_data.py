@@ -77,8 +77,10 @@ class Stage2BatchMaker:
     ``candidate``: the token lookup also gets each request's own row (stage 2's token query).
     ``token_ids=False``: no id list for a TorchRec lookup (the model reads ranges).
     ``length_bucket`` L > 0: the batch's rows are sorted by history length, longest first, and
-    cut into buckets of lengths rounded up to a multiple of L (``hist_buckets``), so the model
-    reads each bucket's histories at that length, not all at T (``HistoryBranch``)."""
+    cut into buckets of lengths rounded up so that ``bucket_prefix`` + length is a multiple of L
+    (``hist_buckets``), so the model reads each bucket's histories at that length, not all at T
+    (``HistoryBranch``). ``bucket_prefix``: the tokens the reader puts before the steps
+    (``modules.ranker.bucket_prefix``), so its sequences fill whole attention tiles."""
 
     def __init__(
         self,
@@ -88,13 +90,14 @@ class Stage2BatchMaker:
         candidate: bool = False,
         token_ids: bool = True,
         length_bucket: int = 0,
+        bucket_prefix: int = 0,
     ):
-        if length_bucket < 0:
-            raise ValueError(f"length_bucket must be >= 0, not {length_bucket}")
+        if length_bucket < 0 or bucket_prefix < 0:
+            raise ValueError(f"length_bucket ({length_bucket}) and bucket_prefix ({bucket_prefix}) must be >= 0")
         if candidate and not same_log:
             raise ValueError("the candidate's own token exists only for requests of the token table's log")
         self.source, self.max_len, self.same_log, self.candidate = source, max_len, same_log, candidate
-        self.token_ids, self.length_bucket = token_ids, length_bucket
+        self.token_ids, self.length_bucket, self.bucket_prefix = token_ids, length_bucket, bucket_prefix
 
     def history_users(self, log: InstanceLog, rows: np.ndarray) -> np.ndarray:
         valid = rows >= 0
@@ -111,7 +114,7 @@ class Stage2BatchMaker:
         if self.length_bucket:
             order = np.argsort(-length, kind="stable")
             rows, times, first, length = rows[order], times[order], first[order], length[order]
-            buckets = length_buckets(length, self.length_bucket, self.max_len)
+            buckets = length_buckets(length, self.length_bucket, self.max_len, self.bucket_prefix)
         base = make_batch(log, rows)
         src, feats, b = self.source, self.source.seq_features, len(rows)
         hist_labels, hist_gap, valid = padded_side_info(
@@ -157,12 +160,13 @@ class Stage2BatchMaker:
         )
 
 
-def length_buckets(length: np.ndarray, bucket: int, max_len: int) -> tuple[tuple[int, int], ...]:
-    """(end row, steps) per run of equal ``min(ceil(length / bucket) * bucket, max_len)`` over
-    lengths sorted longest first; an empty history counts as one step (no bucket of width 0)."""
+def length_buckets(length: np.ndarray, bucket: int, max_len: int, prefix: int = 0) -> tuple[tuple[int, int], ...]:
+    """(end row, steps) per run of equal ``min(ceil((length + prefix) / bucket) * bucket - prefix,
+    max_len)`` over lengths sorted longest first; an empty history counts as one step (no
+    bucket of width 0)."""
     if not len(length):
         return ()
-    steps = np.minimum(-(-np.maximum(length, 1) // bucket) * bucket, max_len)
+    steps = np.minimum(-(-(np.maximum(length, 1) + prefix) // bucket) * bucket - prefix, max_len)
     ends = np.flatnonzero(np.diff(steps)) + 1
     return tuple((int(e), int(steps[e - 1])) for e in [*ends, len(steps)])
 

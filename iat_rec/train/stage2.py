@@ -31,7 +31,7 @@ from iat_rec.train.run_dir import RUN_INFO, read_run
 from iat_rec.train.stage1 import load_stage1
 from iat_rec.train.trainer import evaluate, shard
 from modules.range_gather import even_bounds
-from modules.ranker import Ranker, RankerConfig, build_ranker
+from modules.ranker import Ranker, RankerConfig, bucket_prefix, build_ranker
 
 
 @dataclasses.dataclass
@@ -130,6 +130,7 @@ def build(cfg: Stage2Config, env: DistEnv, plan_out: Path | None, after: int | N
         candidate=model.token_query,
         token_ids=r.token_fetch == "lookup",
         length_bucket=r.length_bucket,
+        bucket_prefix=bucket_prefix(r),
     )
     maker = SelectTasks(maker, task_index)
     splits = time_split(log, cfg.split, after)
