@@ -76,7 +76,8 @@ class RankerConfig:
     pre_project: bool = False  # side-info tables at reader width, added after the projection instead of
     #   concatenated before it: the same functions, without the concat and with a narrower projection
     length_bucket: int = 0  # L > 0: each batch's requests sorted by history length and read in buckets of
-    #   lengths rounded up to a multiple of L, not all at max_len: the same outputs, without the padding's work
+    #   lengths rounded up so that bucket_prefix + length is a multiple of L, not all at max_len: the same
+    #   outputs, without the padding's work
 
 
 def bucket_prefix(cfg: RankerConfig) -> int:

@@ -95,6 +95,8 @@ def test_cross_domain_users_match_by_key_and_unknown_users_get_nothing():
 def test_cross_domain_keys_match_whole_never_truncated():
     index = HistoryIndex(np.array([1, 2]), np.array([0, 1, 2]), np.array(["A", "B"]))
     assert index.user_index(np.array(["Alice", "Bob", "A", "B"])).tolist() == [-1, -1, 0, 1]
+    empty = HistoryIndex(np.zeros(0, np.int64), np.array([0]), np.array([], dtype=str))
+    assert empty.user_index(np.array(["A"])).tolist() == [-1]  # a source without users knows nobody
 
 
 def test_request_before_or_after_every_row():

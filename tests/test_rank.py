@@ -303,9 +303,12 @@ def test_range_reads_train_the_same_model_as_the_lookup(tiny_log, stage1_run, to
         plan = json.loads((tmp_path / fetch / "plan.json").read_text())
         assert ("iat_tokens" in json.dumps(plan)) == (fetch == "lookup")  # ranges: no TorchRec token table
     shares = re.findall(
-        r"length buckets of 4: the first batch is read in (\d+) buckets, (\d+)% of the steps", capfd.readouterr().out
+        r"length buckets of 4: the first batch is read in (\d+) buckets \(widths ([\d, ]+)\), (\d+)% of the steps",
+        capfd.readouterr().out,
     )
-    assert len(shares) == 1 and int(shares[0][1]) < 100, shares  # the buckets were read
+    assert len(shares) == 1 and int(shares[0][2]) < 100, shares  # the buckets were read
+    # the transformer reader prepends the query: query + width fills whole multiples of L (or width is T)
+    assert all((int(w) + 1) % 4 == 0 or int(w) == 16 for w in shares[0][1].split(", ")), shares
     assert losses["buckets"] == pytest.approx(losses["ranges"], abs=1e-5)
     assert metrics["buckets"]["auc"] == pytest.approx(metrics["ranges"]["auc"], abs=1e-4)
     for fetch in ("ranges", "sharded_ranges"):

@@ -41,6 +41,8 @@ class HistoryIndex:
         Keys compare whole: never cast to this index's fixed string width, which would cut
         ``Alice`` to ``A`` and hand one user another user's history."""
         keys = np.asarray(keys).astype(str)
+        if not len(self.user_keys):
+            return np.full(len(keys), -1, dtype=np.int64)
         pos = np.searchsorted(self.user_keys, keys)
         pos = np.minimum(pos, len(self.user_keys) - 1)
         return np.where(self.user_keys[pos] == keys, pos, -1)
@@ -97,8 +99,9 @@ def padded_side_info(
     (codes int8 [B, T, K], gap bucket int8 [B, T], valid bool [B, T]), 0 past each history.
 
     A stage-2 batch carries these for B x T steps, so they are most of its loader's work. Read
-    on the [B, T] grid of rows (padding steps read the source's row 0 and are zeroed), not
-    gathered flat and scattered by the mask: the scatter cost more than every gather together.
+    on the [B, T] grid of rows ``first + step`` (kept inside the source; padding steps are
+    zeroed after), not gathered flat and scattered by the mask: the scatter cost more than
+    every gather together.
     """
     steps = np.arange(max_len)
     valid = steps < np.asarray(length)[:, None]
@@ -122,7 +125,7 @@ def _step_side_info(rows: np.ndarray, t: np.ndarray, labels, label_time, ts) -> 
     shape = (*rows.shape, labels.shape[1])
     codes = np.take(labels, flat, axis=0).astype(np.int8).reshape(shape)  # 0/1
     np.copyto(codes, np.int8(LABEL_UNKNOWN), where=np.take(label_time, flat, axis=0).reshape(shape) >= t[..., None])
-    gap = np.take(ts, rows)
+    gap = np.take(ts, rows).astype(np.int64, copy=False)  # in int64 whatever the source's dtype
     np.subtract(t, gap, out=gap)
     np.maximum(gap, 0, out=gap)
     gap += 1

@@ -137,7 +137,8 @@ def build(cfg: Stage2Config, env: DistEnv, plan_out: Path | None, after: int | N
     if r.length_bucket and env.is_main and len(splits["train"]):
         first = maker(log, time_order(log, splits["train"])[: cfg.batch_size]).hist_buckets
         print(
-            f"length buckets of {r.length_bucket}: the first batch is read in {len(first)} buckets, "
+            f"length buckets of {r.length_bucket}: the first batch is read in {len(first)} buckets "
+            f"(widths {', '.join(str(w) for _, w in first)}), "
             f"{bucket_share(first, r.max_len):.0%} of the steps at --max-len {r.max_len}",
             flush=True,
         )
