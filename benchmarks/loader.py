@@ -35,7 +35,6 @@ from benchmarks import compress as compress_bench
 from benchmarks import rank as stage2_bench
 from iat_rec.batching.loaders import BatchDataset, EpochLoader, time_order
 from iat_rec.data.instance_log import time_split
-from modules.ranker import bucket_prefix
 
 
 def time_loader(ds, batches: int, warmup: int, workers: int = 0, pin: bool = False) -> dict[str, float]:
@@ -84,18 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             "stage1_temporal": BatchDataset(log, time_order(log, time_split(log)["train"]), batch),
             # the batches the GPU step below reads: no token id list where it reads ranges
             **{
-                f"stage2_{h}": stage2_bench.stage2_dataset(
-                    log,
-                    h,
-                    batch,
-                    r.max_len,
-                    0,
-                    1,
-                    args.seed,
-                    token_ids,
-                    length_bucket=r.length_bucket,
-                    bucket_prefix=bucket_prefix(r),
-                )
+                f"stage2_{h}": stage2_bench.stage2_dataset(log, h, batch, r, 0, 1, args.seed, token_ids)
                 for h in ("iat", "both")
             },
         }

@@ -70,25 +70,17 @@ def step_reader_flops(r: RankerConfig, m: ModelConfig, batches: list) -> float:
 
 
 def stage2_dataset(
-    log,
-    history: str,
-    batch: int,
-    max_len: int,
-    rank: int,
-    world: int,
-    seed: int,
-    token_ids: bool = True,
-    length_bucket: int = 0,
-    bucket_prefix: int = 0,
+    log, history: str, batch: int, r: RankerConfig, rank: int, world: int, seed: int, token_ids: bool = True
 ) -> BatchDataset:
+    """The training batches of ranker ``r`` (its T and length buckets), as stage 2 makes them."""
     seq = list(log.schema.sequence) if history in ("handcrafted", "both") else []
     maker = Stage2BatchMaker(
         HistorySource.from_log(log, seq),
-        max_len,
+        r.max_len,
         same_log=True,
         token_ids=token_ids,
-        length_bucket=length_bucket,
-        bucket_prefix=bucket_prefix,
+        length_bucket=r.length_bucket,
+        bucket_prefix=bucket_prefix(r),
     )
     return BatchDataset(log, time_split(log)["train"], batch, rank, world, shuffle=True, seed=seed, make=maker)
 
@@ -158,18 +150,7 @@ def build_case(
     if ranges:  # the replicated table of --token-fetch ranges: random rows, as the lookup's
         rows = torch.empty(log.rows, token_dim, device=run.device).uniform_(-1, 1)
         ranker_model.token_rows.load(rows)
-    ds = stage2_dataset(
-        log,
-        history,
-        batch,
-        r.max_len,
-        env.rank,
-        env.world_size,
-        run.args.seed,
-        token_ids=not ranges,
-        length_bucket=r.length_bucket,
-        bucket_prefix=bucket_prefix(r),
-    )
+    ds = stage2_dataset(log, history, batch, r, env.rank, env.world_size, run.args.seed, token_ids=not ranges)
     cached = common.cached_batches(ds, batches, run.device)
     mean_len = float(np.mean([b.hist_valid.float().sum(1).mean().item() for b in cached]))
     return Stage2Case(
