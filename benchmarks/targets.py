@@ -35,8 +35,10 @@ METRICS: dict[str, tuple[str, str, str, float, str]] = {
     ),
     "reader_mfu_d64": ("rank-fast-h1", "iat", "reader_mfu", 0.10, "reader MFU in the step >= 10% at d 64"),
     "reader_mfu_d128": ("rank-d128", "iat", "reader_mfu", 0.20, "reader MFU in the step >= 20% at d 128"),
+    # at stage 1's fast batch (compress-fast: 32768) with 4x the rows, so rows repeat no more
+    # than at 8192 (NOTES 3 and 36; the 8192 step: tbe.json)
     "tbe_copy_ratio_in_step": (
-        "tbe",
+        "tbe-batch32k",
         "wide/pipelined_step",
         "copy_ratio",
         0.50,

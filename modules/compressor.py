@@ -193,6 +193,7 @@ class Compressor(nn.Module):
     ):
         super().__init__()
         self.bf16 = bf16
+        self.graph_steps = False  # compile_dense in mode reduce-overhead: each forward starts a CUDA-graph step
         self.base = BaseRanker(tables, dense_in, cfg)
         self.bottleneck = Bottleneck(cfg.hidden, cfg.iat_dim, cfg.bottleneck_act)
         self.window, self.prefix_len = window, prefix_len
@@ -248,6 +249,7 @@ class Compressor(nn.Module):
                 m.compile(mode=mode)
         if self.reconstruction is not None:
             self.reconstruction.compile(mode=mode)
+        self.graph_steps = mode == "reduce-overhead"
 
     def encode(self, batch: Batch) -> torch.Tensor:
         """The instance token of every row: [N, iat_dim]."""
@@ -294,6 +296,8 @@ class Compressor(nn.Module):
         return self.decompress(token)
 
     def forward(self, batch: Batch):
+        if self.graph_steps:  # a new step: the regions' CUDA graphs may reuse the last step's buffers
+            torch.compiler.cudagraph_mark_step_begin()
         token, pooled = self._encode(batch)
         logits = self.logits(batch, token)
         loss = weighted_bce(logits, batch.labels, batch.weights)

@@ -144,6 +144,10 @@ class HistoryBranch(nn.Module):
             raise ValueError(problem)
         self.reader = make_reader(cfg.reader, d, out_dim, **kw)
         self.bf16, self.compiled = cfg.bf16, cfg.compile
+        if cfg.compile and cfg.length_bucket:  # a graph per width, grad mode and branch kind (see _reader)
+            widths = -(-(cfg.max_len + bucket_prefix(cfg)) // cfg.length_bucket)
+            dynamo = torch._dynamo.config
+            dynamo.recompile_limit = max(dynamo.recompile_limit, 4 * widths)
 
     def forward(
         self,
@@ -171,10 +175,10 @@ class HistoryBranch(nn.Module):
     def _reader(self):
         """``_read``, compiled with ``compile``: one function for every branch, so its compiled
         graphs are told apart by guards on the branch (at most two kinds), grad mode (training,
-        evaluation), and, unbucketed, the static shape. Bucketed inputs come contiguous and marked
-        dynamic in rows and width, so one graph serves every bucket of a branch and grad mode:
-        slices of the [B, T] tensors would be guarded on their offsets and strides, and widths
-        seen one by one would compile static first."""
+        evaluation), and the width (T, or each bucket's). Bucketed inputs come contiguous and marked
+        dynamic in rows only: slices of the [B, T] tensors would be guarded on their offsets and
+        strides, and rows change from batch to batch. Widths stay static (a few per T): torch
+        2.11's inductor failed to generate code for a symbolic width (NOTES 36)."""
         if not self.compiled:
             return self._read
         return functools.partial(compiled_read(), self)
@@ -197,12 +201,11 @@ class HistoryBranch(nn.Module):
 
 def _bucket(t: torch.Tensor | None, rows: slice, width: int | None = None) -> torch.Tensor | None:
     """Rows ``rows`` (and the first ``width`` steps) of a branch input, contiguous, with rows
-    and steps marked dynamic for torch.compile (see ``HistoryBranch._reader``)."""
+    marked dynamic for torch.compile (see ``HistoryBranch._reader``)."""
     if t is None:
         return None
     t = (t[rows] if width is None else t[rows, :width]).contiguous()
-    for dim in range(min(t.dim(), 2)):
-        torch._dynamo.maybe_mark_dynamic(t, dim)
+    torch._dynamo.maybe_mark_dynamic(t, 0)
     return t
 
 
