@@ -201,11 +201,13 @@ class HistoryBranch(nn.Module):
 
 def _bucket(t: torch.Tensor | None, rows: slice, width: int | None = None) -> torch.Tensor | None:
     """Rows ``rows`` (and the first ``width`` steps) of a branch input, contiguous, with rows
-    marked dynamic for torch.compile (see ``HistoryBranch._reader``)."""
+    marked dynamic and steps static for torch.compile (see ``HistoryBranch._reader``)."""
     if t is None:
         return None
     t = (t[rows] if width is None else t[rows, :width]).contiguous()
     torch._dynamo.maybe_mark_dynamic(t, 0)
+    if t.dim() > 1:  # else dynamo's automatic dynamic shapes would make the width symbolic at its second value
+        torch._dynamo.mark_static(t, 1)
     return t
 
 

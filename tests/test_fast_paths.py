@@ -313,3 +313,38 @@ def test_length_buckets_compute_the_same_loss_and_gradients(tiny_log, reader, op
     assert options.get("history") != "both" or any(n.startswith("hand.reader") for n in got_grads)
     for name, grad in want_grads.items():
         torch.testing.assert_close(got_grads[name], grad, **tol, msg=name)
+
+
+def test_compiled_buckets_keep_rows_dynamic_and_widths_static(tiny_log, monkeypatch):
+    """torch 2.11's inductor failed on a symbolic bucket width (benchmarks/NOTES.md 36): every
+    graph of the bucketed reader has dynamic rows and a static width, one graph per width."""
+    import modules.ranker as ranker_module
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        values = [n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"]
+        graphs.append([v.shape for v in values if isinstance(v, torch.Tensor)])
+        return gm.forward
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(
+        ranker_module, "compiled_read", lambda: torch.compile(ranker_module.HistoryBranch._read, backend=record)
+    )
+    log = InstanceLog(tiny_log)
+    maker = Stage2BatchMaker(
+        HistorySource.from_log(log, []), T, same_log=True, token_ids=False, length_bucket=4, bucket_prefix=1
+    )
+    model = ranker(log, "ranges", "features", "fp32", length_bucket=4, compile=True).train()
+    model.token_rows.load(torch.randn(log.rows, DIM))
+    widths = set()
+    for start in (0, 120, 240):
+        batch = maker(log, np.arange(start, start + 120))
+        widths |= {w for _, w in batch.hist_buckets}
+        model(batch)[0].backward()
+    torch._dynamo.reset()
+    assert len(graphs) == len(widths) > 2
+    for shapes in graphs:
+        batch_shapes = [s for s in shapes if isinstance(s[0], torch.SymInt)]
+        assert batch_shapes, "rows are dynamic"
+        assert all(isinstance(n, int) for s in shapes for n in s[1:]), shapes
