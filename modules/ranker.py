@@ -145,8 +145,8 @@ class HistoryBranch(nn.Module):
         self.reader = make_reader(cfg.reader, d, out_dim, **kw)
         self.bf16, self.compiled = cfg.bf16, cfg.compile
         if cfg.compile and cfg.length_bucket:
-            # a graph per width (ceil((T + prefix) / L), and T), grad mode, branch kind (two at most)
-            # and bucket of one row (dynamo specialises a size of 1): see _reader
+            # a graph per width (ceil((T + prefix) / L) of them, T the last; + 1 to spare), grad mode,
+            # branch kind (two at most) and bucket of one row (dynamo specialises a size of 1): see _reader
             widths = -(-(cfg.max_len + bucket_prefix(cfg)) // cfg.length_bucket) + 1
             dynamo = torch._dynamo.config
             dynamo.recompile_limit = max(dynamo.recompile_limit, 8 * widths)
