@@ -597,7 +597,8 @@ def time_train_pipeline(run: Run, case: str, model, optimizer, batches: list) ->
 def linear_flops(model: torch.nn.Module, batch, device: torch.device) -> float:
     """Forward matmul FLOPs of every nn.Linear in ``model`` on one batch (2 x rows x in x out),
     counted by hooks over one no-grad forward. Attention score matmuls and embedding lookups
-    are not Linear layers and are not counted."""
+    are not Linear layers and are not counted. Compiled parts run eagerly here: the hooks count
+    as they would uncompiled, and no-grad graphs that the timed steps never run are not compiled."""
     total = [0.0]
 
     def hook(mod: torch.nn.Linear, inputs, _output) -> None:
@@ -606,7 +607,7 @@ def linear_flops(model: torch.nn.Module, batch, device: torch.device) -> float:
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Linear)]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             model(batch.to(device))
     finally:
         for h in handles:
