@@ -275,7 +275,8 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int
 
 def profile_case(run: Run, case: str, fn: Callable[[], Any], steps: int = 5) -> Path | None:
     """With ``--profile DIR``: ``steps`` more calls of ``fn`` under torch.profiler; the top ops by
-    self device time (CPU time on CPU) go to DIR/<benchmark>-<case>-profile.txt. Untimed."""
+    self device time (on a GPU, then by self CPU time too) go to DIR/<benchmark>-<case>-profile.txt.
+    Untimed."""
     if not getattr(run.args, "profile", None) or (dist.is_initialized() and dist.get_rank() != 0):
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -293,10 +294,13 @@ def profile_case(run: Run, case: str, fn: Callable[[], Any], steps: int = 5) -> 
         sort = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
     path = Path(run.args.profile) / f"{run.name}-{case.replace('/', '_')}-profile.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        f"{run.name} {case}: {steps} steps, {device_name(run.device)}\n"
-        + events.table(sort_by=sort, row_limit=30, max_name_column_width=90)
-    )
+    text = f"{run.name} {case}: {steps} steps, {device_name(run.device)}\n"
+    text += events.table(sort_by=sort, row_limit=30, max_name_column_width=90)
+    if run.cuda:  # the host's side too: a step the GPU waits on shows there, not in the device times
+        text += "\nby self CPU time:\n" + events.table(
+            sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=90
+        )
+    path.write_text(text)
     print(f"[{run.name}] profile of {case}: {path}", flush=True)
     return path
 
