@@ -15,13 +15,17 @@ if [ -f .mldata/ml-1m.tar.xz ] && [ ! -d /tmp/ml/ml-1m ]; then tar -C /tmp/ml -x
 export ML_SOURCE=/tmp/ml/ml-1m
 nvidia-smi -L
 i=0
-declare -A logs ran  # per WORK: its dataset, and the variants its jobs ran ("all" where a job named none)
+declare -A logs ran opts  # per WORK: its dataset, and the variants its jobs ran ("all" where a job named none)
 for job in $JOBS; do
   IFS=: read -r -a parts <<< "$job"
   if [[ ${parts[0]} == /* ]]; then work=${parts[0]}; parts=("${parts[@]:1}"); else work=$Q/${parts[0]}; fi
   name=${parts[0]}
   if [ -z "${logs[$work]:-}" ]; then PREPARE_ONLY=1 benchmarks/quality.sh "$name" "$work"; logs[$work]=$name; fi
-  v=all; for ((k = 1; k < ${#parts[@]} - 1; k++)); do [ "${parts[k]}" = --variants ] && v=${parts[k + 1]}; done
+  v=all; o=()  # the job's variants; its other options (not the seed) go to the report too
+  for ((k = 1; k < ${#parts[@]}; k++)); do
+    case ${parts[k]} in --variants) v=${parts[k + 1]}; k=$((k + 1)) ;; --only-seed) k=$((k + 1)) ;; *) o+=("${parts[k]}") ;; esac
+  done
+  opts[$work]=$(IFS=:; echo "${o[*]}")
   if [ "$v" = all ] || [ "${ran[$work]:-}" = all ]; then ran[$work]=all; else ran[$work]=${ran[$work]:+${ran[$work]},}$v; fi
   i=$((i + 1))
   (time benchmarks/quality.sh "$name" "$work" "${parts[@]:1}") > "$Q/job$i-$name.log" 2>&1 &
@@ -32,7 +36,8 @@ kill $(jobs -rp) 2>/dev/null
 sleep 2
 for work in "${!logs[@]}"; do  # every seed's report of the variants that ran, where every stage finished
   [ "${ran[$work]}" = all ] && v="" || v=$(tr , '\n' <<< "${ran[$work]}" | awk '!seen[$0]++' | paste -sd,)
-  VARIANTS=${v:-${VARIANTS:-}} timeout 120 benchmarks/quality.sh "${logs[$work]}" "$work" --report-only > "$work.report.log" 2>&1 || tail -2 "$work.report.log"
+  IFS=: read -r -a o <<< "${opts[$work]}"  # e.g. --compress-config: the report checks each stage ran with it
+  VARIANTS=${v:-${VARIANTS:-}} timeout 120 benchmarks/quality.sh "${logs[$work]}" "$work" "${o[@]}" --report-only > "$work.report.log" 2>&1 || tail -2 "$work.report.log"
 done
 cd "$Q" && find . \( -name report.md -o -name results.json -o -name '*.png' -o -name '*.log' -o -name result.json \
   -o -name metrics.json -o -name eval_history.json -o -name run.json -o -name manifest.json -o -name plan.json -o -path '*/seconds/*' \) -print0 \
