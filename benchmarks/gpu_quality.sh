@@ -15,7 +15,7 @@ if [ -f .mldata/ml-1m.tar.xz ] && [ ! -d /tmp/ml/ml-1m ]; then tar -C /tmp/ml -x
 export ML_SOURCE=/tmp/ml/ml-1m
 nvidia-smi -L
 i=0
-declare -A logs ran opts  # per WORK: its dataset, and the variants its jobs ran ("all" where a job named none)
+declare -A logs ran opts  # per WORK: its dataset, the variants its jobs ran ("all" where a job named none), their other options
 for job in $JOBS; do
   IFS=: read -r -a parts <<< "$job"
   if [[ ${parts[0]} == /* ]]; then work=${parts[0]}; parts=("${parts[@]:1}"); else work=$Q/${parts[0]}; fi
