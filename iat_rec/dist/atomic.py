@@ -17,8 +17,9 @@ import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 def artifact_format(path: str | os.PathLike, manifest: str) -> str | None:
@@ -56,8 +57,14 @@ def read_manifest(path: str | os.PathLike, name: str, what: str, fmt: str, versi
     return manifest
 
 
-def check_out(out: str | os.PathLike, kind: str, formats: set[str], manifest: str, overwrite: bool,
-              inputs: tuple[str | os.PathLike, ...] = ()) -> None:
+def check_out(
+    out: str | os.PathLike,
+    kind: str,
+    formats: set[str],
+    manifest: str,
+    overwrite: bool,
+    inputs: tuple[str | os.PathLike, ...] = (),
+) -> None:
     """Refuses an output path that would lose data, before anything is written: one that is,
     holds or lies inside an input; an existing non-empty path that is not ``kind`` (an
     artifact whose ``manifest`` file's ``format`` is in ``formats``); or one that is, without

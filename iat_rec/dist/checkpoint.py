@@ -118,9 +118,7 @@ def under(key: str, paths: tuple[str, ...]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in paths)
 
 
-def load_weights(
-    path: str | Path | None, model: torch.nn.Module, prefix: str = "", skip: tuple[str, ...] = ()
-) -> None:
+def load_weights(path: str | Path | None, model: torch.nn.Module, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
     """Loads model weights whose names start with ``prefix`` and lie in no module of ``skip``
     (any world size: DCP reshards), for export, evaluation and warm starts.
 
@@ -167,16 +165,27 @@ _METADATA_GLOBALS = {
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    *(("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING",
-    )),
+    *(
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in (
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorProperties",
+            "TensorStorageMetadata",
+            "ChunkStorageMetadata",
+            "BytesStorageMetadata",
+            "_MEM_FORMAT_ENCODING",
+        )
+    ),
 }
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        if (module, name) in _METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+        if (module, name) in _METADATA_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"unsafe pickle: {module}.{name} is not a checkpoint metadata class")
 

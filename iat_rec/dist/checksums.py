@@ -38,7 +38,9 @@ def check(path: Path, manifest: dict) -> None:
         raise IatError(f"{path}: missing")
     st = path.stat()
     if st.st_size != expected["bytes"]:
-        raise IatError(f"{path}: {st.st_size} bytes, its manifest says {expected['bytes']}: the file is truncated or was replaced")
+        raise IatError(
+            f"{path}: {st.st_size} bytes, its manifest says {expected['bytes']}: the file is truncated or was replaced"
+        )
     key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, expected["blake2b"])
     if key in _verified:
         return

@@ -17,8 +17,8 @@ import socket
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -86,7 +86,9 @@ def quiet_third_party() -> None:
     for pattern in _NOISE:
         warnings.filterwarnings("ignore", message=f".*{pattern}")
     for category in (DeprecationWarning, FutureWarning):
-        warnings.filterwarnings("ignore", category=category, module=r"(torch|torchrec|fbgemm_gpu|torchmetrics|torchx)(\.|$)")
+        warnings.filterwarnings(
+            "ignore", category=category, module=r"(torch|torchrec|fbgemm_gpu|torchmetrics|torchx)(\.|$)"
+        )
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     root = logging.getLogger()
@@ -142,6 +144,10 @@ def run_ranks(module: str, argv: list[str], nproc: int | None, body: Callable[[]
     if launched() or nproc == 1:
         try:
             body()
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                # every rank done before any tears its group down: a gloo group destroyed while a
+                # peer still runs can abort that peer ("terminate called without an active exception")
+                dist.barrier()
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
@@ -209,8 +215,13 @@ def launch(module: str, argv: list[str], nproc: int) -> int:
     # the agent's own log directory (by default a torchelastic_* left in /tmp by every launch)
     logs = tempfile.mkdtemp(prefix="iat-rec-launch-")
     config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"iat-{os.getpid()}",
-        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"iat-{os.getpid()}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+        max_restarts=0,
         logs_specs=DefaultLogsSpecs(log_dir=logs),
     )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
