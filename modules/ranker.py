@@ -30,12 +30,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, data_type_to_dtype
 
 from iat_rec.batching.history import GAP_BUCKETS, LABEL_UNKNOWN
+from iat_rec.batching.stage2_data import length_buckets
 from iat_rec.tables import (
     CANDIDATE_FEATURE,
     TOKEN_FEATURE,
@@ -145,9 +147,10 @@ class HistoryBranch(nn.Module):
         self.reader = make_reader(cfg.reader, d, out_dim, **kw)
         self.bf16, self.compiled = cfg.bf16, cfg.compile
         if cfg.compile and cfg.length_bucket:
-            # a graph per width (ceil((T + prefix) / L) of them, T the last; + 1 to spare), grad mode,
-            # branch kind (two at most) and bucket of one row (dynamo specialises a size of 1): see _reader
-            widths = -(-(cfg.max_len + bucket_prefix(cfg)) // cfg.length_bucket) + 1
+            # a graph per width (every width a history of 0..T steps buckets to; + 1 to spare), grad
+            # mode, branch kind (two at most) and bucket of one row (dynamo specialises a size of 1): see _reader
+            every_length = np.arange(cfg.max_len + 1)
+            widths = len(length_buckets(every_length, cfg.length_bucket, cfg.max_len, bucket_prefix(cfg))) + 1
             dynamo = torch._dynamo.config
             dynamo.recompile_limit = max(dynamo.recompile_limit, 8 * widths)
 
