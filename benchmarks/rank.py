@@ -56,15 +56,17 @@ def branches(history: str) -> int:
 
 def step_reader_flops(r: RankerConfig, m: ModelConfig, batches: list) -> float:
     """Forward FLOPs the readers execute in one step, averaged over ``batches``: every branch
-    reads T steps, or each length bucket its own width (``hist_buckets``)."""
+    reads T steps, or each length bucket its own width (``hist_buckets``), or packed, its
+    valid steps (``hist_steps``) in the layers that treat tokens alone."""
     if branches(r.history) == 0:
         return 0.0
     kw = reader_kwargs(r)
     total = 0.0
     for b in batches:
         start, buckets = 0, b.hist_buckets or ((len(b.ids), r.max_len),)
+        steps = b.hist_steps if r.pack_history else None
         for end, width in buckets:
-            total += reader_flops(r.reader, end - start, width, r.reader_dim, m.group_dim, **kw)
+            total += reader_flops(r.reader, end - start, width, r.reader_dim, m.group_dim, steps, **kw)
             start = end
     return branches(r.history) * total / len(batches)
 
@@ -250,6 +252,12 @@ def add_model_flags(p) -> None:
     p.add_argument(
         "--length-bucket", type=int, default=0, help="read histories in buckets of lengths rounded up to this (0: at T)"
     )
+    p.add_argument(
+        "--pack-history",
+        action=argparse_bool(),
+        default=False,
+        help="the transformer's position-wise layers on the valid steps only",
+    )
     p.add_argument("--users", type=int, default=None, help="synthetic users (default 3000; tiny 60)")
     p.add_argument("--mean-instances", type=float, default=None, help="per user (default 300; tiny 40)")
 
@@ -268,6 +276,7 @@ def configs(args, tiny: bool) -> tuple[RankerConfig, ModelConfig, int]:
         compile=args.compile,
         pre_project=args.pre_project,
         length_bucket=args.length_bucket,
+        pack_history=args.pack_history,
     )
     if args.reader_dim:
         r.reader_dim = args.reader_dim

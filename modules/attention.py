@@ -1,5 +1,6 @@
-"""Shared attention pieces: multi-head attention on SDPA, a pre-LN transformer block and
-position helpers. Masks are boolean, True = attend, broadcastable to [B, heads, Lq, Lk]."""
+"""Shared attention pieces: multi-head attention on SDPA, a pre-LN transformer block, a packed
+layout of padded sequences and position helpers. Masks are boolean, True = attend, or additive
+floats, broadcastable to [B, heads, Lq, Lk]."""
 
 from __future__ import annotations
 
@@ -8,6 +9,51 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules.mlp import MLP
+
+
+class Packing:
+    """The valid rows of a padded [B, L] layout, packed: ``index`` [M] holds each packed row's
+    flat slot b * L + l. Layers that treat every position alike run on the M packed rows, not
+    on B x L; attention pads its inputs back to [B, L, c] (padding slots read zero) and packs its
+    output. Both moves are gathers, each the other's adjoint, so neither direction's backward
+    needs an atomic scatter (``index`` holds each slot at most once)."""
+
+    def __init__(self, index: torch.Tensor, batch: int, length: int) -> None:
+        self.index, self.batch, self.length = index, batch, length
+        rows = index.shape[0]
+        # packed row of each slot; ``rows`` (one past the last) on padding slots
+        self.slot = index.new_full((batch * length,), rows).scatter_(0, index, torch.arange(rows, device=index.device))
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, *c] -> [M, *c]."""
+        return _Gather.apply(x.reshape(self.batch * self.length, *x.shape[2:]), self.index, self.slot)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """[M, *c] -> [B, L, *c], zero on padding slots."""
+        return _Gather.apply(x, self.slot, self.index).view(self.batch, self.length, *x.shape[1:])
+
+
+class _Gather(torch.autograd.Function):
+    """``out[i] = x[index[i]]``, zero where ``index[i]`` is past ``x``'s rows. ``inverse`` is the
+    same map backwards (``x``'s row j went to ``out[inverse[j]]``, or nowhere), so the backward is
+    a gather too: each row is read by at most one slot."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse, index)
+        return _take(x, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        inverse, index = ctx.saved_tensors
+        return _take(grad, inverse), None, None
+
+
+def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    if not x.shape[0]:
+        return x.new_zeros(index.shape[0], *x.shape[1:])
+    rows = x[index.clamp(max=x.shape[0] - 1)]
+    return rows.masked_fill((index >= x.shape[0]).view(-1, *[1] * (x.dim() - 1)), 0)
 
 
 class MultiHeadAttention(nn.Module):
@@ -26,16 +72,26 @@ class MultiHeadAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def forward(
-        self, x: torch.Tensor, kv: torch.Tensor | None = None, mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        kv: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        packing: Packing | None = None,
     ) -> torch.Tensor:
+        """[B, Lq, d] queries over [B, Lk, d] keys. With ``packing``, ``kv`` is packed [M, d] and
+        attended in its padded layout, and ``x`` is [B, Lq, d] or packed too (output likewise)."""
         kv = x if kv is None else kv
-        b, lq, d = x.shape
-        lk = kv.shape[1]
-        h = self.heads
-        q = self.q(x).view(b, lq, h, d // h).transpose(1, 2)
-        k, v = self.kv(kv).view(b, lk, 2, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)
+        packed = packing is not None and x.dim() == 2
+        q, kv = self.q(x), self.kv(kv)
+        if packing is not None:  # the projections ran on the packed rows; attention needs [B, L, c]
+            kv = packing.pad(kv)
+            q = packing.pad(q) if packed else q
+        (b, lq, d), lk, h = q.shape, kv.shape[1], self.heads
+        q = q.view(b, lq, h, d // h).transpose(1, 2)
+        k, v = kv.view(b, lk, 2, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(o.transpose(1, 2).reshape(b, lq, d))
+        o = o.transpose(1, 2).reshape(b, lq, d)
+        return self.out(packing.pack(o) if packed else o)
 
 
 class TransformerBlock(nn.Module):
@@ -51,12 +107,18 @@ class TransformerBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, kv: torch.Tensor | None = None, residual: bool = True
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        kv: torch.Tensor | None = None,
+        residual: bool = True,
+        packing: Packing | None = None,
     ) -> torch.Tensor:
         """``residual=False``: the output is what attention read (plus its FFN), without ``x``
-        itself: a read-out whose queries only ask (readers read history with a query token)."""
+        itself: a read-out whose queries only ask (readers read history with a query token).
+        ``packing``: ``kv`` (default ``x``) is packed, see ``MultiHeadAttention``."""
         h = self.norm1(x)
-        a = self.drop(self.attn(h, h if kv is None else self.norm1(kv), mask))
+        a = self.drop(self.attn(h, h if kv is None else self.norm1(kv), mask, packing))
         x = x + a if residual else a
         return x + self.drop(self.ffn(self.norm2(x)))
 

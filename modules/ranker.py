@@ -47,7 +47,7 @@ from iat_rec.tables import (
     token_table_config,
 )
 from iat_rec.train.config import ModelConfig
-from modules.attention import small_table_lookup
+from modules.attention import Packing, small_table_lookup
 from modules.compressor import BaseRanker, weighted_bce
 from modules.mlp import MLP
 from modules.query import QueryCompressor
@@ -73,13 +73,17 @@ class RankerConfig:
     reader_layers: int = 2  # layers of the reader (transformer, longer)
     reader_heads: int = 2  # head dim 32 at width 64
     head: tuple[int, ...] = (256, 128)  # hidden widths of the MLP from the interaction output to the heads
-    bf16: bool = False  # the history branches under bf16 autocast (their outputs, the rest and the loss in fp32)
-    compile: bool = False  # torch.compile each history branch's read (its state-dict keys are unchanged)
+    bf16: bool = False  # the dense part (feature groups, query, history branches, interaction, head) under bf16
+    #   autocast; the lookups, the branches' outputs, the logits and the loss in fp32
+    compile: bool = False  # torch.compile each history branch's read and the dense part around them (the
+    #   state-dict keys are unchanged)
     pre_project: bool = False  # side-info tables at reader width, added after the projection instead of
     #   concatenated before it: the same functions, without the concat and with a narrower projection
     length_bucket: int = 0  # L > 0: each batch's requests sorted by history length and read in buckets of
     #   lengths rounded up so that bucket_prefix + length is a multiple of L, not all at max_len: the same
     #   outputs, without the padding's work
+    pack_history: bool = False  # the transformer reader's position-wise layers run on the valid steps only
+    #   (packed), attention on the padded layout: the same outputs, without most of the padding's work
 
 
 def bucket_prefix(cfg: RankerConfig) -> int:
@@ -89,10 +93,15 @@ def bucket_prefix(cfg: RankerConfig) -> int:
     return 1 if cfg.reader == "transformer" else 0
 
 
-def length_bucket_problem(cfg: RankerConfig) -> str | None:
-    """Why ``cfg.length_bucket`` would change what the reader computes, or None. LONGER merges
-    fixed groups of steps, counted from a left padding to a multiple of the group: a bucket's
-    groups are T's only if every width and T are multiples of the group."""
+def layout_problem(cfg: RankerConfig) -> str | None:
+    """Why ``cfg``'s history layout (length buckets, packing) cannot be read as asked, or None.
+    LONGER merges fixed groups of steps, counted from a left padding to a multiple of the
+    group: a bucket's groups are T's only if every width and T are multiples of the group.
+    Packing is the transformer reader's own, and leaves buckets nothing to cut."""
+    if cfg.pack_history and cfg.reader != "transformer":
+        return f"--pack-history is the transformer reader's; --reader {cfg.reader} reads the padded steps"
+    if cfg.pack_history and cfg.length_bucket:
+        return "--pack-history reads the valid steps only: length buckets (--length-bucket) would cut nothing more"
     if not cfg.length_bucket or cfg.reader != "longer":
         return None
     if cfg.length_bucket % LONGER_MERGE or cfg.max_len % LONGER_MERGE:
@@ -105,7 +114,9 @@ def length_bucket_problem(cfg: RankerConfig) -> str | None:
 
 class HistoryBranch(nn.Module):
     """[adapt(steps) | steps] ++ target products ++ side-info embeddings -> reader width ->
-    reader(query) -> one token. ``step_in`` or ``target_in`` may be 0 (labels only).
+    reader(query) -> one token. ``step_in`` may be 0 (labels only), ``groups`` 0 (no target
+    products: ``target_products(candidate, steps, groups)``, taken here from the candidate).
+    ``stats`` (mean, std): the steps are rows of the frozen token table, standardised here.
 
     With ``pre_project`` the side-info embeddings (labels known before t, time gap) are added
     after the projection: W [x; e_1; ...; e_k] = W_x x + sum_i W_i e_i, and W_i e_i is a lookup
@@ -115,11 +126,18 @@ class HistoryBranch(nn.Module):
     ``buckets`` (a batch's ``hist_buckets``: rows sorted by history length, longest first):
     each run of rows is read at its own number of steps. Everything here is per request and
     padded steps never reach the output, so this is the same function of the batch, with
-    the work of the padding left out (the history is a prefix of the T steps)."""
+    the work of the padding left out (the history is a prefix of the T steps).
 
-    def __init__(self, step_in: int, target_in: int, num_tasks: int, cfg: RankerConfig, out_dim: int, adapt: bool):
+    ``pack_history``: the valid steps are packed (``modules.attention.Packing``) before the
+    adapt MLP, so every layer that treats steps alone runs on them only; the reader attends
+    in the padded layout. ``steps_total`` (a batch's ``hist_steps``) sizes the packed rows
+    without reading the lengths back from the device."""
+
+    def __init__(self, step_in: int, groups: int, num_tasks: int, cfg: RankerConfig, out_dim: int, adapt: bool):
         super().__init__()
         d = cfg.reader_dim
+        self.groups = groups
+        target_in = step_in if groups else 0
         self.adapt = MLP(step_in, [2 * d], d) if adapt and step_in else None
         self.pre_project = cfg.pre_project
         width = (d if self.adapt is not None else step_in) + target_in
@@ -141,11 +159,11 @@ class HistoryBranch(nn.Module):
             if cfg.reader == "din"
             else {"layers": cfg.reader_layers, "heads": cfg.reader_heads, "max_len": cfg.max_len + 1}
         )
-        problem = length_bucket_problem(cfg)
+        problem = layout_problem(cfg)
         if problem:
             raise ValueError(problem)
         self.reader = make_reader(cfg.reader, d, out_dim, **kw)
-        self.bf16, self.compiled = cfg.bf16, cfg.compile
+        self.bf16, self.compiled, self.pack = cfg.bf16, cfg.compile, cfg.pack_history
         if cfg.compile and cfg.length_bucket:
             # a graph per width (every width a history of 0..T steps buckets to; + 1 to spare), grad
             # mode, branch kind (two at most) and bucket of one row (dynamo specialises a size of 1): see _reader
@@ -157,23 +175,32 @@ class HistoryBranch(nn.Module):
     def forward(
         self,
         steps: torch.Tensor | None,
-        target: torch.Tensor | None,
+        candidate: torch.Tensor | None,
         labels: torch.Tensor,
         gap: torch.Tensor,
         valid: torch.Tensor,
         query: torch.Tensor,
         buckets: tuple[tuple[int, int], ...] | None = None,
+        steps_total: int | None = None,
+        stats: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         # Autocast here, not around the ranker: the branch is a leaf of TorchRec's pipeline
         # tracer, so the context is entered when the step really runs (and inside torch.compile).
         with torch.autocast(valid.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             read = self._reader()
+            if self.pack:
+                if steps_total is None:
+                    raise ValueError("pack_history needs the batch's hist_steps (Stage2BatchMaker sets it)")
+                index = valid_index(valid, steps_total)
+                torch._dynamo.maybe_mark_dynamic(index, 0)  # one graph for every batch's count of steps
+                return read(steps, candidate, labels, gap, valid, query, stats, index).float()
             if buckets is None:
-                return read(steps, target, labels, gap, valid, query).float()
-            per_step, outs, start = (steps, target, labels, gap, valid), [], 0
+                return read(steps, candidate, labels, gap, valid, query, stats).float()
+            outs, start = [], 0
             for end, width in buckets:
                 rows = slice(start, end)
-                outs.append(read(*(_bucket(t, rows, width) for t in per_step), _bucket(query, rows)))
+                s, l, g, v = (_bucket(t, rows, width) for t in (steps, labels, gap, valid))
+                outs.append(read(s, _bucket(candidate, rows), l, g, v, _bucket(query, rows), stats))
                 start = end
             return torch.cat(outs).float()
 
@@ -188,20 +215,38 @@ class HistoryBranch(nn.Module):
             return self._read
         return functools.partial(compiled_read(), self)
 
-    def _read(self, steps, target, labels, gap, valid, query) -> torch.Tensor:
+    def _read(self, steps, candidate, labels, gap, valid, query, stats, index=None) -> torch.Tensor:
+        packing = None if index is None else Packing(index, *valid.shape)
+        take = (lambda t: t) if packing is None else packing.pack  # per-step inputs: [B, T, c] or [N, c]
+        # Written on the padded steps; compiled, the packing gathers fuse into them (only valid steps computed).
+        target = None
+        if steps is not None:
+            steps = steps if stats is None else standardize(steps, *stats)
+            target = take(target_products(candidate, steps, self.groups)) if self.groups else None
+            steps = take(steps)
         parts = []
         if steps is not None:
             parts.append(self.adapt(steps) if self.adapt is not None else steps)
         if target is not None:
             parts.append(target)
-        side = [small_table_lookup(emb, labels[..., k]) for k, emb in enumerate(self.label_emb)]
-        side.append(small_table_lookup(self.gap_emb, gap))
+        # small tables looked up in the padded layout (their cheap backward needs [B, T] indices), then packed
+        side = [take(small_table_lookup(emb, labels[..., k])) for k, emb in enumerate(self.label_emb)]
+        side.append(take(small_table_lookup(self.gap_emb, gap)))
         if self.pre_project:
             x = sum(side) if self.proj is None else sum(side, self.proj(torch.cat(parts, -1)))
         else:
             x = self.proj(torch.cat(parts + side, -1))
         bias = self.relevance(target).squeeze(-1) if self.relevance is not None else None
-        return self.reader(x, valid, query, bias)
+        return self.reader(x, valid, query, bias) if packing is None else self.reader(x, valid, query, bias, packing)
+
+
+def valid_index(valid: torch.Tensor, total: int) -> torch.Tensor:
+    """Flat position b * T + t of each valid step of ``valid`` [B, T] (each row's valid steps a
+    prefix), given their count ``total``, so nothing waits on the device for it."""
+    b, t = valid.shape
+    length = valid.sum(1)
+    start = torch.arange(b, device=valid.device) * t - (length.cumsum(0) - length)
+    return torch.repeat_interleave(start, length, output_size=total) + torch.arange(total, device=valid.device)
 
 
 def _bucket(t: torch.Tensor | None, rows: slice, width: int | None = None) -> torch.Tensor | None:
@@ -221,6 +266,11 @@ def compiled_read():
     """``HistoryBranch._read`` under torch.compile, one for every branch: a function, not a
     bound method kept on the module, so the module deep-copies and pickles as before."""
     return torch.compile(HistoryBranch._read)
+
+
+def standardize(tokens: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Rows of the frozen token table, per dimension standardised, in fp32 (detached: frozen)."""
+    return (tokens.detach().float() - mean) / std
 
 
 def target_products(candidate: torch.Tensor, steps: torch.Tensor, groups: int) -> torch.Tensor:
@@ -282,20 +332,32 @@ class Ranker(nn.Module):
             self.register_buffer(
                 "token_std", torch.as_tensor(std, dtype=torch.float32).clamp(min=1e-6), persistent=False
             )
-            self.iat = HistoryBranch(dim, dim if self.token_query else 0, side, cfg, model.group_dim, adapt=True)
+            self.iat = HistoryBranch(dim, int(self.token_query), side, cfg, model.group_dim, adapt=True)
         if self.use_hand:
             if not shared:
                 raise ValueError("the hand-crafted history needs the schema's sequence features")
-            self.hand = HistoryBranch(self.shared_width, self.shared_width, side, cfg, model.group_dim, adapt=False)
+            self.hand = HistoryBranch(self.shared_width, shared, side, cfg, model.group_dim, adapt=False)
         if self.use_labels:
             self.labels = HistoryBranch(0, 0, side, cfg, model.group_dim, adapt=False)
         self.head = MLP(model.hidden, cfg.head, num_tasks)
+        self.bf16 = cfg.bf16
+        if cfg.compile:
+            # The dense part around the branches, which eager launches as many small kernels: each
+            # module compiled in place (same state-dict keys). Modules, not functions of the ranker:
+            # TorchRec's pipeline traces the ranker's forward with fx, which refuses a compiled
+            # function, but leaves a child without sharded modules untraced.
+            for module in (self.base.grouping, self.base.interaction, self.head, getattr(self, "query", None)):
+                if module is not None:
+                    module.compile()
 
-    def _standard(self, tokens: torch.Tensor) -> torch.Tensor:
-        return (tokens.detach().float() - self.token_mean) / self.token_std  # frozen table: detached
+    def _autocast(self):
+        # the device from a parameter, not from an input: TorchRec's pipeline traces this forward
+        # with fx, where an input's device is a proxy and autocast needs a str
+        return torch.autocast(next(self.head.parameters()).device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def _fetch(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Standardised history tokens [B, T, d] and, for the token query, the candidate's own [B, d]."""
+        """History tokens [B, T, d] as stored (the branch standardises them, packed or not) and, for
+        the token query, the candidate's own [B, d], standardised."""
         if self.token_fetch != "lookup":
             steps = self.token_rows(batch.hist_first, batch.hist_valid.sum(1), self.max_len)
             candidate = self.token_rows.take(batch.ids) if self.token_query else None
@@ -303,35 +365,43 @@ class Ranker(nn.Module):
             jt = self.tokens(batch.history_ids)
             steps = jt[TOKEN_FEATURE].to_padded_dense(desired_length=self.max_len)
             candidate = jt[CANDIDATE_FEATURE].to_padded_dense(desired_length=1)[:, 0] if self.token_query else None
-        return self._standard(steps), None if candidate is None else self._standard(candidate)
+        return steps, None if candidate is None else standardize(candidate, self.token_mean, self.token_std)
+
+    def _dense_in(self, pooled: torch.Tensor, dense: torch.Tensor, candidate: torch.Tensor | None):
+        """The feature-group tokens [B, G, D] and, if a branch reads history, its query [B, d]."""
+        with self._autocast():
+            feats = self.base.group_features(pooled, dense)
+            if not hasattr(self, "query"):
+                return feats, None
+            return feats, self.query(torch.cat([pooled, dense] + ([candidate] if self.token_query else []), -1))
+
+    def _dense_out(self, feats: torch.Tensor, extra: list[torch.Tensor]) -> torch.Tensor:
+        """Logits [B, K] in fp32 from the group tokens and one token per history branch."""
+        tokens = torch.cat([feats] + [e.unsqueeze(1) for e in extra], 1) if extra else feats
+        with self._autocast():
+            return self.head(self.base.interaction(tokens)).float()
 
     def forward(self, batch):
         pooled, looked_up = self.base.embed(batch)
-        feats = self.base.group_features(pooled, batch.dense)  # [B, G, D]
         side = (batch.hist_labels, batch.hist_gap, batch.hist_valid)
         buckets = batch.hist_buckets
-        extra, query_in = [], [pooled, batch.dense]
+        extra, steps, candidate = [], None, None
         if self.use_iat:
             steps, candidate = self._fetch(batch)
-            target = None
-            if self.token_query:
-                query_in.append(candidate)
-                target = target_products(candidate, steps, 1)
-        if hasattr(self, "query"):  # some history branch reads with it
-            query = self.query(torch.cat(query_in, -1))
+        feats, query = self._dense_in(pooled, batch.dense, candidate)
         if self.use_iat:
-            extra.append(self.iat(steps, target, *side, query, buckets))
+            stats = (self.token_mean, self.token_std)
+            extra.append(self.iat(steps, candidate, *side, query, buckets, batch.hist_steps, stats))
         if self.use_hand:
             names = self.base.shared_names
             hist = torch.cat(
                 [looked_up[history_feature(f)].to_padded_dense(desired_length=self.max_len) for f in names], -1
             )
             candidate = pooled[:, pooled.shape[1] - self.shared_width :]
-            extra.append(self.hand(hist, target_products(candidate, hist, len(names)), *side, query, buckets))
+            extra.append(self.hand(hist, candidate, *side, query, buckets, batch.hist_steps))
         if self.use_labels:
-            extra.append(self.labels(None, None, *side, query, buckets))
-        tokens = torch.cat([feats] + [e.unsqueeze(1) for e in extra], 1) if extra else feats
-        logits = self.head(self.base.interaction(tokens))
+            extra.append(self.labels(None, None, *side, query, buckets, batch.hist_steps))
+        logits = self._dense_out(feats, extra)
         loss = weighted_bce(logits, batch.labels, batch.weights)
         return loss, (loss.detach(), logits.detach().float(), batch.labels, batch.weights, batch.users)
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.attention import TransformerBlock, block_flops, recency_positions, small_table_lookup
+from modules.attention import Packing, TransformerBlock, block_flops, recency_positions, small_table_lookup
 from modules.mlp import MLP, make_act
 
 
@@ -76,25 +76,47 @@ class TransformerReader(nn.Module):
         self.out = nn.Linear(dim, out_dim)
 
     def forward(
-        self, seq: torch.Tensor, valid: torch.Tensor, query: torch.Tensor, bias: torch.Tensor | None = None
+        self,
+        seq: torch.Tensor,
+        valid: torch.Tensor,
+        query: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        packing: Packing | None = None,
     ) -> torch.Tensor:
+        """``packing`` (of the [B, T] steps): ``seq`` [N, d] and ``bias`` [N] hold the valid steps
+        only, so the layers that treat tokens alone run on the B queries and N steps, not on
+        B x (1 + T) tokens; attention reads them in the padded layout. Same outputs."""
         valid = valid.bool()
-        seq = _zero_padding(seq, valid) + small_table_lookup(self.pos, recency_positions(valid, self.max_len)).to(
-            seq.dtype
-        )
-        x = torch.cat([query[:, None].to(seq.dtype), seq], 1)  # [B, 1 + T, d]
-        ones = valid.new_ones(valid.shape[0], 1)
-        mask = attention_mask(torch.cat([ones, valid], 1), None if bias is None else F.pad(bias, (1, 0)), x.dtype)
+        b, t = valid.shape
+        pos = small_table_lookup(self.pos, recency_positions(valid, self.max_len))
+        keys = torch.cat([valid.new_ones(b, 1), valid], 1)
+        if packing is None:
+            seq = _zero_padding(seq, valid) + pos.to(seq.dtype)
+            x = torch.cat([query[:, None].to(seq.dtype), seq], 1)  # [B, 1 + T, d]
+            tokens = None
+        else:
+            seq = seq + packing.pack(pos).to(seq.dtype)
+            x = torch.cat([query.to(seq.dtype), seq])  # [B + N, d]: the queries, then the steps
+            # their slots in the padded [B, 1 + T] layout: b (1 + T) for query b, then after it its steps
+            steps = packing.index + packing.index // t + 1
+            tokens = Packing(torch.cat([torch.arange(b, device=steps.device) * (t + 1), steps]), b, t + 1)
+            bias = None if bias is None else packing.pad(bias)
+        mask = attention_mask(keys, None if bias is None else F.pad(bias, (1, 0)), x.dtype)
         for blk in self.blocks[:-1]:
-            x = blk(x, mask)
-        q = self.blocks[-1](x[:, :1], mask, kv=x, residual=False)  # last layer: the query row's read-out only
+            x = blk(x, mask, packing=tokens)
+        head = x[:, :1] if tokens is None else x[:b, None]  # the query rows
+        q = self.blocks[-1](head, mask, kv=x, residual=False, packing=tokens)  # last layer: their read-out only
         return self.out(self.norm(q[:, 0]))
 
-    def flops(self, batch: int, T: int) -> float:
-        d, L = self.dim, T + 1
-        macs = (self.layers - 1) * block_flops(L, L, d, self.ffn_mult)
-        macs += block_flops(1, L, d, self.ffn_mult) + d * self.out_dim
-        return 2.0 * batch * macs
+    def flops(self, batch: int, T: int, steps: int | None = None) -> float:
+        """``steps``: the batch's valid steps, read packed: the layers that treat tokens alone
+        run on ``batch + steps`` tokens, not on batch x (1 + T); attention on the padded layout."""
+        d, L, f = self.dim, T + 1, self.ffn_mult
+        tokens = batch * L if steps is None else batch + steps
+        scores = 2 * L * L * d  # q k and weights v of one sequence
+        macs = (self.layers - 1) * (tokens * (4 * d * d + 2 * f * d * d) + batch * scores)
+        macs += tokens * 2 * d * d + batch * (2 * d * d + 2 * L * d + 2 * f * d * d)  # last: keys of all, queries one
+        return 2.0 * (macs + batch * d * self.out_dim)
 
 
 class DINReader(nn.Module):
@@ -257,9 +279,10 @@ def make_reader(kind: str, dim: int, out_dim: int, **kw: Any) -> nn.Module:
     return cls(dim, out_dim, **kw)
 
 
-def reader_flops(kind: str, batch: int, T: int, dim: int, out_dim: int, **kw: Any) -> float:
+def reader_flops(kind: str, batch: int, T: int, dim: int, out_dim: int, steps: int | None = None, **kw: Any) -> float:
     """Forward matmul FLOPs of `make_reader(kind, dim, out_dim, **kw)` on a [batch, T] history.
-    Built on the meta device, so nothing is allocated; counts the full padded length T."""
+    Built on the meta device, so nothing is allocated; counts the full padded length T, or with
+    ``steps`` (the transformer's packed read) that many valid steps."""
     with torch.device("meta"):
         reader = make_reader(kind, dim, out_dim, **kw)
-    return reader.flops(batch, T)
+    return reader.flops(batch, T) if steps is None else reader.flops(batch, T, steps)

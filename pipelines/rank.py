@@ -37,7 +37,7 @@ from iat_rec.train.trainer import (
     program_parser,
     train_until,
 )
-from modules.ranker import HISTORY_MODES, QUERIES, READERS, TOKEN_FETCHES, length_bucket_problem
+from modules.ranker import HISTORY_MODES, QUERIES, READERS, TOKEN_FETCHES, layout_problem
 
 
 def check_config(cfg: Stage2Config) -> None:
@@ -59,7 +59,7 @@ def check_config(cfg: Stage2Config) -> None:
         raise IatError(
             f"--query token reads the candidate's own token: it needs --history iat or both, not {r.history}"
         )
-    problem = length_bucket_problem(r)
+    problem = layout_problem(r)
     if problem:
         raise IatError(problem)
     if cfg.warm_start and not cfg.stage1:

@@ -135,12 +135,15 @@ def test_rank(tmp_path):
     assert any(s["metric"].startswith("IAT / hand-crafted") for s in data["summary"])
 
 
-def test_rank_in_length_buckets_counts_the_flops_it_reads(tmp_path):
-    """With --length-bucket the step reads fewer steps than T: the reader FLOPs (and so its
-    MFU) count what the buckets execute, never the padding they skip."""
+@pytest.mark.parametrize(
+    "option, field, value", [("--length-bucket 4", "length_bucket", 4), ("--pack-history", "pack_history", True)]
+)
+def test_rank_without_padding_counts_the_flops_it_reads(tmp_path, option, field, value):
+    """With --length-bucket or --pack-history the step skips work on padding: the reader FLOPs
+    (and so its MFU) count what it executes, never the padding it skips."""
     plain = cases(bench("rank", tmp_path / "plain", "--history", "iat", "--no-reader-only"))["iat"]
-    data = bench("rank", tmp_path / "buckets", *"--history iat --no-reader-only --length-bucket 4".split())
-    assert data["config"]["ranker"]["length_bucket"] == 4
+    data = bench("rank", tmp_path / "lean", "--history", "iat", "--no-reader-only", *option.split())
+    assert data["config"]["ranker"][field] == value
     assert 0 < cases(data)["iat"]["reader_flops_fwd"] < plain["reader_flops_fwd"]
 
 
@@ -227,7 +230,7 @@ def test_targets_compose_met_missed_and_missing(tmp_path):
     row = {"case": "model_ranges", "copy_ratio": 0.93}
     (tmp_path / "fetch.json").write_text(json.dumps({"tiny": False, "device": device, "config": {}, "rows": [row]}))
     fast = [{"case": "iat", "samples_per_s": 216_000.0, "reader_mfu": 0.038}]
-    (tmp_path / "rank-fast-h1.json").write_text(
+    (tmp_path / "rank-packed.json").write_text(
         json.dumps({"tiny": False, "device": device, "config": {}, "rows": fast})
     )
     (tmp_path / "rank-d128.json").write_text(json.dumps({"tiny": True, "device": device, "config": {}, "rows": fast}))

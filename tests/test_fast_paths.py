@@ -45,8 +45,9 @@ def ranker(log: InstanceLog, fetch: str, query: str, dtype: str, **options):
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
-        model.token_mean.copy_(torch.linspace(-0.5, 0.5, DIM))
-        model.token_std.copy_(torch.linspace(0.5, 2.0, DIM))
+        if hasattr(model, "token_mean"):  # a branch that reads tokens
+            model.token_mean.copy_(torch.linspace(-0.5, 0.5, DIM))
+            model.token_std.copy_(torch.linspace(0.5, 2.0, DIM))
     return model.eval()
 
 
@@ -74,7 +75,8 @@ def test_ranges_give_the_lookups_tokens_and_logits(tiny_log, query, dtype):
         with torch.no_grad():
             steps_a, cand_a = lookup._fetch(with_ids)
             steps_b, cand_b = ranges._fetch(without)
-            torch.testing.assert_close(steps_a, steps_b, rtol=0, atol=0)
+            # as fetched: TorchRec's lookup gives fp32, a range read the table's own dtype
+            torch.testing.assert_close(steps_a.float(), steps_b.float(), rtol=0, atol=0)
             if candidate:
                 torch.testing.assert_close(cand_a, cand_b, rtol=0, atol=0)
             else:
@@ -200,8 +202,8 @@ def test_bf16_and_compiled_branches_match_the_eager_fp32_model(tiny_log):
     torch.testing.assert_close(out["bf16"][0], logits, rtol=0, atol=0.05)
 
 
-@pytest.mark.parametrize("step_in, target_in", [(16, 16), (0, 0)])
-def test_pre_projected_side_tables_compute_the_same_functions(step_in, target_in):
+@pytest.mark.parametrize("step_in, groups", [(16, 2), (0, 0)])
+def test_pre_projected_side_tables_compute_the_same_functions(step_in, groups):
     """RankerConfig.pre_project is a reparametrisation: the concat model's weights, with each
     side table multiplied by its block of the projection, give the same outputs (for a
     labels-only branch the projection's bias moves into the time-gap table)."""
@@ -211,8 +213,8 @@ def test_pre_projected_side_tables_compute_the_same_functions(step_in, target_in
     torch.manual_seed(0)
     d, tasks = 64, 2
     cfg = RankerConfig(max_len=12, reader_layers=1)
-    concat = HistoryBranch(step_in, target_in, tasks, cfg, 32, adapt=step_in > 0).eval()
-    pre = HistoryBranch(step_in, target_in, tasks, dataclasses.replace(cfg, pre_project=True), 32, adapt=step_in > 0)
+    concat = HistoryBranch(step_in, groups, tasks, cfg, 32, adapt=step_in > 0).eval()
+    pre = HistoryBranch(step_in, groups, tasks, dataclasses.replace(cfg, pre_project=True), 32, adapt=step_in > 0)
     state = {k: v for k, v in concat.state_dict().items() if not k.startswith(("proj.", "label_emb", "gap_emb"))}
     w, b = concat.proj.weight.detach(), concat.proj.bias.detach()
     main = w.shape[1] - (tasks + 1) * d
@@ -228,13 +230,13 @@ def test_pre_projected_side_tables_compute_the_same_functions(step_in, target_in
     pre.eval()
     batch, t = 5, 12
     steps = torch.randn(batch, t, step_in) if step_in else None
-    target = torch.randn(batch, t, target_in) if target_in else None
+    candidate = torch.randn(batch, step_in) if groups else None
     labels = torch.randint(0, LABEL_UNKNOWN + 1, (batch, t, tasks))
     gap = torch.randint(0, GAP_BUCKETS, (batch, t))
     valid = torch.arange(t)[None, :] < torch.tensor([0, 3, 12, 7, 1])[:, None]
     query = torch.randn(batch, d)
-    want = concat(steps, target, labels, gap, valid, query)
-    got = pre(steps, target, labels, gap, valid, query)
+    want = concat(steps, candidate, labels, gap, valid, query)
+    got = pre(steps, candidate, labels, gap, valid, query)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert sum(p.numel() for p in pre.parameters()) < sum(p.numel() for p in concat.parameters())
 
@@ -348,3 +350,111 @@ def test_compiled_buckets_keep_rows_dynamic_and_widths_static(tiny_log, monkeypa
         batch_shapes = [s for s in shapes if isinstance(s[0], torch.SymInt)]
         assert batch_shapes, "rows are dynamic"
         assert all(isinstance(n, int) for s in shapes for n in s[1:]), shapes
+
+
+def test_packing_moves_rows_both_ways_and_is_its_own_adjoint():
+    """pack takes the valid rows of [B, L, c], pad puts them back with zeros elsewhere, and the
+    gradient of each is the other (as plain indexing's would be), including an empty packing."""
+    from modules.attention import Packing
+
+    valid = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    index = valid.flatten().nonzero().squeeze(1)
+    packing = Packing(index, 3, 4)
+    x = torch.randn(3, 4, 2, requires_grad=True)
+    packed = packing.pack(x)
+    torch.testing.assert_close(packed, x[valid])
+    padded = packing.pad(packed)
+    torch.testing.assert_close(padded, x * valid[..., None])
+    weight = torch.randn(3, 4, 2)
+    (padded * weight).sum().backward()
+    torch.testing.assert_close(x.grad, weight * valid[..., None])
+    rows = torch.randn(len(index), requires_grad=True)
+    packing.pad(rows).sum().backward()
+    torch.testing.assert_close(rows.grad, torch.ones(len(index)))
+    empty = Packing(index[:0], 3, 4)
+    assert empty.pack(x).shape == (0, 2) and torch.equal(empty.pad(x[valid][:0]), torch.zeros(3, 4, 2))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"bf16": True},
+        {"compile": True},
+        {"pre_project": True},
+        {"history": "both", "token_fetch": "lookup"},  # the hand-crafted branch too
+        {"history": "labels", "query": "features"},  # no steps: side info only
+    ],
+)
+def test_packed_history_computes_the_same_loss_and_gradients(tiny_log, options):
+    """Running the transformer's position-wise layers on the valid steps only is the same
+    function of the batch as running them on every padded step: the same logits and
+    gradients, with empty histories and padding rows in the batch."""
+    log = InstanceLog(tiny_log)
+    history = options.get("history", "iat")
+    fetch = options.get("token_fetch", "ranges")
+    source = HistorySource.from_log(log, list(log.schema.sequence) if history == "both" else [])
+    maker = Stage2BatchMaker(source, T, same_log=True, candidate=True, token_ids=fetch == "lookup")
+    batch = maker(log, np.concatenate([np.arange(120), [-1, -1]]))
+    lengths = batch.hist_valid.sum(1)
+    assert batch.hist_steps == int(lengths.sum()) and (lengths == 0).sum() >= 3 and (lengths == T).any()
+    table = torch.randn(log.rows, DIM)
+    out = []
+    for pack in (False, True):
+        rest = {k: v for k, v in options.items() if k != "query"}
+        model = ranker(log, fetch, options.get("query", "token"), "fp32", pack_history=pack, **rest).train()
+        if fetch == "lookup":
+            with torch.no_grad():
+                model.tokens.embeddings[TOKEN_TABLE].weight.copy_(table)
+        elif history != "labels":  # which reads no tokens
+            model.token_rows.load(table)
+        loss, (_, logits, *_rest) = model(batch)
+        loss.backward()
+        out.append((logits, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (want, want_grads), (got, got_grads) = out
+    tol = {"rtol": 0, "atol": 0.02} if options.get("bf16") else {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(got, want, **tol)
+    branch = {"iat": "iat", "both": "hand", "labels": "labels"}[history]
+    assert got_grads.keys() == want_grads.keys() and any(n.startswith(f"{branch}.reader.pos") for n in got_grads)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, **tol, msg=name)
+
+
+def test_compiled_packed_history_is_one_graph_for_every_batch(tiny_log, monkeypatch):
+    """The packed rows change from batch to batch; the compiled read keeps them dynamic: one
+    training graph for batches of different step counts, no recompile per batch."""
+    import modules.ranker as ranker_module
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(
+        ranker_module, "compiled_read", lambda: torch.compile(ranker_module.HistoryBranch._read, backend=record)
+    )
+    log = InstanceLog(tiny_log)
+    maker = Stage2BatchMaker(HistorySource.from_log(log, []), T, same_log=True, token_ids=False)
+    model = ranker(log, "ranges", "features", "fp32", pack_history=True, compile=True).train()
+    model.token_rows.load(torch.randn(log.rows, DIM))
+    totals = set()
+    for start in (0, 120, 240, 360):
+        batch = maker(log, np.arange(start, start + 120))
+        totals.add(batch.hist_steps)
+        model(batch)[0].backward()
+    torch._dynamo.reset()
+    assert len(totals) == 4 and len(graphs) == 1
+
+
+@pytest.mark.parametrize(
+    "options, problem",
+    [
+        ({"reader": "din"}, "transformer reader's"),
+        ({"length_bucket": 4}, "cut nothing more"),
+    ],
+)
+def test_packed_history_refuses_what_it_cannot_read(tiny_log, options, problem):
+    with pytest.raises(ValueError, match=problem):
+        ranker(InstanceLog(tiny_log), "ranges", "features", "fp32", pack_history=True, **options)

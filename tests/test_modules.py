@@ -322,6 +322,21 @@ def test_reader_flops_match_counter(kind: str) -> None:
     assert reader_flops(kind, B, T, D, 5, **READER_KW[kind]) == r.flops(B, T)
 
 
+def test_packed_transformer_flops_match_counter() -> None:
+    """Packed, the position-wise layers count the valid tokens only; attention stays padded."""
+    from modules.attention import Packing
+
+    r = _reader("transformer", out_dim=5)
+    seq, valid, q = _history()
+    packing = Packing(valid.flatten().nonzero().squeeze(1), B, T)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        out = r(packing.pack(seq), valid, q, packing=packing)
+    steps = int(valid.sum())
+    assert steps < B * T and fc.get_total_flops() == r.flops(B, T, steps) < r.flops(B, T)
+    assert reader_flops("transformer", B, T, D, 5, steps, **READER_KW["transformer"]) == r.flops(B, T, steps)
+    torch.testing.assert_close(out, r(seq, valid, q))
+
+
 def test_make_reader_rejects_unknown() -> None:
     with pytest.raises(ValueError):
         make_reader("gru", D, 4)

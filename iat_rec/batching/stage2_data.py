@@ -36,6 +36,9 @@ class Stage2Batch(Batch):
     # (end row, steps) per bucket: rows [previous end, end) have at most ``steps`` valid steps.
     # Host ints, never moved to the device, so the model slices by them without a sync.
     hist_buckets: tuple[tuple[int, int], ...] | None = None
+    # The number of valid history steps (host int, like hist_buckets): a packed read
+    # (RankerConfig.pack_history) sizes its rows by it without reading the lengths back.
+    hist_steps: int | None = None
 
 
 class HistorySource:
@@ -157,6 +160,7 @@ class Stage2BatchMaker:
             hist_gap=torch.from_numpy(hist_gap),
             hist_valid=torch.from_numpy(valid),
             hist_buckets=buckets,
+            hist_steps=int(length.sum()),
         )
 
 
