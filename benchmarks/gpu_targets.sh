@@ -34,13 +34,15 @@ declare -A STEPS=(
   # the same buckets eager: what the buckets save without compilation's fusion (and its graphs per width)
   [rank-buckets-eager]="rank --history iat --token-fetch ranges --bf16 --reader-heads 1 --no-reader-only --length-bucket 64"
   # fewer, wider buckets (3 at T 256): half the graph calls of L 64, for attempt 38's host cost
+  # the fast step with the history packed, the dense part around it compiled, bf16 throughout (attempts 40-43)
+  [rank-packed]="rank --history iat --token-fetch ranges --bf16 --compile --reader-heads 1 --no-reader-only --pack-history"
   [rank-buckets128]="rank --history iat --token-fetch ranges --bf16 --compile --reader-heads 1 --no-reader-only --length-bucket 128"
   [rank-buckets32]="rank --history iat --token-fetch ranges --bf16 --compile --reader-heads 1 --no-reader-only --length-bucket 32"
   # TBE in the pipelined step at stage 1's batch (32768), with 4x the rows so rows repeat no more than at 8192
   [tbe-batch32k]="tbe --sets wide --batch 32768 --rows 4000000"
   [rank-d128-buckets]="rank --history iat --token-fetch ranges --bf16 --compile --reader-dim 128 --reader-heads 4 --no-reader-only --length-bucket 64"
 )
-ORDER="fetch rank-fast rank-fast-h1 compress-fast rank-d128 rank-before compress-before tbe"
+ORDER="fetch rank-packed rank-fast rank-fast-h1 compress-fast rank-d128 rank-before compress-before tbe"
 ORDER="$ORDER tbe-fp16 compress-fp16 compress-replicated rank-pre loader-fast rank-buckets rank-buckets32 rank-d128-buckets compress-graphs loader-buckets tbe-batch32k rank-buckets-eager rank-buckets128"
 for name in ${ONLY:-$ORDER}; do
   echo "== $name: iat-rec bench ${STEPS[$name]}"

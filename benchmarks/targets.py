@@ -25,15 +25,15 @@ METRICS: dict[str, tuple[str, str, str, float, str]] = {
         0.85,
         "token fetch in the model's path (--token-fetch ranges) >= 0.85 of copy bandwidth",
     ),
-    # the fastest stage-2 configuration whose quality was checked (results/quality/fast_paths.md)
+    # the fastest stage-2 configuration whose quality was checked (results/quality/packed.md)
     "stage2_samples_per_s": (
-        "rank-fast-h1",
+        "rank-packed",
         "iat",
         "samples_per_s",
         300_000,
         "stage 2 at T 256, d 64, batch 8192: >= 300k samples/s per GPU",
     ),
-    "reader_mfu_d64": ("rank-fast-h1", "iat", "reader_mfu", 0.10, "reader MFU in the step >= 10% at d 64"),
+    "reader_mfu_d64": ("rank-packed", "iat", "reader_mfu", 0.10, "reader MFU in the step >= 10% at d 64"),
     "reader_mfu_d128": ("rank-d128", "iat", "reader_mfu", 0.20, "reader MFU in the step >= 20% at d 128"),
     # at stage 1's fast batch (compress-fast: 32768) with 4x the rows, so rows repeat no more
     # than at 8192 (NOTES 3 and 36; the 8192 step: tbe.json)
