@@ -285,19 +285,25 @@ def test_range_reads_train_the_same_model_as_the_lookup(tiny_log, stage1_run, to
     sharded lookup, so the same seed trains the same model to the same losses.
     The feature tables are warm-started: a fresh sharded table's random init depends on the
     rank that holds it, and the plan differs once the token table is not TorchRec's.
-    Reading the histories in length buckets (rows sorted by length within each batch) is the
-    same function of each batch: the same losses up to summation order."""
+    Reading the histories in length buckets (rows sorted by length within each batch), or
+    packed (the reader's position-wise layers on the valid steps only), is the same function
+    of each batch: the same losses up to summation order."""
     args = ["rank", "--data", str(tiny_log), "--tokens", str(tokens), *"--history iat --query token".split()]
     args += ["--stage1", str(stage1_run), *"--warm-start --nproc 2 --steps 6 --batch-size 32".split()]
     args += [*"--max-len 16 --eval-every 3 --eval-batches 2".split(), *"--no-progress --reader-layers 1".split()]
     args += ["--head", "32"]
     losses = {}
     metrics = {}
-    runs = {"lookup": [], "ranges": [], "sharded_ranges": [], "buckets": ["--length-bucket", "4"]}
+    runs = {
+        "lookup": [],
+        "ranges": [],
+        "sharded_ranges": [],
+        "buckets": ["--length-bucket", "4"],
+        "packed": ["--pack-history"],
+    }
     for fetch, extra in runs.items():
-        run_cli(
-            *args, "--token-fetch", "ranges" if fetch == "buckets" else fetch, *extra, "--out", str(tmp_path / fetch)
-        )
+        token_fetch = "ranges" if fetch in ("buckets", "packed") else fetch
+        run_cli(*args, "--token-fetch", token_fetch, *extra, "--out", str(tmp_path / fetch))
         metrics[fetch] = json.loads((tmp_path / fetch / "metrics.json").read_text())
         losses[fetch] = [json.loads(x)["loss"] for x in (tmp_path / fetch / "train_log.jsonl").read_text().splitlines()]
         plan = json.loads((tmp_path / fetch / "plan.json").read_text())
@@ -309,8 +315,9 @@ def test_range_reads_train_the_same_model_as_the_lookup(tiny_log, stage1_run, to
     assert len(shares) == 1 and int(shares[0][2]) < 100, shares  # the buckets were read
     # the transformer reader prepends the query: query + width fills whole multiples of L (or width is T)
     assert all((int(w) + 1) % 4 == 0 or int(w) == 16 for w in shares[0][1].split(", ")), shares
-    assert losses["buckets"] == pytest.approx(losses["ranges"], abs=1e-5)
-    assert metrics["buckets"]["auc"] == pytest.approx(metrics["ranges"]["auc"], abs=1e-4)
+    for layout in ("buckets", "packed"):
+        assert losses[layout] == pytest.approx(losses["ranges"], abs=1e-5), layout
+        assert metrics[layout]["auc"] == pytest.approx(metrics["ranges"]["auc"], abs=1e-4), layout
     for fetch in ("ranges", "sharded_ranges"):
         assert len(losses[fetch]) == 6 and losses[fetch] == pytest.approx(losses["lookup"], abs=1e-6), fetch
         assert metrics[fetch]["auc"] == pytest.approx(metrics["lookup"]["auc"], abs=1e-6), fetch
