@@ -9,9 +9,11 @@ initialised by TorchRec, frozen, planned row-wise on GPU like the export's): the
 ``shard`` (fused optimizer on every table but the token table), ``make_optimizer`` and
 ``TrainPipelineSparseDist``. Batches come from the real ``Stage2BatchMaker`` over the log's
 history index (requests drawn at random from the train split), built before timing (pinned
-on CUDA) and cycled. The model's own options: ``--bf16`` runs the history branches under bf16
-autocast, ``--compile`` compiles them, ``--token-fetch ranges`` reads the token table by row
-ranges from a replicated copy (``modules.range_gather``) instead of TorchRec's lookup.
+on CUDA) and cycled. The model's own options: ``--bf16`` runs the dense part (history branches
+included) under bf16 autocast, ``--compile`` compiles the branches and the dense modules around
+them, ``--pack-history`` runs the reader's position-wise layers on the valid steps only,
+``--token-fetch ranges`` reads the token table by row ranges from a replicated copy
+(``modules.range_gather``) instead of TorchRec's lookup.
 
 Reader MFU = reader_flops(kind, B, T, dim, ...) x branches x 3 (forward + backward) / step
 time / bf16 matmul peak measured in the same run (the step includes everything else, so this
@@ -245,7 +247,7 @@ def add_model_flags(p) -> None:
         "--token-fetch", default="lookup", choices=list(TOKEN_FETCHES), help="the ranker's token fetch (RankerConfig)"
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the history branches (and reader_only)")
-    p.add_argument("--bf16", action=argparse_bool(), default=False, help="the history branches in bf16 autocast")
+    p.add_argument("--bf16", action=argparse_bool(), default=False, help="the dense part in bf16 autocast")
     p.add_argument(
         "--pre-project", action=argparse_bool(), default=False, help="side-info tables added after the projection"
     )

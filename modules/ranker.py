@@ -184,8 +184,9 @@ class HistoryBranch(nn.Module):
         steps_total: int | None = None,
         stats: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        # Autocast here, not around the ranker: the branch is a leaf of TorchRec's pipeline
-        # tracer, so the context is entered when the step really runs (and inside torch.compile).
+        # Autocast here, inside the branch (the ranker's own covers its other dense modules): the
+        # branch is a leaf of TorchRec's pipeline tracer, so the context is entered when the step
+        # really runs (and inside torch.compile).
         with torch.autocast(valid.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             read = self._reader()
             if self.pack:

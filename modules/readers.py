@@ -3,7 +3,8 @@ instance tokens of a user with a query built from the request and returns one ve
 enters the feature-interaction block as an extra token.
 
 Common contract: `forward(seq [B, T, d], valid [B, T] bool, query [B, d], bias [B, T] | None)
--> [B, out_dim]`. Padded entries never influence the output (they are zeroed and masked), and
+-> [B, out_dim]` (the transformer also reads packed steps: `packing`).
+Padded entries never influence the output (they are zeroed and masked), and
 rows whose history is empty give finite outputs. ``bias`` is a target-aware relevance logit
 per history step (stage 2 computes it from the candidate-history target products): it is
 added to every attention score toward that step, so a reader can attend to an exact match
