@@ -34,6 +34,13 @@ from modules.sit import SourceInstanceTransformer
 BOTTLENECK_ACTS = ("tanh", "identity")
 
 
+def bf16_autocast(module: nn.Module, enabled: bool) -> torch.autocast:
+    """bf16 autocast on ``module``'s device: taken from a parameter, not from an input, because
+    TorchRec's pipeline traces forwards with fx, where an input's device is a proxy and autocast
+    needs a str."""
+    return torch.autocast(next(module.parameters()).device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Sum over tasks of the weight-averaged BCE; padding rows carry weight 0."""
     bce = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")
@@ -269,10 +276,7 @@ class Compressor(nn.Module):
         return token.float()
 
     def _autocast(self):
-        # the device from a parameter, not from an input: TorchRec's pipeline traces this forward
-        # with fx, where an input's device is a proxy and autocast needs a str
-        device = next(self.bottleneck.parameters()).device.type  # the bottleneck: serving keeps it
-        return torch.autocast(device, dtype=torch.bfloat16, enabled=self.bf16)
+        return bf16_autocast(self.bottleneck, self.bf16)  # the bottleneck: serving keeps it
 
     def logits(self, batch: Batch, token: torch.Tensor) -> torch.Tensor:
         with self._autocast():

@@ -48,7 +48,7 @@ from iat_rec.tables import (
 )
 from iat_rec.train.config import ModelConfig
 from modules.attention import Packing, small_table_lookup
-from modules.compressor import BaseRanker, weighted_bce
+from modules.compressor import BaseRanker, bf16_autocast, weighted_bce
 from modules.mlp import MLP
 from modules.query import QueryCompressor
 from modules.range_gather import RangeTokenTable
@@ -352,9 +352,7 @@ class Ranker(nn.Module):
                     module.compile()
 
     def _autocast(self):
-        # the device from a parameter, not from an input: TorchRec's pipeline traces this forward
-        # with fx, where an input's device is a proxy and autocast needs a str
-        return torch.autocast(next(self.head.parameters()).device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        return bf16_autocast(self.head, self.bf16)
 
     def _fetch(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """History tokens [B, T, d] as stored (the branch standardises them, packed or not) and, for

@@ -233,6 +233,11 @@ def test_bad_input_is_one_clear_error(tiny_log, tmp_path, capsys):
     ]
     assert main([*longer, "--length-bucket", "6"]) == 2  # LONGER's groups of 4 steps would move
     assert "multiples of 4" in capsys.readouterr().err
+    assert main([*longer, "--pack-history"]) == 2  # packing is the transformer's
+    assert "transformer reader's" in capsys.readouterr().err
+    plain = ["rank", "--data", str(tiny_log), "--history", "labels", "--out", str(tmp_path / "r")]
+    assert main([*plain, "--pack-history", "--length-bucket", "4"]) == 2
+    assert "cut nothing more" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 
